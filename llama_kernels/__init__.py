@@ -1,0 +1,21 @@
+"""llama-kernels: fused Triton kernels for Llama-family models, centred on Code Llama.
+
+    import llama_kernels as lk
+    y = lk.rms_norm(x, weight)                       # RMSNorm
+    y, h = lk.rms_norm(x, weight, residual=r)        # h = x + r, y = RMSNorm(h), one kernel
+    q, k = lk.apply_rope(q, k, theta=1e6)            # RoPE on q and k, one kernel
+    inv_freq = lk.rope_inv_freq(128, theta=1e6, scaling={"rope_type": "linear", "factor": 4.0})
+
+Each function is a torch.library op (torch.compile traces it) with autograd.
+CUDA tensors run the Triton kernels; CPU tensors run ``llama_kernels.reference``
+(or the Triton kernels under ``TRITON_INTERPRET=1``).
+"""
+
+from . import reference
+from .ops.rms_norm import rms_norm
+from .ops.rope import apply_rope
+from .rope_scaling import rope_attention_factor, rope_inv_freq
+
+__version__ = "0.1.0"
+
+__all__ = ["rms_norm", "apply_rope", "rope_inv_freq", "rope_attention_factor", "reference", "__version__"]

@@ -1,0 +1,1 @@
+"""One module per op: its Triton kernels, launcher, torch.library registration and public function."""

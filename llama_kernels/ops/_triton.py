@@ -1,0 +1,109 @@
+"""What every Triton op shares: backend choice, launch configs, and launch recording.
+
+- ``resolve_backend`` is the one place that decides where an op runs.
+- ``target_of`` names what a launch is for: a GPU architecture ("sm90", "sm80"),
+  or "interpreter" for CPU tensors under ``TRITON_INTERPRET=1``. Configs are picked
+  per target: big tiles and few programs for the interpreter (it costs ~8 ms per
+  program and loop step), the measured winners in ``tuned_configs.json`` on a GPU
+  (written by ``bench/gpu_check.py``), else each op's default.
+- ``launch`` runs a kernel, or, inside ``record_launches``, only records it: the
+  ahead-of-time compile check (``llama_kernels.aot``) runs the real launchers on
+  meta tensors this way, so it compiles exactly what would be launched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+BACKENDS = ("triton", "reference")
+TUNED_CONFIGS_PATH = Path(__file__).with_name("tuned_configs.json")
+
+
+def resolve_backend(t: torch.Tensor, backend: str | None) -> str:
+    """'triton' for CUDA tensors (and CPU tensors when interpreting), else 'reference'."""
+    if backend is None:
+        runs_triton = t.is_cuda or (INTERPRET and t.device.type == "cpu")
+        return "triton" if runs_triton else "reference"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
+    if backend == "triton" and not (t.is_cuda or INTERPRET or t.device.type == "meta"):
+        raise ValueError(f"backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {t.device} tensors")
+    return backend
+
+
+# --------------------------------------------------------------------------- targets and configs
+_recording_target: str | None = None
+
+
+def target_of(device: torch.device) -> str:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"sm{major}{minor}"
+    if device.type == "meta" and _recording_target is not None:
+        return _recording_target
+    return "interpreter"
+
+
+@functools.cache
+def _tuned_table() -> dict:
+    if TUNED_CONFIGS_PATH.exists():
+        return json.loads(TUNED_CONFIGS_PATH.read_text())
+    return {}
+
+
+def tuned_config(kernel: str, target: str, key: str, default: dict) -> dict:
+    """The measured winner for (kernel, target, key) if the GPU check recorded one, else ``default``."""
+    return _tuned_table().get(kernel, {}).get(target, {}).get(key, default)
+
+
+@functools.cache
+def multiprocessor_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # an H100's count, for meta-tensor compiles; the interpreter picks its own grid
+
+
+# --------------------------------------------------------------------------- launching
+def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer a kernel fills is allocated here (the tests poison it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@dataclass
+class LaunchRecord:
+    kernel: object  # the @triton.jit function
+    grid: tuple
+    args: dict  # every kernel argument by name, constexprs included
+    num_warps: int
+    num_stages: int
+
+
+_records: list[LaunchRecord] | None = None
+
+
+@contextlib.contextmanager
+def record_launches(target: str):
+    """Record launches instead of running them; meta tensors get ``target``'s configs."""
+    global _records, _recording_target
+    _records, _recording_target = [], target
+    try:
+        yield _records
+    finally:
+        _records, _recording_target = None, None
+
+
+def launch(kernel, grid: tuple, device: torch.device, *, num_warps: int, num_stages: int = 1, **args) -> None:
+    if _records is not None:
+        _records.append(LaunchRecord(kernel, grid, args, num_warps, num_stages))
+        return
+    # Triton launches on the current CUDA device: make it the tensors' device.
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        kernel[grid](**args, num_warps=num_warps, num_stages=num_stages)

@@ -1,0 +1,278 @@
+"""RMSNorm, optionally fused with the residual add: Triton kernels, launchers, torch ops.
+
+Math (Meta's ``RMSNorm``, see ``reference.rms_norm``), per row of length N:
+    h = x + residual                      (only with a residual; rounded to x's dtype)
+    y = cast(h * rstd, x.dtype) * weight,  rstd = 1 / sqrt(mean(h^2) + eps)
+Backward, with n = h * rstd and g = dy * weight (the rounding of n ignored):
+    dh = rstd * (g - n * mean(g * n)) (+ the incoming gradient of h)
+    dweight = sum over rows of dy * cast(n)
+rstd is recomputed in the backward from h, which it loads anyway, so nothing
+but h itself is saved. dweight is reduced without atomics: each program sums a
+fixed block of rows into its own fp32 partial row and the partials are summed
+in a fixed order, so the result is the same on every run.
+
+The row is kept in registers, one tile of BLOCK_M rows x BLOCK_N (>= N) columns
+at a time: each element is read once and written once, the floor for this op.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .. import reference
+from .._checks import check_same_device, check_same_dtype, check_tensor
+from . import _triton
+
+
+# --------------------------------------------------------------------------- kernels
+@triton.jit
+def _rms_norm_fwd_kernel(
+    x_ptr, residual_ptr, weight_ptr, y_ptr, h_ptr,
+    n_rows, n_cols,
+    stride_x, stride_residual, stride_y, stride_h,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    # 64-bit row offsets: rows * stride passes 2^31 on long, wide inputs.
+    rows = rows.to(tl.int64)[:, None]
+
+    # Every value is upcast to fp32 as it is loaded: no arithmetic in 16-bit types.
+    x = tl.load(x_ptr + rows * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(residual_ptr + rows * stride_residual + cols, mask=mask, other=0.0).to(tl.float32)
+        h = (x + r).to(h_ptr.dtype.element_ty)  # the residual stream, rounded as torch rounds x + r
+        tl.store(h_ptr + rows * stride_h + cols, h, mask=mask)
+        x = h.to(tl.float32)
+
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+    normed = (x * rstd[:, None]).to(h_ptr.dtype.element_ty).to(tl.float32)  # Meta's .type_as(x)
+    w = tl.load(weight_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    y = normed * w[None, :]
+    tl.store(y_ptr + rows * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    dy_ptr, dh_ptr, h_ptr, weight_ptr, dx_ptr, dweight_partial_ptr,
+    n_rows, n_cols, rows_per_program,
+    stride_dy, stride_dh, stride_h, stride_dx,
+    eps,
+    HAS_DH: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < n_cols
+    w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    dweight = tl.zeros([BLOCK_N], dtype=tl.float32)
+
+    first_row = pid * rows_per_program
+    last_row = tl.minimum(first_row + rows_per_program, n_rows)
+    for row_start in range(first_row, last_row, BLOCK_M):
+        rows = row_start + tl.arange(0, BLOCK_M)
+        mask = (rows < last_row)[:, None] & col_mask[None, :]
+        rows = rows.to(tl.int64)[:, None]
+
+        h = tl.load(h_ptr + rows * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + rows * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(h * h, axis=1) / n_cols + eps)[:, None]
+        normed = h * rstd
+        g = dy * w[None, :]
+        dh = rstd * (g - normed * (tl.sum(g * normed, axis=1)[:, None] / n_cols))
+        if HAS_DH:
+            dh += tl.load(dh_ptr + rows * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + rows * stride_dx + cols, dh.to(dx_ptr.dtype.element_ty), mask=mask)
+        dweight += tl.sum(dy * normed.to(h_ptr.dtype.element_ty).to(tl.float32), axis=0)
+
+    tl.store(dweight_partial_ptr + pid * n_cols + cols, dweight, mask=col_mask)
+
+
+# --------------------------------------------------------------------------- configs
+def _config(kernel: str, x: Tensor, n_rows: int, n_cols: int) -> dict:
+    """BLOCK_N covers the row; BLOCK_M rows share a program when rows are short."""
+    block_n = triton.next_power_of_2(n_cols)
+    target = _triton.target_of(x.device)
+    if target == "interpreter":
+        block_m = min(max(1, 65536 // block_n), triton.next_power_of_2(max(n_rows, 1)))
+        return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4}
+    block_m = max(1, min(16, 2048 // block_n))
+    num_warps = min(max((block_m * block_n) // 512, 4), 32)
+    default = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps}
+    return _triton.tuned_config(kernel, target, f"{n_cols}:{str(x.dtype)[6:]}", default)
+
+
+def _as_rows(t: Tensor, n_cols: int) -> Tensor:
+    """(..., N) as a (rows, N) view with a row stride, copying only when no such view exists."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    try:
+        return t.view(-1, n_cols)
+    except RuntimeError:
+        return t.reshape(-1, n_cols)
+
+
+# --------------------------------------------------------------------------- launchers
+def _forward_triton(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float):
+    n_cols = x.shape[-1]
+    x2 = _as_rows(x, n_cols)
+    n_rows = x2.shape[0]
+    y = _triton.new_output(x.shape, torch.promote_types(x.dtype, weight.dtype), x.device)
+    h = _triton.new_output(x.shape, x.dtype, x.device) if residual is not None else None
+    if n_rows == 0 or n_cols == 0:
+        return y, h
+    r2 = _as_rows(residual, n_cols) if residual is not None else x2
+    h2 = h.view(-1, n_cols) if h is not None else x2  # h_ptr also gives the kernel x's dtype
+    cfg = _config("rms_norm_fwd", x, n_rows, n_cols)
+    _triton.launch(
+        _rms_norm_fwd_kernel, (triton.cdiv(n_rows, cfg["BLOCK_M"]),), x.device,
+        num_warps=cfg["num_warps"],
+        x_ptr=x2, residual_ptr=r2, weight_ptr=weight, y_ptr=y.view(-1, n_cols), h_ptr=h2,
+        n_rows=n_rows, n_cols=n_cols,
+        stride_x=x2.stride(0), stride_residual=r2.stride(0), stride_y=n_cols, stride_h=h2.stride(0),
+        eps=eps, HAS_RESIDUAL=residual is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+    )
+    return y, h
+
+
+def _backward_triton(dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor, eps: float):
+    n_cols = h.shape[-1]
+    h2, dy2 = _as_rows(h, n_cols), _as_rows(dy, n_cols)
+    dh2 = _as_rows(dh, n_cols) if dh is not None else dy2
+    n_rows = h2.shape[0]
+    dx = _triton.new_output(h.shape, h.dtype, h.device)
+    if n_rows == 0 or n_cols == 0:
+        return dx, torch.zeros_like(weight)
+    cfg = _config("rms_norm_bwd", h, n_rows, n_cols)
+    n_tiles = triton.cdiv(n_rows, cfg["BLOCK_M"])
+    if _triton.target_of(h.device) == "interpreter":
+        n_programs = min(n_tiles, 4)
+    else:
+        n_programs = min(n_tiles, 2 * _triton.multiprocessor_count(h.device))
+    rows_per_program = triton.cdiv(n_tiles, n_programs) * cfg["BLOCK_M"]
+    n_programs = triton.cdiv(n_rows, rows_per_program)
+    dweight_partial = _triton.new_output((n_programs, n_cols), torch.float32, h.device)
+    _triton.launch(
+        _rms_norm_bwd_kernel, (n_programs,), h.device,
+        num_warps=cfg["num_warps"],
+        dy_ptr=dy2, dh_ptr=dh2, h_ptr=h2, weight_ptr=weight, dx_ptr=dx.view(-1, n_cols),
+        dweight_partial_ptr=dweight_partial,
+        n_rows=n_rows, n_cols=n_cols, rows_per_program=rows_per_program,
+        stride_dy=dy2.stride(0), stride_dh=dh2.stride(0), stride_h=h2.stride(0), stride_dx=n_cols,
+        eps=eps, HAS_DH=dh is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+    )
+    return dx, dweight_partial.sum(0).to(weight.dtype)
+
+
+def _backward_reference(dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor, eps: float):
+    """The gradient of the reference itself, by autograd: the reference backend's backward."""
+    with torch.enable_grad():
+        h_, w_ = h.detach().requires_grad_(), weight.detach().requires_grad_()
+        dx, dweight = torch.autograd.grad(reference.rms_norm(h_, w_, eps), (h_, w_), dy)
+    return (dx if dh is None else dx + dh), dweight
+
+
+# --------------------------------------------------------------------------- torch ops
+@torch.library.custom_op("llama_kernels::rms_norm", mutates_args=())
+def _rms_norm_op(x: Tensor, weight: Tensor, eps: float, backend: str) -> Tensor:
+    if backend == "triton":
+        return _forward_triton(x, None, weight, eps)[0]
+    return reference.rms_norm(x, weight, eps)
+
+
+@torch.library.custom_op("llama_kernels::rms_norm_residual", mutates_args=())
+def _rms_norm_residual_op(x: Tensor, residual: Tensor, weight: Tensor, eps: float, backend: str) -> tuple[Tensor, Tensor]:
+    if backend == "triton":
+        return _forward_triton(x, residual, weight, eps)
+    y, h = reference.rms_norm(x, weight, eps, residual=residual)
+    return y, h
+
+
+@torch.library.custom_op("llama_kernels::rms_norm_backward", mutates_args=())
+def _rms_norm_backward_op(
+    dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor, eps: float, backend: str
+) -> tuple[Tensor, Tensor]:
+    dy = dy.contiguous()  # autograd may hand over stride-0 expanded gradients
+    dh = dh.contiguous() if dh is not None else None
+    if backend == "triton":
+        return _backward_triton(dy, dh, h, weight, eps)
+    return _backward_reference(dy, dh, h, weight, eps)
+
+
+@_rms_norm_op.register_fake
+def _(x, weight, eps, backend):
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
+
+
+@_rms_norm_residual_op.register_fake
+def _(x, residual, weight, eps, backend):
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype)), torch.empty_like(x)
+
+
+@_rms_norm_backward_op.register_fake
+def _(dy, dh, h, weight, eps, backend):
+    return torch.empty_like(h), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.has_residual = len(inputs) == 5
+    if ctx.has_residual:  # rms_norm_residual(x, residual, weight, eps, backend): the output h is normalized
+        _, _, weight, ctx.eps, ctx.backend = inputs
+        ctx.save_for_backward(output[1], weight)
+    else:  # rms_norm(x, weight, eps, backend)
+        x, weight, ctx.eps, ctx.backend = inputs
+        ctx.save_for_backward(x, weight)
+
+
+def _backward(ctx, dy, dh=None):
+    h, weight = ctx.saved_tensors
+    dx, dweight = torch.ops.llama_kernels.rms_norm_backward(dy, dh, h, weight, ctx.eps, ctx.backend)
+    if ctx.has_residual:
+        return dx, dx, dweight, None, None  # h = x + residual: both get h's gradient
+    return dx, dweight, None, None
+
+
+_rms_norm_op.register_autograd(_backward, setup_context=_setup_context)
+_rms_norm_residual_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public function
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5, residual: Tensor | None = None, *, backend: str | None = None):
+    """RMSNorm over the last dimension, as Meta's Llama computes it.
+
+    x: (..., hidden) fp16, bf16 or fp32; any leading dims, rows may be strided.
+    weight: (hidden,), in its own dtype; y has dtype promote(x.dtype, weight.dtype)
+        (bf16 x with bf16 weight gives bf16, as in Meta's and HF's modules).
+    residual: if given (same shape and dtype as x), one kernel forms h = x + residual,
+        stores it, and normalizes it: returns ``(y, h)``, h being the new residual stream.
+    backend: None picks Triton for CUDA tensors and the reference for CPU tensors;
+        "triton" or "reference" force one.
+    Differentiable in x, residual and weight.
+    """
+    check_tensor("x", x)
+    check_tensor("weight", weight, ndim=1)
+    if x.dim() < 1:
+        raise ValueError(f"x: expected at least 1 dimension (..., hidden), got shape {tuple(x.shape)}")
+    if weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"weight: expected shape ({x.shape[-1]},) to match x's hidden size, got {tuple(weight.shape)}")
+    if residual is not None:
+        check_tensor("residual", residual)
+        if residual.shape != x.shape:
+            raise ValueError(f"residual: expected x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        check_same_dtype(x=x, residual=residual)
+    check_same_device(x=x, weight=weight, residual=residual)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
+        raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
+    backend = _triton.resolve_backend(x, backend)
+    if residual is None:
+        return torch.ops.llama_kernels.rms_norm(x, weight, float(eps), backend)
+    y, h = torch.ops.llama_kernels.rms_norm_residual(x, residual, weight, float(eps), backend)
+    return y, h

@@ -1,0 +1,308 @@
+"""Rotary position embedding over q and k in one launch: Triton kernel, launcher, torch ops.
+
+Each program takes BLOCK_S tokens of one sequence, computes their angles
+``position * inv_freq`` and cos/sin once, and rotates every head of q and then of
+k with them: the angles cost nothing next to the memory traffic, and no cos/sin
+table is materialized (at 100k positions it would be as large as q itself).
+
+Angles follow inv_freq's dtype. float32 (default) is Meta's and Hugging Face's
+computation bit for bit: fl32(fl32(position) * inv_freq), then cos and sin of
+that; at position 100,000 the rounded angle is off by up to ~4e-3 rad. float64
+(``precise=True``) forms the angle in fp64 and reduces it to [-pi, pi] before
+the fp32 cos/sin, good to ~1e-7 at any position, at the cost of a few fp64
+operations per token and frequency (shared by all heads).
+
+The backward is the same rotation by minus the angle (``inverse=True``), scaled
+by the same attention factor, so the op is its own gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .. import reference
+from .._checks import check_same_device, check_same_dtype, check_tensor
+from ..rope_scaling import rope_inv_freq
+from . import _triton
+
+TWO_PI = tl.constexpr(2 * math.pi)
+
+
+# --------------------------------------------------------------------------- kernel
+@triton.jit
+def _rotate_heads(
+    x_ptr, out_ptr, x_token_offsets, out_token_offsets, token_mask,
+    n_heads, half_dim, stride_xh, stride_xd, stride_oh, stride_od,
+    cos, sin,
+    INTERLEAVED: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    """Rotate all heads of BLOCK_S tokens of one tensor, BLOCK_H heads at a time."""
+    cos = cos[:, None, :]
+    sin = sin[:, None, :]
+    x_tok = x_ptr + x_token_offsets[:, None, None]
+    out_tok = out_ptr + out_token_offsets[:, None, None]
+    for head_start in range(0, n_heads, BLOCK_H):
+        heads = head_start + tl.arange(0, BLOCK_H)
+        head_mask = token_mask[:, None, None] & (heads < n_heads)[None, :, None]
+        heads = heads.to(tl.int64)[None, :, None]
+        x_base = x_tok + heads * stride_xh
+        out_base = out_tok + heads * stride_oh
+        if INTERLEAVED:
+            # Meta's pairs (x[2i], x[2i+1]): load the contiguous head, split the pairs in registers.
+            d = tl.arange(0, 2 * BLOCK_HALF)[None, None, :]
+            mask = head_mask & (d < 2 * half_dim)
+            x = tl.load(x_base + d * stride_xd, mask=mask, other=0.0).to(tl.float32)
+            x1, x2 = tl.split(tl.reshape(x, [BLOCK_S, BLOCK_H, BLOCK_HALF, 2]))
+            out = tl.join(x1 * cos - x2 * sin, x1 * sin + x2 * cos)
+            out = tl.reshape(out, [BLOCK_S, BLOCK_H, 2 * BLOCK_HALF])
+            tl.store(out_base + d * stride_od, out.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            # Hugging Face's pairs (x[i], x[i + D/2]): two contiguous halves.
+            i = tl.arange(0, BLOCK_HALF)[None, None, :]
+            mask = head_mask & (i < half_dim)
+            x1 = tl.load(x_base + i * stride_xd, mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(x_base + (i + half_dim) * stride_xd, mask=mask, other=0.0).to(tl.float32)
+            out1 = (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty)
+            out2 = (x1 * sin + x2 * cos).to(out_ptr.dtype.element_ty)
+            tl.store(out_base + i * stride_od, out1, mask=mask)
+            tl.store(out_base + (i + half_dim) * stride_od, out2, mask=mask)
+
+
+@triton.jit
+def _rope_kernel(
+    q_ptr, k_ptr, q_out_ptr, k_out_ptr, positions_ptr, inv_freq_ptr,
+    seqlen, n_q_heads, n_k_heads, half_dim,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_qob, stride_qos, stride_qoh, stride_qod,
+    stride_kob, stride_kos, stride_koh, stride_kod,
+    stride_pos_b, stride_pos_s, position_offset, attention_factor,
+    HAS_POSITIONS: tl.constexpr, INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    batch = tl.program_id(1).to(tl.int64)
+    tokens = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    token_mask = tokens < seqlen
+    tokens = tokens.to(tl.int64)  # 64-bit offsets: tokens * stride passes 2^31 at long contexts
+
+    if HAS_POSITIONS:
+        pos = tl.load(positions_ptr + batch * stride_pos_b + tokens * stride_pos_s, mask=token_mask, other=0)
+    else:
+        pos = tokens + position_offset
+    pairs = tl.arange(0, BLOCK_HALF)
+    inv_freq = tl.load(inv_freq_ptr + pairs, mask=pairs < half_dim, other=0.0)
+    angle = pos.to(inv_freq.dtype)[:, None] * inv_freq[None, :]
+    if inv_freq.dtype == tl.float64:
+        angle -= TWO_PI * tl.floor(angle / TWO_PI + 0.5)  # exact-enough reduction before the fp32 cos/sin
+    angle = angle.to(tl.float32)
+    cos = tl.cos(angle) * attention_factor
+    sin = tl.sin(angle) * attention_factor
+    if INVERSE:
+        sin = -sin
+
+    _rotate_heads(
+        q_ptr, q_out_ptr, batch * stride_qb + tokens * stride_qs, batch * stride_qob + tokens * stride_qos,
+        token_mask, n_q_heads, half_dim, stride_qh, stride_qd, stride_qoh, stride_qod, cos, sin,
+        INTERLEAVED, BLOCK_S, BLOCK_H, BLOCK_HALF,
+    )
+    _rotate_heads(
+        k_ptr, k_out_ptr, batch * stride_kb + tokens * stride_ks, batch * stride_kob + tokens * stride_kos,
+        token_mask, n_k_heads, half_dim, stride_kh, stride_kd, stride_koh, stride_kod, cos, sin,
+        INTERLEAVED, BLOCK_S, BLOCK_H, BLOCK_HALF,
+    )
+
+
+# --------------------------------------------------------------------------- launcher
+def _config(q: Tensor, k: Tensor, interleaved: bool) -> dict:
+    batch, seqlen, n_q_heads, head_dim = q.shape
+    block_half = triton.next_power_of_2(head_dim // 2)
+    block_h_all = triton.next_power_of_2(max(n_q_heads, k.shape[2]))
+    target = _triton.target_of(q.device)
+    if target == "interpreter":
+        block_s = min(triton.next_power_of_2(seqlen), 16)
+        block_h = min(block_h_all, max(1, 65536 // (block_s * block_half)))
+        return {"BLOCK_S": block_s, "BLOCK_H": block_h, "BLOCK_HALF": block_half, "num_warps": 4}
+    block_s = 2
+    default = {"BLOCK_S": block_s, "BLOCK_H": min(block_h_all, max(1, 2048 // (block_s * block_half))),
+               "BLOCK_HALF": block_half, "num_warps": 4}
+    layout = "interleaved" if interleaved else "half"
+    key = f"{n_q_heads}/{k.shape[2]}/{head_dim}:{str(q.dtype)[6:]}:{layout}"
+    return {**_triton.tuned_config("rope", target, key, default), "BLOCK_HALF": block_half}
+
+
+def _rope_triton(q, k, q_out, k_out, positions, position_offset, inv_freq, attention_factor, interleaved, inverse):
+    batch, seqlen, n_q_heads, head_dim = q.shape
+    if q.numel() == 0 and k.numel() == 0:
+        return
+    if positions is not None:
+        stride_pos_b, stride_pos_s = (positions.stride(0), positions.stride(1)) if positions.dim() == 2 else (0, positions.stride(0))
+    else:
+        stride_pos_b = stride_pos_s = 0
+    cfg = _config(q, k, interleaved)
+    _triton.launch(
+        _rope_kernel, (triton.cdiv(seqlen, cfg["BLOCK_S"]), batch), q.device,
+        num_warps=cfg["num_warps"],
+        q_ptr=q, k_ptr=k, q_out_ptr=q_out, k_out_ptr=k_out,
+        positions_ptr=positions if positions is not None else inv_freq, inv_freq_ptr=inv_freq,
+        seqlen=seqlen, n_q_heads=n_q_heads, n_k_heads=k.shape[2], half_dim=head_dim // 2,
+        **_strides("q", q), **_strides("k", k), **_strides("qo", q_out), **_strides("ko", k_out),
+        stride_pos_b=stride_pos_b, stride_pos_s=stride_pos_s,
+        position_offset=position_offset, attention_factor=attention_factor,
+        HAS_POSITIONS=positions is not None, INTERLEAVED=interleaved, INVERSE=inverse,
+        BLOCK_S=cfg["BLOCK_S"], BLOCK_H=cfg["BLOCK_H"], BLOCK_HALF=cfg["BLOCK_HALF"],
+    )
+
+
+def _strides(name: str, t: Tensor) -> dict:
+    return {f"stride_{name}{dim}": stride for dim, stride in zip("bshd", t.stride())}
+
+
+def _rope_reference(q, k, positions, position_offset, inv_freq, attention_factor, interleaved, inverse):
+    batch, seqlen = q.shape[:2]
+    pos = reference.rope_positions(positions if positions is not None else position_offset, batch, seqlen, q.device)
+    # Rotating by minus the angle is rotating at minus the position: the negation is exact.
+    return reference.apply_rope(q, k, -pos if inverse else pos, inv_freq, interleaved, attention_factor)
+
+
+# --------------------------------------------------------------------------- torch ops
+@torch.library.custom_op("llama_kernels::rope", mutates_args=())
+def _rope_op(
+    q: Tensor, k: Tensor, positions: Tensor | None, position_offset: int, inv_freq: Tensor,
+    attention_factor: float, interleaved: bool, inverse: bool, backend: str,
+) -> tuple[Tensor, Tensor]:
+    if backend == "triton":
+        q_out, k_out = _triton.new_output(q.shape, q.dtype, q.device), _triton.new_output(k.shape, k.dtype, k.device)
+        _rope_triton(q, k, q_out, k_out, positions, position_offset, inv_freq, attention_factor, interleaved, inverse)
+        return q_out, k_out
+    return _rope_reference(q, k, positions, position_offset, inv_freq, attention_factor, interleaved, inverse)
+
+
+@torch.library.custom_op("llama_kernels::rope_", mutates_args=("q", "k"))
+def _rope_inplace_op(
+    q: Tensor, k: Tensor, positions: Tensor | None, position_offset: int, inv_freq: Tensor,
+    attention_factor: float, interleaved: bool, inverse: bool, backend: str,
+) -> None:
+    if backend == "triton":
+        _rope_triton(q, k, q, k, positions, position_offset, inv_freq, attention_factor, interleaved, inverse)
+    else:
+        q_out, k_out = _rope_reference(q, k, positions, position_offset, inv_freq, attention_factor, interleaved, inverse)
+        q.copy_(q_out)
+        k.copy_(k_out)
+
+
+@_rope_op.register_fake
+def _(q, k, positions, position_offset, inv_freq, attention_factor, interleaved, inverse, backend):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    _, _, positions, *ctx.args = inputs
+    ctx.save_for_backward(positions)
+
+
+def _backward(ctx, dq, dk):
+    (positions,) = ctx.saved_tensors
+    position_offset, inv_freq, attention_factor, interleaved, inverse, backend = ctx.args
+    dq, dk = torch.ops.llama_kernels.rope(
+        dq.contiguous(), dk.contiguous(), positions, position_offset, inv_freq,
+        attention_factor, interleaved, not inverse, backend,
+    )
+    return dq, dk, None, None, None, None, None, None, None
+
+
+_rope_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public function
+@functools.lru_cache(maxsize=64)
+def _cached_inv_freq(head_dim: int, theta: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return rope_inv_freq(head_dim, theta, dtype=dtype, device=device)
+
+
+def apply_rope(
+    q: Tensor,
+    k: Tensor,
+    positions: Tensor | int | None = None,
+    theta: float = 1e6,
+    inv_freq: Tensor | None = None,
+    interleaved: bool = False,
+    inplace: bool = False,
+    *,
+    attention_factor: float = 1.0,
+    precise: bool = False,
+    backend: str | None = None,
+):
+    """Rotate q and k by their positions' angles, both in one kernel launch.
+
+    q: (B, S, Hq, D) and k: (B, S, Hk, D), fp16/bf16/fp32, same dtype; Hq a multiple
+        of Hk; D even; any strides (views of a fused qkv projection work in place).
+    positions: None (0..S-1), an int offset (offset..offset+S-1), or an integer
+        tensor of shape (S,) or (B, S) (packed sequences, KV-cache offsets).
+    theta: the RoPE base, used when inv_freq is None (1e6 for Code Llama, 1e4 for Llama 2).
+    inv_freq: (D/2,) float32 or float64, e.g. from ``rope_inv_freq`` with a scaling
+        dict; the angle is computed in its dtype.
+    interleaved: True for Meta's checkpoints' pairs (x[2i], x[2i+1]); False for
+        Hugging Face's half-split pairs (x[i], x[i + D/2]).
+    inplace: write the result into q and k (no autograd) and return them.
+    attention_factor: multiplies cos and sin (YaRN: ``rope_attention_factor``).
+    precise: when inv_freq is None, compute it and the angles in float64.
+    Returns (q_rotated, k_rotated). Differentiable in q and k when not in place.
+    """
+    check_tensor("q", q, ndim=4)
+    check_tensor("k", k, ndim=4)
+    check_same_dtype(q=q, k=k)
+    check_same_device(q=q, k=k)
+    batch, seqlen, n_q_heads, head_dim = q.shape
+    if k.shape[:2] != q.shape[:2]:
+        raise ValueError(f"k: expected batch and sequence sizes {tuple(q.shape[:2])} as q's, got {tuple(k.shape[:2])}")
+    if k.shape[3] != head_dim:
+        raise ValueError(f"k: expected head_dim {head_dim} as q's, got {k.shape[3]}")
+    if head_dim % 2 or head_dim == 0:
+        raise ValueError(f"q: expected an even head_dim, got {head_dim}")
+    if k.shape[2] == 0 or n_q_heads % k.shape[2]:
+        raise ValueError(f"k: expected a head count that divides q's {n_q_heads} heads, got {k.shape[2]}")
+
+    position_offset = 0
+    if isinstance(positions, bool) or not (positions is None or isinstance(positions, (int, Tensor))):
+        raise TypeError(f"positions: expected None, an int or an integer tensor, got {type(positions).__name__}")
+    if isinstance(positions, int):
+        position_offset, positions = positions, None
+    elif positions is not None:
+        check_tensor("positions", positions, dtypes=(torch.int32, torch.int64), ndim=(1, 2))
+        expected = (seqlen,) if positions.dim() == 1 else (batch, seqlen)
+        if tuple(positions.shape) != expected:
+            raise ValueError(f"positions: expected shape (S,) = ({seqlen},) or (B, S) = ({batch}, {seqlen}), got {tuple(positions.shape)}")
+        check_same_device(q=q, positions=positions)
+
+    if inv_freq is None:
+        if not theta > 1:
+            raise ValueError(f"theta: expected a RoPE base > 1, got {theta!r}")
+        dtype = torch.float64 if precise else torch.float32
+        if torch.compiler.is_compiling():
+            inv_freq = rope_inv_freq(head_dim, float(theta), dtype=dtype, device=q.device)
+        else:
+            inv_freq = _cached_inv_freq(head_dim, float(theta), dtype, q.device)
+    else:
+        check_tensor("inv_freq", inv_freq, dtypes=(torch.float32, torch.float64), ndim=1)
+        if inv_freq.shape[0] != head_dim // 2:
+            raise ValueError(f"inv_freq: expected shape (D/2,) = ({head_dim // 2},), got {tuple(inv_freq.shape)}")
+        if precise and inv_freq.dtype != torch.float64:
+            raise TypeError("inv_freq: precise=True needs float64 inv_freq, e.g. rope_inv_freq(..., dtype=torch.float64)")
+        check_same_device(q=q, inv_freq=inv_freq)
+    inv_freq = inv_freq.contiguous()
+
+    backend = _triton.resolve_backend(q, backend)
+    args = (positions, position_offset, inv_freq, float(attention_factor), bool(interleaved), False, backend)
+    if inplace:
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+            raise ValueError("inplace: in-place RoPE has no autograd; q or k requires grad, use inplace=False")
+        torch.ops.llama_kernels.rope_(q, k, *args)
+        return q, k
+    q_out, k_out = torch.ops.llama_kernels.rope(q, k, *args)
+    return q_out, k_out

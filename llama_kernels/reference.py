@@ -1,0 +1,147 @@
+"""The oracle: plain PyTorch following Meta's Code Llama math.
+
+Every kernel in this package is tested against these functions, and these
+functions are tested against float64. They are also the CPU backend until
+the native extension exists. Each one computes in ``promote(dtype, float32)``
+(so float64 inputs give a float64 computation) and casts back at the end,
+where Meta's code does.
+
+Layouts are (batch, seq, heads, head_dim) throughout, as in Meta's and
+Hugging Face's Llama code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+# --------------------------------------------------------------------------- RMSNorm
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5, residual: Tensor | None = None):
+    """Meta's ``RMSNorm.forward``: normalize in fp32, cast to x's dtype, then scale.
+
+    With ``residual``, first forms the new residual stream ``h = x + residual``
+    (in x's dtype, as ``h = x + self.attention(...)`` does in Meta's block) and
+    returns ``(rms_norm(h), h)``.
+    """
+    if residual is not None:
+        x = x + residual
+    xf = x.to(_compute_dtype(x.dtype))
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    y = normed.type_as(x) * weight
+    return y if residual is None else (y, x)
+
+
+# --------------------------------------------------------------------------- RoPE
+def rope_positions(positions, batch: int, seqlen: int, device) -> Tensor:
+    """Normalize the accepted forms of ``positions`` to a (batch, seqlen) integer tensor.
+
+    None means 0..seqlen-1, an int is an offset added to that, a (seqlen,) tensor
+    is shared by the batch, a (batch, seqlen) tensor is used as it is.
+    """
+    if positions is None or isinstance(positions, int):
+        offset = positions or 0
+        positions = torch.arange(offset, offset + seqlen, device=device)
+    return positions.expand(batch, seqlen)
+
+
+def rope_angles(positions: Tensor, inv_freq: Tensor) -> Tensor:
+    """Angles position * inv_freq, computed in inv_freq's dtype as Meta and HF do.
+
+    With float32 inv_freq this is ``torch.outer(t.float(), freqs)`` of Meta's
+    ``precompute_freqs_cis``; the product is rounded to float32, which at position
+    100,000 is off by up to ~4e-3 rad. With float64 inv_freq it is exact for any
+    practical position.
+    """
+    return positions.to(inv_freq.dtype)[..., None] * inv_freq
+
+
+def apply_rope(
+    q: Tensor,
+    k: Tensor,
+    positions=None,
+    inv_freq: Tensor | None = None,
+    interleaved: bool = False,
+    attention_factor: float = 1.0,
+):
+    """Rotate q (B, S, Hq, D) and k (B, S, Hk, D) by their positions' angles.
+
+    ``interleaved=True`` is Meta's layout (pairs (x[2i], x[2i+1]), rotated as complex
+    numbers as in ``apply_rotary_emb``); ``False`` is Hugging Face's half-split
+    layout (pairs (x[i], x[i + D/2]), ``x * cos + rotate_half(x) * sin``). Both
+    compute in fp32 and cast once at the end (Meta's precision; HF casts cos and
+    sin to the input dtype first, which adds up to an ulp of error).
+    ``attention_factor`` scales cos and sin (YaRN's mscale).
+    """
+    batch, seqlen, _, head_dim = q.shape
+    if inv_freq is None:
+        inv_freq = 1.0 / (1e6 ** (torch.arange(0, head_dim, 2, device=q.device).float() / head_dim))
+    angles = rope_angles(rope_positions(positions, batch, seqlen, q.device), inv_freq)
+    angles = angles[:, :, None, :]  # broadcast over heads
+    rotate = _rotate_interleaved if interleaved else _rotate_half_split
+    return tuple(rotate(x, angles, attention_factor) for x in (q, k))
+
+
+def _rotate_interleaved(x: Tensor, angles: Tensor, attention_factor: float) -> Tensor:
+    cdtype = _compute_dtype(x.dtype)
+    freqs_cis = torch.polar(torch.full_like(angles, attention_factor), angles)
+    x_complex = torch.view_as_complex(x.to(cdtype).reshape(*x.shape[:-1], -1, 2).contiguous())
+    out = torch.view_as_real(x_complex * freqs_cis.to(x_complex.dtype)).flatten(-2)
+    return out.type_as(x)
+
+
+def _rotate_half_split(x: Tensor, angles: Tensor, attention_factor: float) -> Tensor:
+    cdtype = _compute_dtype(x.dtype)
+    emb = torch.cat((angles, angles), dim=-1)
+    cos = (emb.cos() * attention_factor).to(cdtype)
+    sin = (emb.sin() * attention_factor).to(cdtype)
+    xf = x.to(cdtype)
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated_half = torch.cat((-x2, x1), dim=-1)
+    return (xf * cos + rotated_half * sin).type_as(x)
+
+
+# --------------------------------------------------------------------------- attention
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+):
+    """Naive softmax attention with GQA; the oracle for the flash attention kernels.
+
+    q: (B, Sq, Hq, D); k, v: (B, Sk, Hk, D) with Hq a multiple of Hk. Query head h
+    attends with key/value head h // (Hq // Hk), as ``repeat_kv`` does in Meta's
+    code. Causal masking is aligned bottom-right: query i sees keys
+    j <= i + (Sk - Sq), so the last query sees every key (flash-attn >= 2.1).
+    Rows with no visible key give zeros and an lse of -inf.
+    Returns o (B, Sq, Hq, D) and, if asked, lse (B, Hq, Sq) in the compute dtype
+    (fp32, or fp64 for fp64 inputs; natural log).
+    """
+    batch, seqlen_q, n_q_heads, head_dim = q.shape
+    seqlen_k, n_kv_heads = k.shape[1], k.shape[2]
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(head_dim)
+    cdtype = _compute_dtype(q.dtype)
+    group = n_q_heads // n_kv_heads
+    qf = q.to(cdtype).transpose(1, 2)  # (B, Hq, Sq, D)
+    kf = k.to(cdtype).repeat_interleave(group, dim=2).transpose(1, 2)
+    vf = v.to(cdtype).repeat_interleave(group, dim=2).transpose(1, 2)
+    scores = (qf @ kf.transpose(-1, -2)) * softmax_scale
+    if causal:
+        i = torch.arange(seqlen_q, device=q.device)[:, None]
+        j = torch.arange(seqlen_k, device=q.device)[None, :]
+        scores = scores.masked_fill(j > i + (seqlen_k - seqlen_q), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # (B, Hq, Sq); -inf where nothing is visible
+    # exp(-inf - finite) = 0 keeps fully masked rows at zero instead of NaN.
+    probs = torch.exp(scores - lse[..., None].clamp_min(torch.finfo(cdtype).min))
+    out = (probs @ vf).transpose(1, 2).to(q.dtype)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,160 @@
+"""The Triton RMSNorm (run by the interpreter) against the reference."""
+
+import pytest
+import torch
+
+import llama_kernels as lk
+from llama_kernels import reference as ref
+from llama_kernels.ops import rms_norm as rms_norm_module
+from utils import ULP, assert_close, randn
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+pytestmark = pytest.mark.usefixtures("poison_outputs")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,hidden", [(1, 4096), (7, 5120), (113, 1023), (3, 6656), (1, 1), (2, 32768)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_forward_matches_reference(dtype, rows, hidden, with_residual):
+    x, w = randn(rows, hidden, dtype=dtype), randn(hidden, dtype=dtype)
+    r = randn(rows, hidden, dtype=dtype) if with_residual else None
+    out = lk.rms_norm(x, w, 1e-5, residual=r, backend="triton")
+    if with_residual:
+        out, h = out
+        assert_close(h, x + r, ulps=1)
+        x = h  # y is checked given the kernel's h: its one-ulp rounding differences would count twice
+    assert_close(out, ref.rms_norm(x, w, 1e-5))
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                             (torch.float32, torch.bfloat16)])
+def test_weight_in_its_own_dtype(x_dtype, w_dtype):
+    x, w = randn(5, 640, dtype=x_dtype), randn(640, dtype=w_dtype)
+    out = lk.rms_norm(x, w, backend="triton")
+    assert out.dtype == torch.promote_types(x_dtype, w_dtype)
+    # An fp32 result still carries the rounding of the normalized value to x's dtype (Meta's .type_as(x)).
+    assert_close(out, ref.rms_norm(x, w), rtol=ULP.get(x_dtype, 1e-5))
+
+
+def test_leading_dims_and_strided_rows():
+    big = randn(2, 9, 8192, dtype=torch.bfloat16)
+    x = big[:, 1:8, 1000:6120]  # (2, 7, 5120) with row stride 8192: no copy needed
+    r = randn(2, 7, 5120, dtype=torch.bfloat16).transpose(0, 1).contiguous().transpose(0, 1)  # not a (rows, N) view
+    w = randn(5120, dtype=torch.bfloat16)
+    y, h = lk.rms_norm(x, w, residual=r, backend="triton")
+    assert y.shape == h.shape == (2, 7, 5120)
+    assert_close(h, x + r, ulps=1)
+    assert_close(y, ref.rms_norm(h, w))
+    assert_close(lk.rms_norm(x.transpose(0, 1), w, backend="triton"), ref.rms_norm(x.transpose(0, 1), w))
+
+
+def _grads(fn, inputs, gy, gh):
+    """Gradients of sum(y * gy) (+ sum(h * gh)) with respect to inputs = (x, weight[, residual])."""
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    x, w, *r = inputs
+    out = fn(x, w, residual=r[0] if r else None)
+    loss = (out[0] * gy).sum() + (out[1] * gh).sum() if r else (out * gy).sum()
+    return torch.autograd.grad(loss, inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,hidden", [(1, 64), (113, 5120), (37, 1023)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_gradients_match_reference(dtype, rows, hidden, with_residual):
+    inputs = [randn(rows, hidden, dtype=dtype), (1 + 0.1 * randn(hidden)).to(dtype)]
+    if with_residual:
+        inputs.append(randn(rows, hidden, dtype=dtype))
+    gy, gh = randn(rows, hidden, dtype=dtype), randn(rows, hidden, dtype=dtype)
+
+    def kernel(x, w, residual):
+        return lk.rms_norm(x, w, residual=residual, backend="triton")
+
+    got = _grads(kernel, inputs, gy, gh)
+    # The ideal answer is the fp32 gradient (for 16-bit inputs, rounded once at the end).
+    ideal = _grads(ref.rms_norm, [t.float() for t in inputs], gy.float(), gh.float())
+    for name, g, want in zip(("x", "weight", "residual"), got, ideal):
+        assert g.dtype == dtype, name
+        # dweight sums `rows` products: its rounding error grows with the row count.
+        scale = rows**0.5 if name == "weight" else 1.0
+        if dtype == torch.float32:
+            torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-5 * scale)
+        else:
+            torch.testing.assert_close(g.float(), want, rtol=3 * ULP[dtype], atol=1e-2 * scale)
+
+
+def test_dweight_is_deterministic():
+    x, w, gy = randn(257, 1023).requires_grad_(), randn(1023).requires_grad_(), randn(257, 1023)
+    runs = [torch.autograd.grad((lk.rms_norm(x, w, backend="triton") * gy).sum(), (x, w)) for _ in range(3)]
+    for dx, dw in runs[1:]:
+        assert torch.equal(dx, runs[0][0]) and torch.equal(dw, runs[0][1])
+
+
+def test_residual_inputs_both_get_the_gradient_and_accumulate_apart():
+    x, r = randn(3, 64).requires_grad_(), randn(3, 64).requires_grad_()
+    w = randn(64)
+    for _ in range(2):
+        y, h = lk.rms_norm(x, w, residual=r, backend="triton")
+        (y.sum() + h.sum()).backward()
+    assert x.grad is not r.grad
+    torch.testing.assert_close(x.grad, r.grad)
+    x.grad.zero_()
+    assert r.grad.abs().sum() > 0
+
+
+def test_row_offsets_past_2_31_elements():
+    """Row 2 starts 2^31 + 16 elements in: int32 offsets would wrap (the interpreter wraps like the GPU)."""
+    hidden, row_stride = 64, 2**30 + 8
+    storage = torch.empty(2 * row_stride + hidden, dtype=torch.float16)  # 4 GiB, untouched but three rows
+    x = storage.as_strided((3, hidden), (row_stride, 1))
+    x.copy_(randn(3, hidden, dtype=torch.float16))
+    w = randn(hidden, dtype=torch.float16)
+    y = lk.rms_norm(x, w, backend="triton")
+    assert_close(y, ref.rms_norm(x.clone(), w))
+
+
+def test_empty_input():
+    x, w = randn(0, 4096), randn(4096)
+    assert lk.rms_norm(x, w, backend="triton").shape == (0, 4096)
+
+
+def test_cpu_default_backend_is_the_reference(monkeypatch):
+    monkeypatch.setattr(rms_norm_module._triton, "INTERPRET", False)
+    x, w = randn(4, 32), randn(32)
+    assert torch.equal(lk.rms_norm(x, w), ref.rms_norm(x, w))
+    with pytest.raises(ValueError, match="backend: 'triton' needs CUDA tensors"):
+        lk.rms_norm(x, w, backend="triton")
+
+
+@pytest.mark.parametrize(
+    "make_args,error,match",
+    [
+        (lambda: (randn(4, 8).int(), randn(8)), TypeError, r"x: expected dtype in \(float16, bfloat16, float32\), got int32"),
+        (lambda: (randn(4, 8), randn(8, 1)), ValueError, r"weight: expected 1 dimensions"),
+        (lambda: (randn(4, 8), randn(7)), ValueError, r"weight: expected shape \(8,\)"),
+        (lambda: (randn(4, 8), randn(8).to("meta")), ValueError, r"weight: expected a tensor on cpu"),
+        (lambda: ([1.0], randn(8)), TypeError, r"x: expected a torch.Tensor, got list"),
+        (lambda: (randn(()), randn(1)), ValueError, r"x: expected at least 1 dimension"),
+    ],
+)
+def test_bad_input_is_refused(make_args, error, match):
+    with pytest.raises(error, match=match):
+        lk.rms_norm(*make_args())
+
+
+def test_bad_residual_and_eps_are_refused():
+    x, w = randn(4, 8), randn(8)
+    with pytest.raises(ValueError, match=r"residual: expected x's shape \(4, 8\)"):
+        lk.rms_norm(x, w, residual=randn(4, 9))
+    with pytest.raises(TypeError, match="residual: expected dtype torch.float32"):
+        lk.rms_norm(x, w, residual=randn(4, 8, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="eps: expected a non-negative float"):
+        lk.rms_norm(x, w, eps=-1.0)
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        lk.rms_norm(x, w, backend="cuda")
+
+
+def test_opcheck():
+    x, w, r = (t.requires_grad_() for t in (randn(5, 96), randn(96), randn(5, 96)))
+    torch.library.opcheck(torch.ops.llama_kernels.rms_norm, (x, w, 1e-5, "triton"))
+    torch.library.opcheck(torch.ops.llama_kernels.rms_norm_residual, (x, r, w, 1e-5, "triton"))
+    torch.library.opcheck(torch.ops.llama_kernels.rms_norm_backward, (randn(5, 96), None, x.detach(), w.detach(), 1e-5, "triton"))
