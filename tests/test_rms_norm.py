@@ -58,7 +58,7 @@ def _grads(fn, inputs, gy, gh):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows,hidden", [(1, 64), (113, 5120), (37, 1023)])
+@pytest.mark.parametrize("rows,hidden", [(1, 64), (113, 5120), (37, 1023), (5, 10007)])  # 10007: chunked rows
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_gradients_match_reference(dtype, rows, hidden, with_residual):
     inputs = [randn(rows, hidden, dtype=dtype), (1 + 0.1 * randn(hidden)).to(dtype)]

@@ -11,8 +11,9 @@ but h itself is saved. dweight is reduced without atomics: each program sums a
 fixed block of rows into its own fp32 partial row and the partials are summed
 in a fixed order, so the result is the same on every run.
 
-The row is kept in registers, one tile of BLOCK_M rows x BLOCK_N (>= N) columns
-at a time: each element is read once and written once, the floor for this op.
+Rows up to 8192 wide are kept in registers, one tile of BLOCK_M rows x BLOCK_N
+(>= N) columns at a time: each element is read once from memory and written
+once, the floor for this op. Wider rows are processed in column chunks.
 """
 
 from __future__ import annotations
@@ -28,6 +29,33 @@ from . import _triton
 
 
 # --------------------------------------------------------------------------- kernels
+# Rows up to MAX_ROW_IN_REGISTERS columns are held in registers (one tile, one
+# pass). Wider rows go in BLOCK_N-column chunks, two passes: the first sums, the
+# second re-reads the row (from L2: the program just read it) and writes.
+MAX_ROW_IN_REGISTERS = 8192
+
+
+@triton.jit
+def _load_h(x_ptr, residual_ptr, h_ptr, rows, cols, mask, stride_x, stride_residual, stride_h,
+            HAS_RESIDUAL: tl.constexpr):
+    """The normalized input in fp32: x, or h = x + residual (stored, rounded to x's dtype)."""
+    # Every value is upcast as it is loaded: no arithmetic in 16-bit types.
+    x = tl.load(x_ptr + rows * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(residual_ptr + rows * stride_residual + cols, mask=mask, other=0.0).to(tl.float32)
+        h = (x + r).to(h_ptr.dtype.element_ty)  # rounded as torch rounds x + r
+        tl.store(h_ptr + rows * stride_h + cols, h, mask=mask)
+        x = h.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _store_y(h, rstd, weight_ptr, y_ptr, h_dtype: tl.constexpr, rows, cols, mask, n_cols, stride_y):
+    normed = (h * rstd[:, None]).to(h_dtype).to(tl.float32)  # Meta's .type_as(x) before the weight
+    w = tl.load(weight_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows * stride_y + cols, (normed * w).to(y_ptr.dtype.element_ty), mask=mask)
+
+
 @triton.jit
 def _rms_norm_fwd_kernel(
     x_ptr, residual_ptr, weight_ptr, y_ptr, h_ptr,
@@ -39,24 +67,49 @@ def _rms_norm_fwd_kernel(
     BLOCK_N: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
-    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    row_mask = (rows < n_rows)[:, None]
     # 64-bit row offsets: rows * stride passes 2^31 on long, wide inputs.
     rows = rows.to(tl.int64)[:, None]
+    h_dtype: tl.constexpr = h_ptr.dtype.element_ty
 
-    # Every value is upcast to fp32 as it is loaded: no arithmetic in 16-bit types.
-    x = tl.load(x_ptr + rows * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL:
-        r = tl.load(residual_ptr + rows * stride_residual + cols, mask=mask, other=0.0).to(tl.float32)
-        h = (x + r).to(h_ptr.dtype.element_ty)  # the residual stream, rounded as torch rounds x + r
-        tl.store(h_ptr + rows * stride_h + cols, h, mask=mask)
-        x = h.to(tl.float32)
+    if BLOCK_N >= n_cols:  # the row in registers
+        cols = tl.arange(0, BLOCK_N)[None, :]
+        mask = row_mask & (cols < n_cols)
+        h = _load_h(x_ptr, residual_ptr, h_ptr, rows, cols, mask, stride_x, stride_residual, stride_h, HAS_RESIDUAL)
+        rstd = tl.rsqrt(tl.sum(h * h, axis=1) / n_cols + eps)
+        _store_y(h, rstd, weight_ptr, y_ptr, h_dtype, rows, cols, mask, n_cols, stride_y)
+    else:
+        sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)[None, :]
+            mask = row_mask & (cols < n_cols)
+            h = _load_h(x_ptr, residual_ptr, h_ptr, rows, cols, mask, stride_x, stride_residual, stride_h, HAS_RESIDUAL)
+            sum_sq += tl.sum(h * h, axis=1)
+        rstd = tl.rsqrt(sum_sq / n_cols + eps)
+        for start in range(0, n_cols, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)[None, :]
+            mask = row_mask & (cols < n_cols)
+            if HAS_RESIDUAL:  # h as stored by this same thread in the first pass
+                h = tl.load(h_ptr + rows * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
+            else:
+                h = tl.load(x_ptr + rows * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+            _store_y(h, rstd, weight_ptr, y_ptr, h_dtype, rows, cols, mask, n_cols, stride_y)
 
-    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
-    normed = (x * rstd[:, None]).to(h_ptr.dtype.element_ty).to(tl.float32)  # Meta's .type_as(x)
-    w = tl.load(weight_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-    y = normed * w[None, :]
-    tl.store(y_ptr + rows * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+@triton.jit
+def _rms_norm_bwd_chunk(
+    dy_ptr, dh_ptr, h_ptr, dx_ptr, w, rows, cols, mask, rstd, mean_g_normed,
+    stride_dy, stride_dh, stride_h, stride_dx, HAS_DH: tl.constexpr,
+):
+    """Writes dx for one tile; returns the tile's dweight contribution, summed over its rows."""
+    h = tl.load(h_ptr + rows * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + rows * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+    normed = h * rstd[:, None]
+    dh = rstd[:, None] * (dy * w - normed * mean_g_normed[:, None])
+    if HAS_DH:
+        dh += tl.load(dh_ptr + rows * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dx_ptr + rows * stride_dx + cols, dh.to(dx_ptr.dtype.element_ty), mask=mask)
+    return tl.sum(dy * normed.to(h_ptr.dtype.element_ty).to(tl.float32), axis=0)
 
 
 @triton.jit
@@ -70,42 +123,68 @@ def _rms_norm_bwd_kernel(
     BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_N)
-    col_mask = cols < n_cols
-    w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    dweight = tl.zeros([BLOCK_N], dtype=tl.float32)
-
+    dweight_row = dweight_partial_ptr + pid.to(tl.int64) * n_cols
     first_row = pid * rows_per_program
     last_row = tl.minimum(first_row + rows_per_program, n_rows)
-    for row_start in range(first_row, last_row, BLOCK_M):
-        rows = row_start + tl.arange(0, BLOCK_M)
-        mask = (rows < last_row)[:, None] & col_mask[None, :]
-        rows = rows.to(tl.int64)[:, None]
 
-        h = tl.load(h_ptr + rows * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + rows * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(h * h, axis=1) / n_cols + eps)[:, None]
-        normed = h * rstd
-        g = dy * w[None, :]
-        dh = rstd * (g - normed * (tl.sum(g * normed, axis=1)[:, None] / n_cols))
-        if HAS_DH:
-            dh += tl.load(dh_ptr + rows * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + rows * stride_dx + cols, dh.to(dx_ptr.dtype.element_ty), mask=mask)
-        dweight += tl.sum(dy * normed.to(h_ptr.dtype.element_ty).to(tl.float32), axis=0)
-
-    tl.store(dweight_partial_ptr + pid * n_cols + cols, dweight, mask=col_mask)
+    if BLOCK_N >= n_cols:  # the row in registers; dweight accumulates in registers
+        cols = tl.arange(0, BLOCK_N)[None, :]
+        w = tl.load(weight_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        dweight = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for row_start in range(first_row, last_row, BLOCK_M):
+            rows = row_start + tl.arange(0, BLOCK_M)
+            mask = (rows < last_row)[:, None] & (cols < n_cols)
+            rows = rows.to(tl.int64)[:, None]
+            h = tl.load(h_ptr + rows * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + rows * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.rsqrt(tl.sum(h * h, axis=1) / n_cols + eps)
+            mean_g_normed = tl.sum(dy * w * h, axis=1) * rstd / n_cols
+            dweight += _rms_norm_bwd_chunk(
+                dy_ptr, dh_ptr, h_ptr, dx_ptr, w, rows, cols, mask, rstd, mean_g_normed,
+                stride_dy, stride_dh, stride_h, stride_dx, HAS_DH)
+        tl.store(dweight_row + cols, dweight[None, :], mask=cols < n_cols)
+    else:  # chunks; this program's own partial row of dweight accumulates in memory
+        for start in range(0, n_cols, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            tl.store(dweight_row + cols, tl.zeros([BLOCK_N], dtype=tl.float32), mask=cols < n_cols)
+        for row_start in range(first_row, last_row, BLOCK_M):
+            rows = row_start + tl.arange(0, BLOCK_M)
+            row_mask = (rows < last_row)[:, None]
+            rows = rows.to(tl.int64)[:, None]
+            sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+            sum_gh = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for start in range(0, n_cols, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)[None, :]
+                mask = row_mask & (cols < n_cols)
+                h = tl.load(h_ptr + rows * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(dy_ptr + rows * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(weight_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+                sum_sq += tl.sum(h * h, axis=1)
+                sum_gh += tl.sum(dy * w * h, axis=1)
+            rstd = tl.rsqrt(sum_sq / n_cols + eps)
+            mean_g_normed = sum_gh * rstd / n_cols
+            for start in range(0, n_cols, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                mask = row_mask & (cols < n_cols)[None, :]
+                w = tl.load(weight_ptr + cols[None, :], mask=cols[None, :] < n_cols, other=0.0).to(tl.float32)
+                contribution = _rms_norm_bwd_chunk(
+                    dy_ptr, dh_ptr, h_ptr, dx_ptr, w, rows, cols[None, :], mask, rstd, mean_g_normed,
+                    stride_dy, stride_dh, stride_h, stride_dx, HAS_DH)
+                dweight = tl.load(dweight_row + cols, mask=cols < n_cols, other=0.0)
+                tl.store(dweight_row + cols, dweight + contribution, mask=cols < n_cols)
 
 
 # --------------------------------------------------------------------------- configs
 def _config(kernel: str, x: Tensor, n_rows: int, n_cols: int) -> dict:
-    """BLOCK_N covers the row; BLOCK_M rows share a program when rows are short."""
-    block_n = triton.next_power_of_2(n_cols)
+    """BLOCK_N covers the row up to MAX_ROW_IN_REGISTERS; BLOCK_M rows share a program when rows are short."""
+    block_n = min(triton.next_power_of_2(n_cols), MAX_ROW_IN_REGISTERS // 2 if n_cols > MAX_ROW_IN_REGISTERS
+                  else MAX_ROW_IN_REGISTERS)
     target = _triton.target_of(x.device)
     if target == "interpreter":
         block_m = min(max(1, 65536 // block_n), triton.next_power_of_2(max(n_rows, 1)))
         return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4}
     block_m = max(1, min(16, 2048 // block_n))
-    num_warps = min(max((block_m * block_n) // 512, 4), 32)
+    num_warps = min(max((block_m * block_n) // 512, 4), 16)
     default = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps}
     return _triton.tuned_config(kernel, target, f"{n_cols}:{str(x.dtype)[6:]}", default)
 

@@ -1,0 +1,143 @@
+"""Compile every Triton kernel for sm_80 and sm_90 ahead of time, without a GPU.
+
+The launchers run on meta tensors at Code Llama shapes inside
+``_triton.record_launches``, so what is compiled is exactly what a GPU would
+launch (same configs, same argument specialization as Triton's JIT). Each
+kernel goes down to PTX and cubin; Triton's own ptxas reports registers and
+spills. A kernel fails the check on a compile error, any spill, or more shared
+memory than the card has.
+
+    python -m llama_kernels.aot            # table of every kernel, exit 1 on a failure
+
+Run it with TRITON_INTERPRET unset (in an interpreting process Triton cannot
+compile kernels that call other @triton.jit functions).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+# name: (compute capability, shared memory per block the card allows, bytes)
+TARGETS = {"sm80": (80, 166_912), "sm90": (90, 232_448)}
+
+HIDDEN_SIZES = (4096, 5120, 6656, 8192, 32768)  # Code Llama 7B, 13B, (LLaMA 33B), 34B, the largest claimed
+HEAD_LAYOUTS = ((32, 32, 128), (40, 40, 128), (64, 8, 128), (8, 1, 64))  # (Hq, Hk, D): 7B, 13B, 34B, MQA
+
+
+@dataclass
+class CompileResult:
+    target: str
+    label: str
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    shared_limit: int
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.spill_bytes == 0 and self.shared_bytes <= self.shared_limit
+
+
+def launches(target: str) -> list[tuple[str, object]]:
+    """(label, LaunchRecord) for every kernel launch the ops make at Code Llama shapes."""
+    from .ops import _triton, rms_norm, rope
+
+    meta = torch.device("meta")
+    out = []
+    with _triton.record_launches(target) as records:
+        for dtype in (torch.bfloat16, torch.float32):
+            for hidden in HIDDEN_SIZES:
+                x = torch.empty(16384, hidden, dtype=dtype, device=meta)
+                w = torch.empty(hidden, dtype=dtype, device=meta)
+                for residual in (None, x):
+                    rms_norm._forward_triton(x, residual, w, 1e-5)
+                    out.append(f"rms_norm_fwd {hidden} {str(dtype)[6:]}{' +residual' if residual is not None else ''}")
+                rms_norm._backward_triton(x, x, x, w, 1e-5)
+                out.append(f"rms_norm_bwd {hidden} {str(dtype)[6:]}")
+        for hq, hk, d in HEAD_LAYOUTS:
+            q = torch.empty(1, 16384, hq, d, dtype=torch.bfloat16, device=meta)
+            k = torch.empty(1, 16384, hk, d, dtype=torch.bfloat16, device=meta)
+            for interleaved in (False, True):
+                for inv_freq_dtype in (torch.float32, torch.float64):
+                    positions = torch.empty(1, 16384, dtype=torch.int64, device=meta)
+                    inv_freq = torch.empty(d // 2, dtype=inv_freq_dtype, device=meta)
+                    rope._rope_triton(q, k, q, k, positions, 0, inv_freq, 1.0, interleaved, False)
+                    layout = "interleaved" if interleaved else "half"
+                    out.append(f"rope {hq}/{hk}/{d} {layout} {str(inv_freq_dtype)[6:]}-angles")
+    return list(zip(out, records, strict=True))
+
+
+def compile_record(record, capability: int):
+    """Compile one recorded launch as Triton's JIT would for this capability."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    kernel = record.kernel
+    target = GPUTarget("cuda", capability, 32)
+    backend = make_backend(target)
+    bind = create_function_from_signature(kernel.signature, kernel.params, backend)
+    kwargs = {"num_warps": record.num_warps, "num_stages": record.num_stages}
+    bound_args, specialization, options = bind(**record.args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def ptxas_usage(ptx: str, capability: int) -> tuple[int, int]:
+    """(registers, spill bytes) from Triton's bundled ptxas."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    arch = "sm_90a" if capability == 90 else f"sm_{capability}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        report = subprocess.run(
+            [get_ptxas(capability).path, "-v", f"--gpu-name={arch}", src, "-o", os.path.join(tmp, "kernel.cubin")],
+            capture_output=True, text=True, check=True,
+        ).stderr
+    registers = max(int(n) for n in re.findall(r"Used (\d+) registers", report))
+    spills = sum(int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report))
+    return registers, spills
+
+
+def check(targets=tuple(TARGETS)) -> list[CompileResult]:
+    results = []
+    for target in targets:
+        capability, shared_limit = TARGETS[target]
+        for label, record in launches(target):
+            try:
+                compiled = compile_record(record, capability)
+                registers, spills = ptxas_usage(compiled.asm["ptx"], capability)
+                results.append(CompileResult(target, label, registers, spills, compiled.metadata.shared, shared_limit))
+            except Exception as e:  # a compile error is a result to report, not a crash
+                results.append(CompileResult(target, label, 0, 0, 0, shared_limit, error=f"{type(e).__name__}: {e}"))
+    return results
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("unset TRITON_INTERPRET: kernels cannot be compiled in an interpreting process", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="llama-kernels-aot-"))
+    results = check()
+    print(f"{'target':6} {'kernel':44} {'regs':>5} {'spill B':>8} {'shared B':>9}  status")
+    for r in results:
+        status = "ok" if r.ok else (r.error or ("SPILLS" if r.spill_bytes else "SHARED MEMORY OVER LIMIT"))
+        print(f"{r.target:6} {r.label:44} {r.registers:5d} {r.spill_bytes:8d} {r.shared_bytes:9d}  {status}")
+    failed = [r for r in results if not r.ok]
+    print(f"{len(results) - len(failed)} compiled clean, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
