@@ -27,16 +27,19 @@ def check_tensor(name: str, t, *, dtypes=FLOAT_DTYPES, ndim: int | tuple[int, ..
 
 
 def check_same_device(**tensors: Tensor | None) -> None:
-    named = [(name, t) for name, t in tensors.items() if t is not None]
-    first_name, first = named[0]
-    for name, t in named[1:]:
-        if t.device != first.device:
-            raise ValueError(f"{name}: expected a tensor on {first.device} (the device of {first_name}), got {t.device}")
+    _check_same("device", ValueError, tensors)
 
 
 def check_same_dtype(**tensors: Tensor | None) -> None:
+    _check_same("dtype", TypeError, tensors)
+
+
+def _check_same(attribute: str, error: type[Exception], tensors: dict) -> None:
+    """Every tensor given (None skipped) has the first one's device or dtype."""
     named = [(name, t) for name, t in tensors.items() if t is not None]
     first_name, first = named[0]
+    expected = getattr(first, attribute)
     for name, t in named[1:]:
-        if t.dtype != first.dtype:
-            raise TypeError(f"{name}: expected dtype {first.dtype} (the dtype of {first_name}), got {t.dtype}")
+        if getattr(t, attribute) != expected:
+            raise error(f"{name}: expected {attribute} {expected} (the {attribute} of {first_name}), "
+                        f"got {getattr(t, attribute)}")
