@@ -86,10 +86,13 @@ def _rms_norm_fwd_kernel(
             h = _load_h(x_ptr, residual_ptr, h_ptr, rows, cols, mask, stride_x, stride_residual, stride_h, HAS_RESIDUAL)
             sum_sq += tl.sum(h * h, axis=1)
         rstd = tl.rsqrt(sum_sq / n_cols + eps)
+        # The second pass may read h stored by another thread of this program: a block barrier
+        # makes this program's global writes visible to all its threads.
+        tl.debug_barrier()
         for start in range(0, n_cols, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)[None, :]
             mask = row_mask & (cols < n_cols)
-            if HAS_RESIDUAL:  # h as stored by this same thread in the first pass
+            if HAS_RESIDUAL:
                 h = tl.load(h_ptr + rows * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
             else:
                 h = tl.load(x_ptr + rows * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
@@ -170,8 +173,12 @@ def _rms_norm_bwd_kernel(
                 contribution = _rms_norm_bwd_chunk(
                     dy_ptr, dh_ptr, h_ptr, dx_ptr, w, rows, cols[None, :], mask, rstd, mean_g_normed,
                     stride_dy, stride_dh, stride_h, stride_dx, HAS_DH)
+                # Barriers around the read-modify-write: a replicated element may be stored by one
+                # thread of the program and read back by another.
+                tl.debug_barrier()
                 dweight = tl.load(dweight_row + cols, mask=cols < n_cols, other=0.0)
                 tl.store(dweight_row + cols, dweight + contribution, mask=cols < n_cols)
+                tl.debug_barrier()
 
 
 # --------------------------------------------------------------------------- configs
