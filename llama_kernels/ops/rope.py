@@ -7,7 +7,7 @@ table is materialized (at 100k positions it would be as large as q itself).
 
 Angles follow inv_freq's dtype. float32 (default) is Meta's and Hugging Face's
 computation bit for bit: fl32(fl32(position) * inv_freq), then cos and sin of
-that; at position 100,000 the rounded angle is off by up to ~4e-3 rad. float64
+that; up to position 100,000 the angle is off by up to 7.2e-3 rad. float64
 (``precise=True``) forms the angle in fp64 and reduces it to [-pi, pi] before
 the fp32 cos/sin, good to ~1e-7 at any position, at the cost of a few fp64
 operations per token and frequency (shared by all heads).
