@@ -38,6 +38,27 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5, residual: Tensor | No
     return y if residual is None else (y, x)
 
 
+def rms_norm_backward(dy: Tensor, h: Tensor, weight: Tensor, eps: float = 1e-5, dh: Tensor | None = None):
+    """Gradients (dh, dweight) of ``rms_norm(h, weight, eps)`` for an output gradient dy.
+
+    With n = h * rstd and g = dy * weight (treating the cast of n as the identity,
+    as autograd does): dh = rstd * (g - n * mean(g * n)), dweight = sum of dy * cast(n)
+    over all rows. ``dh``, if given, is a gradient reaching h directly (the residual
+    stream's), added before the result is rounded. The tests hold this to autograd
+    of ``rms_norm``. It is the CPU backend's backward: inside a custom op autograd
+    records nothing, so the gradient is written out.
+    """
+    cdtype = _compute_dtype(torch.promote_types(h.dtype, dy.dtype))
+    hf, g = h.to(cdtype), dy.to(cdtype) * weight.to(cdtype)
+    rstd = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    normed = hf * rstd
+    dx = rstd * (g - normed * (g * normed).mean(-1, keepdim=True))
+    if dh is not None:
+        dx = dx + dh.to(cdtype)
+    dweight = (dy.to(cdtype) * normed.type_as(h).to(cdtype)).reshape(-1, h.shape[-1]).sum(0)
+    return dx.to(h.dtype), dweight.to(weight.dtype)
+
+
 # --------------------------------------------------------------------------- RoPE
 def rope_positions(positions, batch: int, seqlen: int, device) -> Tensor:
     """Normalize the accepted forms of ``positions`` to a (batch, seqlen) integer tensor.

@@ -37,6 +37,21 @@ def test_rms_norm_promotes_like_meta():
     torch.testing.assert_close(y.double(), expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_dh", [False, True])
+def test_rms_norm_backward_is_the_gradient_of_rms_norm(dtype, with_dh):
+    h, w = randn(2, 7, 640, dtype=dtype).requires_grad_(), (1 + 0.1 * randn(640)).to(dtype).requires_grad_()
+    dy, dh = randn(2, 7, 640, dtype=dtype), randn(2, 7, 640, dtype=dtype) if with_dh else None
+    y = ref.rms_norm(h, w, 1e-5)
+    loss = (y * dy).sum() + ((h * dh).sum() if with_dh else 0)
+    want = torch.autograd.grad(loss, (h, w))
+    got = ref.rms_norm_backward(dy, h.detach(), w.detach(), 1e-5, dh)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2 * ULP[torch.bfloat16]}[dtype]
+    for g, e, scale in zip(got, want, (1, 14**0.5)):
+        assert g.dtype == e.dtype
+        torch.testing.assert_close(g, e, rtol=tol, atol=tol * scale)
+
+
 # --------------------------------------------------------------------------- RoPE
 def exact_angles(positions, head_dim, theta):
     """position * theta^(-2i/D) in float64: (B, S, D/2)."""

@@ -258,14 +258,6 @@ def _backward_triton(dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor, e
     return dx, dweight_partial.sum(0).to(weight.dtype)
 
 
-def _backward_reference(dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor, eps: float):
-    """The gradient of the reference itself, by autograd: the reference backend's backward."""
-    with torch.enable_grad():
-        h_, w_ = h.detach().requires_grad_(), weight.detach().requires_grad_()
-        dx, dweight = torch.autograd.grad(reference.rms_norm(h_, w_, eps), (h_, w_), dy)
-    return (dx if dh is None else dx + dh), dweight
-
-
 # --------------------------------------------------------------------------- torch ops
 @torch.library.custom_op("llama_kernels::rms_norm", mutates_args=())
 def _rms_norm_op(x: Tensor, weight: Tensor, eps: float, backend: str) -> Tensor:
@@ -290,7 +282,7 @@ def _rms_norm_backward_op(
     dh = dh.contiguous() if dh is not None else None
     if backend == "triton":
         return _backward_triton(dy, dh, h, weight, eps)
-    return _backward_reference(dy, dh, h, weight, eps)
+    return reference.rms_norm_backward(dy, h, weight, eps, dh)
 
 
 @_rms_norm_op.register_fake
