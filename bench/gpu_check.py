@@ -1,0 +1,510 @@
+"""The GPU check: correctness on the card, a launch-config sweep, the benchmark, in under five minutes.
+
+    python bench/gpu_check.py OUTDIR [--budget-s 270]
+
+1. correctness: every op (RMSNorm forward with and without residual and its
+   backward, RoPE forward in both layouts and its backward) against
+   ``llama_kernels.reference`` at Code Llama shapes, bf16 and fp32;
+2. sweep: every candidate launch config of each Triton kernel, timed through
+   the public functions at the key shapes (min / median / max), checked against
+   the reference, and the winners written as ``tuned_configs.json``;
+3. benchmark: ``llama-kernels bench``'s run, with the winners in force;
+4. a summary, printed last.
+
+Files in OUTDIR: gpu_check.log (all output), gpu_check.json (every figure,
+check and failure), tuned_configs.json (copy it to llama_kernels/ops/ to use
+the winners), bench.json / bench.txt / bench.png, summary.txt.
+
+A part that fails is recorded and the run goes on; the exit status is 1 if
+anything failed, 2 without a CUDA device. Past the time budget, what is left of
+the sweep and the benchmark is skipped (and counted as a failure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a checkout, installed or not
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+import llama_kernels as lk  # noqa: E402
+from llama_kernels import reference  # noqa: E402
+from llama_kernels.bench import harness, report, run_benchmark  # noqa: E402
+from llama_kernels.ops import _triton  # noqa: E402
+
+DEVICE = torch.device("cuda")
+ULP = {torch.bfloat16: 2.0**-7}
+EPS = 1e-5
+THETA = 1e6
+
+# Correctness shapes: Code Llama hidden sizes and head layouts (Hq, Hk, D), with and without explicit positions.
+CHECK_ROWS = 4096
+CHECK_HIDDEN = (4096, 5120, 8192)
+CHECK_ROPE = (("7B", 2, 4096, (32, 32, 128), False), ("34B", 1, 16384, (64, 8, 128), True))  # ..., explicit positions
+# Sweep shapes: 16k tokens of bf16.
+SWEEP_TOKENS = 16384
+SWEEP_HIDDEN = (4096, 5120, 8192)
+SWEEP_HEADS = ((32, 32, 128), (64, 8, 128))  # 7B, 34B
+KEEP_DEFAULT_WITHIN = 0.03  # a candidate replaces the default only if >3% faster: noise must not churn the table
+
+
+class Tee:
+    """Writes to the terminal and the log file."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text):
+        self.stream.write(text)
+        self.log.write(text)
+        return len(text)
+
+    def flush(self):
+        self.stream.flush()
+        self.log.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding...: the terminal's
+        return getattr(self.stream, name)
+
+
+class Recorder:
+    """Results and failures of the whole run; a part that raises is a failure, and the run goes on."""
+
+    def __init__(self):
+        self.failures: list[str] = []
+        self.results: dict = {"durations_s": {}}
+
+    def fail(self, what: str) -> None:
+        self.failures.append(what)
+        print(f"FAILED: {what}", flush=True)
+
+    @contextlib.contextmanager
+    def part(self, name: str):
+        print(f"\n== {name} ==", flush=True)
+        start = time.monotonic()
+        try:
+            yield
+        except Exception:
+            traceback.print_exc()
+            self.fail(f"{name}: raised {traceback.format_exc().strip().splitlines()[-1]}")
+        finally:
+            self.results["durations_s"][name] = round(time.monotonic() - start, 1)
+            torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- comparisons
+def compare(got, want, *, rtol: float, atol: float) -> dict:
+    """|got - want| <= atol + rtol |want| elementwise in float64; 'worst' = max error / allowance (<= 1 passes)."""
+    got, want = got.double(), want.double()
+    if got.shape != want.shape:
+        error = f"shape {tuple(got.shape)} != {tuple(want.shape)}"
+        return {"ok": False, "max_abs_err": None, "worst": None, "error": error}
+    err = (got - want).abs()
+    worst = (err / (atol + rtol * want.abs())).max().item()
+    ok = worst <= 1 and not got.isnan().any().item()
+    return {"ok": bool(ok), "max_abs_err": err.max().item(), "worst": worst}
+
+
+def output_tolerance(dtype) -> dict:
+    """Forward outputs: two bf16 ulps, or fp32 ~1e-5."""
+    return {"rtol": 2 * ULP[dtype], "atol": 1e-5} if dtype in ULP else {"rtol": 1e-5, "atol": 1e-5}
+
+
+def gradient_tolerance(dtype, rows_summed: int = 1) -> dict:
+    """Gradients against the fp32 ideal (as tests/test_rms_norm.py); a dweight sums rows_summed products."""
+    scale = rows_summed**0.5
+    return {"rtol": 3 * ULP[dtype], "atol": 1e-2 * scale} if dtype in ULP else {"rtol": 1e-5, "atol": 1e-5 * scale}
+
+
+def randn(*shape, dtype=torch.float32):
+    return torch.randn(*shape, device=DEVICE).to(dtype)
+
+
+# --------------------------------------------------------------------------- 1. correctness
+def check_correctness(rec: Recorder) -> None:
+    checks = rec.results.setdefault("correctness", [])
+
+    def record(name: str, result: dict) -> None:
+        checks.append({"check": name, **result})
+        figures = result.get("error") or f"max |err| {result['max_abs_err']:.3g}  {result['worst']:.3f} of tolerance"
+        print(f"  {'ok' if result['ok'] else 'FAIL':4} {name:58} {figures}")
+        if not result["ok"]:
+            rec.fail(f"correctness: {name}")
+
+    def guarded(name: str, fn) -> None:
+        try:
+            fn()
+        except Exception as e:  # a crashing check is a failed check; the others still run
+            traceback.print_exc()
+            rec.fail(f"correctness: {name} raised {type(e).__name__}: {e}")
+
+    for dtype in (torch.bfloat16, torch.float32):
+        dname = str(dtype).removeprefix("torch.")
+        for hidden in CHECK_HIDDEN:
+            guarded(f"rms_norm {hidden} {dname}", lambda: _check_rms_norm(record, hidden, dtype, dname))
+        for model, batch, seqlen, heads, explicit in CHECK_ROPE:
+            guarded(f"rope {model} {dname}",
+                    lambda: _check_rope(record, model, batch, seqlen, heads, explicit, dtype, dname))
+
+
+def _check_rms_norm(record, hidden: int, dtype, dname: str) -> None:
+    x, r = randn(2, CHECK_ROWS // 2, hidden, dtype=dtype), randn(2, CHECK_ROWS // 2, hidden, dtype=dtype)
+    w = (1 + 0.1 * randn(hidden)).to(dtype)
+    tol = output_tolerance(dtype)
+    record(f"rms_norm fwd {hidden} {dname}", compare(lk.rms_norm(x, w, EPS), reference.rms_norm(x, w, EPS), **tol))
+    y, h = lk.rms_norm(x, w, EPS, residual=r)
+    record(f"rms_norm fwd +residual h {hidden} {dname}", compare(h, x + r, **tol))
+    # y is checked given the kernel's h, so a one-ulp difference in h does not count twice.
+    record(f"rms_norm fwd +residual y {hidden} {dname}", compare(y, reference.rms_norm(h, w, EPS), **tol))
+
+    gy, gh = randn(*x.shape, dtype=dtype), randn(*x.shape, dtype=dtype)
+    for inputs, label in (((x, w), ""), ((x, w, r), " +residual")):
+        got = _rms_grads(lambda a, b, res: lk.rms_norm(a, b, EPS, residual=res), inputs, gy, gh)
+        ideal = _rms_grads(lambda a, b, res: reference.rms_norm(a, b, EPS, residual=res), [t.float() for t in inputs],
+                           gy.float(), gh.float())
+        for name, g, want in zip(("dx", "dweight", "dresidual"), got, ideal):
+            tol = gradient_tolerance(dtype, CHECK_ROWS if name == "dweight" else 1)
+            record(f"rms_norm bwd{label} {name} {hidden} {dname}", compare(g, want, **tol))
+
+
+def _rms_grads(fn, inputs, gy, gh):
+    """Gradients of sum(y * gy) (+ sum(h * gh) with a residual) with respect to (x, weight[, residual])."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    x, w, *r = leaves
+    out = fn(x, w, r[0] if r else None)
+    loss = (out[0] * gy).sum() + (out[1] * gh).sum() if r else (out * gy).sum()
+    return torch.autograd.grad(loss, leaves)
+
+
+def _check_rope(record, model: str, batch: int, seqlen: int, heads, explicit: bool, dtype, dname: str) -> None:
+    hq, hk, d = heads
+    q, k = randn(batch, seqlen, hq, d, dtype=dtype), randn(batch, seqlen, hk, d, dtype=dtype)
+    positions = torch.randint(0, 100_000, (batch, seqlen), device=DEVICE) if explicit else None
+    inv_freq = lk.rope_inv_freq(d, THETA, device=DEVICE)
+    gq, gk = randn(*q.shape, dtype=dtype), randn(*k.shape, dtype=dtype)
+    tol = output_tolerance(dtype)
+    for interleaved in (False, True):
+        label = f"{model} {hq}/{hk}x{d} {'interleaved' if interleaved else 'half'} {dname}"
+        got = lk.apply_rope(q, k, positions, theta=THETA, interleaved=interleaved)
+        want = reference.apply_rope(q, k, positions, inv_freq, interleaved)
+        for name, a, b in zip(("q", "k"), got, want):
+            record(f"rope fwd {name} {label}", compare(a, b, **tol))
+
+        def grads(fn):
+            qq, kk = q.detach().requires_grad_(), k.detach().requires_grad_()
+            a, b = fn(qq, kk)
+            return torch.autograd.grad((a * gq).sum() + (b * gk).sum(), (qq, kk))
+
+        got = grads(lambda a, b: lk.apply_rope(a, b, positions, theta=THETA, interleaved=interleaved))
+        want = grads(lambda a, b: reference.apply_rope(a, b, positions, inv_freq, interleaved))
+        for name, a, b in zip(("dq", "dk"), got, want):
+            record(f"rope bwd {name} {label}", compare(a, b, **tol))
+
+
+# --------------------------------------------------------------------------- 2. config sweep
+@contextlib.contextmanager
+def config_hook(kernel: str, choose):
+    """Route the ops' ``tuned_config(kernel, ...)`` through choose(default); yield what each launch asked for.
+
+    The ops look ``_triton.tuned_config`` up at every launch, so patching the module
+    attribute forces a config through the public functions, and what they ask for
+    is the exact key format that tuned_configs.json must use.
+    """
+    original = _triton.tuned_config
+    asked = []
+
+    def hooked(name, target, key, default):
+        if name != kernel:
+            return original(name, target, key, default)
+        asked.append((target, key, default))
+        return choose(default)
+
+    _triton.tuned_config = hooked
+    try:
+        yield asked
+    finally:
+        _triton.tuned_config = original
+
+
+def rms_norm_candidates(default: dict) -> list[dict]:
+    """Tiles of whole rows (BLOCK_N = the row's power of two: chunked rows re-read memory), 8-32 elements a thread."""
+    block_n = default["BLOCK_N"]
+    found = [default]
+    for block_m in (1, 2, 4, 8, 16):
+        for warps in (4, 8, 16):
+            config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps}
+            if 8 <= block_m * block_n // (32 * warps) <= 32 and config != default:
+                found.append(config)
+    return found
+
+
+def rope_candidates(default: dict, max_heads: int) -> list[dict]:
+    """16 elements of each half-head a thread (the default's), spread over tokens and heads differently."""
+    block_half = default.get("BLOCK_HALF", 64)
+    found = [{key: default[key] for key in ("BLOCK_S", "BLOCK_H", "num_warps")}]
+    for warps in (4, 8):
+        for block_s in (1, 2, 4, 8):
+            block_h = 16 * 32 * warps // (block_s * block_half)
+            config = {"BLOCK_S": block_s, "BLOCK_H": block_h, "num_warps": warps}
+            if 1 <= block_h <= triton.next_power_of_2(max_heads) and config not in found:
+                found.append(config)
+    return found
+
+
+def sweep_key(rec: Recorder, kernel: str, expected_key: str, variants: dict, candidates_of, deadline: float) -> dict:
+    """Time every candidate on every variant (fn() -> output, check(output) -> compare dict); return the entry.
+
+    The winner has the least total median over the variants, among candidates that
+    pass every check. The default is timed first, so a run cut short still has it.
+    """
+    first_fn = next(iter(variants.values()))[0]
+    with config_hook(kernel, lambda default: default) as asked:
+        first_fn()
+    target, key, default = asked[-1]
+    if key != expected_key:
+        rec.fail(f"sweep {kernel}: the op asked for key {key!r}, the sweep expected {expected_key!r}")
+    entry = {"kernel": kernel, "target": target, "key": key, "default": default, "candidates": []}
+    candidates = candidates_of(default)
+    for i, config in enumerate(candidates):
+        if time.monotonic() > deadline:
+            rec.fail(f"sweep {kernel} {key}: time budget spent after {i} of {len(candidates)} candidates")
+            break
+        timed = {"config": config, "variants": {}}
+        for name, (fn, check) in variants.items():
+            try:
+                with config_hook(kernel, lambda default: config) as asked:
+                    result = check(fn())
+                    times = triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="all")
+                launched = {(t, k) for t, k, _ in asked}
+                if launched != {(target, key)}:
+                    raise RuntimeError(f"launches asked for {sorted(launched)}, not {(target, key)}")
+                timed["variants"][name] = {"ok": result["ok"], "worst": result["worst"], "min_ms": min(times),
+                                           "median_ms": statistics.median(times), "max_ms": max(times)}
+            except Exception as e:  # a config that fails to compile or launch is a losing candidate, not a crash
+                timed["variants"][name] = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+        ok = all(v["ok"] for v in timed["variants"].values())
+        timed["total_median_ms"] = sum(v["median_ms"] for v in timed["variants"].values()) if ok else None
+        entry["candidates"].append(timed)
+        spread = "  ".join(
+            f"{n}: {v['min_ms']:.4f}/{v['median_ms']:.4f}/{v['max_ms']:.4f}{'' if v['ok'] else ' WRONG RESULT'}"
+            if "median_ms" in v else f"{n}: {v['error']}" for n, v in timed["variants"].items())
+        print(f"  {kernel} {key} [{i + 1}/{len(candidates)}] {config}  min/median/max ms  {spread}", flush=True)
+        if not ok and i == 0:
+            rec.fail(f"sweep {kernel} {key}: the default config fails {timed['variants']}")
+
+    passing = [c for c in entry["candidates"] if c["total_median_ms"] is not None]
+    if not entry["candidates"]:
+        return entry  # the time budget was spent before the first candidate: failed above
+    if not passing:
+        rec.fail(f"sweep {kernel} {key}: no candidate passed")
+        return entry
+    best = min(passing, key=lambda c: c["total_median_ms"])
+    default_timed = entry["candidates"][0]
+    default_ms = default_timed["total_median_ms"]
+    if default_ms is not None and best["total_median_ms"] > (1 - KEEP_DEFAULT_WITHIN) * default_ms:
+        best = default_timed
+    entry["winner"] = best["config"]
+    if default_ms is not None:
+        entry["speedup_vs_default"] = default_ms / best["total_median_ms"]
+    print(f"  -> {kernel} {key}: {best['config']} ({entry.get('speedup_vs_default', float('nan')):.3f}x the default)")
+    return entry
+
+
+def sweep(rec: Recorder, deadline: float) -> None:
+    """All sweeps, one entry per (kernel, key) in rec.results["sweep"]."""
+    entries = rec.results.setdefault("sweep", [])
+    dtype = torch.bfloat16
+    for hidden in SWEEP_HIDDEN:
+        x, r = randn(SWEEP_TOKENS, hidden, dtype=dtype), randn(SWEEP_TOKENS, hidden, dtype=dtype)
+        w = (1 + 0.1 * randn(hidden)).to(dtype)
+        dy, dh = randn(SWEEP_TOKENS, hidden, dtype=dtype), randn(SWEEP_TOKENS, hidden, dtype=dtype)
+        tol = output_tolerance(dtype)
+        want_y, want_h = reference.rms_norm(x, w, EPS), x + r
+        forward = {
+            "no residual": (lambda: lk.rms_norm(x, w, EPS), lambda y: compare(y, want_y, **tol)),
+            # y is checked given the kernel's h, as in the correctness part
+            "residual": (lambda: lk.rms_norm(x, w, EPS, residual=r),
+                         lambda out: _both(compare(out[1], want_h, **tol),
+                                           compare(out[0], reference.rms_norm(out[1], w, EPS), **tol))),
+        }
+        _sweep_guarded(rec, entries, "rms_norm_fwd", f"{hidden}:bfloat16", forward, rms_norm_candidates, deadline)
+
+        # Backward alone: the forward runs once, each timed call differentiates it again.
+        leaves = [t.detach().requires_grad_() for t in (x, w, r)]
+        y = lk.rms_norm(leaves[0], leaves[1], EPS)
+        y_res, h = lk.rms_norm(leaves[0], leaves[1], EPS, residual=leaves[2])
+        ideal = _rms_grads(lambda a, b, res: reference.rms_norm(a, b, EPS, residual=res), [x.float(), w.float()],
+                           dy.float(), None)
+        ideal_res = _rms_grads(lambda a, b, res: reference.rms_norm(a, b, EPS, residual=res),
+                               [x.float(), w.float(), r.float()], dy.float(), dh.float())
+        backward = {
+            "no residual": (lambda: torch.autograd.grad(y, leaves[:2], dy, retain_graph=True),
+                            lambda g: _grads_close(g, ideal, dtype)),
+            "residual": (lambda: torch.autograd.grad((y_res, h), leaves, (dy, dh), retain_graph=True),
+                         lambda g: _grads_close(g, ideal_res, dtype)),
+        }
+        _sweep_guarded(rec, entries, "rms_norm_bwd", f"{hidden}:bfloat16", backward, rms_norm_candidates, deadline)
+        del x, r, w, dy, dh, want_y, want_h, leaves, y, y_res, h, ideal, ideal_res, forward, backward
+        torch.cuda.empty_cache()
+
+    for hq, hk, d in SWEEP_HEADS:
+        q, k = randn(1, SWEEP_TOKENS, hq, d, dtype=dtype), randn(1, SWEEP_TOKENS, hk, d, dtype=dtype)
+        inv_freq = lk.rope_inv_freq(d, THETA, device=DEVICE)
+        for interleaved in (False, True):
+            want = reference.apply_rope(q, k, None, inv_freq, interleaved)
+            tol = output_tolerance(dtype)
+            variant = {"forward": (lambda: lk.apply_rope(q, k, theta=THETA, interleaved=interleaved),
+                                   lambda out: _both(compare(out[0], want[0], **tol), compare(out[1], want[1], **tol)))}
+            layout = "interleaved" if interleaved else "half"
+            _sweep_guarded(rec, entries, "rope", f"{hq}/{hk}/{d}:bfloat16:{layout}", variant,
+                           lambda default: rope_candidates(default, max(hq, hk)), deadline)
+
+
+def winners_of(entries: list) -> dict:
+    """{kernel: {target: {key: config}}}: the format llama_kernels/ops/_triton.py reads."""
+    winners: dict = {}
+    for entry in entries:
+        if "winner" in entry:
+            winners.setdefault(entry["kernel"], {}).setdefault(entry["target"], {})[entry["key"]] = entry["winner"]
+    return winners
+
+
+def _sweep_guarded(rec: Recorder, entries: list, kernel: str, key: str, *args) -> None:
+    try:
+        entries.append(sweep_key(rec, kernel, key, *args))
+    except Exception as e:  # one kernel's sweep failing leaves the others to run
+        traceback.print_exc()
+        rec.fail(f"sweep {kernel} {key}: raised {type(e).__name__}: {e}")
+
+
+def _both(a: dict, b: dict) -> dict:
+    return {"ok": a["ok"] and b["ok"], "worst": max(a["worst"] or 0, b["worst"] or 0)}
+
+
+def _grads_close(got, ideal, dtype) -> dict:
+    results = [compare(g, want, **gradient_tolerance(dtype, SWEEP_TOKENS if i == 1 else 1))
+               for i, (g, want) in enumerate(zip(got, ideal))]  # index 1 is dweight
+    return {"ok": all(r["ok"] for r in results), "worst": max(r["worst"] or 0 for r in results)}
+
+
+# --------------------------------------------------------------------------- 3. benchmark
+def benchmark(rec: Recorder, out_dir: Path, winners: dict, deadline: float) -> None:
+    # Measure what a committed tuned_configs.json would give: the package reads its table through _tuned_table().
+    original = _triton._tuned_table
+    _triton._tuned_table = lambda: winners
+    try:
+        result = run_benchmark(deadline=deadline, progress=sys.stdout)
+    finally:
+        _triton._tuned_table = original
+    result["tuned_configs_in_force"] = winners
+    table = report.format_table(result)
+    print(table)
+    for line in report.write_outputs(result, out_dir, table):
+        print(line)
+    rec.results["bench"] = {"ceilings": result["ceilings"], "file": "bench.json"}
+    for row in result["rows"]:
+        what = f"bench {row['case']} {row['shape_label']} {row['provider']}"
+        if row["status"] == "error" and row["provider"] == "ours":
+            rec.fail(f"{what}: {row['reason']}")
+        elif row["status"] == "skipped" and row["reason"] == "time budget spent":
+            rec.fail(f"{what}: skipped, time budget spent")
+    rec.results["bench_rows"] = result["rows"]
+
+
+# --------------------------------------------------------------------------- 4. summary
+def summary(rec: Recorder, device: dict) -> str:
+    lines = [f"== gpu_check summary: {device.get('name')} ({device.get('capability')}) | torch {device['torch']} | "
+             f"triton {device['triton']} | {device['date']} =="]
+    checks = rec.results.get("correctness", [])
+    if checks:
+        passed = sum(c["ok"] for c in checks)
+        worst = max(checks, key=lambda c: c["worst"] if c["worst"] is not None else float("inf"))
+        lines.append(f"correctness: {passed}/{len(checks)} passed; closest to its tolerance: {worst['check']} "
+                     f"({worst['worst']:.2f} of it)")
+    for entry in rec.results.get("sweep", []):
+        if "winner" in entry:
+            lines.append(f"sweep {entry['kernel']:13} {entry['key']:30} -> {entry['winner']}  "
+                         f"{entry.get('speedup_vs_default', float('nan')):.3f}x the default")
+    rows = rec.results.get("bench_rows", [])
+    if rows:
+        copy, matmul = rec.results["bench"]["ceilings"]["copy"], rec.results["bench"]["ceilings"]["matmul"]
+        lines.append(f"bench: copy ceiling {copy['gbps']:.0f} GB/s, matmul {matmul['tflops']:.0f} TFLOP/s "
+                     f"({matmul['dtype']})")
+        lines.append(f"  {'case':18} {'shape':26} {'ours ms':>9} {'GB/s':>7} {'of copy':>8}  "
+                     "ours' speed-up over each peer")
+        for row in (r for r in rows if r["provider"] == "ours"):
+            peers = [r for r in rows if r["case"] == row["case"] and r["shape_label"] == row["shape_label"]
+                     and r["provider"] != "ours" and r["status"] == "ok" and r.get("ours_speedup")]
+            speedups = " ".join(f"{p['provider']} {p['ours_speedup']:.2f}x" for p in peers)
+            if row["status"] == "ok":
+                lines.append(f"  {row['case']:18} {row['shape_label']:26} {row['median_ms']:9.4f} {row['gbps']:7.0f} "
+                             f"{row['fraction_of_copy']:8.0%}  {speedups}")
+            else:
+                lines.append(f"  {row['case']:18} {row['shape_label']:26} {row['status']}: {row['reason']}")
+    durations = ", ".join(f"{k} {v:.0f}s" for k, v in rec.results["durations_s"].items())
+    lines.append(f"durations: {durations}")
+    lines.append("FAILURES:" if rec.failures else "no failures")
+    lines += [f"  - {f}" for f in rec.failures]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    start = time.monotonic()
+    rec = Recorder()
+    if not torch.cuda.is_available():
+        rec.fail("no CUDA device: nothing was checked")
+        text = summary(rec, harness.device_info(torch.device("cpu")))
+        (args.outdir / "summary.txt").write_text(text + "\n")
+        print(text)
+        return 2
+
+    device = harness.device_info(DEVICE)
+    rec.results["device"] = device
+    print(json.dumps(device, indent=1))
+    torch.manual_seed(0)
+    with rec.part("correctness"):
+        check_correctness(rec)
+    with rec.part("sweep"):
+        sweep(rec, deadline=start + 0.45 * args.budget_s)
+    # Written even after a failed sweep: whatever was measured, and {} when nothing was.
+    winners = winners_of(rec.results.get("sweep", []))
+    (args.outdir / "tuned_configs.json").write_text(json.dumps(winners, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {args.outdir / 'tuned_configs.json'}")
+    with rec.part("benchmark"):
+        benchmark(rec, args.outdir, winners, deadline=start + args.budget_s)
+
+    rec.results["failures"] = rec.failures
+    (args.outdir / "gpu_check.json").write_text(json.dumps(rec.results, indent=1, default=str) + "\n")
+    text = summary(rec, device)
+    (args.outdir / "summary.txt").write_text(text + "\n")
+    print()
+    print(text)
+    return 1 if rec.failures else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("outdir", type=Path, help="where the logs and results go (created)")
+    parser.add_argument("--budget-s", type=float, default=270.0,
+                        help="seconds: the sweep stops at 45%% of it, the benchmark at its end (default 270)")
+    args = parser.parse_args(argv)
+    args.outdir.mkdir(parents=True, exist_ok=True)
+    with open(args.outdir / "gpu_check.log", "w") as log:
+        sys.stdout, sys.stderr = Tee(sys.__stdout__, log), Tee(sys.__stderr__, log)
+        try:
+            return run(args)
+        finally:
+            sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,369 @@
+"""What is benchmarked: each op at Code Llama shapes, against what a user would otherwise run.
+
+A ``Case`` is one operation (RMSNorm forward, RoPE backward, ...). It makes its
+inputs for a ``Shape``, says how many bytes the operation must move at least
+(each input read once, each output written once: the floor), and builds, per
+provider, the zero-argument function that is timed. Peers:
+
+- ``eager``: Hugging Face's formulas (``LlamaRMSNorm``, ``apply_rotary_pos_emb``),
+  the residual add as its own op, as in HF's decoder layer;
+- ``compile``: ``torch.compile`` of those same functions, static shapes;
+- ``torch.rms_norm``: ``torch.nn.functional.rms_norm``;
+- ``liger``: Liger-Kernel's ``LigerRMSNormFunction`` (``LigerFusedAddRMSNormFunction``
+  with a residual, where it exists) and ``LigerRopeFunction``;
+- ``flash_attn``: flash-attn's ``apply_rotary_emb``.
+
+A peer that cannot run here raises ``Unavailable`` and is reported as skipped.
+The same cases feed ``llama-kernels bench``, the pytest-benchmark suites in
+``bench/`` and ``bench/gpu_check.py``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+import llama_kernels as lk
+
+from .harness import default_device
+
+DTYPE = torch.bfloat16
+ELEMENT = DTYPE.itemsize  # bytes
+EPS = 1e-5
+THETA = 1e6  # Code Llama's RoPE base
+
+HIDDEN = {"7B": 4096, "13B": 5120, "34B": 8192}
+HEADS = {"7B": (32, 32, 128), "13B": (40, 40, 128), "34B": (64, 8, 128)}  # (Hq, Hk, head_dim)
+
+
+class Unavailable(Exception):
+    """A provider that cannot run here (not installed, no such function): skipped, with the reason."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One Code Llama model size at a token count (batch 1: tokens = sequence length)."""
+
+    model: str
+    tokens: int
+
+    @property
+    def hidden(self) -> int:
+        return HIDDEN[self.model]
+
+    @property
+    def heads(self) -> tuple[int, int, int]:
+        return HEADS[self.model]
+
+    def as_dict(self, op: str) -> dict:
+        if op == "rms_norm":
+            return {"model": self.model, "tokens": self.tokens, "hidden": self.hidden}
+        hq, hk, d = self.heads
+        return {"model": self.model, "batch": 1, "seqlen": self.tokens, "q_heads": hq, "kv_heads": hk, "head_dim": d}
+
+    def label(self, op: str) -> str:
+        if op == "rms_norm":
+            return f"{self.model} T={self.tokens} H={self.hidden}"
+        hq, hk, d = self.heads
+        return f"{self.model} S={self.tokens} {hq}/{hk}x{d}"
+
+
+GPU_SHAPES = (Shape("7B", 1024), Shape("7B", 16384), Shape("13B", 16384), Shape("34B", 16384), Shape("34B", 100_000))
+CPU_SHAPES = (Shape("7B", 1024), Shape("34B", 4096))  # 2 cores: the whole run stays under two minutes
+QUICK_SHAPES = (Shape("7B", 256),)
+
+
+def shapes_for(device: torch.device, quick: bool) -> tuple[Shape, ...]:
+    if quick:
+        return QUICK_SHAPES
+    return GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
+
+
+def ours_backend(device: torch.device) -> str | None:
+    # On CPU the package runs its reference; naming it keeps TRITON_INTERPRET=1 from
+    # turning "ours" into the (very slow) Triton interpreter.
+    return "reference" if device.type == "cpu" else None
+
+
+def _import(module: str, name: str):
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise Unavailable(f"{module}.{name} not importable ({type(e).__name__})") from None
+
+
+def _compile(fn):
+    torch._dynamo.reset()  # a fresh static-shape graph for each shape, never the recompile limit
+    return torch.compile(fn, dynamic=False)
+
+
+# --------------------------------------------------------------------------- RMSNorm providers
+# Each builds norm(x, w, residual=None) -> y, or (y, h) with a residual.
+def _separate_add(norm):
+    """norm(x, w) -> norm(x, w, residual=None), the residual add as its own op, as in HF's decoder layer."""
+
+    def f(x, w, residual=None):
+        if residual is None:
+            return norm(x, w)
+        h = x + residual
+        return norm(h, w), h
+
+    return f
+
+
+def _hf_llama_rms_norm(x, w):
+    """Hugging Face's LlamaRMSNorm.forward."""
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS)).to(x.dtype)
+
+
+hf_rms_norm = _separate_add(_hf_llama_rms_norm)  # torch.compile of it sees the add and the norm together
+
+
+def _rms_ours(device):
+    backend = ours_backend(device)
+    return lambda x, w, residual=None: lk.rms_norm(x, w, EPS, residual=residual, backend=backend)
+
+
+def _rms_torch(device):
+    return _separate_add(lambda x, w: torch.nn.functional.rms_norm(x, (x.shape[-1],), w, EPS))
+
+
+def _rms_liger(device):
+    if device.type != "cuda":
+        raise Unavailable("Liger-Kernel needs CUDA")
+    norm = _import("liger_kernel.ops.rms_norm", "LigerRMSNormFunction")
+    try:
+        fused_add = _import("liger_kernel.ops.fused_add_rms_norm", "LigerFusedAddRMSNormFunction")
+    except Unavailable:  # releases before it: the add as its own op
+        fused_add = None
+
+    # Positional (X, [R,] W, eps) only: later arguments changed across Liger releases; the
+    # defaults are Llama casting, as HF's module computes.
+    separate = _separate_add(lambda x, w: norm.apply(x, w, EPS))
+    if fused_add is None:
+        return separate
+    # With a residual, (y, h) from one kernel, like ours.
+    return lambda x, w, residual=None: separate(x, w) if residual is None else fused_add.apply(x, residual, w, EPS)
+
+
+RMS_NORM_PROVIDERS = {
+    "ours": _rms_ours,
+    "eager": lambda device: hf_rms_norm,
+    "compile": lambda device: _compile(hf_rms_norm),
+    "torch.rms_norm": _rms_torch,
+    "liger": _rms_liger,
+}
+
+
+# --------------------------------------------------------------------------- RoPE providers
+# Each builds rope(q, k) -> (q_rotated, k_rotated) for q (B, S, Hq, D), k (B, S, Hk, D).
+# The peers' cos/sin tables are made here, outside the timing: HF computes them once per
+# forward and shares them across all layers; ours computes its angles inside the kernel.
+def hf_cos_sin(positions, head_dim: int, dtype):
+    """HF's LlamaRotaryEmbedding.forward: (B, S, D) cos and sin in the activations' dtype."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
+    inv_freq = 1.0 / (THETA**exponents)
+    inv_freq_expanded = inv_freq[None, :, None].expand(positions.shape[0], -1, 1)
+    freqs = (inv_freq_expanded @ positions[:, None, :].float()).transpose(1, 2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def hf_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2):
+    """HF's apply_rotary_pos_emb; unsqueeze_dim=2 for (B, S, H, D) tensors (HF's (B, H, S, D) views use 1)."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+
+
+def _rope_ours(inputs, device):
+    backend = ours_backend(device)
+    return lambda q, k: lk.apply_rope(q, k, theta=THETA, backend=backend)
+
+
+def _hf_tables(inputs):
+    return hf_cos_sin(inputs["positions"], inputs["q"].shape[-1], inputs["q"].dtype)
+
+
+def _rope_eager(inputs, device):
+    cos, sin = _hf_tables(inputs)
+    return lambda q, k: hf_apply_rotary_pos_emb(q, k, cos, sin)
+
+
+def _rope_compile(inputs, device):
+    cos, sin = _hf_tables(inputs)
+    compiled = _compile(hf_apply_rotary_pos_emb)
+    return lambda q, k: compiled(q, k, cos, sin)
+
+
+def _rope_liger(inputs, device):
+    if device.type != "cuda":
+        raise Unavailable("Liger-Kernel needs CUDA")
+    liger = _import("liger_kernel.ops.rope", "LigerRopeFunction")
+    cos, sin = _hf_tables(inputs)
+
+    def rope(q, k):
+        # Liger takes HF's (B, H, S, D) views of (B, S, H, D) storage and rotates them in place.
+        q_out, k_out = liger.apply(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        return q_out.transpose(1, 2), k_out.transpose(1, 2)
+
+    return rope
+
+
+def _rope_flash_attn(inputs, device):
+    if device.type != "cuda":
+        raise Unavailable("flash-attn needs CUDA")
+    apply_rotary_emb = _import("flash_attn.layers.rotary", "apply_rotary_emb")
+    cos, sin = _hf_tables(inputs)
+    half = inputs["q"].shape[-1] // 2
+    cos, sin = cos[0, :, :half].contiguous(), sin[0, :, :half].contiguous()  # its (S, D/2) table
+    return lambda q, k: (apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin))
+
+
+ROPE_PROVIDERS = {
+    "ours": _rope_ours,
+    "eager": _rope_eager,
+    "compile": _rope_compile,
+    "liger": _rope_liger,
+    "flash_attn": _rope_flash_attn,
+}
+
+
+# --------------------------------------------------------------------------- cases
+@dataclass(frozen=True)
+class Case:
+    name: str
+    op: str  # "rms_norm" or "rope": what --ops selects
+    title: str
+    make_inputs: Callable[[Shape, torch.device], dict]
+    bytes_moved: Callable[[Shape], int]  # the floor: each input read once, each output written once
+    build: Callable[[str, dict, torch.device], Callable[[], object]]  # (provider, inputs, device) -> timed fn
+    providers: tuple[str, ...]
+
+
+def _randn(*shape, device):
+    return torch.randn(*shape, device=device, dtype=DTYPE)
+
+
+def _rms_inputs(shape: Shape, device) -> dict:
+    t, h = shape.tokens, shape.hidden
+    return {"x": _randn(t, h, device=device), "residual": _randn(t, h, device=device),
+            "dy": _randn(t, h, device=device), "w": 1 + 0.1 * _randn(h, device=device)}
+
+
+def _rms_forward(provider, inputs, device):
+    norm = RMS_NORM_PROVIDERS[provider](device)
+    x, w = inputs["x"], inputs["w"]
+    return lambda: norm(x, w)
+
+
+def _rms_residual_forward(provider, inputs, device):
+    norm = RMS_NORM_PROVIDERS[provider](device)
+    x, r, w = inputs["x"], inputs["residual"], inputs["w"]
+    return lambda: norm(x, w, r)
+
+
+def _rms_forward_backward(provider, inputs, device):
+    norm = RMS_NORM_PROVIDERS[provider](device)
+    x, w = inputs["x"].detach().requires_grad_(), inputs["w"].detach().requires_grad_()
+    dy = inputs["dy"]
+    return lambda: torch.autograd.grad(norm(x, w), (x, w), dy)
+
+
+def _backward_only(forward, inputs: tuple, grads: tuple):
+    """Time the backward alone: the forward runs once here, each timed call differentiates it again.
+
+    retain_graph=True keeps the graph for the next call; a compiled backward that donates
+    its saved buffers refuses that, so donation is off for the forward compiled here.
+    """
+    leaves = tuple(t.detach().requires_grad_() for t in inputs)
+    with torch._functorch.config.patch(donated_buffer=False):
+        outputs = forward(*leaves)
+    return lambda: torch.autograd.grad(outputs, leaves, grads, retain_graph=True)
+
+
+def _rms_backward(provider, inputs, device):
+    norm = RMS_NORM_PROVIDERS[provider](device)
+    return _backward_only(norm, (inputs["x"], inputs["w"]), (inputs["dy"],))
+
+
+def _rope_inputs(shape: Shape, device) -> dict:
+    hq, hk, d = shape.heads
+    s = shape.tokens
+    return {"q": _randn(1, s, hq, d, device=device), "k": _randn(1, s, hk, d, device=device),
+            "dq": _randn(1, s, hq, d, device=device), "dk": _randn(1, s, hk, d, device=device),
+            "positions": torch.arange(s, device=device)[None]}
+
+
+def _rope_forward(provider, inputs, device):
+    rope = ROPE_PROVIDERS[provider](inputs, device)
+    q, k = inputs["q"], inputs["k"]
+    return lambda: rope(q, k)
+
+
+def _rope_backward(provider, inputs, device):
+    rope = ROPE_PROVIDERS[provider](inputs, device)
+    return _backward_only(rope, (inputs["q"], inputs["k"]), (inputs["dq"], inputs["dk"]))
+
+
+def _rope_bytes(shape: Shape) -> int:
+    hq, hk, d = shape.heads
+    return 2 * shape.tokens * (hq + hk) * d * ELEMENT  # q and k read, q and k written
+
+
+CASES = (
+    Case("rms_norm", "rms_norm", "RMSNorm forward: y = RMSNorm(x) * w",
+         _rms_inputs, lambda s: (2 * s.tokens * s.hidden + s.hidden) * ELEMENT,  # x, w read; y written
+         _rms_forward, tuple(RMS_NORM_PROVIDERS)),
+    Case("rms_norm_residual", "rms_norm", "RMSNorm forward with residual: h = x + r, y = RMSNorm(h) * w",
+         _rms_inputs, lambda s: (4 * s.tokens * s.hidden + s.hidden) * ELEMENT,  # x, r, w read; y, h written
+         _rms_residual_forward, tuple(RMS_NORM_PROVIDERS)),
+    Case("rms_norm_bwd", "rms_norm", "RMSNorm backward (dx, dw)",
+         _rms_inputs, lambda s: (3 * s.tokens * s.hidden + 2 * s.hidden) * ELEMENT,  # dy, x, w read; dx, dw written
+         _rms_backward, tuple(RMS_NORM_PROVIDERS)),
+    Case("rms_norm_fwd_bwd", "rms_norm", "RMSNorm forward + backward (dx, dw)",
+         # two passes: forward reads x, w and writes y; backward reads dy, x, w and writes dx, dw
+         _rms_inputs, lambda s: (5 * s.tokens * s.hidden + 3 * s.hidden) * ELEMENT,
+         _rms_forward_backward, tuple(RMS_NORM_PROVIDERS)),
+    Case("rope", "rope", "RoPE forward on q and k (half-split layout)",
+         _rope_inputs, _rope_bytes, _rope_forward, tuple(ROPE_PROVIDERS)),
+    Case("rope_bwd", "rope", "RoPE backward: dq, dk from the gradients of the rotated q, k",
+         _rope_inputs, _rope_bytes, _rope_backward, tuple(ROPE_PROVIDERS)),
+)
+OPS = ("rms_norm", "rope")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One measurement: a case at a shape by a provider."""
+
+    case: Case
+    shape: Shape
+    provider: str
+
+    def __str__(self) -> str:
+        return f"{self.case.name}-{self.shape.label(self.case.op).replace(' ', '-')}-{self.provider}"
+
+
+def matrix(ops, device: torch.device, quick: bool = False, with_compile: bool = True) -> list[Item]:
+    """Every (case, shape, provider) to measure, case by case, shape by shape."""
+    return [
+        Item(case, shape, provider)
+        for case in CASES if case.op in ops
+        for shape in shapes_for(device, quick)
+        for provider in case.providers if with_compile or provider != "compile"
+    ]
+
+
+def suite_items(op: str) -> list[Item]:
+    """The pytest-benchmark suites' items: the benchmark's shapes on a GPU; on a CPU, a smoke test (quick shape)."""
+    device = default_device()
+    return matrix((op,), device, quick=device.type == "cpu")

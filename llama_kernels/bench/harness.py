@@ -1,0 +1,182 @@
+"""Timing, ceilings and device facts: what every benchmark figure is measured with.
+
+- ``measure`` times a zero-argument function: on a GPU with
+  ``triton.testing.do_bench`` (CUDA events, L2 flushed before each run, after a
+  warm-up), on a CPU with ``time.perf_counter``; medians are reported, with the
+  min and max beside them so the spread shows.
+- ``measure_ceilings`` measures, in the same run, what the card or machine can do
+  at best: a large device-to-device copy (bandwidth: every op here is memory
+  bound, so its floor is bytes / copy bandwidth) and a large matmul (FLOP/s,
+  for context).
+- ``device_info`` says what the figures were measured on.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import torch
+import triton
+
+CPU_NOTICE = (
+    "CPU FIGURES: no CUDA device here. 'ours' is the package's CPU path (the plain-torch reference), "
+    "not the Triton kernels, and the shapes are reduced. These figures say nothing about GPU performance."
+)
+
+
+@dataclass(frozen=True)
+class TimingPlan:
+    """How long to measure. GPU: do_bench's warm-up and repetition windows; CPU: repetition counts and a time box."""
+
+    gpu_warmup_ms: float
+    gpu_rep_ms: float
+    cpu_min_reps: int
+    cpu_max_reps: int
+    cpu_budget_s: float
+
+
+FULL = TimingPlan(gpu_warmup_ms=25, gpu_rep_ms=100, cpu_min_reps=5, cpu_max_reps=50, cpu_budget_s=0.3)
+QUICK = TimingPlan(gpu_warmup_ms=5, gpu_rep_ms=20, cpu_min_reps=3, cpu_max_reps=5, cpu_budget_s=0.02)
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    reps: int
+    first_call_ms: float  # includes compiles and autotuning: reported, never part of the median
+
+    def as_dict(self) -> dict:
+        return {"median_ms": self.median_ms, "min_ms": self.min_ms, "max_ms": self.max_ms,
+                "reps": self.reps, "first_call_ms": self.first_call_ms}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def sync_timer(device: torch.device):
+    """A clock for pytest-benchmark: on a GPU it waits for queued kernels before reading the time."""
+    if device.type != "cuda":
+        return time.perf_counter
+
+    def cuda_timer() -> float:
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    return cuda_timer
+
+
+def measure(fn, device: torch.device, plan: TimingPlan = FULL) -> Timing:
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    first_call_ms = (time.perf_counter() - start) * 1e3
+    if device.type == "cuda":
+        times = triton.testing.do_bench(fn, warmup=plan.gpu_warmup_ms, rep=plan.gpu_rep_ms, return_mode="all")
+    else:
+        fn()  # a second warm call: the first one may have compiled or faulted pages in
+        times = []
+        box_start = time.perf_counter()
+        while len(times) < plan.cpu_max_reps and (
+            len(times) < plan.cpu_min_reps or time.perf_counter() - box_start < plan.cpu_budget_s
+        ):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return Timing(statistics.median(times), min(times), max(times), len(times), first_call_ms)
+
+
+def peak_memory_bytes(fn, device: torch.device) -> int | None:
+    """Memory one call allocates on top of what is already resident (outputs, temporaries, saved activations).
+
+    GPU only: the CPU allocator keeps no such statistics, so CPU rows say n/a.
+    """
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    result = fn()
+    torch.cuda.synchronize(device)
+    del result
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+# --------------------------------------------------------------------------- ceilings
+def measure_copy(device: torch.device, quick: bool = False) -> dict:
+    """Bandwidth of a large copy: each byte read once and written once, as in the ops' floors."""
+    if device.type == "cuda":
+        nbytes = 2**28 if quick else 2**30  # 1 GiB: far past L2, as the benchmarked tensors are
+    else:
+        nbytes = 2**26 if quick else 2**28
+    src = torch.ones(nbytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    timing = measure(lambda: dst.copy_(src), device, QUICK if quick else FULL)
+    moved = 2 * nbytes
+    return {"tensor_bytes": nbytes, "bytes_moved": moved, "median_ms": timing.median_ms,
+            "gbps": moved / (timing.median_ms * 1e-3) / 1e9}
+
+
+def measure_matmul(device: torch.device, quick: bool = False) -> dict:
+    """FLOP/s of a large square matmul: bf16 on a GPU (tensor cores), fp32 on a CPU (bf16 is slow there)."""
+    if device.type == "cuda":
+        n, dtype = (4096 if quick else 8192), torch.bfloat16
+    else:
+        n, dtype = (512 if quick else 1024), torch.float32
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    timing = measure(lambda: a @ b, device, QUICK if quick else FULL)
+    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "median_ms": timing.median_ms,
+            "tflops": 2 * n**3 / (timing.median_ms * 1e-3) / 1e12}
+
+
+def measure_ceilings(device: torch.device, quick: bool = False) -> dict:
+    ceilings = {"copy": measure_copy(device, quick), "matmul": measure_matmul(device, quick)}
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return ceilings
+
+
+# --------------------------------------------------------------------------- device facts
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_info(device: torch.device) -> dict:
+    info = {
+        "kind": device.type,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "host_cpu": cpu_model(),
+        "cpu_threads": torch.get_num_threads(),
+        "load_average": os.getloadavg()[0],  # other processes skew CPU figures (and launch-bound GPU ones)
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        major, minor = torch.cuda.get_device_capability(device)
+        info.update(name=props.name, capability=f"sm{major}{minor}", memory_gib=round(props.total_memory / 2**30, 1),
+                    multiprocessors=props.multi_processor_count, cuda=torch.version.cuda)
+    else:
+        info.update(name=f"CPU: {info['host_cpu']} ({info['cpu_threads']} threads)", notice=CPU_NOTICE)
+    return info

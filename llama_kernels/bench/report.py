@@ -1,0 +1,91 @@
+"""The benchmark's outputs: a text table, ``bench.json`` and ``bench.png``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+COLUMNS = (f"{'shape':24} {'provider':15} {'median ms':>10} {'GB/s':>8} {'of copy':>8} {'floor ms':>9} "
+           f"{'ours x':>7} {'peak MiB':>9}")
+
+
+def format_table(result: dict) -> str:
+    device, ceilings = result["device"], result["ceilings"]
+    copy, matmul = ceilings["copy"], ceilings["matmul"]
+    lines = [
+        f"device: {device['name']} | torch {device['torch']} | triton {device['triton']} | {device['date']}",
+        f"ceilings: copy {copy['gbps']:.1f} GB/s ({copy['tensor_bytes'] / 2**20:.0f} MiB copy_); "
+        f"matmul {matmul['tflops']:.2f} TFLOP/s ({matmul['dtype']} {matmul['n']}^3)",
+        f"dtype {result['dtype']}; times are medians; 'ours x' = provider time / ours' time; "
+        "floor = bytes / copy bandwidth; peak = memory one call allocates (GPU only)",
+    ]
+    if "notice" in device:
+        lines.append(device["notice"])
+    for case, title in result["cases"].items():
+        lines += ["", f"{case}: {title}", COLUMNS]
+        previous_shape = None
+        for row in (r for r in result["rows"] if r["case"] == case):
+            shape = row["shape_label"] if row["shape_label"] != previous_shape else ""
+            previous_shape = row["shape_label"]
+            lines.append(f"{shape:24} {row['provider']:15} {_figures(row)}")
+    return "\n".join(lines)
+
+
+def _figures(row: dict) -> str:
+    if row["status"] != "ok":
+        return f"{row['status']}: {row['reason']}"
+    speedup = "-" if row["provider"] == "ours" or row["ours_speedup"] is None else f"{row['ours_speedup']:.2f}x"
+    peak = "n/a" if row["peak_mem_bytes"] is None else f"{row['peak_mem_bytes'] / 2**20:.1f}"
+    return (f"{row['median_ms']:10.4f} {row['gbps']:8.1f} {row['fraction_of_copy']:8.0%} {row['floor_ms']:9.4f} "
+            f"{speedup:>7} {peak:>9}")
+
+
+def write_outputs(result: dict, out_dir: Path, table: str, plot: bool = True) -> list[str]:
+    """Write bench.json, bench.txt and (unless plot is False) bench.png; return one line per file or problem."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out_dir / "bench.txt").write_text(table + "\n")
+    lines = [f"wrote {out_dir / 'bench.json'}", f"wrote {out_dir / 'bench.txt'}"]
+    if plot:
+        try:
+            write_plot(result, out_dir / "bench.png")
+            lines.append(f"wrote {out_dir / 'bench.png'}")
+        except ImportError:  # matplotlib is an optional extra ("bench"); the figures are all in the JSON
+            lines.append("no plot: matplotlib is not installed")
+    return lines
+
+
+def write_plot(result: dict, path: Path) -> None:
+    """GB/s per provider, grouped by shape, one panel per case, with the copy ceiling as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(result["cases"].items())
+    copy_gbps = result["ceilings"]["copy"]["gbps"]
+    # One colour per provider across panels; a provider with no measurement in a panel leaves no bar.
+    all_providers = list(dict.fromkeys(r["provider"] for r in result["rows"] if r["status"] == "ok"))
+    colours = {p: f"C{i}" for i, p in enumerate(all_providers)}
+    fig, axes = plt.subplots(len(cases), 1, figsize=(12, 3.4 * len(cases)), squeeze=False)
+    for ax, (case, title) in zip(axes[:, 0], cases):
+        rows = [r for r in result["rows"] if r["case"] == case]
+        shapes = list(dict.fromkeys(r["shape_label"] for r in rows))
+        providers = [p for p in all_providers if any(r["provider"] == p and r["status"] == "ok" for r in rows)]
+        width = 0.8 / max(len(providers), 1)
+        for j, provider in enumerate(providers):
+            gbps = {r["shape_label"]: r["gbps"] for r in rows if r["provider"] == provider and r["status"] == "ok"}
+            ax.bar([i + j * width for i in range(len(shapes))], [gbps.get(s, 0.0) for s in shapes], width,
+                   label=provider, color=colours[provider])
+        ax.axhline(copy_gbps, linestyle="--", color="gray", label="copy ceiling")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))], shapes, fontsize=8)
+        ax.set_ylabel("GB/s")
+        ax.set_title(f"{case}: {title}", fontsize=10)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    device = result["device"]
+    cpu_note = " | CPU figures, not GPU" if device["kind"] == "cpu" else ""
+    fig.suptitle(f"{device['name']} | {device['date']}{cpu_note}")
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,129 @@
+"""The benchmark run behind ``llama-kernels bench`` and ``python -m llama_kernels.bench``.
+
+Measures the ceilings, then every (case, shape, provider) on the device present
+(CUDA if any, else CPU), and derives per row: GB/s, the fraction of the measured
+copy bandwidth, the floor time (bytes / copy bandwidth), ours' speed-up against
+the row's provider and the extra memory one call allocates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import report
+from .cases import CASES, OPS, Unavailable, matrix
+from .harness import FULL, QUICK, default_device, device_info, measure, measure_ceilings, peak_memory_bytes
+
+
+def run_benchmark(ops=OPS, quick: bool = False, device: torch.device | None = None,
+                  deadline: float | None = None, progress=sys.stderr) -> dict:
+    """All measurements as one JSON-ready dict. ``deadline`` (time.monotonic()) skips what is left once passed."""
+    device = device or default_device()
+    plan = QUICK if quick else FULL
+    info = device_info(device)
+    if "notice" in info:
+        print(info["notice"], file=progress)
+    print(f"[ceilings] copy and matmul on {info['name']}", file=progress)
+    ceilings = measure_ceilings(device, quick)
+    copy_gbps = ceilings["copy"]["gbps"]
+    items = matrix(ops, device, quick, with_compile=not quick)  # torch.compile's warm-ups take seconds each
+
+    rows, done = [], 0
+    for (case, shape), group in itertools.groupby(items, key=lambda item: (item.case, item.shape)):
+        inputs = case.make_inputs(shape, device)
+        shape_rows = []
+        for item in group:
+            done += 1
+            print(f"[{done}/{len(items)}] {case.name} {shape.label(case.op)} {item.provider}",
+                  file=progress, flush=True)
+            shape_rows.append(_measure_item(item, inputs, device, plan, copy_gbps, deadline))
+        _add_speedups(shape_rows)
+        rows += shape_rows
+        del inputs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    return {
+        "schema": 1,
+        "quick": quick,
+        "dtype": "bfloat16",
+        "device": info,
+        "ceilings": ceilings,
+        "cases": {case.name: case.title for case in CASES if case.op in ops},
+        "rows": rows,
+    }
+
+
+def _measure_item(item, inputs, device, plan, copy_gbps: float, deadline: float | None) -> dict:
+    case, shape = item.case, item.shape
+    nbytes = case.bytes_moved(shape)
+    row = {"case": case.name, "op": case.op, "shape": shape.as_dict(case.op), "shape_label": shape.label(case.op),
+           "provider": item.provider, "bytes": nbytes, "floor_ms": nbytes / (copy_gbps * 1e9) * 1e3}
+    if deadline is not None and time.monotonic() > deadline:
+        return {**row, "status": "skipped", "reason": "time budget spent"}
+    try:
+        fn = case.build(item.provider, inputs, device)
+        timing = measure(fn, device, plan)
+        peak = peak_memory_bytes(fn, device)
+    except Unavailable as e:
+        return {**row, "status": "skipped", "reason": str(e)}
+    except Exception as e:  # one failing provider (a peer's version, out of memory) is a row, not the end of the run
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        first_line = (str(e).splitlines() or [""])[0][:300]
+        return {**row, "status": "error", "reason": f"{type(e).__name__}: {first_line}"}
+    gbps = nbytes / (timing.median_ms * 1e-3) / 1e9
+    return {**row, "status": "ok", **timing.as_dict(), "gbps": gbps, "fraction_of_copy": gbps / copy_gbps,
+            "peak_mem_bytes": peak}
+
+
+def _add_speedups(shape_rows: list[dict]) -> None:
+    """ours_speedup = provider time / ours' time: how many times faster ours is than that provider."""
+    ours = next((r for r in shape_rows if r["provider"] == "ours" and r["status"] == "ok"), None)
+    for row in shape_rows:
+        if row["status"] == "ok":
+            row["ours_speedup"] = row["median_ms"] / ours["median_ms"] if ours else None
+
+
+# --------------------------------------------------------------------------- command line
+def _ops(text: str) -> tuple[str, ...]:
+    ops = tuple(op.strip() for op in text.split(",") if op.strip())
+    unknown = [op for op in ops if op not in OPS]
+    if unknown or not ops:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(OPS)}, got {text!r}")
+    return ops
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="one small shape per case, few repetitions, no torch.compile peer (a few seconds)")
+    parser.add_argument("--out", type=Path, default=Path("bench-out"),
+                        help="directory for bench.json, bench.txt and bench.png (default: bench-out)")
+    parser.add_argument("--ops", type=_ops, default=OPS, help=f"comma-separated ops to run (default: {','.join(OPS)})")
+    parser.add_argument("--no-plot", action="store_true", help="do not write bench.png")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run, print the table, write the files. Exit status 1 if one of ours' measurements failed."""
+    result = run_benchmark(ops=args.ops, quick=args.quick)
+    table = report.format_table(result)
+    print(table)
+    for line in report.write_outputs(result, args.out, table, plot=not args.no_plot):
+        print(line)
+    if "notice" in result["device"]:
+        print(result["device"]["notice"])
+    failed = [r for r in result["rows"] if r["provider"] == "ours" and r["status"] == "error"]
+    return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llama_kernels.bench",
+                                     description="Time the ops against their peers (same as llama-kernels bench).")
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))

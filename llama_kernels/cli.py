@@ -1,0 +1,20 @@
+"""The ``llama-kernels`` command.
+
+    llama-kernels bench [--quick] [--out DIR] [--ops rms_norm,rope] [--no-plot]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .bench import add_arguments, run_from_args
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="llama-kernels", description="Fused Triton kernels for Code Llama.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    bench = commands.add_parser("bench", help="time the ops against their peers (= python -m llama_kernels.bench)")
+    add_arguments(bench)
+    bench.set_defaults(run=run_from_args)
+    args = parser.parse_args(argv)
+    return args.run(args)
