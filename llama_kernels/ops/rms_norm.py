@@ -30,9 +30,10 @@ from . import _triton
 
 # --------------------------------------------------------------------------- kernels
 # Rows up to MAX_ROW_IN_REGISTERS columns are held in registers (one tile, one
-# pass). Wider rows go in BLOCK_N-column chunks, two passes: the first sums, the
+# pass). Wider rows go in ROW_CHUNK-column chunks, two passes: the first sums, the
 # second re-reads the row (from L2: the program just read it) and writes.
 MAX_ROW_IN_REGISTERS = 8192
+ROW_CHUNK = 4096
 
 
 @triton.jit
@@ -184,8 +185,7 @@ def _rms_norm_bwd_kernel(
 # --------------------------------------------------------------------------- configs
 def _config(kernel: str, x: Tensor, n_rows: int, n_cols: int) -> dict:
     """BLOCK_N covers the row up to MAX_ROW_IN_REGISTERS; BLOCK_M rows share a program when rows are short."""
-    block_n = min(triton.next_power_of_2(n_cols), MAX_ROW_IN_REGISTERS // 2 if n_cols > MAX_ROW_IN_REGISTERS
-                  else MAX_ROW_IN_REGISTERS)
+    block_n = triton.next_power_of_2(n_cols) if n_cols <= MAX_ROW_IN_REGISTERS else ROW_CHUNK
     target = _triton.target_of(x.device)
     if target == "interpreter":
         block_m = min(max(1, 65536 // block_n), triton.next_power_of_2(max(n_rows, 1)))

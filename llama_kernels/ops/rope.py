@@ -86,8 +86,10 @@ def _rope_kernel(
     HAS_POSITIONS: tl.constexpr, INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
-    batch = tl.program_id(1).to(tl.int64)
-    tokens = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    # One flat grid axis (the second axis stops at 65,535, too few for large batches).
+    token_blocks = tl.cdiv(seqlen, BLOCK_S)
+    batch = (tl.program_id(0) // token_blocks).to(tl.int64)
+    tokens = (tl.program_id(0) % token_blocks) * BLOCK_S + tl.arange(0, BLOCK_S)
     token_mask = tokens < seqlen
     tokens = tokens.to(tl.int64)  # 64-bit offsets: tokens * stride passes 2^31 at long contexts
 
@@ -146,7 +148,7 @@ def _rope_triton(q, k, q_out, k_out, positions, position_offset, inv_freq, atten
         stride_pos_b = stride_pos_s = 0
     cfg = _config(q, k, interleaved)
     _triton.launch(
-        _rope_kernel, (triton.cdiv(seqlen, cfg["BLOCK_S"]), batch), q.device,
+        _rope_kernel, (batch * triton.cdiv(seqlen, cfg["BLOCK_S"]),), q.device,
         num_warps=cfg["num_warps"],
         q_ptr=q, k_ptr=k, q_out_ptr=q_out, k_out_ptr=k_out,
         positions_ptr=positions if positions is not None else inv_freq, inv_freq_ptr=inv_freq,
