@@ -34,7 +34,7 @@ def resolve_backend(t: torch.Tensor, backend: str | None) -> str:
         return "triton" if runs_triton else "reference"
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
-    if backend == "triton" and not (t.is_cuda or INTERPRET or t.device.type == "meta"):
+    if backend == "triton" and not (t.is_cuda or INTERPRET):
         raise ValueError(f"backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {t.device} tensors")
     return backend
 
