@@ -5,6 +5,7 @@
     y, h = lk.rms_norm(x, weight, residual=r)        # h = x + r, y = RMSNorm(h), one kernel
     q, k = lk.apply_rope(q, k, theta=1e6)            # RoPE on q and k, one kernel
     inv_freq = lk.rope_inv_freq(128, theta=1e6, scaling={"rope_type": "linear", "factor": 4.0})
+    o = lk.flash_attention(q, k, v, causal=True)     # (B, S, H, D), GQA, O(N) memory
 
 Each function is a torch.library op (torch.compile traces it) with autograd.
 CUDA tensors run the Triton kernels; CPU tensors run ``llama_kernels.reference``
@@ -12,10 +13,11 @@ CUDA tensors run the Triton kernels; CPU tensors run ``llama_kernels.reference``
 """
 
 from . import reference
+from .ops.attention import flash_attention, flash_attention_varlen
 from .ops.rms_norm import rms_norm
 from .ops.rope import apply_rope
 from .rope_scaling import rope_attention_factor, rope_inv_freq
 
 __version__ = "0.1.0"
 
-__all__ = ["rms_norm", "apply_rope", "rope_inv_freq", "rope_attention_factor", "reference", "__version__"]
+__all__ = ["rms_norm", "apply_rope", "flash_attention", "flash_attention_varlen", "rope_inv_freq", "rope_attention_factor", "reference", "__version__"]

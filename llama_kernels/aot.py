@@ -39,11 +39,14 @@ class CompileResult:
     spill_bytes: int
     shared_bytes: int
     shared_limit: int
+    wgmma_needed: bool = False  # attention on sm_90: its matrix products must be Hopper's wgmma
+    wgmma_found: bool = False
     error: str | None = None
 
     @property
     def ok(self) -> bool:
-        return self.error is None and self.spill_bytes == 0 and self.shared_bytes <= self.shared_limit
+        return (self.error is None and self.spill_bytes == 0 and self.shared_bytes <= self.shared_limit
+                and (self.wgmma_found or not self.wgmma_needed))
 
 
 def launches(target: str) -> list[tuple[str, object]]:
@@ -72,7 +75,26 @@ def launches(target: str) -> list[tuple[str, object]]:
                     rope._rope_triton(q, k, q, k, positions, 0, inv_freq, 1.0, interleaved, False)
                     layout = "interleaved" if interleaved else "half"
                     out.append(f"rope {hq}/{hk}/{d} {layout} {str(inv_freq_dtype)[6:]}-angles")
+        for head_dim in (64, 128):
+            for varlen in (False, True):
+                for causal in (True, False):
+                    _attention_launches(head_dim, varlen, causal, meta)
+                    kind = f"{'varlen' if varlen else 'dense'} {'causal' if causal else 'full'} D{head_dim}"
+                    out += [f"attention_fwd {kind}", f"attention_bwd_dkdv {kind}", f"attention_bwd_dq {kind}"]
     return list(zip(out, records, strict=True))
+
+
+def _attention_launches(head_dim: int, varlen: bool, causal: bool, device) -> None:
+    """Forward and backward at Code Llama 34B's layout (64 query heads, 8 key/value heads), bf16, 16k tokens."""
+    from .ops import attention
+
+    tokens, shape = 16384, (16384,) if varlen else (1, 16384)
+    q = torch.empty(*shape, 64, head_dim, dtype=torch.bfloat16, device=device)
+    k = torch.empty(*shape, 8, head_dim, dtype=torch.bfloat16, device=device)
+    cu = torch.empty(3, dtype=torch.int32, device=device) if varlen else None
+    layout = attention._Layout(q, k, cu, cu, tokens, tokens)
+    o, lse = attention._forward_triton(q, k, k, layout, causal, head_dim**-0.5)
+    attention._backward_triton(o, q, k, k, o, lse, None, layout, causal, head_dim**-0.5)
 
 
 def compile_record(record, capability: int):
@@ -118,7 +140,10 @@ def check(targets=tuple(TARGETS)) -> list[CompileResult]:
             try:
                 compiled = compile_record(record, capability)
                 registers, spills = ptxas_usage(compiled.asm["ptx"], capability)
-                results.append(CompileResult(target, label, registers, spills, compiled.metadata.shared, shared_limit))
+                results.append(CompileResult(
+                    target, label, registers, spills, compiled.metadata.shared, shared_limit,
+                    wgmma_needed=capability == 90 and label.startswith("attention"),
+                    wgmma_found="wgmma.mma_async" in compiled.asm["ptx"]))
             except Exception as e:  # a compile error is a result to report, not a crash
                 results.append(CompileResult(target, label, 0, 0, 0, shared_limit, error=f"{type(e).__name__}: {e}"))
     return results
@@ -130,10 +155,13 @@ def main() -> int:
         return 2
     os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="llama-kernels-aot-"))
     results = check()
-    print(f"{'target':6} {'kernel':44} {'regs':>5} {'spill B':>8} {'shared B':>9}  status")
+    print(f"{'target':6} {'kernel':44} {'regs':>5} {'spill B':>8} {'shared B':>9} {'wgmma':>5}  status")
     for r in results:
-        status = "ok" if r.ok else (r.error or ("SPILLS" if r.spill_bytes else "SHARED MEMORY OVER LIMIT"))
-        print(f"{r.target:6} {r.label:44} {r.registers:5d} {r.spill_bytes:8d} {r.shared_bytes:9d}  {status}")
+        problem = ("SPILLS" if r.spill_bytes else "NO WGMMA" if r.wgmma_needed and not r.wgmma_found
+                   else "SHARED MEMORY OVER LIMIT")
+        status = "ok" if r.ok else (r.error or problem)
+        print(f"{r.target:6} {r.label:44} {r.registers:5d} {r.spill_bytes:8d} {r.shared_bytes:9d} "
+              f"{'yes' if r.wgmma_found else 'no':>5}  {status}")
     failed = [r for r in results if not r.ok]
     print(f"{len(results) - len(failed)} compiled clean, {len(failed)} failed")
     return 1 if failed else 0

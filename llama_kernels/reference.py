@@ -166,3 +166,54 @@ def attention(
     probs = torch.exp(scores - lse[..., None].clamp_min(torch.finfo(cdtype).min))
     out = (probs @ vf).transpose(1, 2).to(q.dtype)
     return (out, lse) if return_lse else out
+
+
+def attention_backward(
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    dlse: Tensor | None = None,
+):
+    """Gradients (dq, dk, dv) of ``attention`` for an output gradient do (and, if given, an lse gradient).
+
+    With P = softmax(S), S = scale * q k^T (masked), O = P v:
+        dv = P^T do,  dP = do v^T,  dS = P * (dP - rowsum(do * O) + dlse),
+        dq = scale * dS k,  dk = scale * dS^T q,
+    and dk, dv of a shared key/value head summed over its query heads (GQA).
+    Written out because autograd records nothing inside a custom op; the tests
+    hold it to autograd of ``attention``.
+    """
+    batch, seqlen_q, n_q_heads, head_dim = q.shape
+    seqlen_k, n_kv_heads = k.shape[1], k.shape[2]
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(head_dim)
+    cdtype = _compute_dtype(q.dtype)
+    group = n_q_heads // n_kv_heads
+    qf = q.to(cdtype).transpose(1, 2)  # (B, Hq, Sq, D)
+    kf = k.to(cdtype).repeat_interleave(group, dim=2).transpose(1, 2)
+    vf = v.to(cdtype).repeat_interleave(group, dim=2).transpose(1, 2)
+    dof = do.to(cdtype).transpose(1, 2)
+    scores = (qf @ kf.transpose(-1, -2)) * softmax_scale
+    if causal:
+        i = torch.arange(seqlen_q, device=q.device)[:, None]
+        j = torch.arange(seqlen_k, device=q.device)[None, :]
+        scores = scores.masked_fill(j > i + (seqlen_k - seqlen_q), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    probs = torch.exp(scores - lse.clamp_min(torch.finfo(cdtype).min))
+    out = probs @ vf
+    dv = probs.transpose(-1, -2) @ dof
+    dp = dof @ vf.transpose(-1, -2)
+    row_term = (dof * out).sum(-1, keepdim=True)
+    if dlse is not None:
+        row_term = row_term - dlse.to(cdtype)[..., None]
+    ds = probs * (dp - row_term)
+    dq = (ds @ kf) * softmax_scale
+    dk = (ds.transpose(-1, -2) @ qf) * softmax_scale
+
+    def per_kv_head(t):  # (B, Hq, Sk, D) -> (B, Sk, Hk, D), summed over each group of query heads
+        return t.reshape(batch, n_kv_heads, group, seqlen_k, head_dim).sum(2).transpose(1, 2)
+
+    return dq.transpose(1, 2).to(q.dtype), per_kv_head(dk).to(k.dtype), per_kv_head(dv).to(v.dtype)

@@ -215,3 +215,18 @@ def test_attention_against_float64(causal, sq, sk, hq, hk):
         assert torch.equal(out[:, : sq - sk], torch.zeros_like(out[:, : sq - sk]))
         assert torch.isneginf(lse[:, :, : sq - sk]).all()
     assert not out.isnan().any()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("sq,sk", [(5, 5), (3, 7), (7, 3)])
+def test_attention_backward_is_the_gradient_of_attention(causal, sq, sk):
+    q = randn(2, sq, 4, 16).double().requires_grad_()
+    k, v = randn(2, sk, 2, 16).double().requires_grad_(), randn(2, sk, 2, 16).double().requires_grad_()
+    out, lse = ref.attention(q, k, v, causal=causal, return_lse=True)
+    do, dlse = torch.randn_like(out), torch.randn_like(lse)
+    seen = torch.isfinite(lse)  # rows that see no key have no lse gradient (autograd would give NaN)
+    want = torch.autograd.grad((out * do).sum() + (lse.where(seen, 0) * dlse).sum(), (q, k, v))
+    got = ref.attention_backward(do, q.detach(), k.detach(), v.detach(), causal, None, dlse.where(seen, 0))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+        assert not g.isnan().any()

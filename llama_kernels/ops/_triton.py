@@ -72,6 +72,11 @@ def multiprocessor_count(device: torch.device) -> int:
 
 
 # --------------------------------------------------------------------------- launching
+def strides(name: str, t: torch.Tensor, dims: str = "bshd") -> dict:
+    """A (batch, seq, heads, head_dim) tensor's strides as kernel arguments: stride_{name}b, stride_{name}s, ..."""
+    return {f"stride_{name}{dim}": stride for dim, stride in zip(dims, t.stride(), strict=True)}
+
+
 def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Every buffer a kernel fills is allocated here (the tests poison it with NaN)."""
     return torch.empty(shape, dtype=dtype, device=device)
@@ -103,6 +108,8 @@ def record_launches(target: str):
 def launch(kernel, grid: tuple, device: torch.device, *, num_warps: int, num_stages: int = 1, **args) -> None:
     if _records is not None:
         _records.append(LaunchRecord(kernel, grid, args, num_warps, num_stages))
+        return
+    if 0 in grid:  # nothing to compute (an empty sequence or batch); a zero grid is a launch error
         return
     # Triton launches on the current CUDA device: make it the tensors' device.
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():

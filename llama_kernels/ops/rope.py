@@ -153,16 +153,13 @@ def _rope_triton(q, k, q_out, k_out, positions, position_offset, inv_freq, atten
         q_ptr=q, k_ptr=k, q_out_ptr=q_out, k_out_ptr=k_out,
         positions_ptr=positions if positions is not None else inv_freq, inv_freq_ptr=inv_freq,
         seqlen=seqlen, n_q_heads=n_q_heads, n_k_heads=k.shape[2], half_dim=head_dim // 2,
-        **_strides("q", q), **_strides("k", k), **_strides("qo", q_out), **_strides("ko", k_out),
+        **_triton.strides("q", q), **_triton.strides("k", k),
+        **_triton.strides("qo", q_out), **_triton.strides("ko", k_out),
         stride_pos_b=stride_pos_b, stride_pos_s=stride_pos_s,
         position_offset=position_offset, attention_factor=attention_factor,
         HAS_POSITIONS=positions is not None, INTERLEAVED=interleaved, INVERSE=inverse,
         BLOCK_S=cfg["BLOCK_S"], BLOCK_H=cfg["BLOCK_H"], BLOCK_HALF=cfg["BLOCK_HALF"],
     )
-
-
-def _strides(name: str, t: Tensor) -> dict:
-    return {f"stride_{name}{dim}": stride for dim, stride in zip("bshd", t.stride())}
 
 
 def _rope_reference(q, k, positions, position_offset, inv_freq, attention_factor, interleaved, inverse):

@@ -1,0 +1,541 @@
+"""Flash attention (forward and backward, GQA, packed sequences): Triton kernels, launchers, torch ops.
+
+Exact softmax attention in O(N) memory (FlashAttention-2's schedule):
+- forward: a program owns BLOCK_M queries of one (batch, query head) and streams
+  the key/value blocks through an online softmax in the exp2 domain (the softmax
+  scale folded into one multiply); blocks every query sees entirely run without
+  a mask, the blocks on the causal diagonal apart with one. It writes O and the
+  log-sum-exp (natural log, fp32), all the backward needs besides q, k, v.
+- backward: dk and dv by a program per (key block, key/value head) that loops over
+  every query head of its GQA group, so the group's reduction happens in
+  registers: no atomics, no expanded k/v, and the result is deterministic by
+  construction; dq by a program per query block. P is recomputed from the lse.
+Causal masking is bottom-right aligned (query i sees keys j <= i + Sk - Sq, as in
+flash-attn >= 2.1); a query that sees no key gets zeros and an lse of -inf.
+
+Dense (B, S, H, D) and packed (total, H, D) inputs share the kernels: a packed
+tensor is a batch of one with no batch stride, and each program finds its
+sequence's start and length in cu_seqlens.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .. import reference
+from .._checks import check_same_device, check_same_dtype, check_tensor
+from . import _triton
+
+INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+LOG2E = tl.constexpr(1.4426950408889634)
+HEAD_DIMS = (64, 128)
+
+
+# --------------------------------------------------------------------------- shared pieces
+@triton.jit
+def _mma(x):
+    """An operand of tl.dot: the interpreter holds bf16 as raw bits, so it multiplies in fp32."""
+    if INTERPRET:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _sequence(cu_seqlens_ptr, batch, seqlen, VARLEN: tl.constexpr):
+    """(start, length) of this batch entry's sequence: from cu_seqlens when packed, else (0, seqlen)."""
+    if VARLEN:
+        start = tl.load(cu_seqlens_ptr + batch)
+        length = tl.load(cu_seqlens_ptr + batch + 1) - start
+    else:
+        start = 0
+        length = seqlen
+    return start, length
+
+
+@triton.jit
+def _tile_ptrs(base_ptr, batch, start, head, rows, stride_b, stride_s, stride_h, HEAD_DIM: tl.constexpr):
+    """Pointers to rows `rows` (relative to the sequence start) of one head: [len(rows), HEAD_DIM]."""
+    # 64-bit: (start + row) * stride passes 2^31 at 100k tokens with a few batches.
+    base = base_ptr + batch.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h
+    return base + (start + rows).to(tl.int64)[:, None] * stride_s + tl.arange(0, HEAD_DIM)[None, :]
+
+
+# --------------------------------------------------------------------------- forward
+@triton.jit
+def _fwd_blocks(
+    acc, l_i, m_i, q, k_ptr, v_ptr, batch, k_start, kv_head, len_k, rows, first, last, diag, qk_scale,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Online softmax over key blocks [first, last): unmasked blocks need no per-element test."""
+    for n in range(first, last, BLOCK_N):
+        cols = n + tl.arange(0, BLOCK_N)
+        kv_mask = (cols < len_k)[:, None]
+        k = _mma(tl.load(_tile_ptrs(k_ptr, batch, k_start, kv_head, cols, stride_kb, stride_ks, stride_kh, HEAD_DIM),
+                         mask=kv_mask, other=0.0))
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # log2 units
+        if MASKED:
+            visible = (cols < len_k)[None, :]
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= rows[:, None] + diag)
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet: no NaN
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = _mma(tl.load(_tile_ptrs(v_ptr, batch, k_start, kv_head, cols, stride_vb, stride_vs, stride_vh, HEAD_DIM),
+                         mask=kv_mask, other=0.0))
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
+    seqlen_q, seqlen_k, n_q_heads, group, qk_scale,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
+    stride_lse_b, stride_lse_h,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    batch = tl.program_id(1) // n_q_heads
+    head = tl.program_id(1) % n_q_heads
+    kv_head = head // group
+    q_start, len_q = _sequence(cu_seqlens_q_ptr, batch, seqlen_q, VARLEN)
+    k_start, len_k = _sequence(cu_seqlens_k_ptr, batch, seqlen_k, VARLEN)
+    m0 = tl.program_id(0) * BLOCK_M
+    if m0 >= len_q:  # packed: this sequence is shorter than the grid's longest
+        return
+    rows = m0 + tl.arange(0, BLOCK_M)
+    q_mask = (rows < len_q)[:, None]
+    q = _mma(tl.load(_tile_ptrs(q_ptr, batch, q_start, head, rows, stride_qb, stride_qs, stride_qh, HEAD_DIM),
+                     mask=q_mask, other=0.0))
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    diag = len_k - len_q  # bottom-right: query i sees keys j <= i + diag
+    full_blocks_end = len_k // BLOCK_N * BLOCK_N
+    last = len_k
+    if CAUSAL:
+        # Keys the block's first query sees are seen by all of its queries.
+        full_blocks_end = tl.minimum(full_blocks_end, tl.maximum(m0 + diag + 1, 0) // BLOCK_N * BLOCK_N)
+        last = tl.minimum(len_k, m0 + BLOCK_M + diag)
+    acc, l_i, m_i = _fwd_blocks(
+        acc, l_i, m_i, q, k_ptr, v_ptr, batch, k_start, kv_head, len_k, rows, 0, full_blocks_end, diag, qk_scale,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+        False, CAUSAL, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_blocks(
+        acc, l_i, m_i, q, k_ptr, v_ptr, batch, k_start, kv_head, len_k, rows, full_blocks_end, last, diag, qk_scale,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+        True, CAUSAL, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # no visible key: zeros, and an lse of -inf
+    o = acc / l_safe[:, None]
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) / LOG2E)
+    tl.store(_tile_ptrs(o_ptr, batch, q_start, head, rows, stride_ob, stride_os, stride_oh, HEAD_DIM),
+             o.to(o_ptr.dtype.element_ty), mask=q_mask)
+    lse_ptrs = lse_ptr + batch.to(tl.int64) * stride_lse_b + head.to(tl.int64) * stride_lse_h + q_start + rows
+    tl.store(lse_ptrs, lse, mask=rows < len_q)
+
+
+# --------------------------------------------------------------------------- backward
+@triton.jit
+def _bwd_probabilities(q, k, lse, rows, cols, len_q, len_k, diag, qk_scale,
+                       CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """P recomputed from the forward's lse, zero where masked: [BLOCK_M, BLOCK_N]."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    visible = (rows < len_q)[:, None] & (cols < len_k)[None, :]
+    if CAUSAL:
+        visible = visible & (cols[None, :] <= rows[:, None] + diag)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)  # rows that saw nothing: all masked below
+    return tl.where(visible, tl.math.exp2(s - lse[:, None] * LOG2E), 0.0)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
+    seqlen_q, seqlen_k, n_kv_heads, group, softmax_scale, qk_scale,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+    stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+    stride_lse_b, stride_lse_h,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    batch = tl.program_id(1) // n_kv_heads
+    kv_head = tl.program_id(1) % n_kv_heads
+    q_start, len_q = _sequence(cu_seqlens_q_ptr, batch, seqlen_q, VARLEN)
+    k_start, len_k = _sequence(cu_seqlens_k_ptr, batch, seqlen_k, VARLEN)
+    n0 = tl.program_id(0) * BLOCK_N
+    if n0 >= len_k:
+        return
+    cols = n0 + tl.arange(0, BLOCK_N)
+    kv_mask = (cols < len_k)[:, None]
+    k = _mma(tl.load(_tile_ptrs(k_ptr, batch, k_start, kv_head, cols, stride_kb, stride_ks, stride_kh, HEAD_DIM),
+                     mask=kv_mask, other=0.0))
+    v = _mma(tl.load(_tile_ptrs(v_ptr, batch, k_start, kv_head, cols, stride_vb, stride_vs, stride_vh, HEAD_DIM),
+                     mask=kv_mask, other=0.0))
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    diag = len_k - len_q
+    first = 0
+    if CAUSAL:  # queries before n0 - diag see none of these keys
+        first = tl.maximum(n0 - diag, 0) // BLOCK_M * BLOCK_M
+
+    for member in range(0, group):  # the GQA group's query heads, reduced here
+        head = kv_head * group + member
+        lse_row = lse_ptr + batch.to(tl.int64) * stride_lse_b + head.to(tl.int64) * stride_lse_h + q_start
+        delta_row = delta_ptr + batch.to(tl.int64) * stride_lse_b + head.to(tl.int64) * stride_lse_h + q_start
+        for m in range(first, len_q, BLOCK_M):
+            rows = m + tl.arange(0, BLOCK_M)
+            q_mask = (rows < len_q)[:, None]
+            q = _mma(tl.load(_tile_ptrs(q_ptr, batch, q_start, head, rows, stride_qb, stride_qs, stride_qh, HEAD_DIM),
+                             mask=q_mask, other=0.0))
+            do = _mma(tl.load(_tile_ptrs(do_ptr, batch, q_start, head, rows, stride_dob, stride_dos, stride_doh,
+                                         HEAD_DIM), mask=q_mask, other=0.0))
+            lse = tl.load(lse_row + rows, mask=rows < len_q, other=0.0)
+            delta = tl.load(delta_row + rows, mask=rows < len_q, other=0.0)
+            p = _bwd_probabilities(q, k, lse, rows, cols, len_q, len_k, diag, qk_scale, CAUSAL, DOT_PRECISION)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+
+    dk *= softmax_scale
+    tl.store(_tile_ptrs(dk_ptr, batch, k_start, kv_head, cols, stride_dkb, stride_dks, stride_dkh, HEAD_DIM),
+             dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(_tile_ptrs(dv_ptr, batch, k_start, kv_head, cols, stride_dvb, stride_dvs, stride_dvh, HEAD_DIM),
+             dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
+    seqlen_q, seqlen_k, n_q_heads, group, softmax_scale, qk_scale,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+    stride_dqb, stride_dqs, stride_dqh,
+    stride_lse_b, stride_lse_h,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    batch = tl.program_id(1) // n_q_heads
+    head = tl.program_id(1) % n_q_heads
+    kv_head = head // group
+    q_start, len_q = _sequence(cu_seqlens_q_ptr, batch, seqlen_q, VARLEN)
+    k_start, len_k = _sequence(cu_seqlens_k_ptr, batch, seqlen_k, VARLEN)
+    m0 = tl.program_id(0) * BLOCK_M
+    if m0 >= len_q:
+        return
+    rows = m0 + tl.arange(0, BLOCK_M)
+    q_mask = (rows < len_q)[:, None]
+    q = _mma(tl.load(_tile_ptrs(q_ptr, batch, q_start, head, rows, stride_qb, stride_qs, stride_qh, HEAD_DIM),
+                     mask=q_mask, other=0.0))
+    do = _mma(tl.load(_tile_ptrs(do_ptr, batch, q_start, head, rows, stride_dob, stride_dos, stride_doh, HEAD_DIM),
+                      mask=q_mask, other=0.0))
+    row_offset = batch.to(tl.int64) * stride_lse_b + head.to(tl.int64) * stride_lse_h + q_start + rows
+    lse = tl.load(lse_ptr + row_offset, mask=rows < len_q, other=0.0)
+    delta = tl.load(delta_ptr + row_offset, mask=rows < len_q, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    diag = len_k - len_q
+    last = len_k
+    if CAUSAL:
+        last = tl.minimum(len_k, m0 + BLOCK_M + diag)
+    for n in range(0, last, BLOCK_N):
+        cols = n + tl.arange(0, BLOCK_N)
+        kv_mask = (cols < len_k)[:, None]
+        k = _mma(tl.load(_tile_ptrs(k_ptr, batch, k_start, kv_head, cols, stride_kb, stride_ks, stride_kh, HEAD_DIM),
+                         mask=kv_mask, other=0.0))
+        v = _mma(tl.load(_tile_ptrs(v_ptr, batch, k_start, kv_head, cols, stride_vb, stride_vs, stride_vh, HEAD_DIM),
+                         mask=kv_mask, other=0.0))
+        p = _bwd_probabilities(q, k, lse, rows, cols, len_q, len_k, diag, qk_scale, CAUSAL, DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    dq *= softmax_scale
+    tl.store(_tile_ptrs(dq_ptr, batch, q_start, head, rows, stride_dqb, stride_dqs, stride_dqh, HEAD_DIM),
+             dq.to(dq_ptr.dtype.element_ty), mask=q_mask)
+
+
+# --------------------------------------------------------------------------- configs and launchers
+# Defaults that compile without spills (python -m llama_kernels.aot), by (kernel, target, head_dim),
+# None matching any; the GPU check's sweep replaces them with measured winners (tuned_configs.json).
+_DEFAULT_CONFIGS = {
+    ("attention_fwd", "sm90", None): {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+    ("attention_fwd", None, None): {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
+    # dk and dv accumulate in registers: pipelining more than one stage spills them
+    ("attention_bwd_dkdv", "sm80", 64): {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1},
+    ("attention_bwd_dkdv", None, None): {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 1},
+    ("attention_bwd_dq", None, None): {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+}
+
+
+def _config(kernel: str, q: Tensor, head_dim: int) -> dict:
+    target = _triton.target_of(q.device)
+    if target == "interpreter":
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
+    default = next(_DEFAULT_CONFIGS[key] for key in ((kernel, target, head_dim), (kernel, target, None),
+                                                     (kernel, None, None)) if key in _DEFAULT_CONFIGS)
+    return _triton.tuned_config(kernel, target, f"{head_dim}:{str(q.dtype)[6:]}", default)
+
+
+class _Layout:
+    """Dense (B, S, H, D) or packed (total, H, D) tensors, as the kernels see them: (batch, seq, head)."""
+
+    def __init__(self, q: Tensor, k: Tensor, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int):
+        self.varlen = cu_seqlens_q is not None
+        self.n_q_heads, self.n_kv_heads, self.head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
+        if self.varlen:
+            self.batch, self.seqlen_q, self.seqlen_k = cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k
+            self.cu_q, self.cu_k = cu_seqlens_q, cu_seqlens_k
+            self.lse_shape = (self.n_q_heads, q.shape[0])
+        else:
+            self.batch, self.seqlen_q, self.seqlen_k = q.shape[0], q.shape[1], k.shape[1]
+            self.cu_q = self.cu_k = q  # not read: any pointer will do
+            self.lse_shape = (self.batch, self.n_q_heads, self.seqlen_q)
+
+    def strides(self, name: str, t: Tensor) -> dict:
+        """stride_{name}b, s, h: a packed tensor is one batch entry with no batch stride (head_dim's stride is 1)."""
+        b, s, h = (0, *t.stride()[:2]) if self.varlen else t.stride()[:3]
+        return {f"stride_{name}b": b, f"stride_{name}s": s, f"stride_{name}h": h}
+
+    def lse_strides(self, lse: Tensor) -> dict:
+        b, h = (0, lse.stride(0)) if self.varlen else lse.stride()[:2]
+        return {"stride_lse_b": b, "stride_lse_h": h}
+
+    def rows_to_lse_layout(self, t: Tensor) -> Tensor:
+        """(..., seq, heads) row statistics -> the lse layout ((B, Hq, Sq) or (Hq, total))."""
+        return t.movedim(-1, -2).contiguous()
+
+    def common(self, causal: bool, dtype: torch.dtype, config: dict) -> dict:
+        return {
+            "cu_seqlens_q_ptr": self.cu_q, "cu_seqlens_k_ptr": self.cu_k,
+            "seqlen_q": self.seqlen_q, "seqlen_k": self.seqlen_k, "group": self.n_q_heads // self.n_kv_heads,
+            "CAUSAL": causal, "VARLEN": self.varlen, "HEAD_DIM": self.head_dim,
+            "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"],
+            # fp32 inputs are multiplied exactly, not in tf32: fp32 is asked for precision
+            "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+        }
+
+
+def _forward_triton(q, k, v, layout: _Layout, causal: bool, softmax_scale: float):
+    o = _triton.new_output(q.shape, q.dtype, q.device)
+    lse = _triton.new_output(layout.lse_shape, torch.float32, q.device)
+    cfg = _config("attention_fwd", q, layout.head_dim)
+    _triton.launch(
+        _fwd_kernel, (triton.cdiv(layout.seqlen_q, cfg["BLOCK_M"]), layout.batch * layout.n_q_heads), q.device,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=o, lse_ptr=lse, n_q_heads=layout.n_q_heads,
+        qk_scale=softmax_scale * LOG2E.value,
+        **layout.strides("q", q), **layout.strides("k", k), **layout.strides("v", v), **layout.strides("o", o),
+        **layout.lse_strides(lse), **layout.common(causal, q.dtype, cfg),
+    )
+    return o, lse
+
+
+def _backward_triton(do, q, k, v, o, lse, dlse, layout: _Layout, causal: bool, softmax_scale: float):
+    # delta = rowsum(dO * O) - dlse: the row term of dS = P * (dP - delta).
+    delta = layout.rows_to_lse_layout((do.float() * o.float()).sum(-1))
+    if dlse is not None:
+        delta -= dlse
+    dq = _triton.new_output(q.shape, q.dtype, q.device)
+    dk = _triton.new_output(k.shape, k.dtype, k.device)
+    dv = _triton.new_output(v.shape, v.dtype, v.device)
+    shared = dict(
+        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, lse_ptr=lse, delta_ptr=delta,
+        softmax_scale=softmax_scale, qk_scale=softmax_scale * LOG2E.value,
+        **layout.strides("q", q), **layout.strides("k", k), **layout.strides("v", v), **layout.strides("do", do),
+        **layout.lse_strides(lse),
+    )
+    cfg = _config("attention_bwd_dkdv", q, layout.head_dim)
+    _triton.launch(
+        _bwd_dkdv_kernel, (triton.cdiv(layout.seqlen_k, cfg["BLOCK_N"]), layout.batch * layout.n_kv_heads), q.device,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **shared, **layout.common(causal, q.dtype, cfg),
+        dk_ptr=dk, dv_ptr=dv, n_kv_heads=layout.n_kv_heads, **layout.strides("dk", dk), **layout.strides("dv", dv),
+    )
+    cfg = _config("attention_bwd_dq", q, layout.head_dim)
+    _triton.launch(
+        _bwd_dq_kernel, (triton.cdiv(layout.seqlen_q, cfg["BLOCK_M"]), layout.batch * layout.n_q_heads), q.device,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **shared, **layout.common(causal, q.dtype, cfg),
+        dq_ptr=dq, n_q_heads=layout.n_q_heads, **layout.strides("dq", dq),
+    )
+    return dq, dk, dv
+
+
+def _sequences(layout: _Layout):
+    """(q slice, k slice) of each packed sequence, from cu_seqlens read on the host (the reference path only)."""
+    cu_q, cu_k = layout.cu_q.tolist(), layout.cu_k.tolist()
+    return [(slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])) for b in range(layout.batch)]
+
+
+def _forward_reference(q, k, v, layout: _Layout, causal: bool, softmax_scale: float):
+    if not layout.varlen:
+        o, lse = reference.attention(q, k, v, causal, softmax_scale, return_lse=True)
+        return o, lse.float()
+    o, lse = torch.empty_like(q), q.new_empty(layout.lse_shape, dtype=torch.float32)
+    for sq, sk in _sequences(layout):
+        o_b, lse_b = reference.attention(q[None, sq], k[None, sk], v[None, sk], causal, softmax_scale, return_lse=True)
+        o[sq], lse[:, sq] = o_b[0], lse_b[0]
+    return o, lse
+
+
+def _backward_reference(do, q, k, v, dlse, layout: _Layout, causal: bool, softmax_scale: float):
+    if not layout.varlen:
+        return reference.attention_backward(do, q, k, v, causal, softmax_scale, dlse)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for sq, sk in _sequences(layout):
+        dlse_b = dlse[None, :, sq] if dlse is not None else None
+        grads = reference.attention_backward(do[None, sq], q[None, sq], k[None, sk], v[None, sk], causal,
+                                             softmax_scale, dlse_b)
+        dq[sq], dk[sk], dv[sk] = (g[0] for g in grads)
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------- torch ops
+@torch.library.custom_op("llama_kernels::flash_attention_forward", mutates_args=())
+def _forward_op(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None,
+    max_seqlen_q: int, max_seqlen_k: int, causal: bool, softmax_scale: float, backend: str,
+) -> tuple[Tensor, Tensor]:
+    layout = _Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    forward = _forward_triton if backend == "triton" else _forward_reference
+    return forward(q, k, v, layout, causal, softmax_scale)
+
+
+@torch.library.custom_op("llama_kernels::flash_attention_backward", mutates_args=())
+def _backward_op(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, dlse: Tensor | None,
+    cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
+    causal: bool, softmax_scale: float, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    layout = _Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if backend == "triton":
+        return _backward_triton(do, q, k, v, o, lse, dlse, layout, causal, softmax_scale)
+    return _backward_reference(do, q, k, v, dlse, layout, causal, softmax_scale)
+
+
+@_forward_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, backend):
+    layout = _Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return torch.empty_like(q), q.new_empty(layout.lse_shape, dtype=torch.float32)
+
+
+@_backward_op.register_fake
+def _(do, q, k, v, o, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
+      backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, *ctx.args = inputs
+    ctx.save_for_backward(q, k, v, *output, cu_seqlens_q, cu_seqlens_k)
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    dq, dk, dv = torch.ops.llama_kernels.flash_attention_backward(
+        do.contiguous(), q, k, v, o, lse, dlse.contiguous(), cu_seqlens_q, cu_seqlens_k, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public functions
+def _check_qkv(q, k, v, ndim: int) -> None:
+    names = "(B, S, H, D)" if ndim == 4 else "(total, H, D)"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, ndim=ndim)
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name}: expected the last dimension contiguous (stride 1), got stride {t.stride(-1)}")
+    check_same_dtype(q=q, k=k, v=v)
+    check_same_device(q=q, k=k, v=v)
+    if v.shape != k.shape:
+        raise ValueError(f"v: expected k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if ndim == 4 and k.shape[0] != q.shape[0]:
+        raise ValueError(f"k: expected batch size {q.shape[0]} as q's, got {k.shape[0]} (layout {names})")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k: expected head_dim {q.shape[-1]} as q's, got {k.shape[-1]}")
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"q: expected head_dim 64 or 128, got {q.shape[-1]}")
+    n_q_heads, n_kv_heads = q.shape[-2], k.shape[-2]
+    if n_kv_heads == 0 or n_q_heads % n_kv_heads:
+        raise ValueError(f"k: expected a head count that divides q's {n_q_heads} heads, got {n_kv_heads}")
+
+
+def _softmax_scale(softmax_scale, head_dim: int) -> float:
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool) or not softmax_scale > 0:
+        raise ValueError(f"softmax_scale: expected a positive float or None, got {softmax_scale!r}")
+    return float(softmax_scale)
+
+
+def flash_attention(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool = True, softmax_scale: float | None = None,
+    return_lse: bool = False, deterministic: bool = False, *, backend: str | None = None,
+):
+    """Exact softmax attention in O(N) memory, flash-attn's layout.
+
+    q: (B, Sq, Hq, D); k, v: (B, Sk, Hk, D) with Hq a multiple of Hk (GQA and MQA read
+        k and v once per group, never expanded); D 64 or 128; fp16, bf16 or fp32.
+    causal: query i sees keys j <= i + Sk - Sq (bottom-right aligned, flash-attn >= 2.1);
+        a query that sees no key gets zeros (and an lse of -inf).
+    softmax_scale: defaults to 1 / sqrt(D).
+    return_lse: also return the log-sum-exp (B, Hq, Sq), fp32, natural log (differentiable).
+    deterministic: accepted for flash-attn compatibility; the backward is always deterministic
+        (no atomics: each key block's GQA group is reduced by one program).
+    Returns o (B, Sq, Hq, D), or (o, lse).
+    """
+    _check_qkv(q, k, v, ndim=4)
+    scale = _softmax_scale(softmax_scale, q.shape[-1])
+    backend = _triton.resolve_backend(q, backend)
+    o, lse = torch.ops.llama_kernels.flash_attention_forward(q, k, v, None, None, 0, 0, bool(causal), scale, backend)
+    return (o, lse) if return_lse else o
+
+
+def flash_attention_varlen(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+    max_seqlen_k: int, causal: bool = True, softmax_scale: float | None = None, return_lse: bool = False,
+    deterministic: bool = False, *, backend: str | None = None,
+):
+    """Flash attention over packed sequences of different lengths.
+
+    q: (total_q, Hq, D); k, v: (total_k, Hk, D); sequence b is q[cu_seqlens_q[b]:cu_seqlens_q[b+1]]
+    and k, v[cu_seqlens_k[b]:cu_seqlens_k[b+1]]; cu_seqlens int32 (batch + 1,), starting at 0,
+    non-decreasing. max_seqlen_q/k: at least the longest sequence (sizes the grid).
+    lse: (Hq, total_q). Otherwise as ``flash_attention``.
+    """
+    _check_qkv(q, k, v, ndim=3)
+    for name, cu, total, max_len in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+                                     ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
+        check_tensor(name, cu, dtypes=(torch.int32,), ndim=1)
+        check_same_device(q=q, **{name: cu})
+        if cu.shape != cu_seqlens_q.shape or cu.shape[0] < 2:
+            raise ValueError(f"{name}: expected shape (batch + 1,) with batch >= 1, the same for q and k, "
+                             f"got {tuple(cu.shape)}")
+        if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 0:
+            raise TypeError(f"max_seqlen_{name[-1]}: expected a non-negative int, got {max_len!r}")
+        if not torch.compiler.is_compiling():  # reads the offsets on the host: skipped inside compiled graphs
+            lengths = cu[1:] - cu[:-1]
+            if cu[0].item() != 0 or cu[-1].item() != total or (lengths < 0).any().item():
+                raise ValueError(f"{name}: expected non-decreasing offsets from 0 to {total}, got {cu.tolist()}")
+            if lengths.max().item() > max_len:
+                raise ValueError(f"max_seqlen_{name[-1]}: expected at least the longest sequence "
+                                 f"({lengths.max().item()}), got {max_len}")
+    scale = _softmax_scale(softmax_scale, q.shape[-1])
+    backend = _triton.resolve_backend(q, backend)
+    o, lse = torch.ops.llama_kernels.flash_attention_forward(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal), scale, backend)
+    return (o, lse) if return_lse else o
