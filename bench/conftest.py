@@ -3,9 +3,9 @@
     pytest bench/ --benchmark-only             # measure (GPU: the benchmark's shapes; CPU: small ones)
     pytest bench/ --benchmark-disable -q       # smoke test: each body runs once
 
-Shapes, providers and byte counts come from ``llama_kernels.bench.cases``; each
-result's ``extra_info`` carries bytes, GB/s, the fraction of the copy bandwidth
-measured in this session and the floor time. On a GPU the timer synchronizes
+Shapes, providers and byte or FLOP counts come from ``llama_kernels.bench.cases``;
+each result's ``extra_info`` carries the rate (GB/s or TFLOP/s), its fraction of
+the ceiling measured in this session (copy bandwidth or matmul peak) and the floor. On a GPU the timer synchronizes
 before reading the clock, so queued kernels are counted.
 """
 
@@ -27,12 +27,12 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture(scope="session")
-def copy_ceiling() -> dict:
-    return harness.measure_copy(DEVICE, quick=DEVICE.type == "cpu")
+def ceilings() -> dict:
+    return harness.measure_ceilings(DEVICE, quick=DEVICE.type == "cpu")
 
 
 @pytest.fixture
-def run_item(benchmark, copy_ceiling):
+def run_item(benchmark, ceilings):
     """Time one (case, shape, provider) and record its derived figures in extra_info."""
 
     def run(item: cases.Item):
@@ -44,14 +44,10 @@ def run_item(benchmark, copy_ceiling):
             pytest.skip(str(e))
         fn()  # compiles and first allocations happen here, outside the timed rounds
         benchmark(fn)
-        nbytes = item.case.bytes_moved(item.shape)
-        copy_gbps = copy_ceiling["gbps"]
-        benchmark.extra_info.update(
-            device=DEVICE.type, shape=item.shape.as_dict(item.case.op), provider=item.provider, bytes=nbytes,
-            copy_gbps=copy_gbps, floor_s=nbytes / (copy_gbps * 1e9),
-        )
+        benchmark.extra_info.update(device=DEVICE.type, shape=item.shape.as_dict(item.case.op),
+                                    provider=item.provider)
         if benchmark.stats is not None:  # None under --benchmark-disable: nothing was timed
-            gbps = nbytes / benchmark.stats.stats.median / 1e9
-            benchmark.extra_info.update(gbps=gbps, fraction_of_copy=gbps / copy_gbps)
+            median_ms = benchmark.stats.stats.median * 1e3
+            benchmark.extra_info.update(cases.figures(item.case, item.shape, median_ms, ceilings))
 
     return run

@@ -439,17 +439,18 @@ def summary(rec: Recorder, device: dict) -> str:
         copy, matmul = rec.results["bench"]["ceilings"]["copy"], rec.results["bench"]["ceilings"]["matmul"]
         lines.append(f"bench: copy ceiling {copy['gbps']:.0f} GB/s, matmul {matmul['tflops']:.0f} TFLOP/s "
                      f"({matmul['dtype']})")
-        lines.append(f"  {'case':18} {'shape':26} {'ours ms':>9} {'GB/s':>7} {'of copy':>8}  "
+        lines.append(f"  {'case':20} {'shape':30} {'ours ms':>9} {'rate':>14} {'of ceiling':>17}  "
                      "ours' speed-up over each peer")
         for row in (r for r in rows if r["provider"] == "ours"):
             peers = [r for r in rows if r["case"] == row["case"] and r["shape_label"] == row["shape_label"]
                      and r["provider"] != "ours" and r["status"] == "ok" and r.get("ours_speedup")]
             speedups = " ".join(f"{p['provider']} {p['ours_speedup']:.2f}x" for p in peers)
             if row["status"] == "ok":
-                lines.append(f"  {row['case']:18} {row['shape_label']:26} {row['median_ms']:9.4f} {row['gbps']:7.0f} "
-                             f"{row['fraction_of_copy']:8.0%}  {speedups}")
+                lines.append(f"  {row['case']:20} {row['shape_label']:30} {row['median_ms']:9.4f} "
+                             f"{row['rate']:6.0f} {row['unit']:7} {row['fraction_of_ceiling']:8.0%} of {row['ceiling']:6} "
+                             f" {speedups}")
             else:
-                lines.append(f"  {row['case']:18} {row['shape_label']:26} {row['status']}: {row['reason']}")
+                lines.append(f"  {row['case']:20} {row['shape_label']:30} {row['status']}: {row['reason']}")
     durations = ", ".join(f"{k} {v:.0f}s" for k, v in rec.results["durations_s"].items())
     lines.append(f"durations: {durations}")
     lines.append("FAILURES:" if rec.failures else "no failures")

@@ -15,7 +15,8 @@ import pytest
 from llama_kernels import cli
 
 REPO = Path(__file__).resolve().parent.parent
-CASES = {"rms_norm", "rms_norm_residual", "rms_norm_bwd", "rms_norm_fwd_bwd", "rope", "rope_bwd"}
+MEMORY_BOUND = {"rms_norm", "rms_norm_residual", "rms_norm_bwd", "rms_norm_fwd_bwd", "rope", "rope_bwd"}
+ATTENTION = {"attention", "attention_causal", "attention_bwd", "attention_bwd_causal"}
 
 
 def run(*args, timeout=120):
@@ -33,15 +34,19 @@ def test_quick_benchmark_prints_the_table_and_writes_json_and_png(tmp_path):
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["quick"] and result["device"]["kind"] == "cpu" and "CPU FIGURES" in result["device"]["notice"]
     assert result["ceilings"]["copy"]["gbps"] > 0 and result["ceilings"]["matmul"]["tflops"] > 0
-    assert set(result["cases"]) == CASES
+    assert set(result["cases"]) == MEMORY_BOUND | ATTENTION
     rows = {(r["case"], r["provider"]): r for r in result["rows"]}
-    for case in CASES:
-        ours, eager = rows[(case, "ours")], rows[(case, "eager")]
-        assert ours["status"] == eager["status"] == "ok", (ours, eager)
-        assert ours["gbps"] > 0 and ours["bytes"] > 0 and ours["floor_ms"] > 0
-        assert eager["ours_speedup"] == pytest.approx(eager["median_ms"] / ours["median_ms"])
-        assert rows[(case, "liger")]["status"] == "skipped"  # CUDA only
-    assert not any(provider == "compile" for _, provider in rows)  # --quick leaves torch.compile out
+    for case in MEMORY_BOUND | ATTENTION:
+        peer, unit, ceiling, work = ("sdpa_flash", "TFLOP/s", "matmul", "flops") if case in ATTENTION else \
+            ("eager", "GB/s", "copy", "bytes")
+        ours, other = rows[(case, "ours")], rows[(case, peer)]
+        assert ours["status"] == other["status"] == "ok", (ours, other)
+        assert ours["unit"] == unit and ours["ceiling"] == ceiling
+        assert ours["rate"] > 0 and ours[work] > 0 and ours["floor_ms"] > 0 and ours["fraction_of_ceiling"] > 0
+        assert other["ours_speedup"] == pytest.approx(other["median_ms"] / ours["median_ms"])
+        cuda_only = "sdpa_cudnn" if case in ATTENTION else "liger"
+        assert rows[(case, cuda_only)]["status"] == "skipped"
+    assert not any(provider in ("compile", "flex") for _, provider in rows)  # --quick leaves compiling peers out
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -45,10 +45,11 @@ class Unavailable(Exception):
 
 @dataclass(frozen=True)
 class Shape:
-    """One Code Llama model size at a token count (batch 1: tokens = sequence length)."""
+    """One Code Llama model size at a sequence length (``tokens``), ``batch`` sequences."""
 
     model: str
     tokens: int
+    batch: int = 1
 
     @property
     def hidden(self) -> int:
@@ -62,24 +63,33 @@ class Shape:
         if op == "rms_norm":
             return {"model": self.model, "tokens": self.tokens, "hidden": self.hidden}
         hq, hk, d = self.heads
-        return {"model": self.model, "batch": 1, "seqlen": self.tokens, "q_heads": hq, "kv_heads": hk, "head_dim": d}
+        return {"model": self.model, "batch": self.batch, "seqlen": self.tokens, "q_heads": hq,
+                "kv_heads": hk, "head_dim": d}
 
     def label(self, op: str) -> str:
         if op == "rms_norm":
             return f"{self.model} T={self.tokens} H={self.hidden}"
         hq, hk, d = self.heads
-        return f"{self.model} S={self.tokens} {hq}/{hk}x{d}"
+        batch = f"B={self.batch} " if self.batch > 1 else ""
+        return f"{self.model} {batch}S={self.tokens} {hq}/{hk}x{d}"
 
 
-GPU_SHAPES = (Shape("7B", 1024), Shape("7B", 16384), Shape("13B", 16384), Shape("34B", 16384), Shape("34B", 100_000))
-CPU_SHAPES = (Shape("7B", 1024), Shape("34B", 4096))  # 2 cores: the whole run stays under two minutes
-QUICK_SHAPES = (Shape("7B", 256),)
+GPU_SHAPES = {
+    "memory": (Shape("7B", 1024), Shape("7B", 16384), Shape("13B", 16384), Shape("34B", 16384), Shape("34B", 100_000)),
+    # 16k tokens per batch below 16k-token sequences, as flash-attn's benchmarks do
+    "attention": tuple(Shape(model, s, max(1, 16384 // s)) for model in ("7B", "34B")
+                       for s in (4096, 16384, 65536, 100_000)),
+}
+CPU_SHAPES = {  # 2 cores: the whole run stays under two minutes
+    "memory": (Shape("7B", 1024), Shape("34B", 4096)),
+    "attention": (Shape("7B", 512), Shape("34B", 512)),
+}
+QUICK_SHAPES = {"memory": (Shape("7B", 256),), "attention": (Shape("34B", 128),)}
 
 
-def shapes_for(device: torch.device, quick: bool) -> tuple[Shape, ...]:
-    if quick:
-        return QUICK_SHAPES
-    return GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
+def shapes_for(op: str, device: torch.device, quick: bool) -> tuple[Shape, ...]:
+    table = QUICK_SHAPES if quick else GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
+    return table["attention" if op == "attention" else "memory"]
 
 
 def ours_backend(device: torch.device) -> str | None:
@@ -237,16 +247,104 @@ ROPE_PROVIDERS = {
 }
 
 
+# --------------------------------------------------------------------------- attention providers
+# Each builds attn(q, k, v) -> o for (B, S, H, D) tensors, causal or not; masks are made here, untimed.
+def _attention_ours(inputs, device, causal):
+    backend = ours_backend(device)
+    return lambda q, k, v: lk.flash_attention(q, k, v, causal=causal, backend=backend)
+
+
+def _sdpa(backend_name: str, cuda_only: bool = True):
+    def build(inputs, device, causal):
+        if cuda_only and device.type != "cuda":
+            raise Unavailable(f"SDPA's {backend_name} backend needs CUDA")
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = getattr(SDPBackend, backend_name)
+
+        def attn(q, k, v):  # SDPA takes (B, H, S, D): views of the same storage
+            with sdpa_kernel(backend):
+                o = torch.nn.functional.scaled_dot_product_attention(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, enable_gqa=True)
+            return o.transpose(1, 2)
+
+        return attn
+
+    return build
+
+
+def _flex(inputs, device, causal):
+    if device.type != "cuda":
+        raise Unavailable("FlexAttention is timed on CUDA (its CPU path has no backward)")
+    flex_module = "torch.nn.attention.flex_attention"
+    flex_attention, create_block_mask = _import(flex_module, "flex_attention"), _import(flex_module, "create_block_mask")
+    seqlen = inputs["q"].shape[1]
+    block_mask = (create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, seqlen, seqlen,
+                                    device=device) if causal else None)
+    compiled = _compile(flex_attention)
+    return lambda q, k, v: compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
+                                    enable_gqa=True).transpose(1, 2)
+
+
+def _flash_attn(inputs, device, causal):
+    if device.type != "cuda":
+        raise Unavailable("flash-attn needs CUDA")
+    flash_attn_func = _import("flash_attn", "flash_attn_func")
+    return lambda q, k, v: flash_attn_func(q, k, v, causal=causal)
+
+
+ATTENTION_PROVIDERS = {
+    "ours": _attention_ours,
+    "sdpa_flash": _sdpa("FLASH_ATTENTION", cuda_only=False),  # on a CPU: torch's CPU flash kernel
+    "sdpa_cudnn": _sdpa("CUDNN_ATTENTION"),
+    "sdpa_efficient": _sdpa("EFFICIENT_ATTENTION"),
+    "flex": _flex,
+    "flash_attn": _flash_attn,
+}
+
+
+def _attention_inputs(shape: Shape, device) -> dict:
+    hq, hk, d = shape.heads
+    b, s = shape.batch, shape.tokens
+    return {"q": _randn(b, s, hq, d, device=device), "k": _randn(b, s, hk, d, device=device),
+            "v": _randn(b, s, hk, d, device=device), "do": _randn(b, s, hq, d, device=device)}
+
+
+def _attention_build(causal: bool, backward: bool):
+    def build(provider, inputs, device):
+        attn = ATTENTION_PROVIDERS[provider](inputs, device, causal)
+        q, k, v = inputs["q"], inputs["k"], inputs["v"]
+        if backward:
+            return _backward_only(attn, (q, k, v), (inputs["do"],))
+        return lambda: attn(q, k, v)
+
+    return build
+
+
+def _attention_flops(causal: bool, backward: bool):
+    """4 B Hq S^2 D for the two matrix products, half of it when causal; the backward does 2.5 times that."""
+
+    def flops(shape: Shape) -> float:
+        hq, _, d = shape.heads
+        forward = 4 * shape.batch * hq * shape.tokens**2 * d / (2 if causal else 1)
+        return forward * (2.5 if backward else 1.0)
+
+    return flops
+
+
 # --------------------------------------------------------------------------- cases
 @dataclass(frozen=True)
 class Case:
     name: str
-    op: str  # "rms_norm" or "rope": what --ops selects
+    op: str  # "rms_norm", "rope" or "attention": what --ops selects
     title: str
     make_inputs: Callable[[Shape, torch.device], dict]
-    bytes_moved: Callable[[Shape], int]  # the floor: each input read once, each output written once
+    # The floor: memory-bound ops count the bytes they must move (each input read once, each
+    # output written once) against the copy bandwidth; compute-bound ops their FLOPs against the matmul peak.
+    bytes_moved: Callable[[Shape], int] | None
     build: Callable[[str, dict, torch.device], Callable[[], object]]  # (provider, inputs, device) -> timed fn
     providers: tuple[str, ...]
+    flops: Callable[[Shape], float] | None = None
 
 
 def _randn(*shape, device):
@@ -337,8 +435,29 @@ CASES = (
          _rope_inputs, _rope_bytes, _rope_forward, tuple(ROPE_PROVIDERS)),
     Case("rope_bwd", "rope", "RoPE backward: dq, dk from the gradients of the rotated q, k",
          _rope_inputs, _rope_bytes, _rope_backward, tuple(ROPE_PROVIDERS)),
+    *(Case(f"attention{'_bwd' if backward else ''}{'_causal' if causal else ''}", "attention",
+           f"attention {'backward (dq, dk, dv)' if backward else 'forward'}{', causal' if causal else ''}",
+           _attention_inputs, None, _attention_build(causal, backward), tuple(ATTENTION_PROVIDERS),
+           flops=_attention_flops(causal, backward))
+      for backward in (False, True) for causal in (True, False)),
 )
-OPS = ("rms_norm", "rope")
+OPS = ("rms_norm", "rope", "attention")
+
+
+COMPILED_PROVIDERS = ("compile", "flex")  # their warm-ups take seconds: left out of --quick
+
+
+def figures(case: Case, shape: Shape, median_ms: float, ceilings: dict) -> dict:
+    """Rate, fraction of the ceiling and floor of one measurement: GB/s against the copy, or TFLOP/s against
+    the matmul."""
+    seconds = median_ms * 1e-3
+    if case.flops is not None:
+        work, peak = case.flops(shape), ceilings["matmul"]["tflops"] * 1e12
+        return {"flops": work, "rate": work / seconds / 1e12, "unit": "TFLOP/s", "ceiling": "matmul",
+                "fraction_of_ceiling": work / seconds / peak, "floor_ms": work / peak * 1e3}
+    work, peak = case.bytes_moved(shape), ceilings["copy"]["gbps"] * 1e9
+    return {"bytes": work, "rate": work / seconds / 1e9, "unit": "GB/s", "ceiling": "copy",
+            "fraction_of_ceiling": work / seconds / peak, "floor_ms": work / peak * 1e3}
 
 
 @dataclass(frozen=True)
@@ -358,8 +477,8 @@ def matrix(ops, device: torch.device, quick: bool = False, with_compile: bool = 
     return [
         Item(case, shape, provider)
         for case in CASES if case.op in ops
-        for shape in shapes_for(device, quick)
-        for provider in case.providers if with_compile or provider != "compile"
+        for shape in shapes_for(case.op, device, quick)
+        for provider in case.providers if with_compile or provider not in COMPILED_PROVIDERS
     ]
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-COLUMNS = (f"{'shape':24} {'provider':15} {'median ms':>10} {'GB/s':>8} {'of copy':>8} {'floor ms':>9} "
-           f"{'ours x':>7} {'peak MiB':>9}")
+def _columns(unit: str, ceiling: str) -> str:
+    return (f"{'shape':28} {'provider':15} {'median ms':>10} {unit:>8} {'of ' + ceiling:>9} {'floor ms':>9} "
+            f"{'ours x':>7} {'peak MiB':>9}")
 
 
 def format_table(result: dict) -> str:
@@ -16,18 +17,20 @@ def format_table(result: dict) -> str:
         f"device: {device['name']} | torch {device['torch']} | triton {device['triton']} | {device['date']}",
         f"ceilings: copy {copy['gbps']:.1f} GB/s ({copy['tensor_bytes'] / 2**20:.0f} MiB copy_); "
         f"matmul {matmul['tflops']:.2f} TFLOP/s ({matmul['dtype']} {matmul['n']}^3)",
-        f"dtype {result['dtype']}; times are medians; 'ours x' = provider time / ours' time; "
-        "floor = bytes / copy bandwidth; peak = memory one call allocates (GPU only)",
+        f"dtype {result['dtype']}; times are medians; 'ours x' = provider time / ours' time; floor = bytes / copy "
+        "bandwidth (FLOPs / matmul peak for attention); peak = memory one call allocates (GPU only)",
     ]
     if "notice" in device:
         lines.append(device["notice"])
     for case, title in result["cases"].items():
-        lines += ["", f"{case}: {title}", COLUMNS]
+        rows = [r for r in result["rows"] if r["case"] == case]
+        measured = next((r for r in rows if r["status"] == "ok"), {"unit": "rate", "ceiling": "ceiling"})
+        lines += ["", f"{case}: {title}", _columns(measured["unit"], measured["ceiling"])]
         previous_shape = None
-        for row in (r for r in result["rows"] if r["case"] == case):
+        for row in rows:
             shape = row["shape_label"] if row["shape_label"] != previous_shape else ""
             previous_shape = row["shape_label"]
-            lines.append(f"{shape:24} {row['provider']:15} {_figures(row)}")
+            lines.append(f"{shape:28} {row['provider']:15} {_figures(row)}")
     return "\n".join(lines)
 
 
@@ -36,7 +39,7 @@ def _figures(row: dict) -> str:
         return f"{row['status']}: {row['reason']}"
     speedup = "-" if row["provider"] == "ours" or row["ours_speedup"] is None else f"{row['ours_speedup']:.2f}x"
     peak = "n/a" if row["peak_mem_bytes"] is None else f"{row['peak_mem_bytes'] / 2**20:.1f}"
-    return (f"{row['median_ms']:10.4f} {row['gbps']:8.1f} {row['fraction_of_copy']:8.0%} {row['floor_ms']:9.4f} "
+    return (f"{row['median_ms']:10.4f} {row['rate']:8.1f} {row['fraction_of_ceiling']:9.0%} {row['floor_ms']:9.4f} "
             f"{speedup:>7} {peak:>9}")
 
 
@@ -57,14 +60,14 @@ def write_outputs(result: dict, out_dir: Path, table: str, plot: bool = True) ->
 
 
 def write_plot(result: dict, path: Path) -> None:
-    """GB/s per provider, grouped by shape, one panel per case, with the copy ceiling as a dashed line."""
+    """Rate per provider (GB/s or TFLOP/s), grouped by shape, one panel per case, the ceiling dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cases = list(result["cases"].items())
-    copy_gbps = result["ceilings"]["copy"]["gbps"]
+    ceiling_rates = {"copy": result["ceilings"]["copy"]["gbps"], "matmul": result["ceilings"]["matmul"]["tflops"]}
     # One colour per provider across panels; a provider with no measurement in a panel leaves no bar.
     all_providers = list(dict.fromkeys(r["provider"] for r in result["rows"] if r["status"] == "ok"))
     colours = {p: f"C{i}" for i, p in enumerate(all_providers)}
@@ -74,13 +77,16 @@ def write_plot(result: dict, path: Path) -> None:
         shapes = list(dict.fromkeys(r["shape_label"] for r in rows))
         providers = [p for p in all_providers if any(r["provider"] == p and r["status"] == "ok" for r in rows)]
         width = 0.8 / max(len(providers), 1)
+        measured = [r for r in rows if r["status"] == "ok"]
         for j, provider in enumerate(providers):
-            gbps = {r["shape_label"]: r["gbps"] for r in rows if r["provider"] == provider and r["status"] == "ok"}
-            ax.bar([i + j * width for i in range(len(shapes))], [gbps.get(s, 0.0) for s in shapes], width,
+            rates = {r["shape_label"]: r["rate"] for r in measured if r["provider"] == provider}
+            ax.bar([i + j * width for i in range(len(shapes))], [rates.get(s, 0.0) for s in shapes], width,
                    label=provider, color=colours[provider])
-        ax.axhline(copy_gbps, linestyle="--", color="gray", label="copy ceiling")
+        if measured:
+            ceiling = measured[0]["ceiling"]
+            ax.axhline(ceiling_rates[ceiling], linestyle="--", color="gray", label=f"{ceiling} ceiling")
+            ax.set_ylabel(measured[0]["unit"])
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))], shapes, fontsize=8)
-        ax.set_ylabel("GB/s")
         ax.set_title(f"{case}: {title}", fontsize=10)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     device = result["device"]

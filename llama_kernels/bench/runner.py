@@ -1,9 +1,10 @@
 """The benchmark run behind ``llama-kernels bench`` and ``python -m llama_kernels.bench``.
 
 Measures the ceilings, then every (case, shape, provider) on the device present
-(CUDA if any, else CPU), and derives per row: GB/s, the fraction of the measured
-copy bandwidth, the floor time (bytes / copy bandwidth), ours' speed-up against
-the row's provider and the extra memory one call allocates.
+(CUDA if any, else CPU), and derives per row: the rate (GB/s for the memory-bound
+ops, TFLOP/s for attention), its fraction of the ceiling measured in the same run
+(the copy bandwidth, the matmul peak), the floor time, ours' speed-up against the
+row's provider and the extra memory one call allocates.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import report
-from .cases import CASES, OPS, Unavailable, matrix
+from .cases import CASES, OPS, Unavailable, figures, matrix
 from .harness import FULL, QUICK, default_device, device_info, measure, measure_ceilings, peak_memory_bytes
 
 
@@ -31,7 +32,6 @@ def run_benchmark(ops=OPS, quick: bool = False, device: torch.device | None = No
         print(info["notice"], file=progress)
     print(f"[ceilings] copy and matmul on {info['name']}", file=progress)
     ceilings = measure_ceilings(device, quick)
-    copy_gbps = ceilings["copy"]["gbps"]
     items = matrix(ops, device, quick, with_compile=not quick)  # torch.compile's warm-ups take seconds each
 
     rows, done = [], 0
@@ -42,7 +42,7 @@ def run_benchmark(ops=OPS, quick: bool = False, device: torch.device | None = No
             done += 1
             print(f"[{done}/{len(items)}] {case.name} {shape.label(case.op)} {item.provider}",
                   file=progress, flush=True)
-            shape_rows.append(_measure_item(item, inputs, device, plan, copy_gbps, deadline))
+            shape_rows.append(_measure_item(item, inputs, device, plan, ceilings, deadline))
         _add_speedups(shape_rows)
         rows += shape_rows
         del inputs
@@ -60,11 +60,10 @@ def run_benchmark(ops=OPS, quick: bool = False, device: torch.device | None = No
     }
 
 
-def _measure_item(item, inputs, device, plan, copy_gbps: float, deadline: float | None) -> dict:
+def _measure_item(item, inputs, device, plan, ceilings: dict, deadline: float | None) -> dict:
     case, shape = item.case, item.shape
-    nbytes = case.bytes_moved(shape)
     row = {"case": case.name, "op": case.op, "shape": shape.as_dict(case.op), "shape_label": shape.label(case.op),
-           "provider": item.provider, "bytes": nbytes, "floor_ms": nbytes / (copy_gbps * 1e9) * 1e3}
+           "provider": item.provider}
     if deadline is not None and time.monotonic() > deadline:
         return {**row, "status": "skipped", "reason": "time budget spent"}
     try:
@@ -78,8 +77,7 @@ def _measure_item(item, inputs, device, plan, copy_gbps: float, deadline: float 
             torch.cuda.empty_cache()
         first_line = (str(e).splitlines() or [""])[0][:300]
         return {**row, "status": "error", "reason": f"{type(e).__name__}: {first_line}"}
-    gbps = nbytes / (timing.median_ms * 1e-3) / 1e9
-    return {**row, "status": "ok", **timing.as_dict(), "gbps": gbps, "fraction_of_copy": gbps / copy_gbps,
+    return {**row, "status": "ok", **timing.as_dict(), **figures(case, shape, timing.median_ms, ceilings),
             "peak_mem_bytes": peak}
 
 

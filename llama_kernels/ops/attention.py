@@ -159,7 +159,8 @@ def _bwd_probabilities(q, k, lse, rows, cols, len_q, len_k, diag, qk_scale,
     if CAUSAL:
         visible = visible & (cols[None, :] <= rows[:, None] + diag)
     lse = tl.where(lse == float("-inf"), 0.0, lse)  # rows that saw nothing: all masked below
-    return tl.where(visible, tl.math.exp2(s - lse[:, None] * LOG2E), 0.0)
+    # Masked before the exp2, so that no masked score can overflow on its way to zero.
+    return tl.math.exp2(tl.where(visible, s - lse[:, None] * LOG2E, float("-inf")))
 
 
 @triton.jit

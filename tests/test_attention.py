@@ -1,0 +1,406 @@
+"""Flash attention (the Triton kernels run by the interpreter) against reference.attention.
+
+Sizes are kept small: the interpreter costs ~8 ms per program and loop step, with 64 x 64
+blocks (S = 257 is five blocks). Shapes cover Sq == Sk and Sq != Sk both ways (bottom-right
+causal alignment, rows that see no key), odd lengths 1, 17, 113, 257, heads 4/4, 8/2 (GQA),
+8/1 (MQA) and head_dim 64 and 128, without taking the full cross-product.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import llama_kernels as lk
+from llama_kernels import reference as ref
+from utils import assert_close, randn
+
+pytestmark = pytest.mark.usefixtures("poison_outputs")
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+
+# --------------------------------------------------------------------------- helpers
+def make_qkv(batch, seqlen_q, seqlen_k, hq, hk, d, dtype=F32, scale=1.0):
+    return (randn(batch, seqlen_q, hq, d, dtype=dtype, scale=scale),
+            randn(batch, seqlen_k, hk, d, dtype=dtype, scale=scale),
+            randn(batch, seqlen_k, hk, d, dtype=dtype))
+
+
+def check_out(got, want):
+    """fp32: ~1e-5 relative. fp16/bf16: two ulp (one for the interpreter's rounding toward zero)."""
+    assert got.dtype == want.dtype, (got.dtype, want.dtype)
+    if want.dtype == F32:
+        assert_close(got, want, atol=1e-5)
+    else:
+        assert_close(got, want, ulps=2, atol=2e-3)
+
+
+def check_lse(got, want):
+    """lse is fp32 whatever the inputs; rows that see no key are -inf in both, never NaN."""
+    assert got.dtype == F32, got.dtype
+    assert got.shape == want.shape, (got.shape, want.shape)
+    assert not got.isnan().any(), "NaN in lse"
+    assert torch.equal(got.isneginf(), want.isneginf()), "the -inf rows (no visible key) differ"
+    finite = want.isfinite()
+    torch.testing.assert_close(got[finite], want[finite].float(), rtol=1e-5, atol=1e-5)
+
+
+def check_grads(got, want, dtype):
+    """Gradients against the ideal ones: autograd of the reference on the same inputs upcast to fp64.
+
+    fp32: 1e-4, the absolute part scaled by the gradient's largest element (large scores give
+    gradients ~30, where fp32 rounding alone is ~2e-4). fp16/bf16: a few ulp (2e-2).
+    """
+    for name, g, w in zip("qkv", got, want):
+        assert g.dtype == dtype, (name, g.dtype)
+        assert not g.isnan().any(), f"NaN in d{name}"
+        tol = 1e-4 if dtype == F32 else 2e-2
+        scale = max(1.0, w.abs().max().item()) if dtype == F32 else 1.0
+        torch.testing.assert_close(g.double(), w.double(), rtol=tol, atol=tol * scale, msg=lambda m: f"d{name}: {m}")
+
+
+def ideal_grads(fn, inputs, do):
+    """The gradients of sum(fn(inputs) * do) computed in fp64 from the same values."""
+    return grads(fn, [t.double() for t in inputs], do.double())[1]
+
+
+def grads(fn, inputs, do):
+    """fn's output and the gradients of sum(out * do) with respect to (q, k, v)."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    return out.detach(), torch.autograd.grad((out * do).sum(), leaves)
+
+
+def shape_id(case):
+    return "x".join(str(c).removeprefix("torch.") for c in case)
+
+
+# --------------------------------------------------------------------------- forward and lse
+# (batch, Sq, Sk, Hq, Hk, head_dim, dtype)
+FORWARD_CASES = [
+    (2, 17, 17, 4, 4, 64, F32),
+    (1, 113, 257, 8, 2, 128, BF16),
+    (1, 257, 113, 8, 1, 64, F32),  # causal: the first 144 queries see no key
+    (1, 1, 300, 8, 2, 128, F32),  # decoding one token
+    (1, 300, 1, 4, 4, 64, BF16),  # causal: only the last query sees the key
+    (2, 17, 17, 8, 1, 128, F16),
+    (1, 257, 257, 8, 2, 64, BF16),
+    (1, 113, 113, 4, 1, 128, F32),
+]
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("case", FORWARD_CASES, ids=shape_id)
+def test_forward_and_lse_match_reference(case, causal):
+    batch, sq, sk, hq, hk, d, dtype = case
+    q, k, v = make_qkv(batch, sq, sk, hq, hk, d, dtype)
+    o, lse = lk.flash_attention(q, k, v, causal=causal, return_lse=True, backend="triton")
+    want_o, want_lse = ref.attention(q, k, v, causal, return_lse=True)
+    assert o.shape == q.shape and lse.shape == (batch, hq, sq)
+    check_out(o, want_o)
+    check_lse(lse, want_lse)
+
+
+def test_default_backend_and_return_lse_false():
+    """Under TRITON_INTERPRET=1, CPU tensors run the Triton kernels; return_lse=False gives o alone."""
+    q, k, v = make_qkv(1, 17, 29, 4, 2, 64)
+    o = lk.flash_attention(q, k, v)
+    assert isinstance(o, torch.Tensor)
+    o_triton, _ = lk.flash_attention(q, k, v, causal=True, return_lse=True, backend="triton")
+    assert torch.equal(o, o_triton)
+    check_out(o, ref.attention(q, k, v, causal=True))
+    o_ref, lse_ref = lk.flash_attention(q, k, v, return_lse=True, backend="reference")
+    check_out(o_ref, ref.attention(q, k, v, causal=True))
+    check_lse(lse_ref, ref.attention(q, k, v, causal=True, return_lse=True)[1])
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_softmax_scale_and_large_scores(causal):
+    """Scores with a spread of ~±100 exercise the running maximum of the online softmax."""
+    q, k, v = make_qkv(1, 70, 90, 4, 2, 64, scale=3.0)
+    do = randn(*q.shape)
+
+    def fn(a, b, c):
+        return lk.flash_attention(a, b, c, causal=causal, softmax_scale=0.4, backend="triton")
+
+    o, lse = lk.flash_attention(q, k, v, causal=causal, softmax_scale=0.4, return_lse=True, backend="triton")
+    want_o, want_lse = ref.attention(q, k, v, causal, 0.4, return_lse=True)
+    check_out(o, want_o)
+    check_lse(lse, want_lse)
+    _, got = grads(fn, (q, k, v), do)
+    want = ideal_grads(lambda a, b, c: ref.attention(a, b, c, causal, 0.4), (q, k, v), do)
+    check_grads(got, want, F32)
+
+
+def test_strided_inputs():
+    """q seen through a (B, H, S, D) transpose, k and v interleaved in one buffer: only the last dim is contiguous."""
+    q = randn(2, 4, 40, 64).transpose(1, 2)  # (2, 40, 4, 64)
+    kv = randn(2, 50, 2, 2, 64)
+    k, v = kv[:, :, 0], kv[:, :, 1]  # (2, 50, 2, 64), token stride 256
+    do = randn(*q.shape)
+    o, lse = lk.flash_attention(q, k, v, causal=True, return_lse=True, backend="triton")
+    want_o, want_lse = ref.attention(q, k, v, True, return_lse=True)
+    check_out(o, want_o)
+    check_lse(lse, want_lse)
+    _, got = grads(lambda a, b, c: lk.flash_attention(a, b, c, backend="triton"), (q, k, v), do)
+    want = ideal_grads(lambda a, b, c: ref.attention(a, b, c, True), (q, k, v), do)
+    check_grads(got, want, F32)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_rows_that_see_no_key_are_zero(dtype):
+    """Causal with Sq > Sk: queries 0..Sq-Sk-1 see nothing; zeros, lse -inf, zero dq, no NaN anywhere."""
+    q, k, v = make_qkv(1, 150, 20, 4, 2, 64, dtype)
+    o, lse = lk.flash_attention(q, k, v, causal=True, return_lse=True, backend="triton")
+    assert not o.isnan().any() and not lse.isnan().any()
+    assert (o[:, :130] == 0).all()
+    assert lse[:, :, :130].isneginf().all() and lse[:, :, 130:].isfinite().all()
+    do = randn(*q.shape, dtype=dtype)
+    _, (dq, dk, dv) = grads(lambda a, b, c: lk.flash_attention(a, b, c, backend="triton"), (q, k, v), do)
+    for g in (dq, dk, dv):
+        assert not g.isnan().any()
+    assert (dq[:, :130] == 0).all()
+
+
+# --------------------------------------------------------------------------- gradients
+# (batch, Sq, Sk, Hq, Hk, head_dim, causal)
+GRAD_CASES = [
+    (2, 17, 17, 4, 4, 64, True),
+    (1, 113, 257, 8, 2, 128, True),
+    (1, 257, 113, 8, 1, 64, True),  # rows that see no key
+    (1, 1, 300, 4, 2, 128, False),
+    (1, 300, 1, 8, 4, 64, False),
+]
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", GRAD_CASES, ids=shape_id)
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_gradients_match_reference(backend, case, dtype):
+    batch, sq, sk, hq, hk, d, causal = case
+    q, k, v = make_qkv(batch, sq, sk, hq, hk, d, dtype)
+    do = randn(*q.shape, dtype=dtype)
+    o, got = grads(lambda a, b, c: lk.flash_attention(a, b, c, causal=causal, backend=backend), (q, k, v), do)
+    check_out(o, ref.attention(q, k, v, causal))
+    want = ideal_grads(lambda a, b, c: ref.attention(a, b, c, causal), (q, k, v), do)
+    check_grads(got, want, dtype)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_lse_is_differentiable(backend):
+    """A loss on o and lse (as ring attention combines partial results): the lse's gradient joins the row term."""
+    q, k, v = make_qkv(1, 90, 60, 4, 2, 64)  # causal: the first 30 queries see no key
+    do, dlse = randn(*q.shape), randn(1, 4, 90)
+
+    def loss(o, lse):
+        return (o * do).sum() + (torch.where(lse.isfinite(), lse, 0.0) * dlse).sum()
+
+    def run(fn, inputs):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        return torch.autograd.grad(loss(*fn(*leaves)), leaves)
+
+    got = run(lambda a, b, c: lk.flash_attention(a, b, c, return_lse=True, backend=backend), (q, k, v))
+    want = run(lambda a, b, c: ref.attention(a, b, c, True, return_lse=True), [t.double() for t in (q, k, v)])
+    check_grads(got, want, F32)
+
+
+# --------------------------------------------------------------------------- varlen
+SEQLENS_Q = [1, 17, 70, 40, 3]
+SEQLENS_K = [5, 17, 130, 7, 0]  # (40, 7): causal rows 0..32 see nothing; (3, 0): no key at all
+
+
+def cu_seqlens(lengths):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def varlen_reference(q, k, v, cu_q, cu_k, causal, return_lse=False):
+    """reference.attention on each sequence; o (total_q, Hq, D), lse (Hq, total_q)."""
+    outs, lses = [], []
+    for i in range(len(cu_q) - 1):
+        sq, sk = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+        o, lse = ref.attention(q[None, sq], k[None, sk], v[None, sk], causal, return_lse=True)
+        outs.append(o[0])
+        lses.append(lse[0])
+    o = torch.cat(outs)
+    return (o, torch.cat(lses, dim=-1)) if return_lse else o
+
+
+def varlen_inputs(dtype, hq=8, hk=2, d=64):
+    total_q, total_k = sum(SEQLENS_Q), sum(SEQLENS_K)
+    q = randn(total_q, hq, d, dtype=dtype)
+    k, v = randn(total_k, hk, d, dtype=dtype), randn(total_k, hk, d, dtype=dtype)
+    return q, k, v, cu_seqlens(SEQLENS_Q), cu_seqlens(SEQLENS_K)
+
+
+@pytest.mark.parametrize("backend,causal,dtype", [
+    ("triton", True, F32), ("triton", False, F32), ("triton", True, BF16),
+    ("reference", True, F32), ("reference", False, BF16),
+], ids=["triton-causal-fp32", "triton-full-fp32", "triton-causal-bf16", "reference-causal-fp32", "reference-full-bf16"])
+def test_varlen_matches_reference_per_sequence(backend, causal, dtype):
+    q, k, v, cu_q, cu_k = varlen_inputs(dtype)
+    max_q, max_k = max(SEQLENS_Q), max(SEQLENS_K)
+
+    def flash(a, b, c, **kwargs):
+        return lk.flash_attention_varlen(a, b, c, cu_q, cu_k, max_q, max_k, causal=causal, backend=backend, **kwargs)
+
+    o, lse = flash(q, k, v, return_lse=True)
+    want_o, want_lse = varlen_reference(q, k, v, cu_q.tolist(), cu_k.tolist(), causal, return_lse=True)
+    assert o.shape == q.shape and lse.shape == (q.shape[1], q.shape[0])
+    check_out(o, want_o)
+    check_lse(lse, want_lse)
+    if causal:
+        start = sum(SEQLENS_Q[:3])
+        assert (o[start: start + 33] == 0).all()  # (40, 7): rows that see nothing
+    assert (o[-3:] == 0).all() and lse[:, -3:].isneginf().all()  # the sequence with no key
+
+    do = randn(*q.shape, dtype=dtype)
+    _, got = grads(flash, (q, k, v), do)
+    want = ideal_grads(lambda a, b, c: varlen_reference(a, b, c, cu_q.tolist(), cu_k.tolist(), causal), (q, k, v), do)
+    check_grads(got, want, dtype)
+
+
+# --------------------------------------------------------------------------- determinism
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("layout", ["dense", "varlen"])
+def test_backward_is_bit_identical_across_runs(layout, deterministic):
+    """dk and dv sum over the 4 query heads of a group and over query blocks: the same bits every run."""
+    if layout == "dense":
+        q, k, v = make_qkv(1, 150, 150, 8, 2, 64)
+
+        def fn(a, b, c):
+            return lk.flash_attention(a, b, c, deterministic=deterministic, backend="triton")
+    else:
+        q, k, v, cu_q, cu_k = varlen_inputs(F32)
+
+        def fn(a, b, c):
+            return lk.flash_attention_varlen(a, b, c, cu_q, cu_k, max(SEQLENS_Q), max(SEQLENS_K),
+                                             deterministic=deterministic, backend="triton")
+    do = randn(*q.shape)
+    runs = [grads(fn, (q, k, v), do)[1] for _ in range(3)]
+    for run in runs[1:]:
+        for name, a, b in zip("qkv", run, runs[0]):
+            assert torch.equal(a, b), f"d{name} differs between runs"
+
+
+# --------------------------------------------------------------------------- torch.compile
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_fullgraph_compile_forward_and_backward(backend):
+    torch._dynamo.reset()
+    q, k, v = make_qkv(1, 33, 40, 4, 2, 64)
+    do = randn(*q.shape)
+
+    def f(q, k, v):
+        o, lse = lk.flash_attention(q, k, v, causal=True, return_lse=True, backend=backend)
+        return o * 2, lse
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        o, lse = fn(*leaves)
+        return (o.detach(), lse.detach()), torch.autograd.grad((o * do).sum(), leaves)
+
+    (outs, got), (want_outs, want) = run(torch.compile(f, backend="aot_eager", fullgraph=True)), run(f)
+    for a, b in zip(outs + got, want_outs + want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    check_out(outs[0] / 2, ref.attention(q, k, v, True))
+
+
+# --------------------------------------------------------------------------- refusals
+def _dense(**kwargs):
+    args = {"q": randn(1, 5, 4, 64), "k": randn(1, 7, 2, 64), "v": randn(1, 7, 2, 64)}
+    return {**args, **kwargs}
+
+
+@pytest.mark.parametrize(
+    "make_kwargs,error,match",
+    [
+        (lambda: _dense(q=randn(5, 4, 64)), ValueError, r"^q: expected"),
+        (lambda: _dense(k=randn(7, 2, 64), v=randn(7, 2, 64)), ValueError, r"^k: expected"),
+        (lambda: _dense(q=randn(1, 5, 4, 96), k=randn(1, 7, 2, 96), v=randn(1, 7, 2, 96)), ValueError,
+         r"^q: expected head_dim 64 or 128"),
+        (lambda: _dense(q=randn(1, 5, 4, 32), k=randn(1, 7, 2, 32), v=randn(1, 7, 2, 32)), ValueError,
+         r"^q: expected head_dim"),
+        (lambda: _dense(k=randn(1, 7, 2, 128), v=randn(1, 7, 2, 128)), ValueError, r"^k: expected"),  # head_dim
+        (lambda: _dense(k=randn(2, 7, 2, 64), v=randn(2, 7, 2, 64)), ValueError, r"^k: expected"),  # batch
+        (lambda: _dense(k=randn(1, 7, 3, 64), v=randn(1, 7, 3, 64)), ValueError, r"^k: expected"),  # 4 % 3 heads
+        (lambda: _dense(q=randn(1, 5, 2, 64), k=randn(1, 7, 4, 64), v=randn(1, 7, 4, 64)), ValueError,
+         r"^k: expected"),  # more kv heads than q heads
+        (lambda: _dense(v=randn(1, 6, 2, 64)), ValueError, r"^v: expected"),
+        (lambda: _dense(q=randn(1, 5, 4, 64).double(), k=randn(1, 7, 2, 64).double(),
+                        v=randn(1, 7, 2, 64).double()), TypeError, r"^q: expected.*dtype"),
+        (lambda: _dense(q=randn(1, 5, 4, 64).int()), TypeError, r"^q: expected.*dtype"),
+        (lambda: _dense(k=randn(1, 7, 2, 64, dtype=BF16)), TypeError, r"^k: expected.*dtype"),
+        (lambda: _dense(v=randn(1, 7, 2, 64, dtype=F16)), TypeError, r"^v: expected.*dtype"),
+        (lambda: _dense(k=randn(1, 7, 2, 64).to("meta")), ValueError, r"^k: expected device"),
+        (lambda: _dense(v=randn(1, 7, 2, 64).to("meta")), ValueError, r"^v: expected device"),
+        (lambda: _dense(q=randn(1, 5, 4, 128)[..., ::2]), ValueError, r"^q: expected.*last dim"),
+        (lambda: _dense(k=randn(1, 7, 2, 128)[..., ::2]), ValueError, r"^k: expected.*last dim"),
+        (lambda: _dense(v=randn(1, 7, 2, 128)[..., ::2]), ValueError, r"^v: expected.*last dim"),
+        (lambda: _dense(q=[1.0]), TypeError, r"^q: expected"),
+        (lambda: _dense(backend="cuda"), ValueError, r"^backend: expected"),
+    ],
+    ids=["q-3d", "k-3d", "head_dim-96", "head_dim-32", "head_dim-mismatch", "batch", "heads-not-multiple",
+         "more-kv-heads", "v-shape", "float64", "int", "k-dtype", "v-dtype", "k-device", "v-device",
+         "q-last-stride", "k-last-stride", "v-last-stride", "q-list", "backend"],
+)
+def test_bad_input_is_refused(make_kwargs, error, match):
+    with pytest.raises(error, match=match):
+        lk.flash_attention(**make_kwargs())
+
+
+def _varlen(**kwargs):
+    args = {
+        "q": randn(9, 4, 64), "k": randn(12, 2, 64), "v": randn(12, 2, 64),
+        "cu_seqlens_q": torch.tensor([0, 4, 9], dtype=torch.int32),
+        "cu_seqlens_k": torch.tensor([0, 5, 12], dtype=torch.int32),
+        "max_seqlen_q": 5, "max_seqlen_k": 7,
+    }
+    return {**args, **kwargs}
+
+
+@pytest.mark.parametrize(
+    "make_kwargs,error,match",
+    [
+        (lambda: _varlen(), None, None),  # the baseline is accepted
+        (lambda: _varlen(q=randn(1, 9, 4, 64)), ValueError, r"^q: expected"),
+        (lambda: _varlen(q=randn(9, 4, 96), k=randn(12, 2, 96), v=randn(12, 2, 96)), ValueError,
+         r"^q: expected head_dim"),
+        (lambda: _varlen(k=randn(12, 3, 64), v=randn(12, 3, 64)), ValueError, r"^k: expected"),
+        (lambda: _varlen(k=randn(12, 2, 64, dtype=BF16), v=randn(12, 2, 64, dtype=BF16)), TypeError,
+         r"^k: expected.*dtype"),
+        (lambda: _varlen(cu_seqlens_q=torch.tensor([0, 4, 9])), TypeError, r"^cu_seqlens_q: expected.*dtype"),
+        (lambda: _varlen(cu_seqlens_k=torch.tensor([0.0, 5.0, 12.0])), TypeError, r"^cu_seqlens_k: expected.*dtype"),
+        (lambda: _varlen(cu_seqlens_q=torch.tensor([[0, 4, 9]], dtype=torch.int32)), ValueError,
+         r"^cu_seqlens_q: expected"),
+        (lambda: _varlen(cu_seqlens_q=torch.tensor([0, 9], dtype=torch.int32), max_seqlen_q=9), ValueError,
+         r"^cu_seqlens_[qk]: expected"),  # 1 sequence in q, 2 in k
+        (lambda: _varlen(cu_seqlens_q=torch.tensor([0, 6, 4, 9], dtype=torch.int32),
+                         cu_seqlens_k=torch.tensor([0, 5, 8, 12], dtype=torch.int32)), ValueError,
+         r"^cu_seqlens_q: expected"),  # decreasing
+        (lambda: _varlen(cu_seqlens_k=torch.tensor([0, 8, 5], dtype=torch.int32)), ValueError,
+         r"^cu_seqlens_k: expected"),  # decreasing
+        (lambda: _varlen(k=randn(12, 2, 64).to("meta"), v=randn(12, 2, 64).to("meta")), ValueError,
+         r"^k: expected device"),
+    ],
+    ids=["ok", "q-4d", "head_dim-96", "heads-not-multiple", "k-dtype", "cu_q-int64", "cu_k-float", "cu_q-2d",
+         "cu-batch-mismatch", "cu_q-decreasing", "cu_k-decreasing", "k-device"],
+)
+def test_varlen_bad_input_is_refused(make_kwargs, error, match):
+    if error is None:
+        assert lk.flash_attention_varlen(**make_kwargs(), causal=False).shape == (9, 4, 64)
+        return
+    with pytest.raises(error, match=match):
+        lk.flash_attention_varlen(**make_kwargs())
+
+
+# --------------------------------------------------------------------------- property
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(batch=st.integers(1, 2), seqlen_q=st.integers(1, 140), seqlen_k=st.integers(1, 140),
+       n_kv=st.integers(1, 2), group=st.sampled_from([1, 2, 4]), head_dim=st.sampled_from([64, 128]),
+       causal=st.booleans(), dtype=st.sampled_from([F32, F16, BF16]))
+def test_any_shape(batch, seqlen_q, seqlen_k, n_kv, group, head_dim, causal, dtype):
+    q, k, v = make_qkv(batch, seqlen_q, seqlen_k, n_kv * group, n_kv, head_dim, dtype)
+    o, lse = lk.flash_attention(q, k, v, causal=causal, return_lse=True, backend="triton")
+    want_o, want_lse = ref.attention(q, k, v, causal, return_lse=True)
+    check_out(o, want_o)
+    check_lse(lse, want_lse)
