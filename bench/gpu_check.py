@@ -1,10 +1,11 @@
 """The GPU check: correctness on the card, a launch-config sweep, the benchmark, in under five minutes.
 
-    python bench/gpu_check.py OUTDIR [--budget-s 270]
+    python bench/gpu_check.py OUTDIR [--budget-s 300]
 
 1. correctness: every op (RMSNorm forward with and without residual and its
-   backward, RoPE forward in both layouts and its backward) against
-   ``llama_kernels.reference`` at Code Llama shapes, bf16 and fp32;
+   backward, RoPE forward in both layouts and its backward, attention forward,
+   lse and backward, dense and packed) against ``llama_kernels.reference`` at
+   Code Llama shapes, bf16 and fp32;
 2. sweep: every candidate launch config of each Triton kernel, timed through
    the public functions at the key shapes (min / median / max), checked against
    the reference, and the winners written as ``tuned_configs.json``;
@@ -50,10 +51,20 @@ THETA = 1e6
 CHECK_ROWS = 4096
 CHECK_HIDDEN = (4096, 5120, 8192)
 CHECK_ROPE = (("7B", 2, 4096, (32, 32, 128), False), ("34B", 1, 16384, (64, 8, 128), True))  # ..., explicit positions
+# (name, batch, Sq, Sk, (Hq, Hk, D), causal): Code Llama 7B and 34B layouts, D 64, Sq != Sk both ways.
+CHECK_ATTENTION = (
+    ("7B causal", 1, 2048, 2048, (32, 32, 128), True), ("7B full", 1, 2048, 2048, (32, 32, 128), False),
+    ("34B causal", 1, 4096, 4096, (64, 8, 128), True), ("D64 Sq<Sk", 2, 1000, 3000, (8, 2, 64), True),
+    ("D64 Sq>Sk", 2, 3000, 1000, (8, 1, 64), True),
+)
+CHECK_VARLEN = ([1, 700, 1500, 64], [300, 700, 2000, 0])  # q and k lengths: one of 1, one with no keys
+# Attention tolerances: bf16 rounds P before the PV product, as every flash kernel does.
+ATTENTION_TOLERANCE = {torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2}, torch.float32: {"rtol": 1e-4, "atol": 1e-4}}
 # Sweep shapes: 16k tokens of bf16.
 SWEEP_TOKENS = 16384
 SWEEP_HIDDEN = (4096, 5120, 8192)
 SWEEP_HEADS = ((32, 32, 128), (64, 8, 128))  # 7B, 34B
+SWEEP_ATTENTION_HEADS = (64, 8, 128)  # 34B: GQA, Code Llama's head_dim
 KEEP_DEFAULT_WITHIN = 0.03  # a candidate replaces the default only if >3% faster: noise must not churn the table
 
 
@@ -151,6 +162,10 @@ def check_correctness(rec: Recorder) -> None:
         dname = str(dtype).removeprefix("torch.")
         for hidden in CHECK_HIDDEN:
             guarded(f"rms_norm {hidden} {dname}", lambda: _check_rms_norm(record, hidden, dtype, dname))
+        for name, batch, seqlen_q, seqlen_k, heads, causal in CHECK_ATTENTION:
+            guarded(f"attention {name} {dname}", lambda: _check_attention(
+                record, name, batch, seqlen_q, seqlen_k, heads, causal, dtype, dname))
+        guarded(f"attention varlen {dname}", lambda: _check_attention_varlen(record, dtype, dname))
         for model, batch, seqlen, heads, explicit in CHECK_ROPE:
             guarded(f"rope {model} {dname}",
                     lambda: _check_rope(record, model, batch, seqlen, heads, explicit, dtype, dname))
@@ -174,6 +189,49 @@ def _check_rms_norm(record, hidden: int, dtype, dname: str) -> None:
         for name, g, want in zip(("dx", "dweight", "dresidual"), got, ideal):
             tol = gradient_tolerance(dtype, CHECK_ROWS if name == "dweight" else 1)
             record(f"rms_norm bwd{label} {name} {hidden} {dname}", compare(g, want, **tol))
+
+
+def _check_attention(record, name, batch, seqlen_q, seqlen_k, heads, causal, dtype, dname) -> None:
+    hq, hk, d = heads
+    q = randn(batch, seqlen_q, hq, d, dtype=dtype)
+    k, v = randn(batch, seqlen_k, hk, d, dtype=dtype), randn(batch, seqlen_k, hk, d, dtype=dtype)
+    do = randn(batch, seqlen_q, hq, d, dtype=dtype)
+    _check_attention_against(record, f"{name} {dname}", dtype, (q, k, v), do,
+                             lambda *t: lk.flash_attention(*t, causal=causal, return_lse=True),
+                             lambda *t: lk.flash_attention(*t, causal=causal, return_lse=True, backend="reference"))
+
+
+def _check_attention_varlen(record, dtype, dname) -> None:
+    """Packed sequences of unequal lengths (one of length 1, one with no keys), 34B's heads."""
+    lengths_q, lengths_k = CHECK_VARLEN
+    cu_q, cu_k = (torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+                  for n in (lengths_q, lengths_k))
+    q = randn(sum(lengths_q), 64, 128, dtype=dtype)
+    k, v = randn(sum(lengths_k), 8, 128, dtype=dtype), randn(sum(lengths_k), 8, 128, dtype=dtype)
+    do = randn(*q.shape, dtype=dtype)
+    args = (cu_q, cu_k, max(lengths_q), max(lengths_k))
+    _check_attention_against(record, f"varlen {dname}", dtype, (q, k, v), do,
+                             lambda *t: lk.flash_attention_varlen(*t, *args, return_lse=True),
+                             lambda *t: lk.flash_attention_varlen(*t, *args, return_lse=True, backend="reference"))
+
+
+def _check_attention_against(record, label, dtype, inputs, do, ours, theirs) -> None:
+    """o, lse and the gradients of q, k, v of ours against the reference backend (computing in fp32)."""
+    results = []
+    for fn in (ours, theirs):
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        o, lse = fn(*leaves)
+        results.append((o, lse, *torch.autograd.grad(o, leaves, do)))
+    tol = ATTENTION_TOLERANCE[dtype]
+    for name, got, want in zip(("o", "lse", "dq", "dk", "dv"), *results):
+        if name == "lse":  # fp32 from the fp32 scores: tight; -inf rows must match exactly
+            same_inf = torch.equal(torch.isneginf(got), torch.isneginf(want))
+            finite = torch.isfinite(want)
+            result = compare(got[finite], want[finite], rtol=1e-4, atol=1e-4)
+            result["ok"] = result["ok"] and same_inf
+        else:
+            result = compare(got, want, **tol)
+        record(f"attention {name} {label}", result)
 
 
 def _rms_grads(fn, inputs, gy, gh):
@@ -367,6 +425,49 @@ def sweep(rec: Recorder, deadline: float) -> None:
             layout = "interleaved" if interleaved else "half"
             _sweep_guarded(rec, entries, "rope", f"{hq}/{hk}/{d}:bfloat16:{layout}", variant,
                            lambda default: rope_candidates(default, max(hq, hk)), deadline)
+    sweep_attention(rec, entries, deadline)
+
+
+def attention_candidates(default: dict, kernel: str) -> list[dict]:
+    """Tiles around the default: the forward's (M 64/128 x N 32/64/128), the backward's (M 32/64 x N 32/64/128)."""
+    block_ms = (64, 128) if kernel == "attention_fwd" else (32, 64)
+    stages = (2, 3, 4) if kernel == "attention_fwd" else (1, 2)
+    found = [default]
+    for block_m in block_ms:
+        for block_n in (32, 64, 128):
+            for warps in (4, 8):
+                for num_stages in stages:
+                    config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": num_stages}
+                    # 128-row tiles need 8 warps (4 spill); 4 stages of 128-column tiles overflow shared memory
+                    if (block_m == 128 and warps == 4) or (num_stages == 4 and block_n == 128) or config in found:
+                        continue
+                    found.append(config)
+    return found
+
+
+def sweep_attention(rec: Recorder, entries: list, deadline: float) -> None:
+    """Code Llama 34B's layout (64/8 heads, D 128), bf16, 16k tokens, causal and not; each candidate's output
+    is checked against the default config's (the correctness part checks that one against the reference)."""
+    dtype, (hq, hk, d) = torch.bfloat16, SWEEP_ATTENTION_HEADS
+    q, k, v = (randn(1, SWEEP_TOKENS, h, d, dtype=dtype) for h in (hq, hk, hk))
+    do = randn(1, SWEEP_TOKENS, hq, d, dtype=dtype)
+    tol = ATTENTION_TOLERANCE[dtype]
+    forward, backward = {}, {}
+    for causal in (True, False):
+        name = "causal" if causal else "full"
+        want = lk.flash_attention(q, k, v, causal=causal)
+        forward[name] = (lambda c=causal: lk.flash_attention(q, k, v, causal=c),
+                         lambda out, w=want: compare(out, w, **tol))
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = lk.flash_attention(*leaves, causal=causal)
+        want_grads = torch.autograd.grad(out, leaves, do, retain_graph=True)
+        backward[name] = (lambda o=out, ls=leaves: torch.autograd.grad(o, ls, do, retain_graph=True),
+                          lambda g, w=want_grads: _both(_both(*(compare(a, b, **tol) for a, b in zip(g[:2], w[:2]))),
+                                                        compare(g[2], w[2], **tol)))
+    for kernel, variants in (("attention_fwd", forward), ("attention_bwd_dkdv", backward),
+                             ("attention_bwd_dq", backward)):
+        _sweep_guarded(rec, entries, kernel, f"{d}:bfloat16", variants,
+                       lambda default, kernel=kernel: attention_candidates(default, kernel), deadline)
 
 
 def winners_of(entries: list) -> dict:
@@ -475,7 +576,7 @@ def run(args: argparse.Namespace) -> int:
     with rec.part("correctness"):
         check_correctness(rec)
     with rec.part("sweep"):
-        sweep(rec, deadline=start + 0.45 * args.budget_s)
+        sweep(rec, deadline=start + 0.5 * args.budget_s)
     # Written even after a failed sweep: whatever was measured, and {} when nothing was.
     winners = winners_of(rec.results.get("sweep", []))
     (args.outdir / "tuned_configs.json").write_text(json.dumps(winners, indent=1, sort_keys=True) + "\n")
@@ -495,8 +596,8 @@ def run(args: argparse.Namespace) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("outdir", type=Path, help="where the logs and results go (created)")
-    parser.add_argument("--budget-s", type=float, default=270.0,
-                        help="seconds: the sweep stops at 45%% of it, the benchmark at its end (default 270)")
+    parser.add_argument("--budget-s", type=float, default=300.0,
+                        help="seconds: the sweep stops at 50%% of it, the benchmark at its end (default 300)")
     args = parser.parse_args(argv)
     args.outdir.mkdir(parents=True, exist_ok=True)
     with open(args.outdir / "gpu_check.log", "w") as log:
