@@ -40,6 +40,7 @@ import triton  # noqa: E402
 import llama_kernels as lk  # noqa: E402
 from llama_kernels import reference  # noqa: E402
 from llama_kernels.bench import harness, report, run_benchmark  # noqa: E402
+from llama_kernels.bench.cases import Shape  # noqa: E402
 from llama_kernels.ops import _triton  # noqa: E402
 
 DEVICE = torch.device("cuda")
@@ -65,6 +66,10 @@ SWEEP_TOKENS = 16384
 SWEEP_HIDDEN = (4096, 5120, 8192)
 SWEEP_HEADS = ((32, 32, 128), (64, 8, 128))  # 7B, 34B
 SWEEP_ATTENTION_HEADS = (64, 8, 128)  # 34B: GQA, Code Llama's head_dim
+# The benchmark's key shapes only, to fit the five minutes (llama-kernels bench runs them all): 16k tokens
+# of the 7B and 34B layouts, and 100k tokens (a 100k-token attention backward alone takes seconds a call).
+BENCH_SHAPES = {"memory": (Shape("7B", 16384), Shape("34B", 16384), Shape("34B", 100_000)),
+                "attention": (Shape("7B", 16384), Shape("34B", 16384), Shape("7B", 100_000))}
 KEEP_DEFAULT_WITHIN = 0.03  # a candidate replaces the default only if >3% faster: noise must not churn the table
 
 
@@ -503,7 +508,7 @@ def benchmark(rec: Recorder, out_dir: Path, winners: dict, deadline: float) -> N
     original = _triton._tuned_table
     _triton._tuned_table = lambda: winners
     try:
-        result = run_benchmark(deadline=deadline, progress=sys.stdout)
+        result = run_benchmark(deadline=deadline, progress=sys.stdout, shapes=BENCH_SHAPES)
     finally:
         _triton._tuned_table = original
     result["tuned_configs_in_force"] = winners

@@ -163,6 +163,32 @@ def test_rows_that_see_no_key_are_zero(dtype):
     assert (dq[:, :130] == 0).all()
 
 
+def test_offsets_past_2_31_elements():
+    """Token 2 of q, k and v starts 2^31 + 16 elements in: 32-bit offsets would wrap (the interpreter wraps
+    like the GPU). The forward and both backward kernels read through these offsets."""
+    token_stride = 2**30 + 8
+
+    def far_apart(n_heads):  # (1, 3, H, 64) in a 4 GiB storage of which only three tokens are touched
+        storage = torch.empty(2 * token_stride + n_heads * 64, dtype=torch.float16)
+        t = storage.as_strided((1, 3, n_heads, 64), (3 * token_stride, token_stride, 64, 1))
+        return t.copy_(randn(1, 3, n_heads, 64, dtype=torch.float16))
+
+    q, k, v = far_apart(2), far_apart(1), far_apart(1)
+    do = randn(1, 3, 2, 64, dtype=torch.float16)
+
+    def run(inputs):
+        leaves = [t.detach().requires_grad_() for t in inputs]  # no clone: keep the strides
+        o = lk.flash_attention(*leaves, backend="triton")
+        return o, torch.autograd.grad(o, leaves, do)
+
+    o, got = run((q, k, v))
+    o_compact, want = run([t.contiguous() for t in (q, k, v)])
+    assert torch.equal(o, o_compact)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    check_out(o, ref.attention(q.contiguous(), k.contiguous(), v.contiguous()))
+
+
 # --------------------------------------------------------------------------- gradients
 # (batch, Sq, Sk, Hq, Hk, head_dim, causal)
 GRAD_CASES = [

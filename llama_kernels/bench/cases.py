@@ -78,7 +78,7 @@ GPU_SHAPES = {
     "memory": (Shape("7B", 1024), Shape("7B", 16384), Shape("13B", 16384), Shape("34B", 16384), Shape("34B", 100_000)),
     # 16k tokens per batch below 16k-token sequences, as flash-attn's benchmarks do
     "attention": tuple(Shape(model, s, max(1, 16384 // s)) for model in ("7B", "34B")
-                       for s in (4096, 16384, 65536, 100_000)),
+                       for s in (4096, 16384, 32768, 65536, 100_000)),
 }
 CPU_SHAPES = {  # 2 cores: the whole run stays under two minutes
     "memory": (Shape("7B", 1024), Shape("34B", 4096)),
@@ -87,8 +87,9 @@ CPU_SHAPES = {  # 2 cores: the whole run stays under two minutes
 QUICK_SHAPES = {"memory": (Shape("7B", 256),), "attention": (Shape("34B", 128),)}
 
 
-def shapes_for(op: str, device: torch.device, quick: bool) -> tuple[Shape, ...]:
-    table = QUICK_SHAPES if quick else GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
+def shapes_for(op: str, device: torch.device, quick: bool, table: dict | None = None) -> tuple[Shape, ...]:
+    """The shapes of op's kind ("memory" or "attention") in ``table``, by default the device's."""
+    table = table or (QUICK_SHAPES if quick else GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
     return table["attention" if op == "attention" else "memory"]
 
 
@@ -472,12 +473,13 @@ class Item:
         return f"{self.case.name}-{self.shape.label(self.case.op).replace(' ', '-')}-{self.provider}"
 
 
-def matrix(ops, device: torch.device, quick: bool = False, with_compile: bool = True) -> list[Item]:
+def matrix(ops, device: torch.device, quick: bool = False, with_compile: bool = True,
+           shapes: dict | None = None) -> list[Item]:
     """Every (case, shape, provider) to measure, case by case, shape by shape."""
     return [
         Item(case, shape, provider)
         for case in CASES if case.op in ops
-        for shape in shapes_for(case.op, device, quick)
+        for shape in shapes_for(case.op, device, quick, shapes)
         for provider in case.providers if with_compile or provider not in COMPILED_PROVIDERS
     ]
 

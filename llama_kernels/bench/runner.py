@@ -23,8 +23,9 @@ from .harness import FULL, QUICK, default_device, device_info, measure, measure_
 
 
 def run_benchmark(ops=OPS, quick: bool = False, device: torch.device | None = None,
-                  deadline: float | None = None, progress=sys.stderr) -> dict:
-    """All measurements as one JSON-ready dict. ``deadline`` (time.monotonic()) skips what is left once passed."""
+                  deadline: float | None = None, progress=sys.stderr, shapes: dict | None = None) -> dict:
+    """All measurements as one JSON-ready dict. ``deadline`` (time.monotonic()) skips what is left once passed;
+    ``shapes`` ({"memory": ..., "attention": ...}) replaces the device's shape lists."""
     device = device or default_device()
     plan = QUICK if quick else FULL
     info = device_info(device)
@@ -32,7 +33,7 @@ def run_benchmark(ops=OPS, quick: bool = False, device: torch.device | None = No
         print(info["notice"], file=progress)
     print(f"[ceilings] copy and matmul on {info['name']}", file=progress)
     ceilings = measure_ceilings(device, quick)
-    items = matrix(ops, device, quick, with_compile=not quick)  # torch.compile's warm-ups take seconds each
+    items = matrix(ops, device, quick, with_compile=not quick, shapes=shapes)  # compile warm-ups take seconds each
 
     rows, done = [], 0
     for (case, shape), group in itertools.groupby(items, key=lambda item: (item.case, item.shape)):
