@@ -59,6 +59,15 @@ def _sequence(cu_seqlens_ptr, batch, seqlen, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _program(seqlen, n_heads, BLOCK: tl.constexpr):
+    """(block, batch, head) of this program on a flat grid, blocks of one (batch, head) consecutive (they share
+    its k and v in L2); one axis, because the second stops at 65,535 (batch x heads can pass it)."""
+    n_blocks = tl.cdiv(seqlen, BLOCK)
+    batch_head = tl.program_id(0) // n_blocks
+    return tl.program_id(0) % n_blocks, batch_head // n_heads, batch_head % n_heads
+
+
+@triton.jit
 def _tile_ptrs(base_ptr, batch, start, head, rows, stride_b, stride_s, stride_h, HEAD_DIM: tl.constexpr):
     """Pointers to rows `rows` (relative to the sequence start) of one head: [len(rows), HEAD_DIM]."""
     # 64-bit: (start + row) * stride passes 2^31 at 100k tokens with a few batches.
@@ -108,12 +117,11 @@ def _fwd_kernel(
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    batch = tl.program_id(1) // n_q_heads
-    head = tl.program_id(1) % n_q_heads
+    block, batch, head = _program(seqlen_q, n_q_heads, BLOCK_M)
     kv_head = head // group
     q_start, len_q = _sequence(cu_seqlens_q_ptr, batch, seqlen_q, VARLEN)
     k_start, len_k = _sequence(cu_seqlens_k_ptr, batch, seqlen_k, VARLEN)
-    m0 = tl.program_id(0) * BLOCK_M
+    m0 = block * BLOCK_M
     if m0 >= len_q:  # packed: this sequence is shorter than the grid's longest
         return
     rows = m0 + tl.arange(0, BLOCK_M)
@@ -174,11 +182,10 @@ def _bwd_dkdv_kernel(
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    batch = tl.program_id(1) // n_kv_heads
-    kv_head = tl.program_id(1) % n_kv_heads
+    block, batch, kv_head = _program(seqlen_k, n_kv_heads, BLOCK_N)
     q_start, len_q = _sequence(cu_seqlens_q_ptr, batch, seqlen_q, VARLEN)
     k_start, len_k = _sequence(cu_seqlens_k_ptr, batch, seqlen_k, VARLEN)
-    n0 = tl.program_id(0) * BLOCK_N
+    n0 = block * BLOCK_N
     if n0 >= len_k:
         return
     cols = n0 + tl.arange(0, BLOCK_N)
@@ -231,12 +238,11 @@ def _bwd_dq_kernel(
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    batch = tl.program_id(1) // n_q_heads
-    head = tl.program_id(1) % n_q_heads
+    block, batch, head = _program(seqlen_q, n_q_heads, BLOCK_M)
     kv_head = head // group
     q_start, len_q = _sequence(cu_seqlens_q_ptr, batch, seqlen_q, VARLEN)
     k_start, len_k = _sequence(cu_seqlens_k_ptr, batch, seqlen_k, VARLEN)
-    m0 = tl.program_id(0) * BLOCK_M
+    m0 = block * BLOCK_M
     if m0 >= len_q:
         return
     rows = m0 + tl.arange(0, BLOCK_M)
@@ -335,7 +341,7 @@ def _forward_triton(q, k, v, layout: _Layout, causal: bool, softmax_scale: float
     lse = _triton.new_output(layout.lse_shape, torch.float32, q.device)
     cfg = _config("attention_fwd", q, layout.head_dim)
     _triton.launch(
-        _fwd_kernel, (triton.cdiv(layout.seqlen_q, cfg["BLOCK_M"]), layout.batch * layout.n_q_heads), q.device,
+        _fwd_kernel, (triton.cdiv(layout.seqlen_q, cfg["BLOCK_M"]) * layout.batch * layout.n_q_heads,), q.device,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=o, lse_ptr=lse, n_q_heads=layout.n_q_heads,
         qk_scale=softmax_scale * LOG2E.value,
@@ -361,13 +367,14 @@ def _backward_triton(do, q, k, v, o, lse, dlse, layout: _Layout, causal: bool, s
     )
     cfg = _config("attention_bwd_dkdv", q, layout.head_dim)
     _triton.launch(
-        _bwd_dkdv_kernel, (triton.cdiv(layout.seqlen_k, cfg["BLOCK_N"]), layout.batch * layout.n_kv_heads), q.device,
+        _bwd_dkdv_kernel, (triton.cdiv(layout.seqlen_k, cfg["BLOCK_N"]) * layout.batch * layout.n_kv_heads,),
+        q.device,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **shared, **layout.common(causal, q.dtype, cfg),
         dk_ptr=dk, dv_ptr=dv, n_kv_heads=layout.n_kv_heads, **layout.strides("dk", dk), **layout.strides("dv", dv),
     )
     cfg = _config("attention_bwd_dq", q, layout.head_dim)
     _triton.launch(
-        _bwd_dq_kernel, (triton.cdiv(layout.seqlen_q, cfg["BLOCK_M"]), layout.batch * layout.n_q_heads), q.device,
+        _bwd_dq_kernel, (triton.cdiv(layout.seqlen_q, cfg["BLOCK_M"]) * layout.batch * layout.n_q_heads,), q.device,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **shared, **layout.common(causal, q.dtype, cfg),
         dq_ptr=dq, n_q_heads=layout.n_q_heads, **layout.strides("dq", dq),
     )
