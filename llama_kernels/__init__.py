@@ -14,10 +14,12 @@ CUDA tensors run the Triton kernels; CPU tensors run ``llama_kernels.reference``
 
 from . import reference
 from .ops.attention import flash_attention, flash_attention_varlen
+from .ops.decode import flash_attention_with_kvcache
 from .ops.rms_norm import rms_norm
 from .ops.rope import apply_rope
 from .rope_scaling import rope_attention_factor, rope_inv_freq
 
 __version__ = "0.1.0"
 
-__all__ = ["rms_norm", "apply_rope", "flash_attention", "flash_attention_varlen", "rope_inv_freq", "rope_attention_factor", "reference", "__version__"]
+__all__ = ["rms_norm", "apply_rope", "flash_attention", "flash_attention_varlen",
+           "flash_attention_with_kvcache", "rope_inv_freq", "rope_attention_factor", "reference", "__version__"]

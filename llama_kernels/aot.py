@@ -15,6 +15,7 @@ compile kernels that call other @triton.jit functions).
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import subprocess
@@ -81,7 +82,20 @@ def launches(target: str) -> list[tuple[str, object]]:
                     _attention_launches(head_dim, varlen, causal, meta)
                     kind = f"{'varlen' if varlen else 'dense'} {'causal' if causal else 'full'} D{head_dim}"
                     out += [f"attention_fwd {kind}", f"attention_bwd_dkdv {kind}", f"attention_bwd_dq {kind}"]
+        for (hq, hk), seqlen_q in itertools.product(((32, 32), (64, 8)), (1, 5)):
+            _decode_launches(hq, hk, seqlen_q, meta)
+            out += [f"decode_split {hq}/{hk} Sq={seqlen_q}", f"decode_merge {hq}/{hk} Sq={seqlen_q}"]
     return list(zip(out, records, strict=True))
+
+
+def _decode_launches(n_q_heads: int, n_kv_heads: int, seqlen_q: int, device) -> None:
+    """A decoding step over a 16k-token bf16 cache, D 128, batch 1."""
+    from .ops import decode
+
+    q = torch.empty(1, seqlen_q, n_q_heads, 128, dtype=torch.bfloat16, device=device)
+    cache = torch.empty(1, 16384, n_kv_heads, 128, dtype=torch.bfloat16, device=device)
+    seqlens = torch.empty(1, dtype=torch.int32, device=device)
+    decode._decode_triton(q, cache, cache, seqlens, True, 128**-0.5, 0)
 
 
 def _attention_launches(head_dim: int, varlen: bool, causal: bool, device) -> None:
@@ -142,6 +156,7 @@ def check(targets=tuple(TARGETS)) -> list[CompileResult]:
                 registers, spills = ptxas_usage(compiled.asm["ptx"], capability)
                 results.append(CompileResult(
                     target, label, registers, spills, compiled.metadata.shared, shared_limit,
+                    # decoding is memory bound and its tiles are too short for wgmma (64 rows): mma is right there
                     wgmma_needed=capability == 90 and label.startswith("attention"),
                     wgmma_found="wgmma.mma_async" in compiled.asm["ptx"]))
             except Exception as e:  # a compile error is a result to report, not a crash

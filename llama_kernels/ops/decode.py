@@ -1,0 +1,282 @@
+"""Decoding over a KV cache: split-KV flash decoding, with the cache append and RoPE in the same call.
+
+One decoding step reads the whole cache once; with a program per (batch, head)
+a batch-1 step at 100k tokens would keep a handful of multiprocessors busy.
+Here the cached sequence is cut into ``num_splits`` ranges, each program
+attends over one range for all query heads of one GQA group (so every cached
+key and value is read once per step, not once per query head), writes a
+partial output with its log-sum-exp, and a merge kernel combines the ranges by
+log-sum-exp. The attention over a range is the flash attention forward's own
+online softmax (``attention._fwd_blocks``), the group's query heads packed as
+rows.
+
+``flash_attention_with_kvcache`` first rotates q and the new k at their
+positions (cache_seqlens[b] + i) with the RoPE op, writes the new k and v into
+the caches at those positions (index arithmetic on the device: no host
+synchronization, no data-dependent allocation, so CUDA graphs can capture it),
+then attends. The caller advances cache_seqlens, as with flash-attn.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .. import reference
+from .._checks import check_same_device, check_same_dtype, check_tensor
+from ..rope_scaling import rope_inv_freq
+from . import _triton
+from .attention import HEAD_DIMS, LOG2E, _fwd_blocks, _mma, _softmax_scale
+
+MAX_ROWS = 128  # packed (query, group member) rows per program
+
+
+# --------------------------------------------------------------------------- kernels
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, seqlens_k_ptr, o_split_ptr, lse_split_ptr,
+    seqlen_q, n_q_heads, n_kv_heads, group, num_splits, split_size, qk_scale,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # Flat grid: the split fastest, then the block of packed rows, then (batch, key/value head).
+    split = tl.program_id(0) % num_splits
+    rest = tl.program_id(0) // num_splits
+    n_row_blocks = tl.cdiv(seqlen_q * group, BLOCK_M)
+    row_block, batch_head = rest % n_row_blocks, rest // n_row_blocks
+    batch, kv_head = batch_head // n_kv_heads, batch_head % n_kv_heads
+
+    packed = row_block * BLOCK_M + tl.arange(0, BLOCK_M)  # row = query * group + member
+    query, head = packed // group, kv_head * group + packed % group
+    row_mask = query < seqlen_q
+    q_ptrs = (q_ptr + batch.to(tl.int64) * stride_qb + query.to(tl.int64)[:, None] * stride_qs
+              + head.to(tl.int64)[:, None] * stride_qh + tl.arange(0, HEAD_DIM)[None, :])
+    q = _mma(tl.load(q_ptrs, mask=row_mask[:, None], other=0.0))
+
+    len_k = tl.load(seqlens_k_ptr + batch)
+    first = split * split_size
+    last = tl.minimum(len_k, first + split_size)
+    diag = len_k - seqlen_q  # bottom-right: query i sees keys j <= i + diag
+    full_blocks_end = last // BLOCK_N * BLOCK_N
+    if CAUSAL:  # keys query 0 sees are seen by every query
+        full_blocks_end = tl.minimum(full_blocks_end, tl.maximum(diag + 1, 0) // BLOCK_N * BLOCK_N)
+    full_blocks_end = tl.maximum(full_blocks_end, first)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc, l_i, m_i = _fwd_blocks(
+        acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, batch, 0, kv_head, len_k, query, first, full_blocks_end, diag,
+        qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+        False, CAUSAL, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_blocks(
+        acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, batch, 0, kv_head, len_k, query, full_blocks_end, last, diag,
+        qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+        True, CAUSAL, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # an empty range: zeros and -inf, weightless in the merge
+    # Partial results, (B, Hq, Sq, num_splits, [D]) fp32: row r = (batch * Hq + head) * Sq + query.
+    split_row = ((batch * n_q_heads + head).to(tl.int64) * seqlen_q + query) * num_splits + split
+    tl.store(o_split_ptr + split_row[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :],
+             acc / l_safe[:, None], mask=row_mask[:, None])
+    tl.store(lse_split_ptr + split_row, tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) / LOG2E),
+             mask=row_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    o_split_ptr, lse_split_ptr, o_ptr, lse_ptr, seqlen_q, n_q_heads, num_splits,
+    stride_ob, stride_os, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+):
+    """One output row: the splits' outputs weighted by exp(lse_split - lse)."""
+    row = tl.program_id(0).to(tl.int64)  # (batch * Hq + head) * Sq + query
+    query, head, batch = row % seqlen_q, (row // seqlen_q) % n_q_heads, row // (seqlen_q * n_q_heads)
+    splits = tl.arange(0, BLOCK_SPLITS)
+    lse_split = tl.load(lse_split_ptr + row * num_splits + splits, mask=splits < num_splits, other=float("-inf"))
+    lse_max = tl.max(lse_split, axis=0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    weights = tl.exp(lse_split - lse_max)
+    total = tl.sum(weights, axis=0)
+    d = tl.arange(0, HEAD_DIM)
+    o_split = tl.load(o_split_ptr + (row * num_splits + splits)[:, None] * HEAD_DIM + d[None, :],
+                      mask=(splits < num_splits)[:, None], other=0.0)
+    o = tl.sum(weights[:, None] * o_split, axis=0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(o_ptr + batch * stride_ob + query * stride_os + head * stride_oh + d, o.to(o_ptr.dtype.element_ty))
+    tl.store(lse_ptr + row, tl.where(total == 0.0, float("-inf"), lse_max + tl.log(tl.where(total == 0.0, 1.0, total))))
+
+
+# --------------------------------------------------------------------------- launcher
+def _num_splits(requested: int, q: Tensor, batch: int, n_kv_heads: int, cache_len: int, block_n: int) -> int:
+    """Enough programs to fill the card twice over, never a split shorter than a key block."""
+    if requested > 0:
+        return requested
+    target_programs = 4 if _triton.target_of(q.device) == "interpreter" else 2 * _triton.multiprocessor_count(q.device)
+    return max(1, min(triton.cdiv(target_programs, batch * n_kv_heads), triton.cdiv(cache_len, block_n), 128))
+
+
+def _config(q: Tensor, rows: int) -> dict:
+    block_m = min(MAX_ROWS, max(16, triton.next_power_of_2(rows)))
+    target = _triton.target_of(q.device)
+    if target == "interpreter":
+        return {"BLOCK_M": block_m, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
+    default = {"BLOCK_M": block_m, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+    config = _triton.tuned_config("decode", target, f"{q.shape[-1]}:{str(q.dtype)[6:]}:{block_m}", default)
+    return {**config, "BLOCK_M": block_m}
+
+
+def _decode_triton(q, k_cache, v_cache, seqlens_k, causal, softmax_scale, num_splits):
+    batch, seqlen_q, n_q_heads, head_dim = q.shape
+    cache_len, n_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = n_q_heads // n_kv_heads
+    cfg = _config(q, seqlen_q * group)
+    num_splits = _num_splits(num_splits, q, batch, n_kv_heads, cache_len, cfg["BLOCK_N"])
+    split_size = triton.cdiv(triton.cdiv(cache_len, num_splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+    o_split = _triton.new_output((batch, n_q_heads, seqlen_q, num_splits, head_dim), torch.float32, q.device)
+    lse_split = _triton.new_output((batch, n_q_heads, seqlen_q, num_splits), torch.float32, q.device)
+    n_row_blocks = triton.cdiv(seqlen_q * group, cfg["BLOCK_M"])
+    _triton.launch(
+        _decode_split_kernel, (num_splits * n_row_blocks * batch * n_kv_heads,), q.device,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        q_ptr=q, k_cache_ptr=k_cache, v_cache_ptr=v_cache, seqlens_k_ptr=seqlens_k,
+        o_split_ptr=o_split, lse_split_ptr=lse_split,
+        seqlen_q=seqlen_q, n_q_heads=n_q_heads, n_kv_heads=n_kv_heads, group=group, num_splits=num_splits,
+        split_size=split_size, qk_scale=softmax_scale * LOG2E.value,
+        **{k: v for k, v in _triton.strides("q", q).items() if not k.endswith("d")},
+        **{k: v for k, v in _triton.strides("k", k_cache).items() if not k.endswith("d")},
+        **{k: v for k, v in _triton.strides("v", v_cache).items() if not k.endswith("d")},
+        CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    o = _triton.new_output(q.shape, q.dtype, q.device)
+    lse = _triton.new_output((batch, n_q_heads, seqlen_q), torch.float32, q.device)
+    _triton.launch(
+        # a warp per 1024 partial values (up to 8): the splits' rows stay in registers
+        _merge_splits_kernel, (batch * n_q_heads * seqlen_q,), q.device,
+        num_warps=min(8, max(1, triton.next_power_of_2(num_splits) * head_dim // 1024)),
+        o_split_ptr=o_split, lse_split_ptr=lse_split, o_ptr=o, lse_ptr=lse,
+        seqlen_q=seqlen_q, n_q_heads=n_q_heads, num_splits=num_splits,
+        stride_ob=o.stride(0), stride_os=o.stride(1), stride_oh=o.stride(2),
+        HEAD_DIM=head_dim, BLOCK_SPLITS=triton.next_power_of_2(num_splits),
+    )
+    return o, lse
+
+
+def _decode_reference(q, k_cache, v_cache, seqlens_k, causal, softmax_scale):
+    o, lse = torch.empty_like(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    for b, length in enumerate(seqlens_k.tolist()):
+        o_b, lse_b = reference.attention(q[b:b + 1], k_cache[b:b + 1, :length], v_cache[b:b + 1, :length], causal,
+                                         softmax_scale, return_lse=True)
+        o[b], lse[b] = o_b[0], lse_b[0]
+    return o, lse
+
+
+# --------------------------------------------------------------------------- torch op
+@torch.library.custom_op("llama_kernels::flash_attention_with_kvcache", mutates_args=("k_cache", "v_cache"))
+def _kvcache_op(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, k: Tensor | None, v: Tensor | None,
+    inv_freq: Tensor | None, interleaved: bool, causal: bool, softmax_scale: float, num_splits: int, backend: str,
+) -> tuple[Tensor, Tensor]:
+    batch, seqlen_q = q.shape[:2]
+    positions = cache_seqlens.long()[:, None] + torch.arange(seqlen_q, device=q.device)  # (B, Sq)
+    if inv_freq is not None:  # rotate q, and the new k, at their positions; an empty k when there is none
+        k_new = k if k is not None else q[:, :, :0]
+        q, k_new = torch.ops.llama_kernels.rope(q, k_new, positions, 0, inv_freq, 1.0, interleaved, False, backend)
+        k = k_new if k is not None else None
+    seqlens_k = cache_seqlens
+    if k is not None:
+        batch_index = torch.arange(batch, device=q.device)[:, None].expand(batch, seqlen_q)
+        k_cache[batch_index, positions] = k
+        v_cache[batch_index, positions] = v
+        seqlens_k = cache_seqlens + seqlen_q
+    if backend == "triton":
+        return _decode_triton(q, k_cache, v_cache, seqlens_k, causal, softmax_scale, num_splits)
+    return _decode_reference(q, k_cache, v_cache, seqlens_k, causal, softmax_scale)
+
+
+@_kvcache_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, k, v, inv_freq, interleaved, causal, softmax_scale, num_splits, backend):
+    return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------- public function
+def flash_attention_with_kvcache(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, k: Tensor | None = None,
+    v: Tensor | None = None, rope_theta: float | None = None, inv_freq: Tensor | None = None,
+    interleaved: bool = False, causal: bool = True, softmax_scale: float | None = None, num_splits: int = 0,
+    return_lse: bool = False, *, backend: str | None = None,
+):
+    """Attention of new queries over a KV cache, appending new keys and values first (flash-attn's API).
+
+    q: (B, Sq, Hq, D), Sq >= 1 (1 to decode; more for chunked prefill or speculative tokens).
+    k_cache, v_cache: (B, S_max, Hk, D), preallocated; Hq a multiple of Hk; D 64 or 128.
+    cache_seqlens: int32 (B,), the tokens already cached per sequence (they may differ; 0 is fine).
+    k, v: (B, Sq, Hk, D) new keys and values, written into the caches at cache_seqlens[b]... in place.
+    rope_theta or inv_freq: if given, q and the new k are rotated at positions cache_seqlens[b] + i
+        (interleaved: Meta's layout) before anything else; the cache then holds rotated keys.
+    causal: query i sees keys j <= i + L - Sq, L = the attended length (bottom-right).
+    num_splits: 0 picks the split count from batch, heads, cache size and the card; any value gives
+        the same result within rounding.
+    Returns o (B, Sq, Hq, D), or (o, lse) with lse (B, Hq, Sq) fp32, which merges with
+    ``flash_attention``'s. Inference only (no autograd). The caller advances cache_seqlens.
+    Checking that the append fits reads cache_seqlens on the host; inside torch.compile or a CUDA
+    graph capture that check is skipped, as are all other data-dependent checks.
+    """
+    check_tensor("q", q, ndim=4)
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_tensor(name, t, ndim=4)
+    check_same_dtype(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v)
+    check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, k=k, v=v)
+    batch, seqlen_q, n_q_heads, head_dim = q.shape
+    if seqlen_q < 1:
+        raise ValueError(f"q: expected at least one query (Sq >= 1), got shape {tuple(q.shape)}")
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"q: expected head_dim 64 or 128, got {head_dim}")
+    if k_cache.shape[0] != batch or k_cache.shape[3] != head_dim:
+        raise ValueError(f"k_cache: expected (B, S_max, Hk, D) with B = {batch} and D = {head_dim}, "
+                         f"got {tuple(k_cache.shape)}")
+    if k_cache.shape[2] == 0 or n_q_heads % k_cache.shape[2]:
+        raise ValueError(f"k_cache: expected a head count that divides q's {n_q_heads} heads, got {k_cache.shape[2]}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache: expected k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
+    check_tensor("cache_seqlens", cache_seqlens, dtypes=(torch.int32,), ndim=1)
+    if cache_seqlens.shape[0] != batch:
+        raise ValueError(f"cache_seqlens: expected shape (B,) = ({batch},), got {tuple(cache_seqlens.shape)}")
+    if (k is None) != (v is None):
+        raise ValueError("k, v: expected both new keys and new values, or neither")
+    if k is not None:
+        expected = (batch, seqlen_q, k_cache.shape[2], head_dim)
+        for name, t in (("k", k), ("v", v)):
+            check_tensor(name, t, ndim=4)
+            if tuple(t.shape) != expected:
+                raise ValueError(f"{name}: expected shape (B, Sq, Hk, D) = {expected}, got {tuple(t.shape)}")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
+        if t is not None and t.stride(-1) != 1:
+            raise ValueError(f"{name}: expected the last dimension contiguous (stride 1), got stride {t.stride(-1)}")
+    if not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 0:
+        raise ValueError(f"num_splits: expected an int >= 0 (0: automatic), got {num_splits!r}")
+    if rope_theta is not None and inv_freq is not None:
+        raise ValueError("rope_theta, inv_freq: expected at most one of them")
+    if rope_theta is not None:
+        inv_freq = rope_inv_freq(head_dim, float(rope_theta), device=q.device)
+    elif inv_freq is not None:
+        check_tensor("inv_freq", inv_freq, dtypes=(torch.float32, torch.float64), ndim=1)
+        if inv_freq.shape[0] != head_dim // 2:
+            raise ValueError(f"inv_freq: expected shape (D/2,) = ({head_dim // 2},), got {tuple(inv_freq.shape)}")
+        check_same_device(q=q, inv_freq=inv_freq)
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not (torch.compiler.is_compiling() or capturing):
+        appended = seqlen_q if k is not None else 0
+        lengths = cache_seqlens.tolist()
+        if min(lengths) < 0 or max(lengths) + appended > k_cache.shape[1]:
+            raise ValueError(f"cache_seqlens: expected 0 <= cache_seqlens[b] and cache_seqlens[b] + {appended} "
+                             f"(new tokens) <= k_cache's S_max = {k_cache.shape[1]}, got {lengths}")
+    scale = _softmax_scale(softmax_scale, head_dim)
+    backend = _triton.resolve_backend(q, backend)
+    o, lse = torch.ops.llama_kernels.flash_attention_with_kvcache(
+        q, k_cache, v_cache, cache_seqlens, k, v, inv_freq.contiguous() if inv_freq is not None else None,
+        bool(interleaved), bool(causal), scale, num_splits, backend)
+    return (o, lse) if return_lse else o
