@@ -4,8 +4,8 @@
 
 1. correctness: every op (RMSNorm forward with and without residual and its
    backward, RoPE forward in both layouts and its backward, attention forward,
-   lse and backward, dense and packed) against ``llama_kernels.reference`` at
-   Code Llama shapes, bf16 and fp32;
+   lse and backward, dense and packed, decoding over a KV cache with the append
+   and RoPE) against ``llama_kernels.reference`` at Code Llama shapes, bf16 and fp32;
 2. sweep: every candidate launch config of each Triton kernel, timed through
    the public functions at the key shapes (min / median / max), checked against
    the reference, and the winners written as ``tuned_configs.json``;
@@ -59,6 +59,13 @@ CHECK_ATTENTION = (
     ("D64 Sq>Sk", 2, 3000, 1000, (8, 1, 64), True),
 )
 CHECK_VARLEN = ([1, 700, 1500, 64], [300, 700, 2000, 0])  # q and k lengths: one of 1, one with no keys
+# (name, (Hq, Hk, D), cache_seqlens, Sq, append new k/v, RoPE): ragged caches, one of them empty.
+CHECK_DECODE = (
+    ("34B step", (64, 8, 128), [0, 1, 5000, 16383], 1, True, True),
+    ("7B step no append", (32, 32, 128), [1, 4096, 9000], 1, False, False),
+    ("34B 5 tokens", (64, 8, 128), [0, 300, 12000], 5, True, True),
+)
+DECODE_CACHE = 16384
 # Attention tolerances: bf16 rounds P before the PV product, as every flash kernel does.
 ATTENTION_TOLERANCE = {torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2}, torch.float32: {"rtol": 1e-4, "atol": 1e-4}}
 # Sweep shapes: 16k tokens of bf16.
@@ -66,10 +73,12 @@ SWEEP_TOKENS = 16384
 SWEEP_HIDDEN = (4096, 5120, 8192)
 SWEEP_HEADS = ((32, 32, 128), (64, 8, 128))  # 7B, 34B
 SWEEP_ATTENTION_HEADS = (64, 8, 128)  # 34B: GQA, Code Llama's head_dim
+DECODE_SWEEP_TOKENS = 65536
 # The benchmark's key shapes only, to fit the five minutes (llama-kernels bench runs them all): 16k tokens
 # of the 7B and 34B layouts, and 100k tokens (a 100k-token attention backward alone takes seconds a call).
 BENCH_SHAPES = {"memory": (Shape("7B", 16384), Shape("34B", 16384), Shape("34B", 100_000)),
-                "attention": (Shape("7B", 16384), Shape("34B", 16384), Shape("7B", 100_000))}
+                "attention": (Shape("7B", 16384), Shape("34B", 16384), Shape("7B", 100_000)),
+                "decode": (Shape("7B", 16384), Shape("34B", 65536), Shape("34B", 100_000, 8))}
 KEEP_DEFAULT_WITHIN = 0.03  # a candidate replaces the default only if >3% faster: noise must not churn the table
 
 
@@ -171,6 +180,9 @@ def check_correctness(rec: Recorder) -> None:
             guarded(f"attention {name} {dname}", lambda: _check_attention(
                 record, name, batch, seqlen_q, seqlen_k, heads, causal, dtype, dname))
         guarded(f"attention varlen {dname}", lambda: _check_attention_varlen(record, dtype, dname))
+        for name, heads, lengths, seqlen_q, append, rope in CHECK_DECODE:
+            guarded(f"decode {name} {dname}", lambda: _check_decode(
+                record, name, heads, lengths, seqlen_q, append, rope, dtype, dname))
         for model, batch, seqlen, heads, explicit in CHECK_ROPE:
             guarded(f"rope {model} {dname}",
                     lambda: _check_rope(record, model, batch, seqlen, heads, explicit, dtype, dname))
@@ -237,6 +249,31 @@ def _check_attention_against(record, label, dtype, inputs, do, ours, theirs) -> 
         else:
             result = compare(got, want, **tol)
         record(f"attention {name} {label}", result)
+
+
+def _check_decode(record, name, heads, lengths, seqlen_q, append, rope, dtype, dname) -> None:
+    """The Triton path against the reference backend on copies of the same caches: o, lse, the caches after."""
+    hq, hk, d = heads
+    batch = len(lengths)
+    q = randn(batch, seqlen_q, hq, d, dtype=dtype)
+    caches = [randn(batch, DECODE_CACHE, hk, d, dtype=dtype) for _ in range(2)]
+    new = [randn(batch, seqlen_q, hk, d, dtype=dtype) for _ in range(2)] if append else [None, None]
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    results = []
+    for backend in ("triton", "reference"):
+        k_cache, v_cache = (c.clone() for c in caches)
+        o, lse = lk.flash_attention_with_kvcache(q, k_cache, v_cache, seqlens, *new, rope_theta=THETA if rope else None,
+                                                 return_lse=True, backend=backend)
+        results.append((o, lse, k_cache, v_cache))
+    tol = ATTENTION_TOLERANCE[dtype]
+    for what, got, want in zip(("o", "lse", "k_cache", "v_cache"), *results):
+        if what == "lse":  # with RoPE the two backends' rotated q and k differ by rounding: o's tolerance
+            finite = torch.isfinite(want)
+            result = compare(got[finite], want[finite], **tol)
+            result["ok"] = result["ok"] and torch.equal(torch.isneginf(got), torch.isneginf(want))
+        else:  # the caches differ only where RoPE rounded the new keys
+            result = compare(got, want, **(tol if what == "o" else output_tolerance(dtype)))
+        record(f"decode {what} {name} {dname}", result)
 
 
 def _rms_grads(fn, inputs, gy, gh):
@@ -431,6 +468,7 @@ def sweep(rec: Recorder, deadline: float) -> None:
             _sweep_guarded(rec, entries, "rope", f"{hq}/{hk}/{d}:bfloat16:{layout}", variant,
                            lambda default: rope_candidates(default, max(hq, hk)), deadline)
     sweep_attention(rec, entries, deadline)
+    sweep_decode(rec, entries, deadline)
 
 
 def attention_candidates(default: dict, kernel: str) -> list[dict]:
@@ -473,6 +511,34 @@ def sweep_attention(rec: Recorder, entries: list, deadline: float) -> None:
                              ("attention_bwd_dq", backward)):
         _sweep_guarded(rec, entries, kernel, f"{d}:bfloat16", variants,
                        lambda default, kernel=kernel: attention_candidates(default, kernel), deadline)
+
+
+def decode_candidates(default: dict) -> list[dict]:
+    found = [default]
+    for block_n in (32, 64, 128):
+        for warps in (2, 4, 8):
+            for num_stages in (1, 2, 3):
+                config = {"BLOCK_M": default["BLOCK_M"], "BLOCK_N": block_n, "num_warps": warps,
+                          "num_stages": num_stages}
+                if config not in found:
+                    found.append(config)
+    return found
+
+
+def sweep_decode(rec: Recorder, entries: list, deadline: float) -> None:
+    """A decoding step (Sq = 1, bf16, D 128) over 64k cached tokens, batch 1: 34B's and 7B's heads."""
+    variants = {}
+    for name, (hq, hk, d) in (("34B", (64, 8, 128)), ("7B", (32, 32, 128))):
+        q = randn(1, 1, hq, d, dtype=torch.bfloat16)
+        k_cache, v_cache = (randn(1, DECODE_SWEEP_TOKENS, hk, d, dtype=torch.bfloat16) for _ in range(2))
+        seqlens = torch.full((1,), DECODE_SWEEP_TOKENS, dtype=torch.int32, device=DEVICE)
+
+        def step(q=q, k_cache=k_cache, v_cache=v_cache, seqlens=seqlens):
+            return lk.flash_attention_with_kvcache(q, k_cache, v_cache, seqlens)
+
+        want = step()
+        variants[name] = (step, lambda out, w=want: compare(out, w, **ATTENTION_TOLERANCE[torch.bfloat16]))
+    _sweep_guarded(rec, entries, "decode", "128:bfloat16:16", variants, decode_candidates, deadline)
 
 
 def winners_of(entries: list) -> dict:

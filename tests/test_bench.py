@@ -15,7 +15,7 @@ import pytest
 from llama_kernels import cli
 
 REPO = Path(__file__).resolve().parent.parent
-MEMORY_BOUND = {"rms_norm", "rms_norm_residual", "rms_norm_bwd", "rms_norm_fwd_bwd", "rope", "rope_bwd"}
+MEMORY_BOUND = {"rms_norm", "rms_norm_residual", "rms_norm_bwd", "rms_norm_fwd_bwd", "rope", "rope_bwd", "decode"}
 ATTENTION = {"attention", "attention_causal", "attention_bwd", "attention_bwd_causal"}
 
 
@@ -38,13 +38,13 @@ def test_quick_benchmark_prints_the_table_and_writes_json_and_png(tmp_path):
     rows = {(r["case"], r["provider"]): r for r in result["rows"]}
     for case in MEMORY_BOUND | ATTENTION:
         peer, unit, ceiling, work = ("sdpa_flash", "TFLOP/s", "matmul", "flops") if case in ATTENTION else \
-            ("eager", "GB/s", "copy", "bytes")
+            ("sdpa_flash" if case == "decode" else "eager", "GB/s", "copy", "bytes")
         ours, other = rows[(case, "ours")], rows[(case, peer)]
         assert ours["status"] == other["status"] == "ok", (ours, other)
         assert ours["unit"] == unit and ours["ceiling"] == ceiling
         assert ours["rate"] > 0 and ours[work] > 0 and ours["floor_ms"] > 0 and ours["fraction_of_ceiling"] > 0
         assert other["ours_speedup"] == pytest.approx(other["median_ms"] / ours["median_ms"])
-        cuda_only = "sdpa_cudnn" if case in ATTENTION else "liger"
+        cuda_only = "sdpa_cudnn" if case in ATTENTION | {"decode"} else "liger"
         assert rows[(case, cuda_only)]["status"] == "skipped"
     assert not any(provider in ("compile", "flex") for _, provider in rows)  # --quick leaves compiling peers out
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -79,18 +79,22 @@ GPU_SHAPES = {
     # 16k tokens per batch below 16k-token sequences, as flash-attn's benchmarks do
     "attention": tuple(Shape(model, s, max(1, 16384 // s)) for model in ("7B", "34B")
                        for s in (4096, 16384, 32768, 65536, 100_000)),
+    # one decoding step: `tokens` is the cache length
+    "decode": tuple(Shape(model, s, batch) for model in ("7B", "34B") for batch in (1, 8)
+                    for s in (4096, 16384, 65536, 100_000)),
 }
 CPU_SHAPES = {  # 2 cores: the whole run stays under two minutes
     "memory": (Shape("7B", 1024), Shape("34B", 4096)),
     "attention": (Shape("7B", 512), Shape("34B", 512)),
+    "decode": (Shape("7B", 4096), Shape("34B", 4096, 8)),
 }
-QUICK_SHAPES = {"memory": (Shape("7B", 256),), "attention": (Shape("34B", 128),)}
+QUICK_SHAPES = {"memory": (Shape("7B", 256),), "attention": (Shape("34B", 128),), "decode": (Shape("34B", 256),)}
 
 
 def shapes_for(op: str, device: torch.device, quick: bool, table: dict | None = None) -> tuple[Shape, ...]:
-    """The shapes of op's kind ("memory" or "attention") in ``table``, by default the device's."""
+    """The shapes of op's kind ("memory", "attention" or "decode") in ``table``, by default the device's."""
     table = table or (QUICK_SHAPES if quick else GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
-    return table["attention" if op == "attention" else "memory"]
+    return table.get(op, table["memory"])
 
 
 def ours_backend(device: torch.device) -> str | None:
@@ -333,11 +337,39 @@ def _attention_flops(causal: bool, backward: bool):
     return flops
 
 
+# --------------------------------------------------------------------------- decoding
+# One step: a query per sequence over `tokens` cached keys and values. The peers are the attention
+# providers over the same (B, 1, Hq, D) query and (B, L, Hk, D) caches, without masks.
+DECODE_PROVIDERS = ("ours", "flash_attention", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "flex", "flash_attn")
+
+
+def _decode_inputs(shape: Shape, device) -> dict:
+    hq, hk, d = shape.heads
+    b, length = shape.batch, shape.tokens
+    return {"q": _randn(b, 1, hq, d, device=device), "k": _randn(b, length, hk, d, device=device),
+            "v": _randn(b, length, hk, d, device=device),
+            "cache_seqlens": torch.full((b,), length, dtype=torch.int32, device=device)}
+
+
+def _decode_build(provider, inputs, device):
+    q, k_cache, v_cache = inputs["q"], inputs["k"], inputs["v"]
+    if provider == "ours":
+        backend, seqlens = ours_backend(device), inputs["cache_seqlens"]
+        return lambda: lk.flash_attention_with_kvcache(q, k_cache, v_cache, seqlens, backend=backend)
+    attn = ATTENTION_PROVIDERS["ours" if provider == "flash_attention" else provider](inputs, device, False)
+    return lambda: attn(q, k_cache, v_cache)
+
+
+def _decode_bytes(shape: Shape) -> int:
+    hq, hk, d = shape.heads
+    return (2 * shape.batch * shape.tokens * hk * d + 2 * shape.batch * hq * d) * ELEMENT  # K, V, q read; o written
+
+
 # --------------------------------------------------------------------------- cases
 @dataclass(frozen=True)
 class Case:
     name: str
-    op: str  # "rms_norm", "rope" or "attention": what --ops selects
+    op: str  # "rms_norm", "rope", "attention" or "decode": what --ops selects
     title: str
     make_inputs: Callable[[Shape, torch.device], dict]
     # The floor: memory-bound ops count the bytes they must move (each input read once, each
@@ -441,8 +473,10 @@ CASES = (
            _attention_inputs, None, _attention_build(causal, backward), tuple(ATTENTION_PROVIDERS),
            flops=_attention_flops(causal, backward))
       for backward in (False, True) for causal in (True, False)),
+    Case("decode", "decode", "decoding step over a KV cache (Sq = 1; shape S = cached tokens)",
+         _decode_inputs, _decode_bytes, _decode_build, DECODE_PROVIDERS),
 )
-OPS = ("rms_norm", "rope", "attention")
+OPS = ("rms_norm", "rope", "attention", "decode")
 
 
 COMPILED_PROVIDERS = ("compile", "flex")  # their warm-ups take seconds: left out of --quick
