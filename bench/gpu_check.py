@@ -453,8 +453,6 @@ def sweep(rec: Recorder, deadline: float) -> None:
                          lambda g: _grads_close(g, ideal_res, dtype)),
         }
         _sweep_guarded(rec, entries, "rms_norm_bwd", f"{hidden}:bfloat16", backward, rms_norm_candidates, deadline)
-        del x, r, w, dy, dh, want_y, want_h, leaves, y, y_res, h, ideal, ideal_res, forward, backward
-        torch.cuda.empty_cache()
 
     for hq, hk, d in SWEEP_HEADS:
         q, k = randn(1, SWEEP_TOKENS, hq, d, dtype=dtype), randn(1, SWEEP_TOKENS, hk, d, dtype=dtype)

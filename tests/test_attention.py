@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import llama_kernels as lk
 from llama_kernels import reference as ref
-from utils import assert_close, randn
+from utils import check_attention_out, check_lse, randn
 
 pytestmark = pytest.mark.usefixtures("poison_outputs")
 
@@ -25,25 +25,6 @@ def make_qkv(batch, seqlen_q, seqlen_k, hq, hk, d, dtype=F32, scale=1.0):
     return (randn(batch, seqlen_q, hq, d, dtype=dtype, scale=scale),
             randn(batch, seqlen_k, hk, d, dtype=dtype, scale=scale),
             randn(batch, seqlen_k, hk, d, dtype=dtype))
-
-
-def check_out(got, want):
-    """fp32: ~1e-5 relative. fp16/bf16: two ulp (one for the interpreter's rounding toward zero)."""
-    assert got.dtype == want.dtype, (got.dtype, want.dtype)
-    if want.dtype == F32:
-        assert_close(got, want, atol=1e-5)
-    else:
-        assert_close(got, want, ulps=2, atol=2e-3)
-
-
-def check_lse(got, want):
-    """lse is fp32 whatever the inputs; rows that see no key are -inf in both, never NaN."""
-    assert got.dtype == F32, got.dtype
-    assert got.shape == want.shape, (got.shape, want.shape)
-    assert not got.isnan().any(), "NaN in lse"
-    assert torch.equal(got.isneginf(), want.isneginf()), "the -inf rows (no visible key) differ"
-    finite = want.isfinite()
-    torch.testing.assert_close(got[finite], want[finite].float(), rtol=1e-5, atol=1e-5)
 
 
 def check_grads(got, want, dtype):
@@ -98,7 +79,7 @@ def test_forward_and_lse_match_reference(case, causal):
     o, lse = lk.flash_attention(q, k, v, causal=causal, return_lse=True, backend="triton")
     want_o, want_lse = ref.attention(q, k, v, causal, return_lse=True)
     assert o.shape == q.shape and lse.shape == (batch, hq, sq)
-    check_out(o, want_o)
+    check_attention_out(o, want_o)
     check_lse(lse, want_lse)
 
 
@@ -109,9 +90,9 @@ def test_default_backend_and_return_lse_false():
     assert isinstance(o, torch.Tensor)
     o_triton, _ = lk.flash_attention(q, k, v, causal=True, return_lse=True, backend="triton")
     assert torch.equal(o, o_triton)
-    check_out(o, ref.attention(q, k, v, causal=True))
+    check_attention_out(o, ref.attention(q, k, v, causal=True))
     o_ref, lse_ref = lk.flash_attention(q, k, v, return_lse=True, backend="reference")
-    check_out(o_ref, ref.attention(q, k, v, causal=True))
+    check_attention_out(o_ref, ref.attention(q, k, v, causal=True))
     check_lse(lse_ref, ref.attention(q, k, v, causal=True, return_lse=True)[1])
 
 
@@ -126,7 +107,7 @@ def test_softmax_scale_and_large_scores(causal):
 
     o, lse = lk.flash_attention(q, k, v, causal=causal, softmax_scale=0.4, return_lse=True, backend="triton")
     want_o, want_lse = ref.attention(q, k, v, causal, 0.4, return_lse=True)
-    check_out(o, want_o)
+    check_attention_out(o, want_o)
     check_lse(lse, want_lse)
     _, got = grads(fn, (q, k, v), do)
     want = ideal_grads(lambda a, b, c: ref.attention(a, b, c, causal, 0.4), (q, k, v), do)
@@ -141,7 +122,7 @@ def test_strided_inputs():
     do = randn(*q.shape)
     o, lse = lk.flash_attention(q, k, v, causal=True, return_lse=True, backend="triton")
     want_o, want_lse = ref.attention(q, k, v, True, return_lse=True)
-    check_out(o, want_o)
+    check_attention_out(o, want_o)
     check_lse(lse, want_lse)
     _, got = grads(lambda a, b, c: lk.flash_attention(a, b, c, backend="triton"), (q, k, v), do)
     want = ideal_grads(lambda a, b, c: ref.attention(a, b, c, True), (q, k, v), do)
@@ -186,7 +167,7 @@ def test_offsets_past_2_31_elements():
     assert torch.equal(o, o_compact)
     for g, w in zip(got, want):
         assert torch.equal(g, w)
-    check_out(o, ref.attention(q.contiguous(), k.contiguous(), v.contiguous()))
+    check_attention_out(o, ref.attention(q.contiguous(), k.contiguous(), v.contiguous()))
 
 
 # --------------------------------------------------------------------------- gradients
@@ -208,7 +189,7 @@ def test_gradients_match_reference(backend, case, dtype):
     q, k, v = make_qkv(batch, sq, sk, hq, hk, d, dtype)
     do = randn(*q.shape, dtype=dtype)
     o, got = grads(lambda a, b, c: lk.flash_attention(a, b, c, causal=causal, backend=backend), (q, k, v), do)
-    check_out(o, ref.attention(q, k, v, causal))
+    check_attention_out(o, ref.attention(q, k, v, causal))
     want = ideal_grads(lambda a, b, c: ref.attention(a, b, c, causal), (q, k, v), do)
     check_grads(got, want, dtype)
 
@@ -273,7 +254,7 @@ def test_varlen_matches_reference_per_sequence(backend, causal, dtype):
     o, lse = flash(q, k, v, return_lse=True)
     want_o, want_lse = varlen_reference(q, k, v, cu_q.tolist(), cu_k.tolist(), causal, return_lse=True)
     assert o.shape == q.shape and lse.shape == (q.shape[1], q.shape[0])
-    check_out(o, want_o)
+    check_attention_out(o, want_o)
     check_lse(lse, want_lse)
     if causal:
         start = sum(SEQLENS_Q[:3])
@@ -328,7 +309,7 @@ def test_fullgraph_compile_forward_and_backward(backend):
     (outs, got), (want_outs, want) = run(torch.compile(f, backend="aot_eager", fullgraph=True)), run(f)
     for a, b in zip(outs + got, want_outs + want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    check_out(outs[0] / 2, ref.attention(q, k, v, True))
+    check_attention_out(outs[0] / 2, ref.attention(q, k, v, True))
 
 
 # --------------------------------------------------------------------------- refusals
@@ -428,5 +409,5 @@ def test_any_shape(batch, seqlen_q, seqlen_k, n_kv, group, head_dim, causal, dty
     q, k, v = make_qkv(batch, seqlen_q, seqlen_k, n_kv * group, n_kv, head_dim, dtype)
     o, lse = lk.flash_attention(q, k, v, causal=causal, return_lse=True, backend="triton")
     want_o, want_lse = ref.attention(q, k, v, causal, return_lse=True)
-    check_out(o, want_o)
+    check_attention_out(o, want_o)
     check_lse(lse, want_lse)

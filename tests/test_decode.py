@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import llama_kernels as lk
 from llama_kernels import reference as ref
 from llama_kernels.rope_scaling import rope_inv_freq
-from utils import assert_close, randn
+from utils import assert_close, check_attention_out, check_lse, randn
 
 pytestmark = pytest.mark.usefixtures("poison_outputs")
 
@@ -31,25 +31,6 @@ I32 = torch.int32
 
 
 # --------------------------------------------------------------------------- helpers
-def check_out(got, want):
-    """fp32: ~1e-5 relative. bf16: two ulp (one for the interpreter's rounding toward zero)."""
-    assert got.dtype == want.dtype, (got.dtype, want.dtype)
-    if want.dtype == F32:
-        assert_close(got, want, atol=1e-5)
-    else:
-        assert_close(got, want, ulps=2, atol=2e-3)
-
-
-def check_lse(got, want):
-    """lse is fp32 whatever the inputs; rows that see no key are -inf in both, never NaN."""
-    assert got.dtype == F32, got.dtype
-    assert got.shape == want.shape, (got.shape, want.shape)
-    assert not got.isnan().any(), "NaN in lse"
-    assert torch.equal(got.isneginf(), want.isneginf()), "the -inf rows (no visible key) differ"
-    finite = want.isfinite()
-    torch.testing.assert_close(got[finite], want[finite].float(), rtol=1e-5, atol=1e-5)
-
-
 def check_rotated(got, want):
     """RoPE output: within an ulp of the reference's rotation (the rope tests' tolerance)."""
     assert_close(got, want, ulps=1, atol=1e-5)
@@ -177,7 +158,7 @@ def run_case(case, backend):
     o, lse = lk.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k=k, v=v, causal=causal,
                                              num_splits=num_splits, return_lse=True, backend=backend, **kwargs)
     assert o.shape == q.shape and lse.shape == (batch, hq, sq)
-    check_out(o, want_o)
+    check_attention_out(o, want_o)
     check_lse(lse, want_lse)
     check_caches(k_cache, v_cache, k_before, v_before, want_k, want_v, cache_seqlens, sq, append, rope is not None)
     assert torch.equal(cache_seqlens, seqlens_before), "cache_seqlens was modified"
@@ -205,7 +186,7 @@ def test_empty_entries_give_zeros(dtype):
     assert (o[[0, 2]] == 0).all() and lse[[0, 2]].isneginf().all()
     assert lse[1].isfinite().all()  # L = 9 >= Sq: every query sees a key
     want_o, want_lse, *_ = expected(q, k_cache, v_cache, cache_seqlens, None, None, None, False)
-    check_out(o, want_o)
+    check_attention_out(o, want_o)
     check_lse(lse, want_lse)
 
 
@@ -217,7 +198,7 @@ def test_return_lse_false_default_backend_and_softmax_scale():
     kc, vc = k_cache.clone(), v_cache.clone()
     o = lk.flash_attention_with_kvcache(q, kc, vc, cache_seqlens, k=k, v=v, rope_theta=1e6, softmax_scale=0.3)
     assert isinstance(o, torch.Tensor)
-    check_out(o, want_o)
+    check_attention_out(o, want_o)
     check_caches(kc, vc, k_cache, v_cache, want_k, want_v, cache_seqlens, 1, True, True)
     kc2, vc2 = k_cache.clone(), v_cache.clone()
     o2 = lk.flash_attention_with_kvcache(q, kc2, vc2, cache_seqlens, k=k, v=v, rope_theta=1e6, softmax_scale=0.3,
@@ -237,7 +218,7 @@ def test_strided_caches_and_inputs():
     k_before, v_before = k_cache.clone(), v_cache.clone()
     o, lse = lk.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k=k, v=v, rope_theta=1e4,
                                              return_lse=True, backend="triton")
-    check_out(o, want_o)
+    check_attention_out(o, want_o)
     check_lse(lse, want_lse)
     check_caches(k_cache, v_cache, k_before, v_before, want_k, want_v, cache_seqlens, 5, True, True)
 
@@ -253,7 +234,7 @@ def test_num_splits_agree():
         kc, vc = k_cache.clone(), v_cache.clone()
         o, lse = lk.flash_attention_with_kvcache(q, kc, vc, cache_seqlens, k=k, v=v, rope_theta=1e4,
                                                  num_splits=num_splits, return_lse=True, backend="triton")
-        check_out(o, want_o)
+        check_attention_out(o, want_o)
         check_lse(lse, want_lse)
         check_caches(kc, vc, k_cache, v_cache, want_k, want_v, cache_seqlens, 5, True, True)
         results[num_splits] = (o, lse, kc, vc)
@@ -275,7 +256,7 @@ def test_lse_merges_with_flash_attention(sq, interleaved):
     length = 60 + sq
     want_o, want_lse = lk.flash_attention(q_rot, k_cache[:, :length], v_cache[:, :length], causal=True,
                                           return_lse=True, backend="triton")
-    check_out(o, want_o)
+    check_attention_out(o, want_o)
     check_lse(lse, want_lse)
 
 
@@ -351,7 +332,7 @@ def test_fullgraph_compile_appends_and_matches_eager():
     torch.testing.assert_close(o_c, o_e, rtol=1e-5, atol=1e-5)
     assert torch.equal(kc_c, kc_e) and torch.equal(vc_c, vc_e), "compiled and eager caches differ"
     want_o, _, want_k, want_v, _ = expected(q, k_cache, v_cache, cache_seqlens, k, v, rope_inv_freq(64, 1e4), True)
-    check_out(o_c / 2, want_o)
+    check_attention_out(o_c / 2, want_o)
     check_caches(kc_c, vc_c, k_cache, v_cache, want_k, want_v, cache_seqlens, 5, True, True)
 
 

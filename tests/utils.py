@@ -20,3 +20,22 @@ def assert_close(actual, expected, *, ulps: int = 2, atol: float = 1e-6, rtol: f
 def randn(*shape, dtype=torch.float32, scale=1.0):
     """Fresh normal values (never zeros)."""
     return (torch.randn(*shape, dtype=torch.float32) * scale).to(dtype)
+
+
+def check_attention_out(got, want):
+    """Attention outputs. fp32: ~1e-5 relative. fp16/bf16: two ulp (one for the interpreter's rounding toward zero)."""
+    assert got.dtype == want.dtype, (got.dtype, want.dtype)
+    if want.dtype == torch.float32:
+        assert_close(got, want, atol=1e-5)
+    else:
+        assert_close(got, want, ulps=2, atol=2e-3)
+
+
+def check_lse(got, want):
+    """lse is fp32 whatever the inputs; rows that see no key are -inf in both, never NaN."""
+    assert got.dtype == torch.float32, got.dtype
+    assert got.shape == want.shape, (got.shape, want.shape)
+    assert not got.isnan().any(), "NaN in lse"
+    assert torch.equal(got.isneginf(), want.isneginf()), "the -inf rows (no visible key) differ"
+    finite = want.isfinite()
+    torch.testing.assert_close(got[finite], want[finite].float(), rtol=1e-5, atol=1e-5)
