@@ -86,7 +86,7 @@ GPU_SHAPES = {
 CPU_SHAPES = {  # 2 cores: the whole run stays under two minutes
     "memory": (Shape("7B", 1024), Shape("34B", 4096)),
     "attention": (Shape("7B", 512), Shape("34B", 512)),
-    "decode": (Shape("7B", 4096), Shape("34B", 4096, 8)),
+    "decode": (Shape("7B", 2048), Shape("34B", 2048, 4)),
 }
 QUICK_SHAPES = {"memory": (Shape("7B", 256),), "attention": (Shape("34B", 128),), "decode": (Shape("34B", 256),)}
 
@@ -280,7 +280,7 @@ def _sdpa(backend_name: str, cuda_only: bool = True):
 
 def _flex(inputs, device, causal):
     if device.type != "cuda":
-        raise Unavailable("FlexAttention is timed on CUDA (its CPU path has no backward)")
+        raise Unavailable("FlexAttention is timed on CUDA only (its CPU path has no backward)")
     flex_module = "torch.nn.attention.flex_attention"
     flex_attention, create_block_mask = _import(flex_module, "flex_attention"), _import(flex_module, "create_block_mask")
     seqlen = inputs["q"].shape[1]
