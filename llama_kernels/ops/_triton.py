@@ -73,8 +73,9 @@ def multiprocessor_count(device: torch.device) -> int:
 
 # --------------------------------------------------------------------------- launching
 def strides(name: str, t: torch.Tensor, dims: str = "bshd") -> dict:
-    """A (batch, seq, heads, head_dim) tensor's strides as kernel arguments: stride_{name}b, stride_{name}s, ..."""
-    return {f"stride_{name}{dim}": stride for dim, stride in zip(dims, t.stride(), strict=True)}
+    """The leading len(dims) strides of a (batch, seq, heads, head_dim) tensor as kernel arguments:
+    stride_{name}b, stride_{name}s, ..."""
+    return {f"stride_{name}{dim}": stride for dim, stride in zip(dims, t.stride()[:len(dims)], strict=True)}
 
 
 def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -314,8 +314,9 @@ class _Layout:
 
     def strides(self, name: str, t: Tensor) -> dict:
         """stride_{name}b, s, h: a packed tensor is one batch entry with no batch stride (head_dim's stride is 1)."""
-        b, s, h = (0, *t.stride()[:2]) if self.varlen else t.stride()[:3]
-        return {f"stride_{name}b": b, f"stride_{name}s": s, f"stride_{name}h": h}
+        if self.varlen:
+            return {f"stride_{name}b": 0, **_triton.strides(name, t, "sh")}
+        return _triton.strides(name, t, "bsh")
 
     def lse_strides(self, lse: Tensor) -> dict:
         b, h = (0, lse.stride(0)) if self.varlen else lse.stride()[:2]

@@ -145,9 +145,8 @@ def _decode_triton(q, k_cache, v_cache, seqlens_k, causal, softmax_scale, num_sp
         o_split_ptr=o_split, lse_split_ptr=lse_split,
         seqlen_q=seqlen_q, n_q_heads=n_q_heads, n_kv_heads=n_kv_heads, group=group, num_splits=num_splits,
         split_size=split_size, qk_scale=softmax_scale * LOG2E.value,
-        **{k: v for k, v in _triton.strides("q", q).items() if not k.endswith("d")},
-        **{k: v for k, v in _triton.strides("k", k_cache).items() if not k.endswith("d")},
-        **{k: v for k, v in _triton.strides("v", v_cache).items() if not k.endswith("d")},
+        **_triton.strides("q", q, "bsh"), **_triton.strides("k", k_cache, "bsh"),
+        **_triton.strides("v", v_cache, "bsh"),  # head_dim's stride is 1, checked
         CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
