@@ -147,7 +147,14 @@ def attention(
     Returns o (B, Sq, Hq, D) and, if asked, lse (B, Hq, Sq) in the compute dtype
     (fp32, or fp64 for fp64 inputs; natural log).
     """
-    batch, seqlen_q, n_q_heads, head_dim = q.shape
+    qf, kf, vf, probs, lse = _softmax(q, k, v, causal, softmax_scale)
+    out = (probs @ vf).transpose(1, 2).to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+def _softmax(q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float | None):
+    """q, and k and v repeated per query head, as (B, H, S, D) in the compute dtype; P and the lse (B, Hq, Sq)."""
+    seqlen_q, n_q_heads, head_dim = q.shape[1:]
     seqlen_k, n_kv_heads = k.shape[1], k.shape[2]
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
@@ -161,11 +168,10 @@ def attention(
         i = torch.arange(seqlen_q, device=q.device)[:, None]
         j = torch.arange(seqlen_k, device=q.device)[None, :]
         scores = scores.masked_fill(j > i + (seqlen_k - seqlen_q), float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # (B, Hq, Sq); -inf where nothing is visible
+    lse = torch.logsumexp(scores, dim=-1)  # -inf where nothing is visible
     # exp(-inf - finite) = 0 keeps fully masked rows at zero instead of NaN.
     probs = torch.exp(scores - lse[..., None].clamp_min(torch.finfo(cdtype).min))
-    out = (probs @ vf).transpose(1, 2).to(q.dtype)
-    return (out, lse) if return_lse else out
+    return qf, kf, vf, probs, lse
 
 
 def attention_backward(
@@ -186,29 +192,19 @@ def attention_backward(
     Written out because autograd records nothing inside a custom op; the tests
     hold it to autograd of ``attention``.
     """
-    batch, seqlen_q, n_q_heads, head_dim = q.shape
+    batch, _, n_q_heads, head_dim = q.shape
     seqlen_k, n_kv_heads = k.shape[1], k.shape[2]
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
-    cdtype = _compute_dtype(q.dtype)
     group = n_q_heads // n_kv_heads
-    qf = q.to(cdtype).transpose(1, 2)  # (B, Hq, Sq, D)
-    kf = k.to(cdtype).repeat_interleave(group, dim=2).transpose(1, 2)
-    vf = v.to(cdtype).repeat_interleave(group, dim=2).transpose(1, 2)
-    dof = do.to(cdtype).transpose(1, 2)
-    scores = (qf @ kf.transpose(-1, -2)) * softmax_scale
-    if causal:
-        i = torch.arange(seqlen_q, device=q.device)[:, None]
-        j = torch.arange(seqlen_k, device=q.device)[None, :]
-        scores = scores.masked_fill(j > i + (seqlen_k - seqlen_q), float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    probs = torch.exp(scores - lse.clamp_min(torch.finfo(cdtype).min))
+    qf, kf, vf, probs, _ = _softmax(q, k, v, causal, softmax_scale)
+    dof = do.to(qf.dtype).transpose(1, 2)
     out = probs @ vf
     dv = probs.transpose(-1, -2) @ dof
     dp = dof @ vf.transpose(-1, -2)
     row_term = (dof * out).sum(-1, keepdim=True)
     if dlse is not None:
-        row_term = row_term - dlse.to(cdtype)[..., None]
+        row_term = row_term - dlse.to(qf.dtype)[..., None]
     ds = probs * (dp - row_term)
     dq = (ds @ kf) * softmax_scale
     dk = (ds.transpose(-1, -2) @ qf) * softmax_scale

@@ -59,6 +59,13 @@ def _sequence(cu_seqlens_ptr, batch, seqlen, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(base_ptr, batch, start, head, rows, length, stride_b, stride_s, stride_h, HEAD_DIM: tl.constexpr):
+    """Rows `rows` of one head as a tl.dot operand; rows at or past `length` read as zeros."""
+    ptrs = _tile_ptrs(base_ptr, batch, start, head, rows, stride_b, stride_s, stride_h, HEAD_DIM)
+    return _mma(tl.load(ptrs, mask=(rows < length)[:, None], other=0.0))
+
+
+@triton.jit
 def _program(seqlen, n_heads, BLOCK: tl.constexpr):
     """(block, batch, head) of this program on a flat grid, blocks of one (batch, head) consecutive (they share
     its k and v in L2); one axis, because the second stops at 65,535 (batch x heads can pass it)."""
@@ -86,9 +93,7 @@ def _fwd_blocks(
     """Online softmax over key blocks [first, last): unmasked blocks need no per-element test."""
     for n in range(first, last, BLOCK_N):
         cols = n + tl.arange(0, BLOCK_N)
-        kv_mask = (cols < len_k)[:, None]
-        k = _mma(tl.load(_tile_ptrs(k_ptr, batch, k_start, kv_head, cols, stride_kb, stride_ks, stride_kh, HEAD_DIM),
-                         mask=kv_mask, other=0.0))
+        k = _load_tile(k_ptr, batch, k_start, kv_head, cols, len_k, stride_kb, stride_ks, stride_kh, HEAD_DIM)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # log2 units
         if MASKED:
             visible = (cols < len_k)[None, :]
@@ -100,8 +105,7 @@ def _fwd_blocks(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = _mma(tl.load(_tile_ptrs(v_ptr, batch, k_start, kv_head, cols, stride_vb, stride_vs, stride_vh, HEAD_DIM),
-                         mask=kv_mask, other=0.0))
+        v = _load_tile(v_ptr, batch, k_start, kv_head, cols, len_k, stride_vb, stride_vs, stride_vh, HEAD_DIM)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -126,8 +130,7 @@ def _fwd_kernel(
         return
     rows = m0 + tl.arange(0, BLOCK_M)
     q_mask = (rows < len_q)[:, None]
-    q = _mma(tl.load(_tile_ptrs(q_ptr, batch, q_start, head, rows, stride_qb, stride_qs, stride_qh, HEAD_DIM),
-                     mask=q_mask, other=0.0))
+    q = _load_tile(q_ptr, batch, q_start, head, rows, len_q, stride_qb, stride_qs, stride_qh, HEAD_DIM)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -190,10 +193,8 @@ def _bwd_dkdv_kernel(
         return
     cols = n0 + tl.arange(0, BLOCK_N)
     kv_mask = (cols < len_k)[:, None]
-    k = _mma(tl.load(_tile_ptrs(k_ptr, batch, k_start, kv_head, cols, stride_kb, stride_ks, stride_kh, HEAD_DIM),
-                     mask=kv_mask, other=0.0))
-    v = _mma(tl.load(_tile_ptrs(v_ptr, batch, k_start, kv_head, cols, stride_vb, stride_vs, stride_vh, HEAD_DIM),
-                     mask=kv_mask, other=0.0))
+    k = _load_tile(k_ptr, batch, k_start, kv_head, cols, len_k, stride_kb, stride_ks, stride_kh, HEAD_DIM)
+    v = _load_tile(v_ptr, batch, k_start, kv_head, cols, len_k, stride_vb, stride_vs, stride_vh, HEAD_DIM)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     diag = len_k - len_q
@@ -207,11 +208,8 @@ def _bwd_dkdv_kernel(
         delta_row = delta_ptr + batch.to(tl.int64) * stride_lse_b + head.to(tl.int64) * stride_lse_h + q_start
         for m in range(first, len_q, BLOCK_M):
             rows = m + tl.arange(0, BLOCK_M)
-            q_mask = (rows < len_q)[:, None]
-            q = _mma(tl.load(_tile_ptrs(q_ptr, batch, q_start, head, rows, stride_qb, stride_qs, stride_qh, HEAD_DIM),
-                             mask=q_mask, other=0.0))
-            do = _mma(tl.load(_tile_ptrs(do_ptr, batch, q_start, head, rows, stride_dob, stride_dos, stride_doh,
-                                         HEAD_DIM), mask=q_mask, other=0.0))
+            q = _load_tile(q_ptr, batch, q_start, head, rows, len_q, stride_qb, stride_qs, stride_qh, HEAD_DIM)
+            do = _load_tile(do_ptr, batch, q_start, head, rows, len_q, stride_dob, stride_dos, stride_doh, HEAD_DIM)
             lse = tl.load(lse_row + rows, mask=rows < len_q, other=0.0)
             delta = tl.load(delta_row + rows, mask=rows < len_q, other=0.0)
             p = _bwd_probabilities(q, k, lse, rows, cols, len_q, len_k, diag, qk_scale, CAUSAL, DOT_PRECISION)
@@ -247,10 +245,8 @@ def _bwd_dq_kernel(
         return
     rows = m0 + tl.arange(0, BLOCK_M)
     q_mask = (rows < len_q)[:, None]
-    q = _mma(tl.load(_tile_ptrs(q_ptr, batch, q_start, head, rows, stride_qb, stride_qs, stride_qh, HEAD_DIM),
-                     mask=q_mask, other=0.0))
-    do = _mma(tl.load(_tile_ptrs(do_ptr, batch, q_start, head, rows, stride_dob, stride_dos, stride_doh, HEAD_DIM),
-                      mask=q_mask, other=0.0))
+    q = _load_tile(q_ptr, batch, q_start, head, rows, len_q, stride_qb, stride_qs, stride_qh, HEAD_DIM)
+    do = _load_tile(do_ptr, batch, q_start, head, rows, len_q, stride_dob, stride_dos, stride_doh, HEAD_DIM)
     row_offset = batch.to(tl.int64) * stride_lse_b + head.to(tl.int64) * stride_lse_h + q_start + rows
     lse = tl.load(lse_ptr + row_offset, mask=rows < len_q, other=0.0)
     delta = tl.load(delta_ptr + row_offset, mask=rows < len_q, other=0.0)
@@ -261,11 +257,8 @@ def _bwd_dq_kernel(
         last = tl.minimum(len_k, m0 + BLOCK_M + diag)
     for n in range(0, last, BLOCK_N):
         cols = n + tl.arange(0, BLOCK_N)
-        kv_mask = (cols < len_k)[:, None]
-        k = _mma(tl.load(_tile_ptrs(k_ptr, batch, k_start, kv_head, cols, stride_kb, stride_ks, stride_kh, HEAD_DIM),
-                         mask=kv_mask, other=0.0))
-        v = _mma(tl.load(_tile_ptrs(v_ptr, batch, k_start, kv_head, cols, stride_vb, stride_vs, stride_vh, HEAD_DIM),
-                         mask=kv_mask, other=0.0))
+        k = _load_tile(k_ptr, batch, k_start, kv_head, cols, len_k, stride_kb, stride_ks, stride_kh, HEAD_DIM)
+        v = _load_tile(v_ptr, batch, k_start, kv_head, cols, len_k, stride_vb, stride_vs, stride_vh, HEAD_DIM)
         p = _bwd_probabilities(q, k, lse, rows, cols, len_q, len_k, diag, qk_scale, CAUSAL, DOT_PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
