@@ -84,16 +84,21 @@ def launches(target: str) -> list[tuple[str, object]]:
                     out += [f"attention_fwd {kind}", f"attention_bwd_dkdv {kind}", f"attention_bwd_dq {kind}"]
         for (hq, hk), seqlen_q in itertools.product(((32, 32), (64, 8)), (1, 5)):
             _decode_launches(hq, hk, seqlen_q, meta)
-            out += [f"decode_split {hq}/{hk} Sq={seqlen_q}", f"decode_merge {hq}/{hk} Sq={seqlen_q}"]
+            out += [f"rope+append {hq}/{hk} Sq={seqlen_q}", f"decode_split {hq}/{hk} Sq={seqlen_q}",
+                    f"decode_merge {hq}/{hk} Sq={seqlen_q}"]
     return list(zip(out, records, strict=True))
 
 
 def _decode_launches(n_q_heads: int, n_kv_heads: int, seqlen_q: int, device) -> None:
-    """A decoding step over a 16k-token bf16 cache, D 128, batch 1."""
-    from .ops import decode
+    """A decoding step over a 16k-token bf16 cache, D 128, batch 1: RoPE with the append, then the attention."""
+    from .ops import decode, rope
 
     q = torch.empty(1, seqlen_q, n_q_heads, 128, dtype=torch.bfloat16, device=device)
+    new_kv = torch.empty(1, seqlen_q, n_kv_heads, 128, dtype=torch.bfloat16, device=device)
     cache = torch.empty(1, 16384, n_kv_heads, 128, dtype=torch.bfloat16, device=device)
+    positions = torch.empty(1, seqlen_q, dtype=torch.int64, device=device)
+    inv_freq = torch.empty(64, dtype=torch.float32, device=device)
+    rope._rope_triton(q, new_kv, q, cache, positions, 0, inv_freq, 1.0, False, False, v=new_kv, v_out=cache)
     seqlens = torch.empty(1, dtype=torch.int32, device=device)
     decode._decode_triton(q, cache, cache, seqlens, True, 128**-0.5, 0)
 

@@ -11,10 +11,12 @@ online softmax (``attention._fwd_blocks``), the group's query heads packed as
 rows.
 
 ``flash_attention_with_kvcache`` first rotates q and the new k at their
-positions (cache_seqlens[b] + i) with the RoPE op, writes the new k and v into
-the caches at those positions (index arithmetic on the device: no host
-synchronization, no data-dependent allocation, so CUDA graphs can capture it),
-then attends. The caller advances cache_seqlens, as with flash-attn.
+positions (cache_seqlens[b] + i) and writes the rotated k and the new v into the
+caches at those positions, all in one launch of the RoPE kernel (its APPEND_KV
+mode); without RoPE the append is device-side indexing. Nothing synchronizes
+with the host and no allocation depends on the data, so CUDA graphs can capture
+a step: three launches (RoPE + append, splits, merge). The caller advances
+cache_seqlens, as with flash-attn.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .._checks import check_same_device, check_same_dtype, check_tensor
 from ..rope_scaling import rope_inv_freq
 from . import _triton
 from .attention import HEAD_DIMS, LOG2E, _fwd_blocks, _mma, _softmax_scale
+from .rope import _rope_triton
 
 MAX_ROWS = 128  # packed (query, group member) rows per program
 
@@ -181,16 +184,22 @@ def _kvcache_op(
 ) -> tuple[Tensor, Tensor]:
     batch, seqlen_q = q.shape[:2]
     positions = cache_seqlens.long()[:, None] + torch.arange(seqlen_q, device=q.device)  # (B, Sq)
-    if inv_freq is not None:  # rotate q, and the new k, at their positions; an empty k when there is none
-        k_new = k if k is not None else q[:, :, :0]
-        q, k_new = torch.ops.llama_kernels.rope(q, k_new, positions, 0, inv_freq, 1.0, interleaved, False, backend)
-        k = k_new if k is not None else None
-    seqlens_k = cache_seqlens
-    if k is not None:
-        batch_index = torch.arange(batch, device=q.device)[:, None].expand(batch, seqlen_q)
-        k_cache[batch_index, positions] = k
-        v_cache[batch_index, positions] = v
-        seqlens_k = cache_seqlens + seqlen_q
+    if inv_freq is not None and k is not None and backend == "triton":
+        # one kernel: q rotated, the new k rotated into k_cache and v copied into v_cache at their positions
+        q_rotated = _triton.new_output(q.shape, q.dtype, q.device)
+        _rope_triton(q, k, q_rotated, k_cache, positions, 0, inv_freq, 1.0, interleaved, False, v=v, v_out=v_cache)
+        q = q_rotated
+    else:
+        if inv_freq is not None:  # rotate q, and the new k, at their positions; an empty k when there is none
+            k_new = k if k is not None else q[:, :, :0]
+            q, k_new = torch.ops.llama_kernels.rope(q, k_new, positions, 0, inv_freq, 1.0, interleaved, False,
+                                                    backend)
+            k = k_new if k is not None else None
+        if k is not None:
+            batch_index = torch.arange(batch, device=q.device)[:, None].expand(batch, seqlen_q)
+            k_cache[batch_index, positions] = k
+            v_cache[batch_index, positions] = v
+    seqlens_k = cache_seqlens + seqlen_q if k is not None else cache_seqlens
     if backend == "triton":
         return _decode_triton(q, k_cache, v_cache, seqlens_k, causal, softmax_scale, num_splits)
     return _decode_reference(q, k_cache, v_cache, seqlens_k, causal, softmax_scale)

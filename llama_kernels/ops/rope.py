@@ -75,17 +75,37 @@ def _rotate_heads(
 
 
 @triton.jit
+def _copy_heads(
+    x_ptr, out_ptr, x_token_offsets, out_token_offsets, token_mask,
+    n_heads, head_dim, stride_xh, stride_xd, stride_oh, stride_od,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Copy all heads of BLOCK_S tokens of one tensor, BLOCK_H heads at a time."""
+    d = tl.arange(0, BLOCK_D)[None, None, :]
+    for head_start in range(0, n_heads, BLOCK_H):
+        heads = head_start + tl.arange(0, BLOCK_H)
+        mask = token_mask[:, None, None] & (heads < n_heads)[None, :, None] & (d < head_dim)
+        heads = heads.to(tl.int64)[None, :, None]
+        x = tl.load(x_ptr + x_token_offsets[:, None, None] + heads * stride_xh + d * stride_xd, mask=mask)
+        tl.store(out_ptr + out_token_offsets[:, None, None] + heads * stride_oh + d * stride_od,
+                 x.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _rope_kernel(
-    q_ptr, k_ptr, q_out_ptr, k_out_ptr, positions_ptr, inv_freq_ptr,
+    q_ptr, k_ptr, q_out_ptr, k_out_ptr, v_ptr, v_out_ptr, positions_ptr, inv_freq_ptr,
     seqlen, n_q_heads, n_k_heads, half_dim,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_qob, stride_qos, stride_qoh, stride_qod,
     stride_kob, stride_kos, stride_koh, stride_kod,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_vob, stride_vos, stride_voh, stride_vod,
     stride_pos_b, stride_pos_s, position_offset, attention_factor,
-    HAS_POSITIONS: tl.constexpr, INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr,
+    HAS_POSITIONS: tl.constexpr, INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr, APPEND_KV: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
+    """Rotate q and k. APPEND_KV (decoding): the rotated k, and v unrotated, go into caches at their positions."""
     # One flat grid axis (the second axis stops at 65,535, too few for large batches).
     token_blocks = tl.cdiv(seqlen, BLOCK_S)
     batch = (tl.program_id(0) // token_blocks).to(tl.int64)
@@ -113,11 +133,17 @@ def _rope_kernel(
         token_mask, n_q_heads, half_dim, stride_qh, stride_qd, stride_qoh, stride_qod, cos, sin,
         INTERLEAVED, BLOCK_S, BLOCK_H, BLOCK_HALF,
     )
+    out_tokens = pos.to(tl.int64) if APPEND_KV else tokens  # a cache's slot is the token's position
     _rotate_heads(
-        k_ptr, k_out_ptr, batch * stride_kb + tokens * stride_ks, batch * stride_kob + tokens * stride_kos,
+        k_ptr, k_out_ptr, batch * stride_kb + tokens * stride_ks, batch * stride_kob + out_tokens * stride_kos,
         token_mask, n_k_heads, half_dim, stride_kh, stride_kd, stride_koh, stride_kod, cos, sin,
         INTERLEAVED, BLOCK_S, BLOCK_H, BLOCK_HALF,
     )
+    if APPEND_KV:
+        _copy_heads(
+            v_ptr, v_out_ptr, batch * stride_vb + tokens * stride_vs, batch * stride_vob + out_tokens * stride_vos,
+            token_mask, n_k_heads, 2 * half_dim, stride_vh, stride_vd, stride_voh, stride_vod, BLOCK_H, 2 * BLOCK_HALF,
+        )
 
 
 # --------------------------------------------------------------------------- launcher
@@ -138,7 +164,10 @@ def _config(q: Tensor, k: Tensor, interleaved: bool) -> dict:
     return {**_triton.tuned_config("rope", target, key, default), "BLOCK_HALF": block_half}
 
 
-def _rope_triton(q, k, q_out, k_out, positions, position_offset, inv_freq, attention_factor, interleaved, inverse):
+def _rope_triton(q, k, q_out, k_out, positions, position_offset, inv_freq, attention_factor, interleaved, inverse,
+                 v=None, v_out=None):
+    """Rotate q into q_out and k into k_out. With v and v_out (decoding's append; positions required), k_out and
+    v_out are caches: token (b, i) of k (rotated) and of v lands at row positions[b, i]."""
     batch, seqlen, n_q_heads, head_dim = q.shape
     if q.numel() == 0 and k.numel() == 0:
         return
@@ -151,13 +180,15 @@ def _rope_triton(q, k, q_out, k_out, positions, position_offset, inv_freq, atten
         _rope_kernel, (batch * triton.cdiv(seqlen, cfg["BLOCK_S"]),), q.device,
         num_warps=cfg["num_warps"],
         q_ptr=q, k_ptr=k, q_out_ptr=q_out, k_out_ptr=k_out,
+        v_ptr=v if v is not None else k, v_out_ptr=v_out if v_out is not None else k_out,
         positions_ptr=positions if positions is not None else inv_freq, inv_freq_ptr=inv_freq,
         seqlen=seqlen, n_q_heads=n_q_heads, n_k_heads=k.shape[2], half_dim=head_dim // 2,
         **_triton.strides("q", q), **_triton.strides("k", k),
         **_triton.strides("qo", q_out), **_triton.strides("ko", k_out),
+        **_triton.strides("v", v if v is not None else k), **_triton.strides("vo", v_out if v_out is not None else k_out),
         stride_pos_b=stride_pos_b, stride_pos_s=stride_pos_s,
         position_offset=position_offset, attention_factor=attention_factor,
-        HAS_POSITIONS=positions is not None, INTERLEAVED=interleaved, INVERSE=inverse,
+        HAS_POSITIONS=positions is not None, INTERLEAVED=interleaved, INVERSE=inverse, APPEND_KV=v is not None,
         BLOCK_S=cfg["BLOCK_S"], BLOCK_H=cfg["BLOCK_H"], BLOCK_HALF=cfg["BLOCK_HALF"],
     )
 
