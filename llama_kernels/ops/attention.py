@@ -59,6 +59,17 @@ def _sequence(cu_seqlens_ptr, batch, seqlen, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _query_block(cu_seqlens_q_ptr, cu_seqlens_k_ptr, seqlen_q, seqlen_k, n_q_heads, group,
+                 VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
+    """What a program that owns a block of queries works on: its (batch, head, key/value head), both
+    sequences' (start, length), and the block's first query."""
+    block, batch, head = _program(seqlen_q, n_q_heads, BLOCK_M)
+    q_start, len_q = _sequence(cu_seqlens_q_ptr, batch, seqlen_q, VARLEN)
+    k_start, len_k = _sequence(cu_seqlens_k_ptr, batch, seqlen_k, VARLEN)
+    return batch, head, head // group, q_start, len_q, k_start, len_k, block * BLOCK_M
+
+
+@triton.jit
 def _load_tile(base_ptr, batch, start, head, rows, length, stride_b, stride_s, stride_h, HEAD_DIM: tl.constexpr):
     """Rows `rows` of one head as a tl.dot operand; rows at or past `length` read as zeros."""
     ptrs = _tile_ptrs(base_ptr, batch, start, head, rows, stride_b, stride_s, stride_h, HEAD_DIM)
@@ -121,11 +132,8 @@ def _fwd_kernel(
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    block, batch, head = _program(seqlen_q, n_q_heads, BLOCK_M)
-    kv_head = head // group
-    q_start, len_q = _sequence(cu_seqlens_q_ptr, batch, seqlen_q, VARLEN)
-    k_start, len_k = _sequence(cu_seqlens_k_ptr, batch, seqlen_k, VARLEN)
-    m0 = block * BLOCK_M
+    batch, head, kv_head, q_start, len_q, k_start, len_k, m0 = _query_block(
+        cu_seqlens_q_ptr, cu_seqlens_k_ptr, seqlen_q, seqlen_k, n_q_heads, group, VARLEN, BLOCK_M)
     if m0 >= len_q:  # packed: this sequence is shorter than the grid's longest
         return
     rows = m0 + tl.arange(0, BLOCK_M)
@@ -236,12 +244,9 @@ def _bwd_dq_kernel(
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    block, batch, head = _program(seqlen_q, n_q_heads, BLOCK_M)
-    kv_head = head // group
-    q_start, len_q = _sequence(cu_seqlens_q_ptr, batch, seqlen_q, VARLEN)
-    k_start, len_k = _sequence(cu_seqlens_k_ptr, batch, seqlen_k, VARLEN)
-    m0 = block * BLOCK_M
-    if m0 >= len_q:
+    batch, head, kv_head, q_start, len_q, k_start, len_k, m0 = _query_block(
+        cu_seqlens_q_ptr, cu_seqlens_k_ptr, seqlen_q, seqlen_k, n_q_heads, group, VARLEN, BLOCK_M)
+    if m0 >= len_q:  # packed: this sequence is shorter than the grid's longest
         return
     rows = m0 + tl.arange(0, BLOCK_M)
     q_mask = (rows < len_q)[:, None]
