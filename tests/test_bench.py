@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from llama_kernels import cli
 
@@ -61,3 +62,23 @@ def test_cli_refuses_unknown_ops(capsys):
         cli.main(["bench", "--ops", "rms_norm,softmax"])
     assert exit_info.value.code == 2
     assert "expected a comma-separated subset of rms_norm,rope" in capsys.readouterr().err
+
+
+def test_gpu_check_without_a_gpu_says_so(tmp_path):
+    proc = run("bench/gpu_check.py", str(tmp_path))
+    assert proc.returncode == 2, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "no CUDA device" in (tmp_path / "summary.txt").read_text()
+
+
+def test_gpu_check_benchmark_plan_covers_every_op():
+    """The check's shape table must name every kind its ops use (a missing one fails only on the card)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    from llama_kernels.bench import cases
+
+    items = cases.matrix(gpu_check.BENCH_OPS, torch.device("cpu"), False, with_compile=False,
+                         shapes=gpu_check.BENCH_SHAPES)
+    assert list(dict.fromkeys(item.case.op for item in items)) == list(gpu_check.BENCH_OPS)  # in that order

@@ -509,10 +509,10 @@ class Item:
 
 def matrix(ops, device: torch.device, quick: bool = False, with_compile: bool = True,
            shapes: dict | None = None) -> list[Item]:
-    """Every (case, shape, provider) to measure, case by case, shape by shape."""
+    """Every (case, shape, provider) to measure, in the order of ``ops``, case by case, shape by shape."""
     return [
         Item(case, shape, provider)
-        for case in CASES if case.op in ops
+        for op in ops for case in CASES if case.op == op
         for shape in shapes_for(case.op, device, quick, shapes)
         for provider in case.providers if with_compile or provider not in COMPILED_PROVIDERS
     ]
