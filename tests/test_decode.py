@@ -313,6 +313,40 @@ def test_bad_input_is_refused_before_any_write(make_kwargs, error, match):
     assert torch.equal(kwargs["cache_seqlens"], seqlens_before)
 
 
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the merge kernel meets the NaN rows
+@pytest.mark.parametrize("rope", [False, True], ids=["copy", "rope"])
+@pytest.mark.parametrize("append", [True, False], ids=["append", "no-append"])
+def test_kernels_guard_lengths_the_cache_cannot_hold(append, rope):
+    """On a GPU the wrapper does not read cache_seqlens (a host sync per step): the kernels must write nothing
+    outside the caches and give NaN for the sequences whose length does not fit, and the right answer for the
+    others. Called through the torch op, which skips the wrapper's host-side check."""
+    seqlens = [4, 6, -2, 3] if append else [4, 9, -1, 8]  # entries 1 and 2 do not fit (S_max 8, Sq 3)
+    q, k_cache, v_cache, cache_seqlens, k, v = make_inputs(4, 8, 4, 2, 64, F32, seqlens, 3, append)
+    inv_freq = rope_inv_freq(64, 1e4) if rope else None
+    # The cache rows before and after, with a border to catch a write past either end of a sequence's rows.
+    k_big, v_big = randn(6, 8, 2, 64), randn(6, 8, 2, 64)
+    k_before, v_before = k_big.clone(), v_big.clone()
+    kc, vc = k_big[1:5], v_big[1:5]
+    kc.copy_(k_cache), vc.copy_(v_cache)
+    o, lse = torch.ops.llama_kernels.flash_attention_with_kvcache(
+        q, kc, vc, cache_seqlens, k, v, inv_freq, False, True, 64**-0.5, 0, "triton")
+    good, bad = [0, 3], [1, 2]
+    assert o[bad].isnan().all() and lse[bad].isnan().all()
+    assert torch.equal(k_big[[0, 5]], k_before[[0, 5]]) and torch.equal(v_big[[0, 5]], v_before[[0, 5]])
+    if append:  # the bad entries may have written their in-range slots (1: 6 and 7 of 6..8; 2: 0 of -2..0), no other
+        assert torch.equal(kc[1, :6], k_cache[1, :6]) and torch.equal(kc[2, 1:], k_cache[2, 1:])
+        assert torch.equal(vc[1, :6], v_cache[1, :6]) and torch.equal(vc[2, 1:], v_cache[2, 1:])
+    else:
+        assert torch.equal(kc[bad], k_cache[bad]) and torch.equal(vc[bad], v_cache[bad])
+    good_seqlens = cache_seqlens[good]
+    want_o, want_lse, want_k, want_v, _ = expected(q[good], k_cache[good], v_cache[good], good_seqlens,
+                                                   k[good] if append else None, v[good] if append else None,
+                                                   inv_freq, False)
+    check_attention_out(o[good], want_o)
+    check_lse(lse[good], want_lse)
+    check_caches(kc[good], vc[good], k_cache[good], v_cache[good], want_k, want_v, good_seqlens, 3, append, rope)
+
+
 # --------------------------------------------------------------------------- torch.compile
 def test_fullgraph_compile_appends_and_matches_eager():
     """The op declares that it mutates the caches: compiled and eager give the same o and the same caches."""

@@ -13,10 +13,12 @@ rows.
 ``flash_attention_with_kvcache`` first rotates q and the new k at their
 positions (cache_seqlens[b] + i) and writes the rotated k and the new v into the
 caches at those positions, all in one launch of the RoPE kernel (its APPEND_KV
-mode); without RoPE the append is device-side indexing. Nothing synchronizes
+mode; without RoPE the same kernel copies, at angle zero). Nothing synchronizes
 with the host and no allocation depends on the data, so CUDA graphs can capture
 a step: three launches (RoPE + append, splits, merge). The caller advances
-cache_seqlens, as with flash-attn.
+cache_seqlens, as with flash-attn. A cache_seqlens the cache cannot hold is
+caught in the kernels (no write outside the caches, NaN for that sequence), not
+on the host: a host check would sync every step.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ MAX_ROWS = 128  # packed (query, group member) rows per program
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, seqlens_k_ptr, o_split_ptr, lse_split_ptr,
-    seqlen_q, n_q_heads, n_kv_heads, group, num_splits, split_size, qk_scale,
+    seqlen_q, n_q_heads, n_kv_heads, group, num_splits, split_size, qk_scale, cache_slots, min_len_k,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -60,6 +62,10 @@ def _decode_split_kernel(
     q = _mma(tl.load(q_ptrs, mask=row_mask[:, None], other=0.0))
 
     len_k = tl.load(seqlens_k_ptr + batch)
+    # A length the cache cannot hold (past its cache_slots rows, or under the min_len_k tokens just appended):
+    # read nothing and report the row as NaN. Checking here, not on the host, keeps a step free of syncs.
+    bad_len = (len_k > cache_slots) | (len_k < min_len_k)
+    len_k = tl.where(bad_len, 0, len_k)
     first = split * split_size
     last = tl.minimum(len_k, first + split_size)
     diag = len_k - seqlen_q  # bottom-right: query i sees keys j <= i + diag
@@ -83,10 +89,11 @@ def _decode_split_kernel(
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # an empty range: zeros and -inf, weightless in the merge
     # Partial results, (B, Hq, Sq, num_splits, [D]) fp32: row r = (batch * Hq + head) * Sq + query.
     split_row = ((batch * n_q_heads + head).to(tl.int64) * seqlen_q + query) * num_splits + split
-    tl.store(o_split_ptr + split_row[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :],
-             acc / l_safe[:, None], mask=row_mask[:, None])
-    tl.store(lse_split_ptr + split_row, tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) / LOG2E),
-             mask=row_mask)
+    o_part = tl.where(bad_len, float("nan"), acc / l_safe[:, None])
+    lse_part = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) / LOG2E)
+    tl.store(o_split_ptr + split_row[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :], o_part,
+             mask=row_mask[:, None])
+    tl.store(lse_split_ptr + split_row, tl.where(bad_len, float("nan"), lse_part), mask=row_mask)
 
 
 @triton.jit
@@ -131,7 +138,7 @@ def _config(q: Tensor, rows: int) -> dict:
     return {**config, "BLOCK_M": block_m}
 
 
-def _decode_triton(q, k_cache, v_cache, seqlens_k, causal, softmax_scale, num_splits):
+def _decode_triton(q, k_cache, v_cache, seqlens_k, min_len_k, causal, softmax_scale, num_splits):
     batch, seqlen_q, n_q_heads, head_dim = q.shape
     cache_len, n_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = n_q_heads // n_kv_heads
@@ -147,7 +154,7 @@ def _decode_triton(q, k_cache, v_cache, seqlens_k, causal, softmax_scale, num_sp
         q_ptr=q, k_cache_ptr=k_cache, v_cache_ptr=v_cache, seqlens_k_ptr=seqlens_k,
         o_split_ptr=o_split, lse_split_ptr=lse_split,
         seqlen_q=seqlen_q, n_q_heads=n_q_heads, n_kv_heads=n_kv_heads, group=group, num_splits=num_splits,
-        split_size=split_size, qk_scale=softmax_scale * LOG2E.value,
+        split_size=split_size, qk_scale=softmax_scale * LOG2E.value, cache_slots=cache_len, min_len_k=min_len_k,
         **_triton.strides("q", q, "bsh"), **_triton.strides("k", k_cache, "bsh"),
         **_triton.strides("v", v_cache, "bsh"),  # head_dim's stride is 1, checked
         CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
@@ -184,10 +191,12 @@ def _kvcache_op(
 ) -> tuple[Tensor, Tensor]:
     batch, seqlen_q = q.shape[:2]
     positions = cache_seqlens.long()[:, None] + torch.arange(seqlen_q, device=q.device)  # (B, Sq)
-    if inv_freq is not None and k is not None and backend == "triton":
-        # one kernel: q rotated, the new k rotated into k_cache and v copied into v_cache at their positions
+    if k is not None and backend == "triton":
+        # One kernel: q rotated, the new k rotated into k_cache and v copied into v_cache at their positions
+        # (never outside the caches). Without RoPE the same kernel at angle zero (cos 1, sin 0) copies exactly.
+        angles = inv_freq if inv_freq is not None else q.new_zeros(q.shape[-1] // 2, dtype=torch.float32)
         q_rotated = _triton.new_output(q.shape, q.dtype, q.device)
-        _rope_triton(q, k, q_rotated, k_cache, positions, 0, inv_freq, 1.0, interleaved, False, v=v, v_out=v_cache)
+        _rope_triton(q, k, q_rotated, k_cache, positions, 0, angles, 1.0, interleaved, False, v=v, v_out=v_cache)
         q = q_rotated
     else:
         if inv_freq is not None:  # rotate q, and the new k, at their positions; an empty k when there is none
@@ -199,9 +208,10 @@ def _kvcache_op(
             batch_index = torch.arange(batch, device=q.device)[:, None].expand(batch, seqlen_q)
             k_cache[batch_index, positions] = k
             v_cache[batch_index, positions] = v
-    seqlens_k = cache_seqlens + seqlen_q if k is not None else cache_seqlens
+    appended = seqlen_q if k is not None else 0
+    seqlens_k = cache_seqlens + appended
     if backend == "triton":
-        return _decode_triton(q, k_cache, v_cache, seqlens_k, causal, softmax_scale, num_splits)
+        return _decode_triton(q, k_cache, v_cache, seqlens_k, appended, causal, softmax_scale, num_splits)
     return _decode_reference(q, k_cache, v_cache, seqlens_k, causal, softmax_scale)
 
 
@@ -230,8 +240,10 @@ def flash_attention_with_kvcache(
         the same result within rounding.
     Returns o (B, Sq, Hq, D), or (o, lse) with lse (B, Hq, Sq) fp32, which merges with
     ``flash_attention``'s. Inference only (no autograd). The caller advances cache_seqlens.
-    Checking that the append fits reads cache_seqlens on the host; inside torch.compile or a CUDA
-    graph capture that check is skipped, as are all other data-dependent checks.
+    cache_seqlens outside 0 <= cache_seqlens[b] <= S_max - (Sq if appending else 0): on the CPU,
+    and with backend="reference", a ValueError (reading cache_seqlens costs nothing there); on a GPU
+    the kernels check it without a host sync, write nothing outside the caches and return NaN in
+    that sequence's o and lse.
     """
     check_tensor("q", q, ndim=4)
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
@@ -275,15 +287,16 @@ def flash_attention_with_kvcache(
         if inv_freq.shape[0] != head_dim // 2:
             raise ValueError(f"inv_freq: expected shape (D/2,) = ({head_dim // 2},), got {tuple(inv_freq.shape)}")
         check_same_device(q=q, inv_freq=inv_freq)
-    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not (torch.compiler.is_compiling() or capturing):
+    backend = _triton.resolve_backend(q, backend)
+    # On a GPU reading cache_seqlens would sync every step (measured: a 3x slower batch-1 step on an H100); the
+    # Triton kernels check it there. The reference path reads it anyway.
+    if not torch.compiler.is_compiling() and (not q.is_cuda or backend == "reference"):
         appended = seqlen_q if k is not None else 0
         lengths = cache_seqlens.tolist()
         if min(lengths) < 0 or max(lengths) + appended > k_cache.shape[1]:
             raise ValueError(f"cache_seqlens: expected 0 <= cache_seqlens[b] and cache_seqlens[b] + {appended} "
                              f"(new tokens) <= k_cache's S_max = {k_cache.shape[1]}, got {lengths}")
     scale = _softmax_scale(softmax_scale, head_dim)
-    backend = _triton.resolve_backend(q, backend)
     o, lse = torch.ops.llama_kernels.flash_attention_with_kvcache(
         q, k_cache, v_cache, cache_seqlens, k, v, inv_freq.contiguous() if inv_freq is not None else None,
         bool(interleaved), bool(causal), scale, num_splits, backend)

@@ -101,11 +101,12 @@ def _rope_kernel(
     stride_kob, stride_kos, stride_koh, stride_kod,
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_vob, stride_vos, stride_voh, stride_vod,
-    stride_pos_b, stride_pos_s, position_offset, attention_factor,
+    stride_pos_b, stride_pos_s, position_offset, attention_factor, cache_slots,
     HAS_POSITIONS: tl.constexpr, INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr, APPEND_KV: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
-    """Rotate q and k. APPEND_KV (decoding): the rotated k, and v unrotated, go into caches at their positions."""
+    """Rotate q and k. APPEND_KV (decoding): the rotated k, and v unrotated, go into caches at their positions;
+    a position outside the cache's cache_slots rows is not written (the decode kernel reports that row as NaN)."""
     # One flat grid axis (the second axis stops at 65,535, too few for large batches).
     token_blocks = tl.cdiv(seqlen, BLOCK_S)
     batch = (tl.program_id(0) // token_blocks).to(tl.int64)
@@ -133,16 +134,18 @@ def _rope_kernel(
         token_mask, n_q_heads, half_dim, stride_qh, stride_qd, stride_qoh, stride_qod, cos, sin,
         INTERLEAVED, BLOCK_S, BLOCK_H, BLOCK_HALF,
     )
-    out_tokens = pos.to(tl.int64) if APPEND_KV else tokens  # a cache's slot is the token's position
+    out_tokens, out_mask = tokens, token_mask
+    if APPEND_KV:  # a cache's slot is the token's position
+        out_tokens, out_mask = pos.to(tl.int64), token_mask & (pos >= 0) & (pos < cache_slots)
     _rotate_heads(
         k_ptr, k_out_ptr, batch * stride_kb + tokens * stride_ks, batch * stride_kob + out_tokens * stride_kos,
-        token_mask, n_k_heads, half_dim, stride_kh, stride_kd, stride_koh, stride_kod, cos, sin,
+        out_mask, n_k_heads, half_dim, stride_kh, stride_kd, stride_koh, stride_kod, cos, sin,
         INTERLEAVED, BLOCK_S, BLOCK_H, BLOCK_HALF,
     )
     if APPEND_KV:
         _copy_heads(
             v_ptr, v_out_ptr, batch * stride_vb + tokens * stride_vs, batch * stride_vob + out_tokens * stride_vos,
-            token_mask, n_k_heads, 2 * half_dim, stride_vh, stride_vd, stride_voh, stride_vod, BLOCK_H, 2 * BLOCK_HALF,
+            out_mask, n_k_heads, 2 * half_dim, stride_vh, stride_vd, stride_voh, stride_vod, BLOCK_H, 2 * BLOCK_HALF,
         )
 
 
@@ -167,7 +170,7 @@ def _config(q: Tensor, k: Tensor, interleaved: bool) -> dict:
 def _rope_triton(q, k, q_out, k_out, positions, position_offset, inv_freq, attention_factor, interleaved, inverse,
                  v=None, v_out=None):
     """Rotate q into q_out and k into k_out. With v and v_out (decoding's append; positions required), k_out and
-    v_out are caches: token (b, i) of k (rotated) and of v lands at row positions[b, i]."""
+    v_out are caches: token (b, i) of k (rotated) and of v lands at row positions[b, i] if the cache has it."""
     batch, seqlen, n_q_heads, head_dim = q.shape
     if q.numel() == 0 and k.numel() == 0:
         return
@@ -188,6 +191,7 @@ def _rope_triton(q, k, q_out, k_out, positions, position_offset, inv_freq, atten
         **_triton.strides("v", v if v is not None else k), **_triton.strides("vo", v_out if v_out is not None else k_out),
         stride_pos_b=stride_pos_b, stride_pos_s=stride_pos_s,
         position_offset=position_offset, attention_factor=attention_factor,
+        cache_slots=k_out.shape[1] if v is not None else 0,
         HAS_POSITIONS=positions is not None, INTERLEAVED=interleaved, INVERSE=inverse, APPEND_KV=v is not None,
         BLOCK_S=cfg["BLOCK_S"], BLOCK_H=cfg["BLOCK_H"], BLOCK_HALF=cfg["BLOCK_HALF"],
     )
