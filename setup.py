@@ -8,6 +8,8 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+MODELS = ["safetensors>=0.4", "sentencepiece>=0.1.99", "transformers>=4.50"]
+
 setup(
     name="llama-kernels",
     version="0.1.0",
@@ -19,8 +21,10 @@ setup(
     package_data={"llama_kernels.ops": ["tuned_configs.json"]},
     install_requires=["torch>=2.4", "triton>=3.2"],
     extras_require={
+        # the model's checkpoints (safetensors), tokenizer (sentencepiece) and Hugging Face patch (transformers)
+        "models": MODELS,
         # numpy<2.4: triton 3.6's interpreter breaks on numpy 2.4 (runtime-bounded loops).
-        "test": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4", "numpy<2.4", "transformers>=4.45"],
+        "test": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4", "numpy<2.4", *MODELS],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["llama-kernels=llama_kernels.cli:main"]},

@@ -1,0 +1,241 @@
+"""Code Llama on this package's kernels: a drop-in ``nn.Module`` with a preallocated KV cache.
+
+    model = CodeLlama.from_pretrained("CodeLlama-7b-hf", dtype=torch.bfloat16, device="cuda")
+    logits = model(tokens)                                    # (B, S, vocab): training, scoring
+    out = model.generate([prompt_a, prompt_b], max_new_tokens=64)
+
+The block is Llama 2's (Meta's ``llama/model.py``): pre-norm RMSNorm, attention with
+RoPE and grouped key/value heads, SwiGLU feed-forward, each wrapped in a residual add.
+Parameter names are Meta's, so Meta's checkpoints load as they are and Hugging Face's
+are renamed (``checkpoint.py``). What runs where:
+
+- every RMSNorm after the first is ``rms_norm(x, w, residual=h)``: the residual add and
+  the norm in one kernel, which hands the running sum ``h`` on to the next one;
+- q and k are rotated by ``apply_rope`` in one launch, in the checkpoint's pair layout
+  (``rope_interleaved``: Meta's interleaved pairs, or the half-split pairs of Hugging
+  Face's permuted weights), so no weight is permuted at load time;
+- attention is ``flash_attention`` (training and prefill: O(S) memory) or, once the cache
+  holds tokens, ``flash_attention_with_kvcache``, which rotates the new q and k at their
+  positions, appends k and v to the cache and attends in three launches;
+- the matrix products are torch's (cuBLAS): they are already at the card's peak.
+
+``backend="reference"`` runs the same module through ``llama_kernels.reference`` (plain
+PyTorch), so any difference between the two is the kernels'. ``backend=None`` lets each
+op choose from the tensors' device (Triton on CUDA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .. import flash_attention, flash_attention_with_kvcache, rms_norm, rope_attention_factor, rope_inv_freq
+from ..ops.rope import apply_rope
+from .config import CodeLlamaConfig
+
+
+@dataclass
+class KVCache:
+    """Per-layer key and value caches (B, max_seq_len, Hk, D) and the tokens each sequence holds.
+
+    ``seqlens`` (int32, on the device) is what the kernels read; ``filled`` is the host's upper
+    bound of it, kept so that a step that would overflow the cache is refused without a sync.
+    """
+
+    k: list[Tensor]
+    v: list[Tensor]
+    seqlens: Tensor
+    filled: int = 0
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k[0].shape[1]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.backend: str | None = None
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(RMSNorm(x + residual) * weight, x + residual): the sum is the next residual."""
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps, backend=self.backend), x
+        return rms_norm(x, self.weight, self.eps, residual=residual, backend=self.backend)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: CodeLlamaConfig, rope_interleaved: bool):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.rope_interleaved = rope_interleaved
+        self.backend: str | None = None
+
+    def forward(self, x: Tensor, inv_freq: Tensor, cache: tuple[Tensor, Tensor, Tensor] | None,
+                prefill: bool) -> Tensor:
+        """x (B, S, dim). cache: this layer's (k_cache, v_cache) and the shared seqlens; prefill: the cache is
+        empty, so the S tokens attend among themselves and are then written to it."""
+        batch, seqlen, _ = x.shape
+        q = self.wq(x).view(batch, seqlen, self.n_heads, self.head_dim)
+        k = self.wk(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)
+        if cache is None or prefill:
+            q, k = apply_rope(q, k, inv_freq=inv_freq, interleaved=self.rope_interleaved, backend=self.backend)
+            o = flash_attention(q, k, v, causal=True, backend=self.backend)
+            if cache is not None:
+                k_cache, v_cache, _ = cache
+                k_cache[:, :seqlen] = k
+                v_cache[:, :seqlen] = v
+        else:
+            k_cache, v_cache, seqlens = cache
+            o = flash_attention_with_kvcache(q, k_cache, v_cache, seqlens, k=k, v=v, inv_freq=inv_freq,
+                                             interleaved=self.rope_interleaved, causal=True, backend=self.backend)
+        return self.wo(o.reshape(batch, seqlen, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: CodeLlamaConfig):
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)  # down
+        self.w3 = nn.Linear(config.dim, config.hidden_dim, bias=False)  # up
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: CodeLlamaConfig, rope_interleaved: bool):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config, rope_interleaved)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x: Tensor, residual: Tensor | None, inv_freq: Tensor, cache, prefill: bool):
+        """Takes the previous sublayer's output x and the running sum before it (None in the first block);
+        returns the same pair, so each residual add happens inside the next norm's kernel."""
+        y, h = self.attention_norm(x, residual)
+        x = self.attention(y, inv_freq, cache, prefill)
+        y, h = self.ffn_norm(x, h)
+        return self.feed_forward(y), h
+
+
+class CodeLlama(nn.Module):
+    def __init__(self, config: CodeLlamaConfig, *, rope_interleaved: bool = False, backend: str | None = None):
+        super().__init__()
+        if config.rope_scaling and rope_attention_factor(config.rope_scaling) != 1.0:
+            raise ValueError(f"config.rope_scaling: expected a scaling of the frequencies alone; "
+                             f"{config.rope_scaling} also scales attention, which the model does not apply")
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config, rope_interleaved) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self._inv_freq: dict[torch.device, Tensor] = {}
+        self.activation_checkpointing = False
+        self.backend = backend
+
+    def inv_freq(self, device: torch.device) -> Tensor:
+        """RoPE's inverse frequencies, fp32 on ``device``. Not a buffer: ``model.to(torch.bfloat16)`` would round
+        a buffer to bf16, and angles at 100k positions need every bit of fp32."""
+        if device not in self._inv_freq:
+            c = self.config
+            self._inv_freq[device] = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling,
+                                                   max_position_embeddings=c.max_seq_len, device=device)
+        return self._inv_freq[device]
+
+    @property
+    def rope_interleaved(self) -> bool:
+        return self.layers[0].attention.rope_interleaved
+
+    @property
+    def backend(self) -> str | None:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str | None) -> None:
+        """Which kernels every op of the model runs: None (each op's choice), "triton" or "reference"."""
+        if value not in (None, "triton", "reference"):
+            raise ValueError(f"backend: expected None, 'triton' or 'reference', got {value!r}")
+        self._backend = value
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, Attention)):
+                module.backend = value
+
+    # ------------------------------------------------------------------ forward
+    def new_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
+        """An empty cache for ``batch_size`` sequences of up to ``max_seq_len`` tokens, in the model's dtype."""
+        c, weight = self.config, self.output.weight
+        shape = (batch_size, max_seq_len, c.n_kv_heads, c.head_dim)
+        return KVCache(k=[torch.empty(shape, dtype=weight.dtype, device=weight.device) for _ in self.layers],
+                       v=[torch.empty(shape, dtype=weight.dtype, device=weight.device) for _ in self.layers],
+                       seqlens=torch.zeros(batch_size, dtype=torch.int32, device=weight.device))
+
+    def forward(self, tokens: Tensor, cache: KVCache | None = None, logits_at: Tensor | None = None) -> Tensor:
+        """Logits (B, S, vocab) of the tokens (B, S), or (B, 1, vocab) at positions ``logits_at`` (B,).
+
+        With a cache, the tokens follow what each sequence already holds (an empty cache: a
+        prefill from position 0), and the cache is advanced by S.
+        """
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"tokens: expected an integer tensor (B, S), got {tokens.dtype} {tuple(tokens.shape)}")
+        batch, seqlen = tokens.shape
+        prefill = cache is not None and cache.filled == 0
+        if cache is not None:
+            if cache.seqlens.shape[0] != batch:
+                raise ValueError(f"cache: expected one for {batch} sequences, got {cache.seqlens.shape[0]}")
+            if cache.filled + seqlen > cache.max_seq_len:
+                raise ValueError(f"tokens: {seqlen} more tokens after {cache.filled} would overflow the cache of "
+                                 f"{cache.max_seq_len}; make a longer one with new_cache(batch, max_seq_len)")
+        x, residual, inv_freq = self.tok_embeddings(tokens), None, self.inv_freq(tokens.device)
+        for i, layer in enumerate(self.layers):
+            layer_cache = (cache.k[i], cache.v[i], cache.seqlens) if cache is not None else None
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x, residual = checkpoint(layer, x, residual, inv_freq, layer_cache, prefill, use_reentrant=False)
+            else:
+                x, residual = layer(x, residual, inv_freq, layer_cache, prefill)
+        if cache is not None:
+            cache.seqlens.add_(seqlen)
+            cache.filled += seqlen
+        if logits_at is not None:  # only the positions that are sampled: a 16k prompt's logits would be 1 GB
+            index = logits_at.to(device=x.device, dtype=torch.long).view(batch, 1, 1).expand(batch, 1, x.shape[-1])
+            x, residual = x.gather(1, index), residual.gather(1, index)
+        return self.output(self.norm(x, residual)[0])
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, **kwargs) -> list[list[int]]:
+        """New tokens for each prompt: ``generation.generate`` (temperature, top_p, stop_tokens, generator)."""
+        from .generation import generate
+
+        return generate(self, prompts, max_new_tokens, **kwargs)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_config_name(cls, name: str, **kwargs) -> CodeLlama:
+        """A randomly initialized published variant (``CodeLlamaConfig.from_name``)."""
+        return cls(CodeLlamaConfig.from_name(name), **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = torch.bfloat16, device=None,
+                        backend: str | None = None) -> CodeLlama:
+        """Meta's (params.json + consolidated.NN.pth) or Hugging Face's (config.json + safetensors / .bin)
+        checkpoint directory. The weights are read one tensor at a time into a model built on the meta
+        device, so no second copy exists; RoPE runs in the checkpoint's pair layout."""
+        from .checkpoint import load_checkpoint
+
+        loaded = load_checkpoint(path, dtype=dtype, device=device or "cpu")
+        with torch.device("meta"):
+            model = cls(loaded.config, rope_interleaved=loaded.interleaved, backend=backend)
+        model.load_state_dict(loaded.state_dict, strict=True, assign=True)
+        return model

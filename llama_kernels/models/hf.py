@@ -1,0 +1,261 @@
+"""Hugging Face ``transformers`` Llama on this package's kernels: ``patch_hf_llama`` and ``unpatch_hf_llama``.
+
+    model = LlamaForCausalLM.from_pretrained("codellama/CodeLlama-7b-hf", torch_dtype=torch.bfloat16)
+    lk.patch_hf_llama(model)    # patches the classes, switches this model to attn_implementation="llama_kernels"
+    other = LlamaForCausalLM.from_pretrained(..., attn_implementation="llama_kernels")  # once patched
+    lk.unpatch_hf_llama()       # every original back
+
+Supported: transformers 4.50 to 5.x. Classes and functions of
+``transformers.models.llama.modeling_llama`` are patched, not instances, so a model
+built before the call and one built after both run the kernels:
+
+- ``LlamaRMSNorm.forward``: ``rms_norm``.
+- ``LlamaDecoderLayer.forward``: the same layer with the residual add before
+  ``post_attention_layernorm`` fused into that norm (``rms_norm(attn_out, w, eps,
+  residual=h)`` writes the sum and its norm in one kernel). Its arguments are bound
+  to the installed forward's signature and passed on to the attention module as the
+  original passes them, and it returns what the installed version returns: a tuple
+  ``(hidden_states,)`` or ``(hidden_states, attn_weights)`` where the forward takes
+  ``output_attentions`` (4.53 and before), else the tensor. The fusion reads the norm's
+  weight directly, so a norm that is not a plain ``LlamaRMSNorm`` or has hooks
+  (accelerate's offloading wraps forward) is called as the original calls it.
+- RoPE: ``LlamaRotaryEmbedding.forward`` still returns HF's cos/sin tables (anything
+  else that reads them is unaffected) and tags the cos tensor with what it was
+  computed from: the position ids, the module's ``inv_freq`` as it stands after the
+  call (dynamic and longrope recompute it per call), and ``attention_scaling``. The
+  patched ``apply_rotary_pos_emb`` finds the tag and rotates q and k in one
+  ``apply_rope`` launch from those integers: the same fp32 angles
+  fl32(position) * inv_freq as HF's tables, so every rope type (default, linear,
+  llama3, yarn, dynamic, longrope) is exact. An untagged table (another caller's)
+  takes HF's formula; torch.compile (fullgraph too) traces the tag. The attention
+  module is not patched for this: it never sees the rotary module (that lives on
+  ``LlamaModel``) and its body differs between versions.
+- Attention: ``"llama_kernels"`` is registered with transformers' attention
+  interface, and (4.53+) its mask interface, so ``attn_implementation="llama_kernels"``
+  runs ``flash_attention(q, k, v, causal=True)`` on k and v as the cache returns them
+  (GQA heads not repeated; causal is bottom-right aligned, which is right when
+  decoding with a KV cache: Sq < Sk). The mask function returns None for a plain
+  causal mask and sdpa's boolean mask otherwise (left padding in batched generation,
+  static caches, packed sequences); before 4.53 the model always builds a 4D
+  additive mask itself. A mask that is exactly the bottom-right causal pattern still
+  runs the kernel (one host sync per layer to check it; not under torch.compile);
+  any other mask, dropout in training, and head dims other than 64 and 128 go to
+  transformers' ``sdpa_attention_forward`` with the mask, never ignoring padding.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+
+from ..ops.attention import HEAD_DIMS, flash_attention
+from ..ops.rms_norm import rms_norm
+from ..ops.rope import apply_rope
+
+IMPLEMENTATION = "llama_kernels"
+SUPPORTED = "transformers 4.50 to 5.x (>= 4.50, < 6)"
+_ANGLES = "_llama_kernels_rope_angles"  # the tag the patched rotary embedding puts on its cos table
+_CACHE_ARGUMENTS = ("past_key_value", "past_key_values", "cache")  # the cache argument's names, oldest first
+_MISSING = object()
+
+_undo: list = []  # what patch_hf_llama changed, as callables that restore it, in order of change
+
+
+def patch_hf_llama(model=None):
+    """Run transformers' Llama classes on the kernels; if ``model`` is given, switch its attention to them.
+
+    Idempotent: a second call patches nothing more (it still switches ``model``).
+    Returns ``model``. Raises RuntimeError on a transformers version outside 4.50 to 5.x.
+    """
+    modules = _import_transformers()
+    if not _undo:
+        _patch(*modules)
+    if model is not None:
+        config = model.config
+        previous = config._attn_implementation_internal
+        config._attn_implementation_internal = IMPLEMENTATION
+        _undo.append(lambda: setattr(config, "_attn_implementation_internal", previous))
+    return model
+
+
+def unpatch_hf_llama() -> None:
+    """Restore every class method, function and registry entry patch_hf_llama replaced, and the
+    attention implementation of the models it switched."""
+    while _undo:
+        _undo.pop()()
+
+
+def _import_transformers():
+    """The modules to patch, after checking the installed version."""
+    import transformers
+    from packaging.version import Version
+
+    version = transformers.__version__
+    if not (4, 50) <= Version(version).release[:2] < (6, 0):
+        raise RuntimeError(f"patch_hf_llama supports {SUPPORTED}; transformers {version} is installed")
+    try:
+        from transformers import modeling_utils
+        from transformers.models.llama import modeling_llama
+
+        for owner, name in ((modeling_llama.LlamaRMSNorm, "forward"), (modeling_llama.LlamaDecoderLayer, "forward"),
+                            (modeling_llama.LlamaRotaryEmbedding, "forward"), (modeling_llama, "apply_rotary_pos_emb"),
+                            (modeling_utils, "ALL_ATTENTION_FUNCTIONS")):
+            if name not in vars(owner):
+                raise AttributeError(f"{owner.__name__}.{name}")
+    except (ImportError, AttributeError) as error:
+        raise RuntimeError(f"patch_hf_llama supports {SUPPORTED}, but transformers {version} lacks {error}") from error
+    try:
+        from transformers import masking_utils  # 4.53+: the models ask it for the mask
+    except ImportError:
+        masking_utils = None
+    return modeling_llama, modeling_utils, masking_utils
+
+
+def _patch(modeling_llama, modeling_utils, masking_utils) -> None:
+    def replace(owner, name, make):
+        original = vars(owner)[name]
+        setattr(owner, name, make(original))
+        _undo.append(lambda: setattr(owner, name, original))
+
+    def register(mapping, function):
+        previous = mapping.get(IMPLEMENTATION, _MISSING)
+        mapping[IMPLEMENTATION] = function
+
+        def restore():
+            if previous is _MISSING:
+                del mapping[IMPLEMENTATION]
+            else:
+                mapping[IMPLEMENTATION] = previous
+
+        _undo.append(restore)
+
+    replace(modeling_llama.LlamaRMSNorm, "forward", _rms_norm_forward)
+    replace(modeling_llama.LlamaDecoderLayer, "forward",
+            functools.partial(_decoder_forward, norm_class=modeling_llama.LlamaRMSNorm))
+    replace(modeling_llama.LlamaRotaryEmbedding, "forward", _rotary_forward)
+    replace(modeling_llama, "apply_rotary_pos_emb", _apply_rotary_pos_emb)
+    # 4.50: a dict. Later, AttentionInterface / AttentionMaskInterface objects whose class-wide mapping
+    # (what their register() writes, and what the models read) has no unregister.
+    attention = modeling_utils.ALL_ATTENTION_FUNCTIONS
+    register(getattr(attention, "_global_mapping", attention), _attention)
+    if masking_utils is not None:
+        register(masking_utils.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, _mask)
+
+
+# --------------------------------------------------------------------------- replacements
+def _rms_norm_forward(original):
+    @functools.wraps(original)
+    def forward(self, hidden_states):
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+    return forward
+
+
+def _decoder_forward(original, norm_class):
+    parameters = inspect.signature(original).parameters  # the undecorated forward's: inspect follows __wrapped__
+    # (self, hidden_states, the named arguments passed on to the attention module, **kwargs)
+    names = [name for name, p in parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD][2:]
+    defaults = {name: parameters[name].default for name in names
+                if parameters[name].default is not inspect.Parameter.empty}
+    cache_argument = next(name for name in _CACHE_ARGUMENTS if name in parameters)
+    returns_tuple = "output_attentions" in parameters
+
+    @functools.wraps(original)
+    def forward(self, hidden_states, *args, **kwargs):
+        # Bound by hand, not by Signature.bind: torch.compile traces this (fullgraph too).
+        if len(args) > len(names):
+            raise TypeError(f"forward() takes {len(names) + 2} positional arguments but {len(args) + 2} were given")
+        # An older name of the cache argument is renamed, as the originals' deprecate_kwarg decorators do.
+        for name in _CACHE_ARGUMENTS:
+            if name != cache_argument and name in kwargs:
+                kwargs.setdefault(cache_argument, kwargs.pop(name))
+        arguments = {**defaults, **dict(zip(names, args)), **kwargs}
+        residual = hidden_states
+        attn_output, attn_weights = self.self_attn(hidden_states=self.input_layernorm(residual), **arguments)
+
+        # The fused add reads the norm's weight, bypassing its forward: only for a plain LlamaRMSNorm (accelerate's
+        # offloading hooks replace forward on the instance).
+        norm = self.post_attention_layernorm
+        plain = type(norm) is norm_class and "forward" not in vars(norm)
+        if plain and not (norm._forward_hooks or norm._forward_pre_hooks):
+            normed, hidden_states = rms_norm(attn_output, norm.weight, norm.variance_epsilon, residual=residual)
+        else:
+            hidden_states = residual + attn_output
+            normed = norm(hidden_states)
+        hidden_states = hidden_states + self.mlp(normed)
+
+        if not returns_tuple:
+            return hidden_states
+        return (hidden_states, attn_weights) if arguments["output_attentions"] else (hidden_states,)
+
+    return forward
+
+
+def _rotary_forward(original):
+    @functools.wraps(original)
+    def forward(self, x, position_ids):
+        cos, sin = original(self, x, position_ids)
+        if not position_ids.is_floating_point():  # apply_rope takes integer positions
+            setattr(cos, _ANGLES, (position_ids, self.inv_freq, self.attention_scaling))
+        return cos, sin
+
+    return forward
+
+
+def _apply_rotary_pos_emb(original):
+    @functools.wraps(original)
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        angles = getattr(cos, _ANGLES, None)
+        if angles is None or args or kwargs:  # not a table of ours, or not the (B, H, S, D) layout
+            return original(q, k, cos, sin, *args, **kwargs)
+        position_ids, inv_freq, attention_scaling = angles
+        positions = position_ids.to(q.device).expand(q.shape[0], q.shape[2])
+        q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), positions,
+                          inv_freq=inv_freq.to(q.device, torch.float32), attention_factor=attention_scaling)
+        return q.transpose(1, 2), k.transpose(1, 2)
+
+    return apply_rotary_pos_emb
+
+
+def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' attention interface: q, k, v (B, H, S, D) in; (output (B, S, H, D), None) out."""
+    # A mask is read on the host to see whether it is the causal one: a compiled graph cannot, it takes sdpa.
+    if (dropout or query.shape[-1] not in HEAD_DIMS
+            or (attention_mask is not None and (torch.compiler.is_compiling()
+                                                or not _is_causal_mask(attention_mask, query.shape[2], key.shape[2])))):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    if attention_mask is not None:
+        is_causal = True  # the mask is the bottom-right causal one
+    elif is_causal is None:
+        is_causal = getattr(module, "is_causal", True)  # as sdpa_attention_forward decides
+    out = flash_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                          causal=is_causal, softmax_scale=scaling)
+    return out, None
+
+
+def _is_causal_mask(mask: torch.Tensor, q_len: int, k_len: int) -> bool:
+    """Whether a 4D mask (boolean: True attends; additive: 0 attends) lets query i see exactly the keys
+    j <= i + k_len - q_len, as flash_attention's causal=True does."""
+    visible = mask[..., :k_len]  # 4.5x models may build it a key longer than the keys
+    visible = visible if visible.dtype == torch.bool else visible == 0
+    causal = torch.ones(q_len, k_len, dtype=torch.bool, device=mask.device).tril(k_len - q_len)
+    return visible.shape[-2:] == causal.shape and bool((visible == causal).all())
+
+
+def _mask(**kwargs):
+    """transformers' mask interface (4.53+): None where the mask is plain causal with the queries the last
+    keys (q_len 1 or q_len == kv_len), else the boolean mask sdpa would get."""
+    from transformers.masking_utils import sdpa_mask
+
+    mask = sdpa_mask(**kwargs)
+    q_len = kwargs["q_length"] if "q_length" in kwargs else kwargs["cache_position"].shape[0]  # 5.x / earlier
+    if mask is None and q_len not in (1, kwargs["kv_length"]):
+        # sdpa skips a mask that its top-left aligned is_causal gets right (a static cache's first chunk);
+        # flash_attention's is bottom-right aligned.
+        mask = sdpa_mask(**{**kwargs, "allow_is_causal_skip": False})
+    return mask

@@ -1,0 +1,207 @@
+"""patch_hf_llama: transformers' Llama on the kernels gives what stock transformers gives.
+
+A tiny Code Llama-shaped model (GQA, rope_theta 1e6, head_dim 64 as the kernels need), fp32, random
+weights; the stock model's outputs are taken before patching (the patch is class-wide), and every
+test unpatches after itself.
+"""
+
+import collections
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("transformers")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
+from transformers.models.llama import modeling_llama  # noqa: E402
+
+try:
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    REGISTRIES = [ALL_ATTENTION_FUNCTIONS, ALL_MASK_ATTENTION_FUNCTIONS]
+except ImportError:  # before 4.53 the models build their masks themselves
+    REGISTRIES = [ALL_ATTENTION_FUNCTIONS]
+
+from llama_kernels.models import hf  # noqa: E402
+
+TINY = dict(hidden_size=256, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+            vocab_size=300, rope_theta=1e6, rms_norm_eps=1e-5, max_position_embeddings=64, pad_token_id=0)
+LAYERS = TINY["num_hidden_layers"]
+# fp32, measured: logits (|logits| < 2) within 6e-7 of stock, gradients within 1e-7.
+TOL = dict(atol=1e-4, rtol=1e-4)
+PATCHED = [(modeling_llama.LlamaRMSNorm, "forward"), (modeling_llama.LlamaDecoderLayer, "forward"),
+           (modeling_llama.LlamaRotaryEmbedding, "forward"), (modeling_llama, "apply_rotary_pos_emb")]
+
+
+@pytest.fixture(autouse=True)
+def _unpatch():
+    yield
+    hf.unpatch_hf_llama()
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """How often each kernel ran, as hf.py looks them up; "fused": rms_norm given a residual,
+    "decode": flash_attention with fewer queries than keys (a KV cache's step)."""
+    counts = collections.Counter()
+
+    def counting(name, kernel):
+        def spy(*args, **kwargs):
+            counts[name] += 1
+            counts["fused"] += name == "rms_norm" and kwargs.get("residual") is not None
+            counts["decode"] += name == "flash_attention" and args[0].shape[1] < args[1].shape[1]
+            return kernel(*args, **kwargs)
+        return spy
+
+    for name in ("rms_norm", "apply_rope", "flash_attention"):
+        monkeypatch.setattr(hf, name, counting(name, getattr(hf, name)))
+    return counts
+
+
+def twin_models(**overrides):
+    """A stock model and one with the same random weights, in eval mode."""
+    config = {**TINY, **overrides}
+    stock = LlamaForCausalLM(LlamaConfig(**config)).eval()
+    model = LlamaForCausalLM(LlamaConfig(**config)).eval()
+    model.load_state_dict(stock.state_dict())
+    return stock, model
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def assert_ran_kernels(calls, forwards):
+    """Each forward: per layer a norm, a fused add + norm, a RoPE and an attention; then the final norm."""
+    assert calls["rms_norm"] == forwards * (2 * LAYERS + 1)
+    assert calls["fused"] == forwards * LAYERS
+    assert calls["apply_rope"] == calls["flash_attention"] == forwards * LAYERS
+
+
+@pytest.mark.parametrize("seqlen", [7, 19])
+def test_logits_match(calls, seqlen):
+    stock, model = twin_models()
+    ids = torch.randint(1, TINY["vocab_size"], (2, seqlen))
+    expected = logits(stock, ids)
+    hf.patch_hf_llama(model)
+    torch.testing.assert_close(logits(model, ids), expected, **TOL)
+    assert_ran_kernels(calls, forwards=1)
+
+
+@pytest.mark.parametrize("rope_scaling", [
+    {"rope_type": "linear", "factor": 2.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8},
+    {"rope_type": "dynamic", "factor": 2.0},  # inv_freq recomputed: 19 tokens pass max_position_embeddings
+], ids=lambda scaling: scaling["rope_type"])
+def test_scaled_rope_matches(calls, rope_scaling):
+    stock, model = twin_models(rope_scaling=rope_scaling, max_position_embeddings=16)
+    ids = torch.randint(1, TINY["vocab_size"], (2, 19))
+    expected = logits(stock, ids)
+    hf.patch_hf_llama(model)
+    torch.testing.assert_close(logits(model, ids), expected, **TOL)
+    assert calls["apply_rope"] == LAYERS
+
+
+def test_greedy_generation_matches(calls):
+    stock, model = twin_models()
+    ids = torch.randint(1, TINY["vocab_size"], (2, 7))
+    generate = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    expected = stock.generate(ids, **generate)
+    hf.patch_hf_llama(model)
+    assert torch.equal(model.generate(ids, **generate), expected)
+    assert calls["decode"] == 7 * LAYERS  # the steps after the prompt's: one query, all the keys so far
+
+
+def test_left_padding_is_not_ignored(calls):
+    """A left-padded batch falls back to sdpa with the padding mask: the padded prompt continues as it does alone."""
+    stock, model = twin_models()
+    ids = torch.randint(1, TINY["vocab_size"], (2, 7))
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = TINY["pad_token_id"], 0
+    generate = dict(max_new_tokens=8, do_sample=False)
+    expected = stock.generate(ids, attention_mask=mask, **generate)
+    hf.patch_hf_llama(model)
+    got = model.generate(ids, attention_mask=mask, **generate)
+    assert torch.equal(got, expected)
+    alone = model.generate(ids[1:, 3:], attention_mask=mask[1:, 3:], **generate)
+    assert torch.equal(got[1:, 3:], alone)
+
+
+def test_training_gradients_match(calls):
+    stock, model = twin_models()
+    ids = torch.randint(1, TINY["vocab_size"], (2, 19))
+    labels = torch.randint(0, TINY["vocab_size"], (2, 19))
+
+    def loss(m):
+        return F.cross_entropy(m(ids).logits.flatten(0, 1), labels.flatten())
+
+    loss(stock.train()).backward()
+    hf.patch_hf_llama(model.train())
+    loss(model).backward()
+    assert_ran_kernels(calls, forwards=1)
+    for (name, want), got in zip(stock.named_parameters(), model.parameters(), strict=True):
+        assert got.grad is not None, name
+        torch.testing.assert_close(got.grad, want.grad, **TOL, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_compiled_model_matches(calls):
+    """torch.compile with fullgraph=True traces the patched model, the tag on the RoPE table included."""
+    stock, model = twin_models()
+    ids = torch.randint(1, TINY["vocab_size"], (2, 19))
+    expected = logits(stock, ids)
+    hf.patch_hf_llama(model)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    torch.testing.assert_close(logits(compiled, ids), expected, **TOL)
+    torch.compiler.reset()
+    # Attention too where transformers skips the causal mask when compiling (5.x); else sdpa takes the mask.
+    assert (calls["rms_norm"], calls["fused"], calls["apply_rope"]) == (2 * LAYERS + 1, LAYERS, LAYERS)
+
+
+def test_models_built_before_and_after_the_patch_use_the_kernels(calls):
+    ids = torch.randint(1, TINY["vocab_size"], (1, 7))
+    before = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+    assert hf.patch_hf_llama(before) is before
+    assert before.config._attn_implementation == "llama_kernels"
+    after = LlamaForCausalLM(LlamaConfig(**TINY, attn_implementation="llama_kernels")).eval()
+    for model in (before, after):
+        logits(model, ids)
+    assert_ran_kernels(calls, forwards=2)
+
+    sdpa = LlamaForCausalLM(LlamaConfig(**TINY, attn_implementation="sdpa")).eval()
+    calls.clear()
+    logits(sdpa, ids)  # its norms and RoPE are the kernels, its attention still sdpa
+    assert (calls["rms_norm"], calls["apply_rope"], calls["flash_attention"]) == (2 * LAYERS + 1, LAYERS, 0)
+
+
+def test_unpatch_restores_the_originals_and_patching_is_idempotent():
+    originals = [vars(owner)[name] for owner, name in PATCHED]
+    model = LlamaForCausalLM(LlamaConfig(**TINY))
+    implementation = model.config._attn_implementation
+
+    hf.patch_hf_llama(model)
+    hf.patch_hf_llama(model)
+    hf.patch_hf_llama()
+    patched = [vars(owner)[name] for owner, name in PATCHED]
+    assert all(new is not old for new, old in zip(patched, originals))
+    assert inspect.signature(patched[1]) == inspect.signature(originals[1])  # the decoder layer's, as installed
+    assert all("llama_kernels" in registry for registry in REGISTRIES)
+
+    hf.unpatch_hf_llama()
+    assert all(vars(owner)[name] is old for (owner, name), old in zip(PATCHED, originals))
+    assert not any("llama_kernels" in registry for registry in REGISTRIES)
+    assert model.config._attn_implementation == implementation
+    hf.unpatch_hf_llama()  # nothing left to restore
+    assert all(vars(owner)[name] is old for (owner, name), old in zip(PATCHED, originals))
+
+
+@pytest.mark.parametrize("version", ["4.30.0", "6.0.0"])
+def test_unsupported_transformers_version(monkeypatch, version):
+    originals = [vars(owner)[name] for owner, name in PATCHED]
+    # By name: transformers replaces its module object in sys.modules as its submodules load.
+    monkeypatch.setattr("transformers.__version__", version)
+    with pytest.raises(RuntimeError, match=rf"4\.50 to 5\.x.*transformers {version} is installed"):
+        hf.patch_hf_llama()
+    assert all(vars(owner)[name] is old for (owner, name), old in zip(PATCHED, originals))
