@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from llama_kernels import cli
+from llama_kernels.bench import model
 
 REPO = Path(__file__).resolve().parent.parent
 MEMORY_BOUND = {"rms_norm", "rms_norm_residual", "rms_norm_bwd", "rms_norm_fwd_bwd", "rope", "rope_bwd", "decode"}
@@ -50,6 +51,19 @@ def test_quick_benchmark_prints_the_table_and_writes_json_and_png(tmp_path):
     assert not any(provider in ("compile", "flex") for _, provider in rows)  # --quick leaves compiling peers out
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # The model section: the reduced Code Llama 7B at the CPU shapes, ours against the unpatched HF model.
+    assert "model: Code Llama 7B, 2 of 32 layers, reduced" in (tmp_path / "bench.txt").read_text()
+    assert result["model"]["reduced"] and result["model"]["config"]["n_layers"] == 2
+    model_rows = {(r["label"], r["provider"]): r for r in result["model"]["rows"]}
+    assert set(model_rows) == {(label, provider) for label in ("prefill S=256", "decode ctx=1024")
+                               for provider in model.PROVIDERS}
+    for label, rate in (("prefill S=256", "tokens_per_s"), ("decode ctx=1024", "ms_per_token")):
+        ours, hf = model_rows[(label, "ours")], model_rows[(label, "hf_sdpa")]
+        assert ours["status"] == hf["status"] == "ok", (ours, hf)
+        assert ours[rate] > 0 and ours["floor_ms"] > 0 and ours["peak_mem_bytes"] is None  # no CPU memory figures
+        assert hf["ours_speedup"] == pytest.approx(hf["median_ms"] / ours["median_ms"])
+    assert model_rows[("decode ctx=1024", "ours")]["cache_bytes"] > 0
+
 
 def test_benchmark_suites_run_once_each():
     proc = run("-m", "pytest", "bench/", "--benchmark-disable", "-q", "-p", "no:cacheprovider")
@@ -81,4 +95,30 @@ def test_gpu_check_benchmark_plan_covers_every_op():
 
     items = cases.matrix(gpu_check.BENCH_OPS, torch.device("cpu"), False, with_compile=False,
                          shapes=gpu_check.BENCH_SHAPES)
-    assert list(dict.fromkeys(item.case.op for item in items)) == list(gpu_check.BENCH_OPS)  # in that order
+    op_cases = [op for op in gpu_check.BENCH_OPS if op != "model"]  # the model is no case: the runner runs it
+    assert list(dict.fromkeys(item.case.op for item in items)) == op_cases  # in that order
+    assert "model" in gpu_check.BENCH_OPS and isinstance(gpu_check.BENCH_SHAPES["model"], model.ModelShapes)
+
+
+@pytest.fixture(scope="module")
+def small_models():
+    return model.build_models(model.model_config(reduced=True, layers=1), torch.device("cpu"))
+
+
+def test_model_benchmark_runs_the_same_weights_in_ours_and_hf(small_models):
+    """The state dict mapping: the prefill logits of ours and of the unpatched HF model agree."""
+    logits = {}
+    for provider in ("ours", "hf_sdpa"):
+        with model.workload(model.ModelItem("prefill", 32, provider), small_models, torch.device("cpu")) as work:
+            logits[provider] = work.fn().float()
+    assert logits["ours"].shape == logits["hf_sdpa"].shape == (1, 1, small_models.config.vocab_size)
+    torch.testing.assert_close(logits["ours"], logits["hf_sdpa"], atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("provider", ["ours", "hf_sdpa"])
+def test_model_decode_steps_all_see_the_same_context(small_models, provider):
+    """Each timed step starts from ctx cached tokens: a cache that kept the previous step's token would change
+    the next step's logits."""
+    with model.workload(model.ModelItem("decode", 64, provider), small_models, torch.device("cpu")) as work:
+        first, second = work.fn(), work.fn()
+    assert torch.equal(first, second)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from . import model
+
+
 def _columns(unit: str, ceiling: str) -> str:
     return (f"{'shape':28} {'provider':15} {'median ms':>10} {unit:>8} {'of ' + ceiling:>9} {'floor ms':>9} "
             f"{'ours x':>7} {'peak MiB':>9}")
@@ -31,6 +34,8 @@ def format_table(result: dict) -> str:
             shape = row["shape_label"] if row["shape_label"] != previous_shape else ""
             previous_shape = row["shape_label"]
             lines.append(f"{shape:28} {row['provider']:15} {_figures(row)}")
+    if "model" in result:
+        lines += ["", *model.format_section(result["model"])]
     return "\n".join(lines)
 
 
@@ -50,7 +55,9 @@ def write_outputs(result: dict, out_dir: Path, table: str, plot: bool = True) ->
     (out_dir / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
     (out_dir / "bench.txt").write_text(table + "\n")
     lines = [f"wrote {out_dir / 'bench.json'}", f"wrote {out_dir / 'bench.txt'}"]
-    if plot:
+    if plot and not result["cases"]:
+        lines.append("no plot: no op case was run (the plot shows the op cases; the model section is in the table)")
+    elif plot:
         try:
             write_plot(result, out_dir / "bench.png")
             lines.append(f"wrote {out_dir / 'bench.png'}")

@@ -4,7 +4,9 @@ Measures the ceilings, then every (case, shape, provider) on the device present
 (CUDA if any, else CPU), and derives per row: the rate (GB/s for the memory-bound
 ops, TFLOP/s for attention), its fraction of the ceiling measured in the same run
 (the copy bandwidth, the matmul peak), the floor time, ours' speed-up against the
-row's provider and the extra memory one call allocates.
+row's provider and the extra memory one call allocates. With "model" in the ops, the
+model section (``model``: a Code Llama 7B layer stack against Hugging Face's model,
+prefill and decode) runs first, so that a deadline cuts op rows rather than it.
 """
 
 from __future__ import annotations
@@ -17,15 +19,17 @@ from pathlib import Path
 
 import torch
 
-from . import report
+from . import model, report
 from .cases import CASES, OPS, Unavailable, figures, matrix
 from .harness import FULL, QUICK, default_device, device_info, measure, measure_ceilings, peak_memory_bytes
 
 
 def run_benchmark(ops=OPS, quick: bool = False, device: torch.device | None = None,
-                  deadline: float | None = None, progress=sys.stderr, shapes: dict | None = None) -> dict:
+                  deadline: float | None = None, progress=sys.stderr, shapes: dict | None = None,
+                  model_layers: int | None = None) -> dict:
     """All measurements as one JSON-ready dict. ``deadline`` (time.monotonic()) skips what is left once passed;
-    ``shapes`` ({"memory": ..., "attention": ...}) replaces the device's shape lists."""
+    ``shapes`` ({"memory": ..., "attention": ..., "decode": ..., "model": model.ModelShapes}) replaces the
+    device's shape lists; ``model_layers`` the model section's layer count."""
     device = device or default_device()
     plan = QUICK if quick else FULL
     info = device_info(device)
@@ -33,6 +37,13 @@ def run_benchmark(ops=OPS, quick: bool = False, device: torch.device | None = No
         print(info["notice"], file=progress)
     print(f"[ceilings] copy and matmul on {info['name']}", file=progress)
     ceilings = measure_ceilings(device, quick)
+    model_section = None
+    if "model" in ops:
+        model_section = model.run_model_benchmark(device, quick, ceilings, deadline, progress, layers=model_layers,
+                                                  shapes=(shapes or {}).get("model"))
+        for _, group in itertools.groupby(model_section["rows"], key=lambda row: row["label"]):
+            _add_speedups(list(group))
+    # "model" has no case: the matrix holds the op cases only
     items = matrix(ops, device, quick, with_compile=not quick, shapes=shapes)  # compile warm-ups take seconds each
 
     rows, done = [], 0
@@ -50,7 +61,7 @@ def run_benchmark(ops=OPS, quick: bool = False, device: torch.device | None = No
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    return {
+    result = {
         "schema": 1,
         "quick": quick,
         "dtype": "bfloat16",
@@ -59,6 +70,9 @@ def run_benchmark(ops=OPS, quick: bool = False, device: torch.device | None = No
         "cases": {case.name: case.title for case in CASES if case.op in ops},
         "rows": rows,
     }
+    if model_section is not None:
+        result["model"] = model_section
+    return result
 
 
 def _measure_item(item, inputs, device, plan, ceilings: dict, deadline: float | None) -> dict:
@@ -99,6 +113,12 @@ def _ops(text: str) -> tuple[str, ...]:
     return ops
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="one small shape per case, few repetitions, no torch.compile peer (a few seconds)")
@@ -106,18 +126,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="directory for bench.json, bench.txt and bench.png (default: bench-out)")
     parser.add_argument("--ops", type=_ops, default=OPS, help=f"comma-separated ops to run (default: {','.join(OPS)})")
     parser.add_argument("--no-plot", action="store_true", help="do not write bench.png")
+    parser.add_argument("--model-layers", type=_positive, default=None,
+                        help=f"layers of the Code Llama 7B stack in the model section (default: {model.GPU_LAYERS} on a "
+                             f"GPU; {model.REDUCED_LAYERS} of the reduced model on a CPU and with --quick)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run, print the table, write the files. Exit status 1 if one of ours' measurements failed."""
-    result = run_benchmark(ops=args.ops, quick=args.quick)
+    result = run_benchmark(ops=args.ops, quick=args.quick, model_layers=args.model_layers)
     table = report.format_table(result)
     print(table)
     for line in report.write_outputs(result, args.out, table, plot=not args.no_plot):
         print(line)
     if "notice" in result["device"]:
         print(result["device"]["notice"])
-    failed = [r for r in result["rows"] if r["provider"] == "ours" and r["status"] == "error"]
+    rows = result["rows"] + result.get("model", {}).get("rows", [])
+    failed = [r for r in rows if r["provider"] == "ours" and r["status"] == "error"]
     return 1 if failed else 0
 
 
