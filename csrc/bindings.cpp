@@ -1,0 +1,44 @@
+// Registers the native ops with torch under the namespace llama_kernels_C (torch.ops.llama_kernels_C.<name>).
+// The implementations are in csrc/torch/*.cpp (checks and dispatch) over the kernels of csrc/cpu and csrc/cuda.
+#include <torch/library.h>
+
+#include "torch/ops.h"
+
+TORCH_LIBRARY(llama_kernels_C, m) {
+  m.def("rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("rms_norm_backward(Tensor dy, Tensor? dh, Tensor h, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def(
+      "rope(Tensor(a!) q_out, Tensor(b!) k_out, Tensor q, Tensor k, Tensor positions, Tensor inv_freq, "
+      "float attention_factor, bool interleaved, bool inverse) -> ()");
+  m.def("attention(Tensor q, Tensor k, Tensor v, bool causal, float softmax_scale) -> (Tensor, Tensor)");
+  m.def(
+      "attention_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens_k, bool causal, "
+      "float softmax_scale) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(llama_kernels_C, CPU, m) {
+  m.impl("rms_norm", &llama_kernels::rms_norm_cpu);
+  m.impl("rms_norm_backward", &llama_kernels::rms_norm_backward_cpu);
+  m.impl("rope", &llama_kernels::rope_cpu);
+  m.impl("attention", &llama_kernels::attention_cpu);
+  m.impl("attention_kvcache", &llama_kernels::attention_kvcache_cpu);
+}
+
+#ifdef LLAMA_KERNELS_WITH_CUDA
+TORCH_LIBRARY_IMPL(llama_kernels_C, CUDA, m) {
+  m.impl("rms_norm", &llama_kernels::rms_norm_cuda);
+  m.impl("rope", &llama_kernels::rope_cuda);
+}
+#endif
+
+#ifdef LLAMA_KERNELS_PYTHON_MODULE
+// Built by setup.py as the Python module llama_kernels._C: importing it runs the registrations above; the
+// module itself holds nothing. (The CMake build makes a plain library for torch.ops.load_library instead.)
+#include <Python.h>
+
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "llama-kernels' native ops, in torch.ops.llama_kernels_C",
+                               -1, nullptr};
+  return PyModule_Create(&module);
+}
+#endif

@@ -1,0 +1,407 @@
+// Flash-attention forward on the CPU (see attention_kernels.h for the contract).
+//
+// Work item: one (batch, kv head, block of queries). Its tile holds the queries of the block for every query head
+// of the kv group (row r = query (r / group), head (r % group)), so each key/value block is converted once per
+// group. The tile loops over key blocks with an online softmax: running max m and sum l per row in fp32, the
+// output accumulator rescaled by 2^(m_old - m_new) whenever the max grows. Memory is O(tile), never Sq x Sk.
+//
+// The two products are small GEMMs done by register-tiled micro-kernels written with GCC vector extensions (so
+// they compile to AVX-512, AVX2 or SSE, whichever -march allows, with FMA):
+//   scores^T (keys x rows)  = K_block (keys x D) . Q_tile^T (D x rows)   -- q is transposed once per tile and
+//                                                                          k is used in its natural layout;
+//   acc (rows x D)         += P (rows x keys) . V_block (keys x D)      -- P read from scores^T by broadcast.
+// Keeping scores transposed puts the rows (queries) along the vector lanes, so the softmax (max, exp, sum per
+// row) is vectorized down the columns of scores^T without any horizontal reduction. A tile of a few rows
+// (decoding: one query per head of the group) computes its scores as dot products along D instead, as the
+// register tile would mostly multiply padding there.
+// Scores are kept in log2 units (q is pre-multiplied by softmax_scale * log2(e)) so that exp is one exp2.
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <utility>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#include "cpu/attention_kernels.h"
+
+namespace llama_kernels::cpu {
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+constexpr int kTileRows = 8;  // 8 x 2 accumulators + 2 loads of the 32 zmm registers
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+constexpr int kTileRows = 6;  // 6 x 2 accumulators + 2 loads + 1 broadcast of the 16 ymm registers
+#else
+constexpr int kLanes = 4;
+constexpr int kTileRows = 6;
+#endif
+constexpr int kTileCols = 2 * kLanes;  // columns of a micro-kernel's register tile: two vectors
+
+using VecF = float __attribute__((vector_size(kLanes * sizeof(float))));
+using VecI = int32_t __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+// Rows of a tile (query heads of the group x queries) and keys per block: the transposed q tile, a k block,
+// a v block, the score block and the accumulator (each <= 64 x 128 floats = 32 KiB) stay in L2, and the
+// micro-kernels' operands in L1.
+constexpr int64_t kTargetTileRows = 64;
+constexpr int64_t kKeyBlock = 64;
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+inline VecF load(const float* p) {
+  VecF v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store(float* p, VecF v) { std::memcpy(p, &v, sizeof v); }
+// x - 0.0f is exactly x (x + 0.0f is not, for -0.0), so this folds to a plain broadcast.
+inline VecF splat(float x) { return x - VecF{}; }
+inline VecF max(VecF a, VecF b) { return a > b ? a : b; }
+
+int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
+
+// 2^x for x <= 0 (the softmax's arguments), 0 below -126 (and for -inf): 2^round(x) built in the exponent bits
+// times 2^f, f in [-0.5, 0.5], by its degree-6 Taylor polynomial (relative error 1.2e-7, about 1 ulp).
+inline VecF exp2_nonpositive(VecF x) {
+  const VecF lowest = splat(-126.0f);
+  const VecF clamped = x < lowest ? lowest : x;
+  const VecF round_magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer in the low bits
+  const VecF shifted = clamped + round_magic;
+  const VecF rounded = shifted - round_magic;
+  const VecF f = clamped - rounded;
+  VecF poly = splat(1.5403530393381606e-4f);  // ln2^k / k!, k = 6 .. 0
+  poly = poly * f + 1.3333558146428443e-3f;
+  poly = poly * f + 9.6181291076284772e-3f;
+  poly = poly * f + 5.5504108664821580e-2f;
+  poly = poly * f + 2.4022650695910071e-1f;
+  poly = poly * f + 6.9314718055994531e-1f;
+  poly = poly * f + 1.0f;
+  VecI shifted_bits;
+  std::memcpy(&shifted_bits, &shifted, sizeof shifted_bits);
+  const VecI exponent_bits = (shifted_bits - 0x4B400000 + 127) << 23;
+  VecF power_of_two;
+  std::memcpy(&power_of_two, &exponent_bits, sizeof power_of_two);
+  const VecF result = poly * power_of_two;
+  return x < lowest ? VecF{} : result;
+}
+
+// out[r][c .. c + kTileCols) = sum_d a[r][d] * b[d][c .. c + kTileCols) for Rows rows: the register-tiled inner
+// product of both micro-kernels (a is broadcast one element at a time, b read as two vectors per d).
+template <int Rows>
+inline void gemm_tile(const float* a, int64_t a_row_stride, int64_t a_col_stride, const float* b,
+                      int64_t b_row_stride, int64_t depth, VecF (&acc)[Rows][2]) {
+  for (int64_t d = 0; d < depth; ++d) {
+    const VecF b0 = load(b + d * b_row_stride), b1 = load(b + d * b_row_stride + kLanes);
+#pragma GCC unroll 16
+    for (int r = 0; r < Rows; ++r) {
+      const VecF a_rd = splat(a[r * a_row_stride + d * a_col_stride]);
+      acc[r][0] += a_rd * b0;
+      acc[r][1] += a_rd * b1;
+    }
+  }
+}
+
+// scores_t[j][c .. c + kTileCols) = k[j] . q_t[:, c .. c + kTileCols) for Rows keys j.
+template <int Rows>
+void score_tile(const float* k, int64_t k_stride, const float* q_t, int64_t q_t_stride, int64_t head_dim,
+                float* scores_t, int64_t scores_t_stride) {
+  VecF acc[Rows][2] = {};
+  gemm_tile<Rows>(k, k_stride, 1, q_t, q_t_stride, head_dim, acc);
+#pragma GCC unroll 16
+  for (int r = 0; r < Rows; ++r) {
+    store(scores_t + r * scores_t_stride, acc[r][0]);
+    store(scores_t + r * scores_t_stride + kLanes, acc[r][1]);
+  }
+}
+
+// acc[r][c .. c + kTileCols) = rescale[r] * acc[r][...] + sum_j p_t[j][r] * v[j][c .. c + kTileCols) for Rows
+// rows r, over n_keys keys.
+template <int Rows>
+void pv_tile(const float* p_t, int64_t p_t_stride, const float* v, int64_t v_stride, int64_t n_keys,
+             const float* rescale, float* acc, int64_t acc_stride) {
+  VecF tile[Rows][2];
+#pragma GCC unroll 16
+  for (int r = 0; r < Rows; ++r) {
+    tile[r][0] = load(acc + r * acc_stride) * rescale[r];
+    tile[r][1] = load(acc + r * acc_stride + kLanes) * rescale[r];
+  }
+  gemm_tile<Rows>(p_t, 1, p_t_stride, v, v_stride, n_keys, tile);
+#pragma GCC unroll 16
+  for (int r = 0; r < Rows; ++r) {
+    store(acc + r * acc_stride, tile[r][0]);
+    store(acc + r * acc_stride + kLanes, tile[r][1]);
+  }
+}
+
+inline float horizontal_sum(VecF v) {
+  float lanes[kLanes];
+  std::memcpy(lanes, &v, sizeof v);
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int i = 0; i < width; ++i) lanes[i] += lanes[i + width];
+  }
+  return lanes[0];
+}
+
+// scores_t[j][r] = k[j] . q[r] for Rows rows and n_keys keys, as dot products along head_dim (both padded with
+// zeros to a multiple of kLanes). For a tile of a few rows (decoding: one query per head of the group) the
+// register tile of score_tile would mostly multiply padding columns.
+template <int Rows>
+void score_dots(const float* k, int64_t k_stride, int64_t n_keys, const float* q, int64_t q_stride,
+                int64_t head_dim_padded, float* scores_t, int64_t scores_t_stride) {
+  for (int64_t j = 0; j < n_keys; ++j) {
+    VecF acc[Rows] = {};
+    for (int64_t d = 0; d < head_dim_padded; d += kLanes) {
+      const VecF k_jd = load(k + j * k_stride + d);
+#pragma GCC unroll 16
+      for (int r = 0; r < Rows; ++r) acc[r] += k_jd * load(q + r * q_stride + d);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < Rows; ++r) scores_t[j * scores_t_stride + r] = horizontal_sum(acc[r]);
+  }
+}
+
+using ScoreTileFn = decltype(&score_tile<1>);
+using ScoreDotsFn = decltype(&score_dots<1>);
+using PvTileFn = decltype(&pv_tile<1>);
+
+// Micro-kernels by row count, 1 .. kTileRows, for the remainders of a block.
+template <size_t... I>
+constexpr std::array<ScoreTileFn, kTileRows + 1> score_tiles(std::index_sequence<I...>) {
+  return {nullptr, &score_tile<I + 1>...};
+}
+template <size_t... I>
+constexpr std::array<ScoreDotsFn, kTileRows + 1> score_dots_by_rows(std::index_sequence<I...>) {
+  return {nullptr, &score_dots<I + 1>...};
+}
+template <size_t... I>
+constexpr std::array<PvTileFn, kTileRows + 1> pv_tiles(std::index_sequence<I...>) {
+  return {nullptr, &pv_tile<I + 1>...};
+}
+constexpr auto kScoreTiles = score_tiles(std::make_index_sequence<kTileRows>());
+constexpr auto kScoreDots = score_dots_by_rows(std::make_index_sequence<kTileRows>());
+constexpr auto kPvTiles = pv_tiles(std::make_index_sequence<kTileRows>());
+
+template <typename T>
+void convert_to_float(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+}
+
+#if defined(__F16C__)
+// The scalar fp16 conversion has a loop for subnormals that blocks vectorization; F16C converts 8 at a time.
+template <>
+void convert_to_float<fp16>(const fp16* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  }
+  for (; i < n; ++i) dst[i] = to_float(src[i]);
+}
+#endif
+
+struct FreeDeleter {
+  void operator()(float* p) const { std::free(p); }
+};
+using FloatBuffer = std::unique_ptr<float[], FreeDeleter>;
+
+// Zeroed and cache-line aligned. The padding past head_dim in k, v and q rows is never written, so it stays zero
+// and adds nothing to the products; padding rows of a tile compute values that are discarded.
+FloatBuffer make_buffer(int64_t n) {
+  const size_t bytes = static_cast<size_t>(round_up(std::max<int64_t>(n, 1) * sizeof(float), 64));
+  float* p = static_cast<float*>(std::aligned_alloc(64, bytes));
+  std::memset(p, 0, bytes);
+  return FloatBuffer(p);
+}
+
+// One thread's buffers, sized for the largest tile.
+struct Workspace {
+  int64_t max_rows_padded, head_dim_padded;
+  FloatBuffer q_t;       // head_dim x max_rows_padded: the scaled q tile, transposed
+  FloatBuffer q_rows;    // kTileRows x head_dim_padded: the scaled q tile of a narrow tile, row-major
+  FloatBuffer k_block;   // kKeyBlock x head_dim_padded
+  FloatBuffer v_block;   // kKeyBlock x head_dim_padded
+  FloatBuffer scores_t;  // kKeyBlock x max_rows_padded: scores, then probabilities, key-major
+  FloatBuffer acc;       // max_rows_padded x head_dim_padded: unnormalized output
+  FloatBuffer row_max, row_sum, rescale, row_limit;  // max_rows_padded each
+
+  Workspace(int64_t max_rows, int64_t head_dim)
+      : max_rows_padded(round_up(max_rows, kTileCols)),
+        head_dim_padded(round_up(head_dim, kTileCols)),
+        q_t(make_buffer(head_dim * max_rows_padded)),
+        q_rows(make_buffer(kTileRows * head_dim_padded)),
+        k_block(make_buffer(kKeyBlock * head_dim_padded)),
+        v_block(make_buffer(kKeyBlock * head_dim_padded)),
+        scores_t(make_buffer(kKeyBlock * max_rows_padded)),
+        acc(make_buffer(max_rows_padded * head_dim_padded)),
+        row_max(make_buffer(max_rows_padded)),
+        row_sum(make_buffer(max_rows_padded)),
+        rescale(make_buffer(max_rows_padded)),
+        row_limit(make_buffer(max_rows_padded)) {}
+};
+
+struct TileArgs {
+  int64_t batch_index, kv_head, q_begin, q_count;
+};
+
+template <typename T>
+void attention_tile(const T* q, BshStrides q_strides, const T* k, BshStrides k_strides, const T* v,
+                    BshStrides v_strides, T* o, BshStrides o_strides, float* lse, const int32_t* seqlens_k,
+                    const AttentionProblem& problem, const TileArgs& tile, Workspace& ws) {
+  const int64_t group = problem.n_q_heads / problem.n_kv_heads;
+  const int64_t head_dim = problem.head_dim;
+  const int64_t rows = tile.q_count * group;
+  const int64_t rows_padded = round_up(rows, kTileCols);  // the columns of the register-tiled scores
+  const int64_t rows_in_vectors = round_up(rows, kLanes);  // the columns the softmax works on
+  // k, v, q_rows and acc rows are all head_dim_padded long.
+  const int64_t q_t_stride = rows_padded, scores_t_stride = rows_padded, row_stride = ws.head_dim_padded;
+  const bool narrow = rows <= kTileRows;
+  const int64_t len_k = seqlens_k ? seqlens_k[tile.batch_index] : problem.seqlen_k;
+  const int64_t causal_offset = len_k - problem.seqlen_q;  // query i sees keys j <= i + causal_offset
+  const int64_t key_end =
+      problem.causal ? std::clamp<int64_t>(tile.q_begin + tile.q_count + causal_offset, 0, len_k) : len_k;
+  const float scale_log2 = problem.softmax_scale * kLog2e;
+  const int64_t first_head = tile.kv_head * group;
+
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t query = tile.q_begin + r / group, head = first_head + r % group;
+    const T* q_row = q + tile.batch_index * q_strides.batch + query * q_strides.seq + head * q_strides.head;
+    for (int64_t d = 0; d < head_dim; ++d) {
+      const float q_rd = to_float(q_row[d]) * scale_log2;
+      if (narrow) {
+        ws.q_rows[r * row_stride + d] = q_rd;
+      } else {
+        ws.q_t[d * q_t_stride + r] = q_rd;
+      }
+    }
+    // The last key this row sees, as a float for the vectorized mask (exact below 2^24 tokens).
+    ws.row_limit[r] = static_cast<float>(query + causal_offset);
+  }
+  for (int64_t r = 0; r < rows_in_vectors; ++r) {
+    ws.row_max[r] = -std::numeric_limits<float>::infinity();
+    ws.row_sum[r] = 0.0f;
+  }
+  std::fill(ws.acc.get(), ws.acc.get() + rows * row_stride, 0.0f);
+
+  const T* k_head = k + tile.batch_index * k_strides.batch + tile.kv_head * k_strides.head;
+  const T* v_head = v + tile.batch_index * v_strides.batch + tile.kv_head * v_strides.head;
+  for (int64_t key_begin = 0; key_begin < key_end; key_begin += kKeyBlock) {
+    const int64_t n_keys = std::min(kKeyBlock, key_end - key_begin);
+    for (int64_t j = 0; j < n_keys; ++j) {
+      convert_to_float(k_head + (key_begin + j) * k_strides.seq, ws.k_block.get() + j * row_stride, head_dim);
+      convert_to_float(v_head + (key_begin + j) * v_strides.seq, ws.v_block.get() + j * row_stride, head_dim);
+    }
+
+    if (narrow) {
+      kScoreDots[rows](ws.k_block.get(), row_stride, n_keys, ws.q_rows.get(), row_stride, row_stride,
+                       ws.scores_t.get(), scores_t_stride);
+    } else {
+      for (int64_t j = 0; j < n_keys; j += kTileRows) {
+        const int tile_keys = static_cast<int>(std::min<int64_t>(kTileRows, n_keys - j));
+        for (int64_t c = 0; c < rows_padded; c += kTileCols) {
+          kScoreTiles[tile_keys](ws.k_block.get() + j * row_stride, row_stride, ws.q_t.get() + c, q_t_stride,
+                                 head_dim, ws.scores_t.get() + j * scores_t_stride + c, scores_t_stride);
+        }
+      }
+    }
+
+    // Causal mask, only in the blocks that reach past the first query's diagonal.
+    const bool needs_mask = problem.causal && key_begin + n_keys - 1 > tile.q_begin + causal_offset;
+    const VecF neg_inf = splat(-std::numeric_limits<float>::infinity());
+    for (int64_t c = 0; c < rows_in_vectors; c += kLanes) {
+      const VecF old_max = load(ws.row_max.get() + c);
+      VecF block_max = neg_inf;
+      if (needs_mask) {
+        const VecF limit = load(ws.row_limit.get() + c) - static_cast<float>(key_begin);
+        for (int64_t j = 0; j < n_keys; ++j) {
+          float* s = ws.scores_t.get() + j * scores_t_stride + c;
+          const VecF masked = splat(static_cast<float>(j)) > limit ? neg_inf : load(s);
+          store(s, masked);
+          block_max = max(block_max, masked);
+        }
+      } else {
+        for (int64_t j = 0; j < n_keys; ++j) {
+          block_max = max(block_max, load(ws.scores_t.get() + j * scores_t_stride + c));
+        }
+      }
+      const VecF new_max = max(old_max, block_max);
+      // A row that has seen no key yet keeps max -inf; subtracting 0 instead keeps its exponentials at 0, not nan.
+      const VecF shift = new_max == neg_inf ? VecF{} : new_max;
+      const VecF rescale = exp2_nonpositive(old_max - shift);
+      VecF sum = VecF{};
+      for (int64_t j = 0; j < n_keys; ++j) {
+        float* s = ws.scores_t.get() + j * scores_t_stride + c;
+        const VecF p = exp2_nonpositive(load(s) - shift);
+        store(s, p);
+        sum += p;
+      }
+      store(ws.row_max.get() + c, new_max);
+      store(ws.row_sum.get() + c, load(ws.row_sum.get() + c) * rescale + sum);
+      store(ws.rescale.get() + c, rescale);
+    }
+
+    for (int64_t r = 0; r < rows; r += kTileRows) {
+      const int tile_rows = static_cast<int>(std::min<int64_t>(kTileRows, rows - r));
+      for (int64_t c = 0; c < ws.head_dim_padded; c += kTileCols) {
+        kPvTiles[tile_rows](ws.scores_t.get() + r, scores_t_stride, ws.v_block.get() + c, row_stride, n_keys,
+                            ws.rescale.get() + r, ws.acc.get() + r * row_stride + c, row_stride);
+      }
+    }
+  }
+
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t query = tile.q_begin + r / group, head = first_head + r % group;
+    const float sum = ws.row_sum[r];
+    const float inv_sum = sum > 0.0f ? 1.0f / sum : 0.0f;
+    T* o_row = o + tile.batch_index * o_strides.batch + query * o_strides.seq + head * o_strides.head;
+    const float* acc_row = ws.acc.get() + r * row_stride;
+    for (int64_t d = 0; d < head_dim; ++d) o_row[d] = from_float<T>(acc_row[d] * inv_sum);
+    lse[(tile.batch_index * problem.n_q_heads + head) * problem.seqlen_q + query] =
+        sum > 0.0f ? ws.row_max[r] * kLn2 + std::log(sum) : -std::numeric_limits<float>::infinity();
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void attention_forward(const T* q, BshStrides q_strides, const T* k, BshStrides k_strides, const T* v,
+                       BshStrides v_strides, T* o, BshStrides o_strides, float* lse, const int32_t* seqlens_k,
+                       const AttentionProblem& problem) {
+  const int64_t group = problem.n_q_heads / problem.n_kv_heads;
+  const int64_t queries_per_tile = std::max<int64_t>(1, kTargetTileRows / group);
+  const int64_t n_q_blocks = (problem.seqlen_q + queries_per_tile - 1) / queries_per_tile;
+#pragma omp parallel
+  {
+    Workspace ws(queries_per_tile * group, problem.head_dim);
+    // Consecutive work items share a kv head, so its keys and values stay in cache (all heads' do not fit in L3
+    // at long lengths). Within a head the last query blocks, the most work under a causal mask, go first so that
+    // dynamic scheduling evens out the end.
+#pragma omp for collapse(3) schedule(dynamic, 1)
+    for (int64_t b = 0; b < problem.batch; ++b) {
+      for (int64_t kv_head = 0; kv_head < problem.n_kv_heads; ++kv_head) {
+        for (int64_t block_from_end = 0; block_from_end < n_q_blocks; ++block_from_end) {
+          const int64_t q_begin = (n_q_blocks - 1 - block_from_end) * queries_per_tile;
+          const TileArgs tile{b, kv_head, q_begin, std::min(queries_per_tile, problem.seqlen_q - q_begin)};
+          attention_tile(q, q_strides, k, k_strides, v, v_strides, o, o_strides, lse, seqlens_k, problem, tile, ws);
+        }
+      }
+    }
+  }
+}
+
+template void attention_forward<float>(const float*, BshStrides, const float*, BshStrides, const float*, BshStrides,
+                                       float*, BshStrides, float*, const int32_t*, const AttentionProblem&);
+template void attention_forward<bf16>(const bf16*, BshStrides, const bf16*, BshStrides, const bf16*, BshStrides,
+                                      bf16*, BshStrides, float*, const int32_t*, const AttentionProblem&);
+template void attention_forward<fp16>(const fp16*, BshStrides, const fp16*, BshStrides, const fp16*, BshStrides,
+                                      fp16*, BshStrides, float*, const int32_t*, const AttentionProblem&);
+
+}  // namespace llama_kernels::cpu

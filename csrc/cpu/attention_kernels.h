@@ -1,0 +1,50 @@
+// Flash-attention forward on the CPU, on raw pointers, without torch headers (csrc/torch/attention.cpp is the
+// torch glue). Semantics are llama_kernels/reference.py's `attention`: GQA (query head h reads kv head
+// h / (n_q_heads / n_kv_heads)), bottom-right causal mask (query i sees keys j <= i + seqlen_k - seqlen_q),
+// computation in fp32, o rounded once to the storage type, lse the natural-log logsumexp of the scaled scores,
+// and a query that sees no key gets o = 0 and lse = -inf.
+#pragma once
+
+#include <cstdint>
+
+#include "cpu/dtypes.h"
+
+namespace llama_kernels::cpu {
+
+// Element strides of a (batch, seq, heads, head_dim) tensor whose last dim is contiguous.
+struct BshStrides {
+  int64_t batch, seq, head;
+};
+
+struct AttentionProblem {
+  int64_t batch;
+  int64_t seqlen_q;
+  int64_t seqlen_k;  // keys per sequence; with seqlens_k, the capacity of the cache
+  int64_t n_q_heads;
+  int64_t n_kv_heads;  // divides n_q_heads
+  int64_t head_dim;  // any value >= 1 (the kernel pads to its vector width internally)
+  bool causal;
+  float softmax_scale;
+};
+
+// o (batch, seqlen_q, n_q_heads, head_dim) = softmax(scale * q k^T) v per (batch, query head), with
+// lse (batch, n_q_heads, seqlen_q) contiguous fp32. seqlens_k is null for plain attention; otherwise it holds
+// batch int32 lengths, 0 <= seqlens_k[b] <= seqlen_k, and sequence b attends over its first seqlens_k[b] keys
+// only (the causal alignment then uses seqlens_k[b] in place of seqlen_k). Parallel over (batch, kv head,
+// query block) with OpenMP; memory beyond o and lse is a few small per-thread buffers.
+template <typename T>
+void attention_forward(const T* q, BshStrides q_strides, const T* k, BshStrides k_strides, const T* v,
+                       BshStrides v_strides, T* o, BshStrides o_strides, float* lse, const int32_t* seqlens_k,
+                       const AttentionProblem& problem);
+
+extern template void attention_forward<float>(const float*, BshStrides, const float*, BshStrides, const float*,
+                                              BshStrides, float*, BshStrides, float*, const int32_t*,
+                                              const AttentionProblem&);
+extern template void attention_forward<bf16>(const bf16*, BshStrides, const bf16*, BshStrides, const bf16*,
+                                             BshStrides, bf16*, BshStrides, float*, const int32_t*,
+                                             const AttentionProblem&);
+extern template void attention_forward<fp16>(const fp16*, BshStrides, const fp16*, BshStrides, const fp16*,
+                                             BshStrides, fp16*, BshStrides, float*, const int32_t*,
+                                             const AttentionProblem&);
+
+}  // namespace llama_kernels::cpu

@@ -1,0 +1,63 @@
+// The CPU kernels on raw pointers, without torch headers; csrc/torch wraps them as torch ops.
+// Storage types are float, bf16 and fp16 (dtypes.h); every computation is in float, rounded once to the output.
+// Sizes and strides are in elements, int64_t. Kernels parallelize with OpenMP.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "cpu/dtypes.h"
+
+namespace llama_kernels::cpu {
+
+// ============================================================================ RMSNorm and RoPE
+
+// The dtype of x * weight: T when both are T, float for a bf16/fp16 x with a float weight (Meta's and HF's modules).
+template <typename T, typename W>
+using promoted_t = std::conditional_t<std::is_same_v<T, W>, T, float>;
+
+// Rows of n elements, the elements of a row contiguous, row i at data + i * row_stride.
+// h = x + residual rounded to T (when residual is given; h is then written, else h is x and may be null);
+// y = (h * rstd rounded to T) * weight, rstd = 1 / sqrt(mean(h^2) + eps).
+// Instantiated for (T, W) = (float, float), (bf16, bf16), (fp16, fp16), (bf16, float), (fp16, float).
+template <typename T, typename W>
+void rms_norm(const T* x, int64_t x_row_stride, const T* residual, int64_t residual_row_stride, const W* weight,
+              promoted_t<T, W>* y, int64_t y_row_stride, T* h, int64_t h_row_stride, int64_t rows, int64_t n,
+              float eps);
+
+// Gradients of rms_norm w.r.t. h and weight for dy; dh (may be null) is a gradient reaching h directly, added
+// before dx is rounded. dweight = sum over rows of dy * (h * rstd rounded to T), accumulated in float over fixed
+// blocks of rows summed in order: the same bits for any thread count. Same instantiations as rms_norm.
+template <typename T, typename W>
+void rms_norm_backward(const promoted_t<T, W>* dy, int64_t dy_row_stride, const T* dh, int64_t dh_row_stride,
+                       const T* h, int64_t h_row_stride, const W* weight, T* dx, int64_t dx_row_stride, W* dweight,
+                       int64_t rows, int64_t n, float eps);
+
+// Element strides of a (batch, seqlen, heads, head_dim) tensor whose last dim is contiguous.
+struct HeadStrides {
+  int64_t batch, token, head;
+};
+
+// One of q and k for rope: src rotated into dst (dst may be src: in place; otherwise they must not overlap).
+template <typename T>
+struct RopeOperand {
+  const T* src;
+  HeadStrides src_strides;
+  T* dst;
+  HeadStrides dst_strides;
+  int64_t n_heads;
+};
+
+// Rotates q and k at positions[b * positions_stride_batch + s * positions_stride_token] by the angles
+// position * inv_freq[i] (i < head_dim / 2), formed in AngleT (float: Meta's and HF's fp32 product; double:
+// reduced mod 2*pi before the float cos/sin). cos and sin are scaled by attention_factor, sin negated when
+// inverse. interleaved: pairs (x[2i], x[2i+1]); else (x[i], x[i + head_dim/2]). head_dim even.
+// Instantiated for T in {float, bf16, fp16} x AngleT in {float, double}.
+template <typename T, typename AngleT>
+void rope(const RopeOperand<T>& q, const RopeOperand<T>& k, const int64_t* positions, int64_t positions_stride_batch,
+          int64_t positions_stride_token, const AngleT* inv_freq, int64_t batch, int64_t seqlen, int64_t head_dim,
+          float attention_factor, bool interleaved, bool inverse);
+
+// ============================================================================ end of RMSNorm and RoPE
+
+}  // namespace llama_kernels::cpu

@@ -1,0 +1,194 @@
+// Checks llama_kernels::cpu::attention_forward against a naive double-precision attention computed here from the
+// same stored inputs: lengths equal and unequal, causal or not, GQA groups 1, 4 and 8, head dims 64 and 128 (and a
+// few others), fp32, bf16 and fp16, a kv cache with ragged lengths including 0, and non-contiguous layouts.
+// Prints each failing case (its first wrong element) and exits nonzero if any failed.
+
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cpu/attention_kernels.h"
+
+namespace {
+
+using namespace llama_kernels::cpu;
+
+// A (batch, seq, heads, head_dim) tensor in a flat buffer. Strided ones are stored (batch, heads, seq, head_dim)
+// with padding after each row and each batch, so no stride but the last dim's is the contiguous one.
+template <typename T>
+struct BshTensor {
+  int64_t batch, seq, heads, head_dim;
+  BshStrides strides;
+  std::vector<T> data;
+
+  BshTensor(int64_t batch_, int64_t seq_, int64_t heads_, int64_t head_dim_, bool strided)
+      : batch(batch_), seq(seq_), heads(heads_), head_dim(head_dim_) {
+    if (strided) {
+      const int64_t row = head_dim + 3;
+      strides = {heads * seq * row + 5, row, seq * row};
+    } else {
+      strides = {seq * heads * head_dim, heads * head_dim, head_dim};
+    }
+    data.resize(static_cast<size_t>(batch * strides.batch + 8));
+  }
+  T* at(int64_t b, int64_t s, int64_t h) {
+    return data.data() + b * strides.batch + s * strides.seq + h * strides.head;
+  }
+  float get(int64_t b, int64_t s, int64_t h, int64_t d) { return to_float(at(b, s, h)[d]); }
+};
+
+template <typename T>
+void fill_random(BshTensor<T>& t, std::mt19937& rng) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (T& x : t.data) x = from_float<T>(normal(rng));
+}
+
+struct Case {
+  int64_t batch, seqlen_q, seqlen_k, n_q_heads, n_kv_heads, head_dim;
+  bool causal, strided;
+  std::vector<int32_t> seqlens_k;  // empty: plain attention
+};
+
+std::string describe(const Case& c, const char* dtype) {
+  char buf[256];
+  std::snprintf(buf, sizeof buf, "%s B=%lld Sq=%lld Sk=%lld Hq=%lld Hk=%lld D=%lld causal=%d strided=%d cache=%d",
+                dtype, (long long)c.batch, (long long)c.seqlen_q, (long long)c.seqlen_k, (long long)c.n_q_heads,
+                (long long)c.n_kv_heads, (long long)c.head_dim, c.causal, c.strided, !c.seqlens_k.empty());
+  return buf;
+}
+
+// Tolerances on |got - expected| <= atol + rtol * |expected| for o; lse is always fp32.
+template <typename T>
+struct Tolerance;
+template <>
+struct Tolerance<float> {
+  static constexpr double atol = 2e-6, rtol = 2e-5;
+  static constexpr const char* name = "fp32";
+};
+template <>
+struct Tolerance<bf16> {  // one bf16 ulp (2^-7 relative at worst) beyond the rounding of the exact value
+  static constexpr double atol = 1e-6, rtol = 1.0 / 128;
+  static constexpr const char* name = "bf16";
+};
+template <>
+struct Tolerance<fp16> {
+  static constexpr double atol = 1e-6, rtol = 1.0 / 1024;
+  static constexpr const char* name = "fp16";
+};
+
+template <typename T>
+bool run_case(const Case& c, std::mt19937& rng) {
+  BshTensor<T> q(c.batch, c.seqlen_q, c.n_q_heads, c.head_dim, c.strided);
+  BshTensor<T> k(c.batch, c.seqlen_k, c.n_kv_heads, c.head_dim, c.strided);
+  BshTensor<T> v(c.batch, c.seqlen_k, c.n_kv_heads, c.head_dim, c.strided);
+  BshTensor<T> o(c.batch, c.seqlen_q, c.n_q_heads, c.head_dim, c.strided);
+  fill_random(q, rng);
+  fill_random(k, rng);
+  fill_random(v, rng);
+  std::vector<float> lse(static_cast<size_t>(c.batch * c.n_q_heads * c.seqlen_q));
+  const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  const AttentionProblem problem{c.batch, c.seqlen_q, c.seqlen_k, c.n_q_heads, c.n_kv_heads, c.head_dim, c.causal,
+                                 scale};
+  attention_forward<T>(q.data.data(), q.strides, k.data.data(), k.strides, v.data.data(), v.strides, o.data.data(),
+                       o.strides, lse.data(), c.seqlens_k.empty() ? nullptr : c.seqlens_k.data(), problem);
+
+  const int64_t group = c.n_q_heads / c.n_kv_heads;
+  std::vector<double> scores(static_cast<size_t>(c.seqlen_k)), out(static_cast<size_t>(c.head_dim));
+  for (int64_t b = 0; b < c.batch; ++b) {
+    const int64_t len_k = c.seqlens_k.empty() ? c.seqlen_k : c.seqlens_k[b];
+    for (int64_t h = 0; h < c.n_q_heads; ++h) {
+      const int64_t kv_head = h / group;
+      for (int64_t i = 0; i < c.seqlen_q; ++i) {
+        const int64_t visible = c.causal ? std::min(len_k, std::max<int64_t>(0, i + len_k - c.seqlen_q + 1)) : len_k;
+        double max_score = -std::numeric_limits<double>::infinity();
+        for (int64_t j = 0; j < visible; ++j) {
+          double dot = 0.0;
+          for (int64_t d = 0; d < c.head_dim; ++d) dot += double(q.get(b, i, h, d)) * k.get(b, j, kv_head, d);
+          scores[j] = dot * scale;
+          max_score = std::max(max_score, scores[j]);
+        }
+        double sum = 0.0;
+        for (int64_t d = 0; d < c.head_dim; ++d) out[d] = 0.0;
+        for (int64_t j = 0; j < visible; ++j) {
+          const double p = std::exp(scores[j] - max_score);
+          sum += p;
+          for (int64_t d = 0; d < c.head_dim; ++d) out[d] += p * v.get(b, j, kv_head, d);
+        }
+        const double expected_lse = visible ? max_score + std::log(sum) : -std::numeric_limits<double>::infinity();
+        const float got_lse = lse[(b * c.n_q_heads + h) * c.seqlen_q + i];
+        const bool lse_ok = visible ? std::fabs(got_lse - expected_lse) <= 1e-5 + 1e-6 * std::fabs(expected_lse)
+                                    : got_lse == -std::numeric_limits<float>::infinity();
+        if (!lse_ok) {
+          std::printf("FAIL %s: lse[b=%lld h=%lld i=%lld] = %.8g, expected %.8g\n",
+                      describe(c, Tolerance<T>::name).c_str(), (long long)b, (long long)h, (long long)i, got_lse,
+                      expected_lse);
+          return false;
+        }
+        for (int64_t d = 0; d < c.head_dim; ++d) {
+          const double expected = visible ? out[d] / sum : 0.0;
+          const double got = o.get(b, i, h, d);
+          const double tolerance = Tolerance<T>::atol + Tolerance<T>::rtol * std::fabs(expected);
+          const bool ok = visible ? std::fabs(got - expected) <= tolerance : got == 0.0;
+          if (!ok) {
+            std::printf("FAIL %s: o[b=%lld i=%lld h=%lld d=%lld] = %.8g, expected %.8g\n",
+                        describe(c, Tolerance<T>::name).c_str(), (long long)b, (long long)i, (long long)h,
+                        (long long)d, got, expected);
+            return false;
+          }
+        }
+      }
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+int main() {
+  std::mt19937 rng(1234);
+  int n_cases = 0;
+  bool all_ok = true;
+  auto check = [&](bool ok) {
+    ++n_cases;
+    all_ok = all_ok && ok;
+  };
+
+  const int64_t lengths[][2] = {{1, 1}, {7, 7}, {113, 113}, {300, 300}, {1, 300}, {7, 113},
+                                {113, 300}, {300, 113}, {113, 7}, {300, 1}};
+  const int64_t heads[][2] = {{8, 8}, {8, 2}, {8, 1}};
+  for (const auto& len : lengths) {
+    for (const auto& h : heads) {
+      for (int64_t head_dim : {64, 128}) {
+        for (bool causal : {false, true}) {
+          const bool strided = (len[0] + h[1] + head_dim + causal) % 2 == 0;  // about half the cases, spread out
+          const Case c{2, len[0], len[1], h[0], h[1], head_dim, causal, strided, {}};
+          check(run_case<float>(c, rng));
+          if (head_dim == 128 || h[1] == 2) check(run_case<bf16>(c, rng));
+        }
+      }
+    }
+  }
+  // Other head dims (padded to the vector width inside the kernel) and fp16.
+  for (int64_t head_dim : {40, 80, 96, 256}) {
+    check(run_case<float>({1, 70, 150, 4, 2, head_dim, true, true, {}}, rng));
+  }
+  for (bool causal : {false, true}) {
+    check(run_case<fp16>({2, 113, 113, 8, 2, 128, causal, false, {}}, rng));
+    check(run_case<fp16>({1, 7, 300, 8, 8, 64, causal, true, {}}, rng));
+  }
+  // A kv cache longer than the ragged lengths, 0 included: rows that see nothing give zeros and -inf.
+  for (int64_t seqlen_q : {1, 7, 70}) {
+    for (bool causal : {false, true}) {
+      for (bool strided : {false, true}) {
+        const Case c{5, seqlen_q, 300, 8, 2, 128, causal, strided, {0, 1, 113, 300, 5}};
+        check(run_case<float>(c, rng));
+        check(run_case<bf16>(c, rng));
+      }
+    }
+  }
+  std::printf("%s: %d cases\n", all_ok ? "OK" : "FAILED", n_cases);
+  return all_ok ? 0 : 1;
+}

@@ -1,0 +1,56 @@
+// The torch-level ops of the native extension: argument checks, dtype dispatch, allocation, and the
+// call into a kernel of csrc/cpu (raw pointers) or csrc/cuda (raw pointers, CUDA headers only).
+// bindings.cpp registers each under the namespace llama_kernels_C with TORCH_LIBRARY; Python reaches
+// them as torch.ops.llama_kernels_C.<name>. The semantics are llama_kernels/reference.py's:
+//   every computation in fp32, results rounded once to the output dtype; tensors fp32, bf16 or fp16.
+#pragma once
+
+#include <torch/types.h>
+
+#include <optional>
+#include <tuple>
+
+namespace llama_kernels {
+
+// RMSNorm. x, residual: (rows, n) with the last dim contiguous (any row stride); weight: (n,).
+// h = x + residual (rounded to x's dtype) when residual is given, else x; y = (h * rstd -> x's dtype) * weight,
+// in promote(x.dtype, weight.dtype). Returns (y, h); h is an empty (0-element) tensor without a residual.
+std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                                                const at::Tensor& weight, double eps);
+// Gradients of rms_norm for dy (rows, n) w.r.t. h (rows, n), plus dh (the gradient reaching h directly, the
+// residual stream's) if given: dx = rstd * (g - n * mean(g * n)) + dh with g = dy * weight, n = h * rstd;
+// dweight = sum over rows of dy * (n rounded to h's dtype), fp32 accumulation, in weight's dtype.
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& dy, const std::optional<at::Tensor>& dh,
+                                                         const at::Tensor& h, const at::Tensor& weight, double eps);
+
+// RoPE, q (B, S, Hq, D) and k (B, S, Hk, D) (last dim contiguous, any other strides) rotated into q_out and k_out
+// (same shapes; may be q and k themselves: in place) at positions (B, S) int64, angle = position * inv_freq[i]
+// computed in inv_freq's dtype (float32 or float64; float64 angles reduced mod 2*pi before the fp32 cos/sin),
+// cos and sin scaled by attention_factor, negated sin when inverse (the backward). interleaved: pairs
+// (x[2i], x[2i+1]); else (x[i], x[i + D/2]).
+void rope_cpu(at::Tensor& q_out, at::Tensor& k_out, const at::Tensor& q, const at::Tensor& k,
+              const at::Tensor& positions, const at::Tensor& inv_freq, double attention_factor, bool interleaved,
+              bool inverse);
+
+// Attention, q (B, Sq, Hq, D), k and v (B, Sk, Hk, D), last dim contiguous, Hq a multiple of Hk, GQA without
+// expanding k and v. Causal is bottom-right (query i sees keys j <= i + Sk - Sq). Returns o (B, Sq, Hq, D) in q's
+// dtype and lse (B, Hq, Sq) fp32 (natural log; -inf and zero output for a query that sees no key). O(S) memory:
+// tiled online softmax over key blocks.
+std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 bool causal, double softmax_scale);
+// Decoding over a cache: q (B, Sq, Hq, D) against k_cache, v_cache (B, S_max, Hk, D), of which sequence b holds
+// seqlens_k[b] (int32) tokens; causal bottom-right within those. Returns (o, lse) as attention_cpu.
+std::tuple<at::Tensor, at::Tensor> attention_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_cache,
+                                                         const at::Tensor& v_cache, const at::Tensor& seqlens_k,
+                                                         bool causal, double softmax_scale);
+
+#ifdef LLAMA_KERNELS_WITH_CUDA
+// The CUDA kernels, same contracts as the CPU ops above.
+std::tuple<at::Tensor, at::Tensor> rms_norm_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                                                 const at::Tensor& weight, double eps);
+void rope_cuda(at::Tensor& q_out, at::Tensor& k_out, const at::Tensor& q, const at::Tensor& k,
+               const at::Tensor& positions, const at::Tensor& inv_freq, double attention_factor, bool interleaved,
+               bool inverse);
+#endif
+
+}  // namespace llama_kernels
