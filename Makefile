@@ -1,7 +1,9 @@
 # Two entry points, each installing what it needs into a project virtualenv first:
 #   make bench   the main job: llama-kernels bench on whatever device is present
-#   make test    the test suite: Triton kernels under the interpreter on CPU, the
-#                ahead-of-time compile for sm_80/sm_90, the benchmark's smoke run
+#   make test    the test suite: Triton kernels under the interpreter on CPU, the native
+#                extension (built by setup.py) against the reference, the ahead-of-time
+#                compile for sm_80/sm_90, the benchmark's smoke run, and the CMake build:
+#                its C++ tests (ctest) and the nvcc compile check of every CUDA file
 # TORCH and TRITON can be overridden, e.g. make test TORCH=torch==2.11.0.
 
 PYTHON ?= python3
@@ -15,33 +17,48 @@ NEWER_TRITON ?= triton==3.9.0
 VENV := .venv
 NEWER_VENV := .venv-newer-triton
 
-.PHONY: install test test-newer-triton bench clean
+.PHONY: install test test-newer-triton cmake-check bench clean
+CSRC := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 
 install: $(VENV)/.installed
 
-# $(1): the virtualenv, $(2): the triton requirement
+# $(1): the virtualenv, $(2): the triton requirement, $(3): variables for the package install
 define make_venv
 	$(PYTHON) -m venv $(1)
 	$(1)/bin/python -m pip install --quiet --upgrade pip
-	$(1)/bin/python -m pip install --quiet "$(TORCH)" "$(2)"
-	$(1)/bin/python -m pip install --quiet -e ".[test,bench]"
+	$(1)/bin/python -m pip install --quiet "$(TORCH)" "$(2)" "setuptools>=64" wheel ninja
+	$(3) $(1)/bin/python -m pip install --quiet --no-build-isolation -e ".[test,bench]"
 	touch $(1)/.installed
 endef
 
+# Both venvs install the package editable without compiling; the extension is built once, into the checkout
+# (llama_kernels/_C*.so), by the rule below, and both venvs (the same torch) import that build.
 $(VENV)/.installed: setup.py pyproject.toml Makefile
-	$(call make_venv,$(VENV),$(TRITON))
+	$(call make_venv,$(VENV),$(TRITON),LLAMA_KERNELS_NO_EXTENSION=1)
 
 $(NEWER_VENV)/.installed: setup.py pyproject.toml Makefile
-	$(call make_venv,$(NEWER_VENV),$(NEWER_TRITON))
+	$(call make_venv,$(NEWER_VENV),$(NEWER_TRITON),LLAMA_KERNELS_NO_EXTENSION=1)
 
-test: $(VENV)/.installed test-newer-triton
+# Builds the extension in place, again when a C++/CUDA source changes (ninja recompiles only what changed).
+$(VENV)/.extension: $(VENV)/.installed $(CSRC)
+	MAX_JOBS=$${MAX_JOBS:-2} $(VENV)/bin/python setup.py --quiet build_ext --inplace
+	touch $@
+
+test: $(VENV)/.extension test-newer-triton cmake-check
 	$(VENV)/bin/python -m pytest tests
 
-test-newer-triton: $(NEWER_VENV)/.installed
+test-newer-triton: $(NEWER_VENV)/.installed $(VENV)/.extension
 	$(NEWER_VENV)/bin/python -m pytest tests -q --ignore=tests/test_aot.py --ignore=tests/test_bench.py
 
-bench: $(VENV)/.installed
+# The CMake build: kernels' C++ tests under ctest, the torch op library, the CUDA compile check (where nvcc is).
+cmake-check: $(VENV)/.installed
+	cmake -S . -B build/cmake -G Ninja -DCMAKE_PREFIX_PATH="$$($(VENV)/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)')" >/dev/null
+	cmake --build build/cmake
+	ctest --test-dir build/cmake --output-on-failure
+	if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then cmake --build build/cmake --target cuda_check; fi
+
+bench: $(VENV)/.extension
 	$(VENV)/bin/llama-kernels bench
 
 clean:
-	rm -rf $(VENV) $(NEWER_VENV) bench-out .pytest_cache .hypothesis .benchmarks
+	rm -rf $(VENV) $(NEWER_VENV) build llama_kernels/_C*.so bench-out .pytest_cache .hypothesis .benchmarks

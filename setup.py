@@ -1,20 +1,64 @@
-"""Build and install llama-kernels.
+"""Build and install llama-kernels: the Triton kernels (pure Python) and the native extension ``llama_kernels._C``.
 
-The Triton kernels are pure Python; the C++/CUDA extension in csrc/ joins this
-build in a later release.
+The extension is built against the torch found at build time, so build it where that torch is
+installed: ``pip install --no-build-isolation .`` (as flash-attn does; an isolated build would
+fetch a second torch, whose C++ ABI need not match yours). Without torch at build time, the
+package installs without the extension and says so; the CPU ops then run ``reference.py``.
+
+- csrc/cpu/*.cpp and csrc/torch/*.cpp (the CPU ops) are always built, with OpenMP;
+- csrc/cuda/*.cu join when torch has CUDA and nvcc is found (``TORCH_CUDA_ARCH_LIST``
+  respected, default "8.0 9.0a"); ``LLAMA_KERNELS_CPU_ONLY=1`` leaves them out;
+- ``MAX_JOBS`` bounds ninja's parallel compiles (torch's BuildExtension reads it);
+- ``LLAMA_KERNELS_NO_EXTENSION=1`` skips the extension altogether.
 """
 
+import os
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
+ROOT = Path(__file__).resolve().parent
 MODELS = ["safetensors>=0.4", "sentencepiece>=0.1.99", "transformers>=4.50"]
+
+
+def native_extension() -> dict:
+    """setup() arguments for llama_kernels._C, or {} (with the reason on stderr) when it cannot be built."""
+    if os.environ.get("LLAMA_KERNELS_NO_EXTENSION") == "1":
+        return {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("llama-kernels: torch is not importable at build time, so the native extension is not built "
+              "(install torch first, then pip install --no-build-isolation .)", file=sys.stderr)
+        return {}
+    sources = sorted(str(p.relative_to(ROOT)) for p in [*ROOT.glob("csrc/cpu/*.cpp"), *ROOT.glob("csrc/torch/*.cpp")])
+    sources.append("csrc/bindings.cpp")
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-march=native", "-DLLAMA_KERNELS_PYTHON_MODULE"]
+    with_cuda = (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+                 and os.environ.get("LLAMA_KERNELS_CPU_ONLY") != "1")
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0 9.0a")
+        sources += sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("csrc/cuda/*.cu"))
+        extension = cpp_extension.CUDAExtension(
+            "llama_kernels._C", sources, include_dirs=[str(ROOT / "csrc")],
+            extra_compile_args={"cxx": [*cxx_flags, "-DLLAMA_KERNELS_WITH_CUDA"],
+                                "nvcc": ["-O3", "-std=c++17", "-DLLAMA_KERNELS_WITH_CUDA"]},
+            extra_link_args=["-fopenmp"])
+    else:
+        extension = cpp_extension.CppExtension(
+            "llama_kernels._C", sources, include_dirs=[str(ROOT / "csrc")],
+            extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
+    return {"ext_modules": [extension],
+            "cmdclass": {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}}
+
 
 setup(
     name="llama-kernels",
     version="0.1.0",
     description="Fused Triton kernels for Llama-family models, centred on Code Llama",
-    long_description=Path(__file__).with_name("README.md").read_text(),
+    long_description=(ROOT / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["llama_kernels", "llama_kernels.*"]),
@@ -28,4 +72,5 @@ setup(
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["llama-kernels=llama_kernels.cli:main"]},
+    **native_extension(),
 )

@@ -1,0 +1,31 @@
+# cmake -P: compile each CUDA source for each architecture with nvcc -Xptxas -v, print ptxas's register and spill
+# lines, and fail on a compile error or any spill. Inputs: NVCC, ARCHS, SOURCES (;-lists), INCLUDE, OUT.
+file(MAKE_DIRECTORY ${OUT})
+set(failures 0)
+foreach(source ${SOURCES})
+  get_filename_component(name ${source} NAME_WE)
+  foreach(arch ${ARCHS})
+    execute_process(
+      COMMAND ${NVCC} -std=c++17 -O3 -I${INCLUDE} -gencode arch=compute_${arch},code=sm_${arch} -Xptxas -v
+              -c ${source} -o ${OUT}/${name}.sm_${arch}.o
+      RESULT_VARIABLE status OUTPUT_VARIABLE out ERROR_VARIABLE err)
+    string(REGEX MATCHALL "[^\n]*(Compiling entry|Used [0-9]+ registers|bytes spill)[^\n]*" lines "${err}")
+    message(STATUS "== ${name} sm_${arch}")
+    foreach(line ${lines})
+      message(STATUS "  ${line}")
+    endforeach()
+    if(NOT status EQUAL 0)
+      message(STATUS "  COMPILE ERROR:\n${err}")
+      math(EXPR failures "${failures} + 1")
+    endif()
+    string(REGEX MATCHALL "[1-9][0-9]* bytes spill (stores|loads)" spills "${err}")
+    if(spills)
+      message(STATUS "  SPILLS: ${spills}")
+      math(EXPR failures "${failures} + 1")
+    endif()
+  endforeach()
+endforeach()
+if(failures GREATER 0)
+  message(FATAL_ERROR "cuda_check: ${failures} compile(s) failed or spilled")
+endif()
+message(STATUS "cuda_check: every kernel compiled without spills")
