@@ -14,6 +14,8 @@ S_max <= 320, Sq 1 or 5 (one case 17, for more (query, head) rows than one progr
 two cases reach 300 cached tokens in a ragged batch [0, 1, 300]. The file runs in ~15 s.
 """
 
+import functools
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -22,7 +24,7 @@ from hypothesis import strategies as st
 import llama_kernels as lk
 from llama_kernels import reference as ref
 from llama_kernels.rope_scaling import rope_inv_freq
-from utils import assert_close, check_attention_out, check_lse, randn
+from utils import KERNEL_BACKENDS, assert_close, check_attention_out, check_lse, randn
 
 pytestmark = pytest.mark.usefixtures("poison_outputs")
 
@@ -56,15 +58,15 @@ def make_inputs(batch, s_max, hq, hk, d, dtype, seqlens, sq, append):
     return q, k_cache, v_cache, torch.tensor(seqlens, dtype=I32), k, v
 
 
-def kernel_rotation(q, k, positions, inv_freq, interleaved):
-    """The package's RoPE kernel (lk.apply_rope), held here within an ulp of reference.apply_rope.
+def kernel_rotation(q, k, positions, inv_freq, interleaved, backend="triton"):
+    """The package's RoPE kernel (lk.apply_rope on ``backend``), held here within an ulp of reference.apply_rope.
 
     In bf16 the two can differ by an ulp (the interpreter rounds toward zero), and attention over
     a few keys turns one ulp of q or k into more than two ulp of o and ~1e-2 of lse. So the bf16
     expectations of o and lse attend over these rotated values; the cache check still holds the
     appended keys to reference.apply_rope.
     """
-    got = lk.apply_rope(q, k, positions, inv_freq=inv_freq, interleaved=interleaved, backend="triton")
+    got = lk.apply_rope(q, k, positions, inv_freq=inv_freq, interleaved=interleaved, backend=backend)
     for a, b in zip(got, ref.apply_rope(q, k, positions, inv_freq, interleaved)):
         check_rotated(a, b)
     return got
@@ -101,9 +103,10 @@ def expected(q, k_cache, v_cache, cache_seqlens, k, v, inv_freq, interleaved, ca
     return torch.cat(outs), torch.cat(lses), k_after, v_after, q_rot
 
 
-def expected_o_lse(q, *args, **kwargs):
-    """(o, lse) expected: over reference.apply_rope's rotation in fp32, the RoPE kernel's in bf16."""
-    rotate = ref.apply_rope if q.dtype == F32 else kernel_rotation
+def expected_o_lse(q, *args, rotation_backend="triton", **kwargs):
+    """(o, lse) expected: over reference.apply_rope's rotation in fp32, the RoPE kernel's in bf16 (that of
+    rotation_backend: the interpreter's Triton rounds toward zero, the C++ kernels to nearest)."""
+    rotate = ref.apply_rope if q.dtype == F32 else functools.partial(kernel_rotation, backend=rotation_backend)
     return expected(q, *args, rotate=rotate, **kwargs)[:2]
 
 
@@ -153,7 +156,8 @@ def run_case(case, backend):
     q, k_cache, v_cache, cache_seqlens, k, v = make_inputs(batch, s_max, hq, hk, d, dtype, seqlens, sq, append)
     kwargs, inv_freq, interleaved = rope_kwargs(rope, d)
     _, _, want_k, want_v, _ = expected(q, k_cache, v_cache, cache_seqlens, k, v, inv_freq, interleaved, causal)
-    want_o, want_lse = expected_o_lse(q, k_cache, v_cache, cache_seqlens, k, v, inv_freq, interleaved, causal)
+    want_o, want_lse = expected_o_lse(q, k_cache, v_cache, cache_seqlens, k, v, inv_freq, interleaved, causal,
+                                      rotation_backend="native" if backend == "native" else "triton")
     q_before, k_before, v_before, seqlens_before = q.clone(), k_cache.clone(), v_cache.clone(), cache_seqlens.clone()
     o, lse = lk.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k=k, v=v, causal=causal,
                                              num_splits=num_splits, return_lse=True, backend=backend, **kwargs)
@@ -166,9 +170,10 @@ def run_case(case, backend):
     return o, lse
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_matches_reference(case):
-    run_case(case, "triton")
+def test_matches_reference(case, backend):
+    run_case(case, backend)
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=case_id)
@@ -177,11 +182,12 @@ def test_reference_backend_matches_reference(case):
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
-def test_empty_entries_give_zeros(dtype):
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_empty_entries_give_zeros(backend, dtype):
     """Entries whose attended length is 0 (empty cache, no append) are zeros with lse -inf, never NaN,
     next to an entry that attends normally."""
     q, k_cache, v_cache, cache_seqlens, _, _ = make_inputs(3, 32, 8, 2, 64, dtype, [0, 9, 0], 5, False)
-    o, lse = lk.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, return_lse=True, backend="triton")
+    o, lse = lk.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, return_lse=True, backend=backend)
     assert not o.isnan().any() and not lse.isnan().any()
     assert (o[[0, 2]] == 0).all() and lse[[0, 2]].isneginf().all()
     assert lse[1].isfinite().all()  # L = 9 >= Sq: every query sees a key
@@ -206,7 +212,8 @@ def test_return_lse_false_default_backend_and_softmax_scale():
     assert torch.equal(o, o2) and torch.equal(kc, kc2) and torch.equal(vc, vc2)
 
 
-def test_strided_caches_and_inputs():
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_strided_caches_and_inputs(backend):
     """Caches that are views of one interleaved (B, S_max, 2, Hk, D) buffer, q seen through a transpose."""
     kv = randn(2, 64, 2, 2, 64)
     k_cache, v_cache = kv[:, :, 0], kv[:, :, 1]
@@ -217,7 +224,7 @@ def test_strided_caches_and_inputs():
                                                    False)
     k_before, v_before = k_cache.clone(), v_cache.clone()
     o, lse = lk.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k=k, v=v, rope_theta=1e4,
-                                             return_lse=True, backend="triton")
+                                             return_lse=True, backend=backend)
     check_attention_out(o, want_o)
     check_lse(lse, want_lse)
     check_caches(k_cache, v_cache, k_before, v_before, want_k, want_v, cache_seqlens, 5, True, True)

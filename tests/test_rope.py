@@ -7,7 +7,7 @@ import torch
 
 import llama_kernels as lk
 from llama_kernels import reference as ref
-from utils import assert_close, randn
+from utils import KERNEL_BACKENDS, assert_close, randn
 
 pytestmark = pytest.mark.usefixtures("poison_outputs")
 
@@ -15,18 +15,19 @@ pytestmark = pytest.mark.usefixtures("poison_outputs")
 SHAPES = [(1, 1, 32, 32, 128), (2, 17, 64, 8, 128), (1, 300, 8, 1, 64), (3, 7, 4, 4, 64)]
 
 
-def rope(q, k, positions=None, **kwargs):
-    return lk.apply_rope(q, k, positions, backend="triton", **kwargs)
+def rope(backend, q, k, positions=None, **kwargs):
+    return lk.apply_rope(q, k, positions, backend=backend, **kwargs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_matches_reference(shape, interleaved, dtype):
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_matches_reference(backend, shape, interleaved, dtype):
     batch, seqlen, hq, hk, d = shape
     q, k = randn(batch, seqlen, hq, d, dtype=dtype), randn(batch, seqlen, hk, d, dtype=dtype)
     positions = torch.randint(0, 100_000, (batch, seqlen))  # far past the 16k training context
-    q2, k2 = rope(q, k, positions, interleaved=interleaved)
+    q2, k2 = rope(backend, q, k, positions, interleaved=interleaved)
     eq, ek = ref.apply_rope(q, k, positions, lk.rope_inv_freq(d), interleaved)
     assert_close(q2, eq, ulps=1, atol=1e-5)
     assert_close(k2, ek, ulps=1, atol=1e-5)
@@ -39,42 +40,46 @@ def test_matches_reference(shape, interleaved, dtype):
     lambda b, s: torch.randint(0, 131_072, (b, s)),
     lambda b, s: torch.randint(0, 131_072, (b, 2 * s))[:, ::2],  # a strided (B, S) view
 ], ids=["none", "offset", "shared-int32", "per-batch", "strided"])
-def test_position_forms(make_positions):
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_position_forms(backend, make_positions):
     q, k = randn(2, 9, 4, 64), randn(2, 9, 2, 64)
     positions = make_positions(2, 9)
     expected = ref.apply_rope(q, k, positions, lk.rope_inv_freq(64, 1e4))
-    for got, want in zip(rope(q, k, positions, theta=1e4), expected):
+    for got, want in zip(rope(backend, q, k, positions, theta=1e4), expected):
         assert_close(got, want, atol=1e-5)
 
 
 @pytest.mark.parametrize("interleaved", [False, True])
-def test_scaled_frequencies_and_attention_factor(interleaved):
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_scaled_frequencies_and_attention_factor(backend, interleaved):
     scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096}
     inv_freq, factor = lk.rope_inv_freq(128, 1e6, scaling), lk.rope_attention_factor(scaling)
     q, k = randn(1, 20, 4, 128), randn(1, 20, 4, 128)
-    got = rope(q, k, 60_000, inv_freq=inv_freq, attention_factor=factor, interleaved=interleaved)
+    got = rope(backend, q, k, 60_000, inv_freq=inv_freq, attention_factor=factor, interleaved=interleaved)
     want = ref.apply_rope(q, k, 60_000, inv_freq, interleaved, attention_factor=factor)
     for a, b in zip(got, want):
         assert_close(a, b, atol=1e-5)
 
 
-def test_odd_head_dim_pairs():
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_odd_head_dim_pairs(backend):
     """head_dim 80 (40 pairs, not a power of two) masks the padded pairs."""
     q, k = randn(1, 5, 3, 80), randn(1, 5, 1, 80)
     for interleaved in (False, True):
-        for a, b in zip(rope(q, k, interleaved=interleaved), ref.apply_rope(q, k, None, lk.rope_inv_freq(80), interleaved)):
+        for a, b in zip(rope(backend, q, k, interleaved=interleaved), ref.apply_rope(q, k, None, lk.rope_inv_freq(80), interleaved)):
             assert_close(a, b, atol=1e-5)
 
 
 @pytest.mark.parametrize("interleaved", [False, True])
-def test_in_place_on_views_of_a_fused_qkv(interleaved):
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_in_place_on_views_of_a_fused_qkv(backend, interleaved):
     hq, hk, d = 8, 2, 64
     qkv = randn(2, 11, (hq + 2 * hk) * d, dtype=torch.bfloat16)
     q = qkv[..., : hq * d].view(2, 11, hq, d)
     k = qkv[..., hq * d: (hq + hk) * d].view(2, 11, hk, d)
     v_before = qkv[..., (hq + hk) * d:].clone()
     eq, ek = ref.apply_rope(q, k, 3, lk.rope_inv_freq(d), interleaved)
-    out = rope(q, k, 3, interleaved=interleaved, inplace=True)
+    out = rope(backend, q, k, 3, interleaved=interleaved, inplace=True)
     assert out[0] is q and out[1] is k
     assert_close(q, eq, ulps=1)
     assert_close(k, ek, ulps=1)
@@ -83,7 +88,7 @@ def test_in_place_on_views_of_a_fused_qkv(interleaved):
 
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", [*KERNEL_BACKENDS, "reference"])
 def test_gradients(backend, interleaved, dtype):
     q, k = randn(2, 17, 8, 64, dtype=dtype), randn(2, 17, 2, 64, dtype=dtype)
     positions = torch.randint(0, 100_000, (17,))
@@ -103,7 +108,7 @@ def test_gradients(backend, interleaved, dtype):
 
 def test_backward_is_the_inverse_rotation():
     q, k = randn(1, 50, 4, 128), randn(1, 50, 4, 128)
-    q2, k2 = rope(q, k, 99_000)
+    q2, k2 = rope("triton", q, k, 99_000)
     op = torch.ops.llama_kernels.rope
     q3, k3 = op(q2, k2, None, 99_000, lk.rope_inv_freq(128), 1.0, False, True, "triton")
     torch.testing.assert_close(q3, q, rtol=1e-5, atol=1e-5)
@@ -119,7 +124,7 @@ def test_angle_error_against_float64_up_to_131072():
     exact = positions.double()[:, None] * torch.tensor([1e6 ** (-2 * i / d) for i in range(d // 2)], dtype=torch.float64)
     errors = {}
     for precise in (False, True):
-        out, _ = rope(q, q, positions[None], precise=precise)
+        out, _ = rope("triton", q, q, positions[None], precise=precise)
         cos, sin = out[0, :, 0, : d // 2].double(), out[0, :, 0, d // 2:].double()
         errors[precise] = max((cos - exact.cos()).abs().max().item(), (sin - exact.sin()).abs().max().item())
         if not precise:  # fp32 angles: the same bits as the reference's
@@ -138,17 +143,18 @@ def test_row_offsets_past_2_31_elements():
     q.copy_(randn(1, 3, 2, d, dtype=torch.float16))
     k = randn(1, 3, 1, d, dtype=torch.float16)
     want_q, want_k = ref.apply_rope(q.clone(), k, None, lk.rope_inv_freq(d))
-    got_q, got_k = rope(q, k)
+    got_q, got_k = rope("triton", q, k)
     assert_close(got_q, want_q, ulps=1)
-    rope(q, k, inplace=True)
+    rope("triton", q, k, inplace=True)
     assert_close(q.clone(), want_q, ulps=1)
 
 
-def test_empty_and_single_token():
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_empty_and_single_token(backend):
     q, k = randn(2, 0, 4, 64), randn(2, 0, 4, 64)
-    assert rope(q, k)[0].shape == (2, 0, 4, 64)
+    assert rope(backend, q, k)[0].shape == (2, 0, 4, 64)
     q, k = randn(1, 1, 1, 2), randn(1, 1, 1, 2)  # head_dim 2: one pair
-    for a, b in zip(rope(q, k, 5), ref.apply_rope(q, k, 5, lk.rope_inv_freq(2))):
+    for a, b in zip(rope(backend, q, k, 5), ref.apply_rope(q, k, 5, lk.rope_inv_freq(2))):
         assert_close(a, b)
 
 
@@ -194,7 +200,7 @@ def test_opcheck():
 def test_cos_sin_identity_sanity():
     """A rotation keeps each pair's norm (a cheap check that cos^2 + sin^2 = attention_factor^2)."""
     q, k = randn(1, 33, 2, 128), randn(1, 33, 2, 128)
-    q2, _ = rope(q, k, 77_777, interleaved=True, attention_factor=math.sqrt(2))
+    q2, _ = rope("triton", q, k, 77_777, interleaved=True, attention_factor=math.sqrt(2))
     pairs_in = q.reshape(1, 33, 2, 64, 2).pow(2).sum(-1)
     pairs_out = q2.reshape(1, 33, 2, 64, 2).pow(2).sum(-1)
     torch.testing.assert_close(pairs_out, 2 * pairs_in, rtol=1e-5, atol=1e-5)

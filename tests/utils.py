@@ -1,5 +1,6 @@
 """Comparison helpers shared by the kernel tests."""
 
+import pytest
 import torch
 
 # Tolerances per dtype. fp32: ~1e-5 relative. fp16/bf16: a few ulp of the dtype
@@ -39,3 +40,14 @@ def check_lse(got, want):
     assert torch.equal(got.isneginf(), want.isneginf()), "the -inf rows (no visible key) differ"
     finite = want.isfinite()
     torch.testing.assert_close(got[finite], want[finite].float(), rtol=1e-5, atol=1e-5)
+
+
+def _native_built() -> bool:
+    from llama_kernels import _native
+
+    return _native.available("cpu")
+
+
+# The kernel backends a CPU test runs: the Triton kernels (interpreted) and, when built, the C++ ones.
+KERNEL_BACKENDS = ["triton", pytest.param("native", marks=pytest.mark.skipif(
+    not _native_built(), reason="the native extension is not built (make test builds it)"))]

@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 import llama_kernels as lk
+from llama_kernels import _native
 
 from .harness import default_device
 
@@ -98,9 +99,11 @@ def shapes_for(op: str, device: torch.device, quick: bool, table: dict | None = 
 
 
 def ours_backend(device: torch.device) -> str | None:
-    # On CPU the package runs its reference; naming it keeps TRITON_INTERPRET=1 from
-    # turning "ours" into the (very slow) Triton interpreter.
-    return "reference" if device.type == "cpu" else None
+    """On CPU the package's CPU path: the C++ kernels when built, else the reference. Naming it keeps
+    TRITON_INTERPRET=1 from turning "ours" into the (very slow) Triton interpreter."""
+    if device.type != "cpu":
+        return None
+    return "native" if _native.available("cpu") else "reference"
 
 
 def _import(module: str, name: str):

@@ -24,8 +24,9 @@ import torch
 import triton
 
 CPU_NOTICE = (
-    "CPU FIGURES: no CUDA device here. 'ours' is the package's CPU path (the plain-torch reference), "
-    "not the Triton kernels, and the shapes are reduced. These figures say nothing about GPU performance."
+    "CPU FIGURES: no CUDA device here. 'ours' is the package's CPU path (the C++ kernels of the native "
+    "extension, or the plain-torch reference where it is not built), not the Triton kernels, and the shapes "
+    "are reduced. These figures say nothing about GPU performance."
 )
 
 

@@ -6,7 +6,7 @@ Three providers run the same random bf16 weights (the Hugging Face model's param
 ours' tensors, assigned with ``load_state_dict(assign=True)``: one copy in memory):
 
 - ``ours``: ``llama_kernels.models.CodeLlama`` (the Triton kernels on CUDA; on a CPU the
-  package's reference path, so CPU figures say nothing about the kernels);
+  package's CPU path: the C++ kernels, or the reference where they are not built);
 - ``hf_sdpa``: transformers' ``LlamaForCausalLM`` with ``attn_implementation="sdpa"``, unpatched;
 - ``hf_patched``: that same model after ``llama_kernels.models.hf.patch_hf_llama`` (skipped, with
   the reason, where the patch is missing or refuses; unpatched again after each of its rows).
@@ -290,7 +290,8 @@ def run_model_benchmark(device: torch.device, quick: bool, ceilings: dict, deadl
         del models
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    ours_path = "the Triton kernels" if device.type == "cuda" else "the plain-PyTorch reference (CPU)"
+    ours_path = {None: "the Triton kernels", "native": "the C++ kernels (CPU)",
+                 "reference": "the plain-PyTorch reference (CPU)"}[ours_backend(device)]
     return {"title": f"{describe(config)}; random {str(DTYPE).removeprefix('torch.')} weights, batch {BATCH}; "
                      f"ours = {ours_path}",
             "config": config.to_dict(), "reduced": reduced, "batch": BATCH, "rows": rows}

@@ -166,9 +166,10 @@ class CodeLlama(nn.Module):
 
     @backend.setter
     def backend(self, value: str | None) -> None:
-        """Which kernels every op of the model runs: None (each op's choice), "triton" or "reference"."""
-        if value not in (None, "triton", "reference"):
-            raise ValueError(f"backend: expected None, 'triton' or 'reference', got {value!r}")
+        """Which kernels every op of the model runs: None (each op's choice), "triton", "native" (the C++ CPU
+        kernels) or "reference"."""
+        if value not in (None, "triton", "native", "reference"):
+            raise ValueError(f"backend: expected None, 'triton', 'native' or 'reference', got {value!r}")
         self._backend = value
         for module in self.modules():
             if isinstance(module, (RMSNorm, Attention)):

@@ -1,6 +1,5 @@
-"""What every Triton op shares: backend choice, launch configs, and launch recording.
+"""What every Triton op shares: launch configs and launch recording (``_backend.py`` picks where an op runs).
 
-- ``resolve_backend`` is the one place that decides where an op runs.
 - ``target_of`` names what a launch is for: a GPU architecture ("sm90", "sm80"),
   or "interpreter" for CPU tensors under ``TRITON_INTERPRET=1``. Configs are picked
   per target: big tiles and few programs for the interpreter (it costs ~8 ms per
@@ -23,20 +22,7 @@ from pathlib import Path
 import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-BACKENDS = ("triton", "reference")
 TUNED_CONFIGS_PATH = Path(__file__).with_name("tuned_configs.json")
-
-
-def resolve_backend(t: torch.Tensor, backend: str | None) -> str:
-    """'triton' for CUDA tensors (and CPU tensors when interpreting), else 'reference'."""
-    if backend is None:
-        runs_triton = t.is_cuda or (INTERPRET and t.device.type == "cpu")
-        return "triton" if runs_triton else "reference"
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
-    if backend == "triton" and not (t.is_cuda or INTERPRET):
-        raise ValueError(f"backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {t.device} tensors")
-    return backend
 
 
 # --------------------------------------------------------------------------- targets and configs

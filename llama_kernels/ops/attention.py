@@ -28,9 +28,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import reference
+from .. import _native, reference
 from .._checks import check_same_device, check_same_dtype, check_tensor
 from . import _triton
+from ._backend import resolve_backend
 
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -409,6 +410,11 @@ def _backward_reference(do, q, k, v, dlse, layout: _Layout, causal: bool, softma
     return dq, dk, dv
 
 
+def _forward_native(q, k, v, layout: _Layout, causal: bool, softmax_scale: float):
+    """The extension's C++ kernel (dense tensors; packed ones take the reference, see _backend.COMPILED)."""
+    return _native.ops().attention(q, k, v, causal, softmax_scale)
+
+
 # --------------------------------------------------------------------------- torch ops
 @torch.library.custom_op("llama_kernels::flash_attention_forward", mutates_args=())
 def _forward_op(
@@ -416,7 +422,7 @@ def _forward_op(
     max_seqlen_q: int, max_seqlen_k: int, causal: bool, softmax_scale: float, backend: str,
 ) -> tuple[Tensor, Tensor]:
     layout = _Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    forward = _forward_triton if backend == "triton" else _forward_reference
+    forward = {"triton": _forward_triton, "native": _forward_native}.get(backend, _forward_reference)
     return forward(q, k, v, layout, causal, softmax_scale)
 
 
@@ -429,7 +435,7 @@ def _backward_op(
     layout = _Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if backend == "triton":
         return _backward_triton(do, q, k, v, o, lse, dlse, layout, causal, softmax_scale)
-    return _backward_reference(do, q, k, v, dlse, layout, causal, softmax_scale)
+    return _backward_reference(do, q, k, v, dlse, layout, causal, softmax_scale)  # also the native backend's
 
 
 @_forward_op.register_fake
@@ -507,7 +513,7 @@ def flash_attention(
     """
     _check_qkv(q, k, v, ndim=4)
     scale = _softmax_scale(softmax_scale, q.shape[-1])
-    backend = _triton.resolve_backend(q, backend)
+    backend = resolve_backend(q, backend, "flash_attention")
     o, lse = torch.ops.llama_kernels.flash_attention_forward(q, k, v, None, None, 0, 0, bool(causal), scale, backend)
     return (o, lse) if return_lse else o
 
@@ -542,7 +548,7 @@ def flash_attention_varlen(
                 raise ValueError(f"max_seqlen_{name[-1]}: expected at least the longest sequence "
                                  f"({lengths.max().item()}), got {max_len}")
     scale = _softmax_scale(softmax_scale, q.shape[-1])
-    backend = _triton.resolve_backend(q, backend)
+    backend = resolve_backend(q, backend, "flash_attention_varlen")
     o, lse = torch.ops.llama_kernels.flash_attention_forward(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal), scale, backend)
     return (o, lse) if return_lse else o

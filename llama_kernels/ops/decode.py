@@ -28,10 +28,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import reference
+from .. import _native, reference
 from .._checks import check_same_device, check_same_dtype, check_tensor
 from ..rope_scaling import rope_inv_freq
 from . import _triton
+from ._backend import resolve_backend
 from .attention import HEAD_DIMS, LOG2E, _fwd_blocks, _mma, _softmax_scale
 from .rope import _rope_triton
 
@@ -212,6 +213,8 @@ def _kvcache_op(
     seqlens_k = cache_seqlens + appended
     if backend == "triton":
         return _decode_triton(q, k_cache, v_cache, seqlens_k, appended, causal, softmax_scale, num_splits)
+    if backend == "native":
+        return _native.ops().attention_kvcache(q, k_cache, v_cache, seqlens_k, causal, softmax_scale)
     return _decode_reference(q, k_cache, v_cache, seqlens_k, causal, softmax_scale)
 
 
@@ -287,7 +290,7 @@ def flash_attention_with_kvcache(
         if inv_freq.shape[0] != head_dim // 2:
             raise ValueError(f"inv_freq: expected shape (D/2,) = ({head_dim // 2},), got {tuple(inv_freq.shape)}")
         check_same_device(q=q, inv_freq=inv_freq)
-    backend = _triton.resolve_backend(q, backend)
+    backend = resolve_backend(q, backend, "flash_attention_with_kvcache")
     # On a GPU reading cache_seqlens syncs every step (with it, batch-1 steps ran at 18-29% of the copy bandwidth
     # on an H100); the Triton kernels check it there. The reference path reads it anyway.
     if not torch.compiler.is_compiling() and (not q.is_cuda or backend == "reference"):

@@ -23,9 +23,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import reference
+from .. import _native, reference
 from .._checks import check_same_device, check_same_dtype, check_tensor
 from . import _triton
+from ._backend import resolve_backend
 
 
 # --------------------------------------------------------------------------- kernels
@@ -258,20 +259,44 @@ def _backward_triton(dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor, e
     return dx, dweight_partial.sum(0).to(weight.dtype)
 
 
+def _extension_weight(x: Tensor, weight: Tensor) -> Tensor:
+    """The weight in a dtype the C++/CUDA kernels take: x's, or fp32. A weight of another dtype is cast to
+    promote(x, weight), which is exact and is what the product y = normed * weight promotes it to anyway."""
+    return weight if weight.dtype == x.dtype else weight.to(torch.promote_types(x.dtype, weight.dtype))
+
+
+def _forward_extension(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float):
+    """The extension's kernel (C++ on CPU tensors, CUDA on CUDA tensors) over the (rows, N) view."""
+    n_cols = x.shape[-1]
+    rows = _as_rows(residual, n_cols) if residual is not None else None
+    y, h = _native.ops().rms_norm(_as_rows(x, n_cols), rows, _extension_weight(x, weight), eps)
+    return y.view(x.shape), h.view(x.shape) if residual is not None else None
+
+
+def _backward_native(dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor, eps: float):
+    n_cols = h.shape[-1]
+    dx, dweight = _native.ops().rms_norm_backward(
+        _as_rows(dy, n_cols), _as_rows(dh, n_cols) if dh is not None else None, _as_rows(h, n_cols),
+        _extension_weight(h, weight), eps)
+    return dx.view(h.shape), dweight.to(weight.dtype)
+
+
 # --------------------------------------------------------------------------- torch ops
 @torch.library.custom_op("llama_kernels::rms_norm", mutates_args=())
 def _rms_norm_op(x: Tensor, weight: Tensor, eps: float, backend: str) -> Tensor:
-    if backend == "triton":
-        return _forward_triton(x, None, weight, eps)[0]
-    return reference.rms_norm(x, weight, eps)
+    if backend == "reference":
+        return reference.rms_norm(x, weight, eps)
+    forward = _forward_triton if backend == "triton" else _forward_extension
+    return forward(x, None, weight, eps)[0]
 
 
 @torch.library.custom_op("llama_kernels::rms_norm_residual", mutates_args=())
 def _rms_norm_residual_op(x: Tensor, residual: Tensor, weight: Tensor, eps: float, backend: str) -> tuple[Tensor, Tensor]:
-    if backend == "triton":
-        return _forward_triton(x, residual, weight, eps)
-    y, h = reference.rms_norm(x, weight, eps, residual=residual)
-    return y, h
+    if backend == "reference":
+        y, h = reference.rms_norm(x, weight, eps, residual=residual)
+        return y, h
+    forward = _forward_triton if backend == "triton" else _forward_extension
+    return forward(x, residual, weight, eps)
 
 
 @torch.library.custom_op("llama_kernels::rms_norm_backward", mutates_args=())
@@ -280,7 +305,9 @@ def _rms_norm_backward_op(
 ) -> tuple[Tensor, Tensor]:
     dy = dy.contiguous()  # autograd may hand over stride-0 expanded gradients
     dh = dh.contiguous() if dh is not None else None
-    if backend == "triton":
+    if backend == "native":
+        return _backward_native(dy, dh, h, weight, eps)
+    if backend in ("triton", "cuda"):  # the CUDA extension has forward kernels only: Triton's backward
         return _backward_triton(dy, dh, h, weight, eps)
     return reference.rms_norm_backward(dy, h, weight, eps, dh)
 
@@ -331,8 +358,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5, residual: Tensor | No
         (bf16 x with bf16 weight gives bf16, as in Meta's and HF's modules).
     residual: if given (same shape and dtype as x), one kernel forms h = x + residual,
         stores it, and normalizes it: returns ``(y, h)``, h being the new residual stream.
-    backend: None picks Triton for CUDA tensors and the reference for CPU tensors;
-        "triton" or "reference" force one.
+    backend: None picks Triton for CUDA tensors and the C++ kernels for CPU tensors (the
+        reference without the extension); "triton", "native", "cuda" or "reference" force one.
     Differentiable in x, residual and weight.
     """
     check_tensor("x", x)
@@ -349,7 +376,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5, residual: Tensor | No
     check_same_device(x=x, weight=weight, residual=residual)
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
         raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
-    backend = _triton.resolve_backend(x, backend)
+    backend = resolve_backend(x, backend, "rms_norm")
     if residual is None:
         return torch.ops.llama_kernels.rms_norm(x, weight, float(eps), backend)
     y, h = torch.ops.llama_kernels.rms_norm_residual(x, residual, weight, float(eps), backend)

@@ -26,10 +26,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import reference
+from .. import _native, reference
 from .._checks import check_same_device, check_same_dtype, check_tensor
 from ..rope_scaling import rope_inv_freq
 from . import _triton
+from ._backend import resolve_backend
 
 TWO_PI = tl.constexpr(2 * math.pi)
 
@@ -204,17 +205,26 @@ def _rope_reference(q, k, positions, position_offset, inv_freq, attention_factor
     return reference.apply_rope(q, k, -pos if inverse else pos, inv_freq, interleaved, attention_factor)
 
 
+def _rope_extension(q, k, q_out, k_out, positions, position_offset, inv_freq, attention_factor, interleaved,
+                    inverse):
+    """The extension's kernel (C++ on CPU tensors, CUDA on CUDA tensors); q_out, k_out may be q, k (in place)."""
+    batch, seqlen = q.shape[:2]
+    pos = reference.rope_positions(positions if positions is not None else position_offset, batch, seqlen, q.device)
+    _native.ops().rope(q_out, k_out, q, k, pos.long(), inv_freq, attention_factor, interleaved, inverse)
+
+
 # --------------------------------------------------------------------------- torch ops
 @torch.library.custom_op("llama_kernels::rope", mutates_args=())
 def _rope_op(
     q: Tensor, k: Tensor, positions: Tensor | None, position_offset: int, inv_freq: Tensor,
     attention_factor: float, interleaved: bool, inverse: bool, backend: str,
 ) -> tuple[Tensor, Tensor]:
-    if backend == "triton":
-        q_out, k_out = _triton.new_output(q.shape, q.dtype, q.device), _triton.new_output(k.shape, k.dtype, k.device)
-        _rope_triton(q, k, q_out, k_out, positions, position_offset, inv_freq, attention_factor, interleaved, inverse)
-        return q_out, k_out
-    return _rope_reference(q, k, positions, position_offset, inv_freq, attention_factor, interleaved, inverse)
+    if backend == "reference":
+        return _rope_reference(q, k, positions, position_offset, inv_freq, attention_factor, interleaved, inverse)
+    q_out, k_out = _triton.new_output(q.shape, q.dtype, q.device), _triton.new_output(k.shape, k.dtype, k.device)
+    rotate = _rope_triton if backend == "triton" else _rope_extension
+    rotate(q, k, q_out, k_out, positions, position_offset, inv_freq, attention_factor, interleaved, inverse)
+    return q_out, k_out
 
 
 @torch.library.custom_op("llama_kernels::rope_", mutates_args=("q", "k"))
@@ -222,12 +232,13 @@ def _rope_inplace_op(
     q: Tensor, k: Tensor, positions: Tensor | None, position_offset: int, inv_freq: Tensor,
     attention_factor: float, interleaved: bool, inverse: bool, backend: str,
 ) -> None:
-    if backend == "triton":
-        _rope_triton(q, k, q, k, positions, position_offset, inv_freq, attention_factor, interleaved, inverse)
-    else:
+    if backend == "reference":
         q_out, k_out = _rope_reference(q, k, positions, position_offset, inv_freq, attention_factor, interleaved, inverse)
         q.copy_(q_out)
         k.copy_(k_out)
+    else:
+        rotate = _rope_triton if backend == "triton" else _rope_extension
+        rotate(q, k, q, k, positions, position_offset, inv_freq, attention_factor, interleaved, inverse)
 
 
 @_rope_op.register_fake
@@ -331,7 +342,7 @@ def apply_rope(
         check_same_device(q=q, inv_freq=inv_freq)
     inv_freq = inv_freq.contiguous()
 
-    backend = _triton.resolve_backend(q, backend)
+    backend = resolve_backend(q, backend, "rope")
     args = (positions, position_offset, inv_freq, float(attention_factor), bool(interleaved), False, backend)
     if inplace:
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):

@@ -1,0 +1,43 @@
+"""The native extension ``llama_kernels._C`` (built from csrc/ by setup.py): whether it is here, and what it runs.
+
+Importing ``_C`` registers the ops ``torch.ops.llama_kernels_C.*`` (C++ CPU kernels; CUDA
+kernels for RMSNorm and RoPE when it was built with CUDA). Without it, CPU tensors run
+``reference.py``, and the first op to fall back says so once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import torch
+
+try:
+    importlib.import_module("llama_kernels._C")  # registers the ops
+    MISSING_REASON = None
+except ImportError as e:  # not built: an isolated or extension-less install
+    MISSING_REASON = f"{type(e).__name__}: {e}"
+
+_noticed = False
+
+
+def available(device_type: str = "cpu") -> bool:
+    """Whether the extension is here with kernels for ``device_type`` ("cpu" or "cuda")."""
+    if MISSING_REASON is not None:
+        return False
+    key = "CUDA" if device_type == "cuda" else "CPU"
+    return torch._C._dispatch_has_kernel_for_dispatch_key("llama_kernels_C::rms_norm", key)
+
+
+def notice_reference_fallback() -> None:
+    """Say once that CPU tensors run the plain-PyTorch reference because the extension is absent."""
+    global _noticed
+    if not _noticed:
+        _noticed = True
+        warnings.warn(f"llama_kernels: the native extension is not built ({MISSING_REASON}); CPU tensors run the "
+                      "plain-PyTorch reference. Build it with: pip install --no-build-isolation .", stacklevel=3)
+
+
+def ops():
+    """``torch.ops.llama_kernels_C``: the native ops."""
+    return torch.ops.llama_kernels_C

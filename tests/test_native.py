@@ -1,0 +1,90 @@
+"""The native extension's place in the package: which backend runs by default, the fallback without it,
+and its own argument checks. Its results against the reference are in each op's tests (KERNEL_BACKENDS)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import llama_kernels as lk
+from llama_kernels import _native
+from llama_kernels import reference as ref
+from llama_kernels.ops import _triton
+from utils import assert_close, randn
+
+built = pytest.mark.skipif(not _native.available("cpu"), reason="the native extension is not built")
+
+
+@pytest.fixture
+def no_interpreter(monkeypatch):
+    """CPU tensors as a user without TRITON_INTERPRET sees them."""
+    monkeypatch.setattr(_triton, "INTERPRET", False)
+
+
+@built
+def test_cpu_tensors_run_the_native_kernels_by_default(no_interpreter):
+    x, w = randn(4, 32), randn(32)
+    assert torch.equal(lk.rms_norm(x, w), lk.rms_norm(x, w, backend="native"))
+    q, k = randn(1, 5, 4, 64), randn(1, 5, 2, 64)
+    assert torch.equal(lk.flash_attention(q, k, k), lk.flash_attention(q, k, k, backend="native"))
+    with pytest.raises(ValueError, match="backend: 'triton' needs CUDA tensors"):
+        lk.rms_norm(x, w, backend="triton")
+
+
+def test_without_the_extension_cpu_tensors_run_the_reference_and_say_so_once(no_interpreter, monkeypatch):
+    monkeypatch.setattr(_native, "MISSING_REASON", "ImportError: not built")
+    monkeypatch.setattr(_native, "_noticed", False)
+    x, w = randn(4, 32), randn(32)
+    with pytest.warns(UserWarning, match="native extension is not built .*pip install --no-build-isolation"):
+        assert torch.equal(lk.rms_norm(x, w), ref.rms_norm(x, w))
+    with pytest.raises(ValueError, match="backend: 'native' needs the native extension built"):
+        lk.rms_norm(x, w, backend="native")
+
+
+def test_packed_sequences_have_no_native_kernel(no_interpreter):
+    q = randn(9, 4, 64)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    with pytest.raises(ValueError, match="backend: 'native' does not implement flash_attention_varlen"):
+        lk.flash_attention_varlen(q, q, q, cu, cu, 5, 5, backend="native")
+    o = lk.flash_attention_varlen(q, q, q, cu, cu, 5, 5)  # the default falls back to the reference
+    assert_close(o[4:], ref.attention(q[None, 4:], q[None, 4:], q[None, 4:], True)[0])
+
+
+def test_cuda_backend_needs_cuda_tensors():
+    with pytest.raises(ValueError, match="backend: 'cuda' runs cuda tensors, got cpu tensors"):
+        lk.rms_norm(randn(4, 32), randn(32), backend="cuda")
+    with pytest.raises(ValueError, match="backend: 'cuda' does not implement flash_attention"):
+        lk.flash_attention(*(randn(1, 5, 4, 64),) * 3, backend="cuda")
+
+
+@built
+@pytest.mark.parametrize("call,match", [
+    (lambda ops: ops.rms_norm(randn(4, 32).double(), None, randn(32).double(), 1e-5), r"^x must be float32, bfloat16 or float16, got Double"),
+    (lambda ops: ops.rms_norm(randn(4, 32), None, randn(31), 1e-5), r"weight"),
+    (lambda ops: ops.rms_norm(randn(4, 32), randn(4, 31), randn(32), 1e-5), r"residual"),
+    (lambda ops: ops.attention(randn(1, 5, 4, 64), randn(1, 5, 3, 64), randn(1, 5, 3, 64), True, 0.1), r"k.*head"),
+    (lambda ops: ops.attention(randn(1, 5, 4, 64), randn(1, 5, 4, 64).half(), randn(1, 5, 4, 64), True, 0.1),
+     r"k.*dtype|dtype.*k"),
+    (lambda ops: ops.attention_kvcache(randn(1, 1, 4, 64), randn(1, 8, 4, 64), randn(1, 8, 4, 64),
+                                       torch.tensor([3]), True, 0.1), r"seqlens_k.*int32|int32.*seqlens_k"),
+], ids=["rms-float64", "rms-weight-shape", "rms-residual-shape", "attention-heads", "attention-dtype", "seqlens-dtype"])
+def test_the_extension_checks_its_arguments(call, match):
+    """Called directly (the public functions check first), the C++ ops refuse bad input with a message that names
+    the argument: a RuntimeError from TORCH_CHECK, never a crash."""
+    with pytest.raises(RuntimeError, match=match):
+        call(_native.ops())
+
+
+def test_the_cmake_library_loads_and_runs():
+    """The CMake build's library (make test builds it first) registers the same ops for torch.ops.load_library."""
+    library = Path(__file__).resolve().parent.parent / "build" / "cmake" / "libllama_kernels_C.so"
+    if not library.exists():
+        pytest.skip("no CMake build (make cmake-check makes one)")
+    script = ("import torch; torch.ops.load_library(%r); x = torch.randn(3, 8); w = torch.randn(8);"
+              "y, _ = torch.ops.llama_kernels_C.rms_norm(x, None, w, 1e-5);"
+              "want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w;"
+              "assert torch.allclose(y, want, atol=1e-5), (y - want).abs().max(); print('ok')" % str(library))
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
