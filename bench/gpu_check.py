@@ -1,4 +1,4 @@
-"""The GPU check: correctness on the card, a launch-config sweep, the benchmark, in about seven minutes.
+"""The GPU check: correctness on the card, a launch-config sweep, the extension, the benchmark, in ~7 minutes.
 
     python bench/gpu_check.py OUTDIR [--budget-s 420]
 
@@ -9,10 +9,13 @@
 2. sweep: every candidate launch config of each Triton kernel, timed through
    the public functions at the key shapes (min / median / max), checked against
    the reference, and the winners written as ``tuned_configs.json``;
-3. benchmark: ``llama-kernels bench``'s run, with the winners in force: first the model
+3. extension (``gpu_extension.py``): the compiled extension, built on the CPUs from the
+   start of the run, its standalone CUDA test, and ``backend="cuda"`` (the hand-written
+   RMSNorm and RoPE) beside the Triton kernels, checked and timed as a fraction of the copy;
+4. benchmark: ``llama-kernels bench``'s run, with the winners in force: first the model
    (Code Llama 7B's layer stack against Hugging Face's, prefill at 16k tokens and decode at
    100k), then the ops;
-4. a summary, printed last.
+5. a summary, printed last.
 
 Files in OUTDIR: gpu_check.log (all output), gpu_check.json (every figure,
 check and failure), tuned_configs.json (copy it to llama_kernels/ops/ to use
@@ -20,7 +23,7 @@ the winners), bench.json / bench.txt / bench.png, summary.txt.
 
 A part that fails is recorded and the run goes on; the exit status is 1 if
 anything failed, 2 without a CUDA device. Each part has its share of the time budget
-(correctness 25%, the sweep to 65%, the benchmark to the end); what is left of a
+(correctness 25%, the sweep to 60%, the extension to 70%, the benchmark to the end); what is left of a
 part past its share is skipped and counted as a failure.
 """
 
@@ -40,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a c
 import torch  # noqa: E402
 import triton  # noqa: E402
 
+import gpu_extension  # noqa: E402  (bench/, beside this file)
 import llama_kernels as lk  # noqa: E402
 from llama_kernels import reference  # noqa: E402
 from llama_kernels.bench import harness, report, run_benchmark  # noqa: E402
@@ -89,7 +93,7 @@ BENCH_SHAPES = {"memory": (Shape("7B", 16384), Shape("34B", 16384), Shape("34B",
                 "model": ModelShapes(prefill=(16384,), decode=(100_000,))}
 # The model runs first (the runner puts it before the op cases); attention last: the slowest per shape.
 BENCH_OPS = ("model", "rms_norm", "rope", "decode", "attention")
-CORRECTNESS_SHARE, SWEEP_SHARE = 0.25, 0.65  # of the budget: where each part must stop
+CORRECTNESS_SHARE, SWEEP_SHARE, EXTENSION_SHARE = 0.25, 0.6, 0.7  # of the budget: where each part must stop
 KEEP_DEFAULT_WITHIN = 0.03  # a candidate replaces the default only if >3% faster: noise must not churn the table
 
 
@@ -618,6 +622,12 @@ def summary(rec: Recorder, device: dict) -> str:
         worst = max(checks, key=lambda c: c["worst"] if c["worst"] is not None else float("inf"))
         lines.append(f"correctness: {passed}/{len(checks)} passed; closest to its tolerance: {worst['check']} "
                      f"({worst['worst']:.2f} of it)")
+    extension = rec.results.get("extension", {})
+    if "cuda_test" in extension:
+        lines.append(f"extension: test_cuda_kernels exit status {extension['cuda_test']['returncode']}")
+    for row in extension.get("rows", []):
+        lines.append(f"  {row['case']:40} {row['backend']:7} {'ok' if row['ok'] else 'WRONG':5} "
+                     f"{row['median_ms']:8.4f} ms {row['gbps']:6.0f} GB/s {row['of_copy']:5.0%} of copy")
     for entry in rec.results.get("sweep", []):
         if "winner" in entry:
             lines.append(f"sweep {entry['kernel']:13} {entry['key']:30} -> {entry['winner']}  "
@@ -662,6 +672,7 @@ def run(args: argparse.Namespace) -> int:
     rec.results["device"] = device
     print(json.dumps(device, indent=1))
     torch.manual_seed(0)
+    builds = gpu_extension.start_build()  # compiles on the CPUs while the GPU runs the parts below
     # Each part has its own share of the budget: on the first card the correctness checks (Triton compiling
     # every kernel variant) took 60% of it and left the sweep nothing.
     with rec.part("correctness"):
@@ -672,6 +683,9 @@ def run(args: argparse.Namespace) -> int:
     winners = winners_of(rec.results.get("sweep", []))
     (args.outdir / "tuned_configs.json").write_text(json.dumps(winners, indent=1, sort_keys=True) + "\n")
     print(f"wrote {args.outdir / 'tuned_configs.json'}")
+    with rec.part("extension"):
+        copy_gbps = harness.measure_copy(DEVICE)["gbps"]
+        gpu_extension.check(rec, builds, copy_gbps, deadline=start + EXTENSION_SHARE * args.budget_s)
     with rec.part("benchmark"):
         benchmark(rec, args.outdir, winners, deadline=start + args.budget_s)
 
@@ -688,8 +702,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("outdir", type=Path, help="where the logs and results go (created)")
     parser.add_argument("--budget-s", type=float, default=420.0,
-                        help="seconds: correctness stops at 25%% of it, the sweep at 65%%, the benchmark at its end "
-                             "(default 420)")
+                        help="seconds: correctness stops at 25%% of it, the sweep at 60%%, the extension's part at "
+                             "70%%, the benchmark at its end (default 420)")
     args = parser.parse_args(argv)
     args.outdir.mkdir(parents=True, exist_ok=True)
     with open(args.outdir / "gpu_check.log", "w") as log:

@@ -22,11 +22,13 @@ _noticed = False
 
 
 def available(device_type: str = "cpu") -> bool:
-    """Whether the extension is here with kernels for ``device_type`` ("cpu" or "cuda")."""
-    if MISSING_REASON is not None:
-        return False
+    """Whether the ops are registered with kernels for ``device_type`` ("cpu" or "cuda"): by ``_C``, or by a library
+    loaded with ``torch.ops.load_library`` (the CMake build's, or the GPU check's build on the card)."""
     key = "CUDA" if device_type == "cuda" else "CPU"
-    return torch._C._dispatch_has_kernel_for_dispatch_key("llama_kernels_C::rms_norm", key)
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("llama_kernels_C::rms_norm", key)
+    except RuntimeError:  # no such op: nothing registered
+        return False
 
 
 def notice_reference_fallback() -> None:

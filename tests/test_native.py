@@ -35,6 +35,7 @@ def test_cpu_tensors_run_the_native_kernels_by_default(no_interpreter):
 
 def test_without_the_extension_cpu_tensors_run_the_reference_and_say_so_once(no_interpreter, monkeypatch):
     monkeypatch.setattr(_native, "MISSING_REASON", "ImportError: not built")
+    monkeypatch.setattr(_native, "available", lambda device_type="cpu": False)
     monkeypatch.setattr(_native, "_noticed", False)
     x, w = randn(4, 32), randn(32)
     with pytest.warns(UserWarning, match="native extension is not built .*pip install --no-build-isolation"):

@@ -1,5 +1,5 @@
 // attention_cpu and attention_kvcache_cpu (contracts in ops.h): argument checks, allocation of o and lse, dtype
-// dispatch, and the call into the raw-pointer kernel of csrc/cpu/attention.cpp. Any head_dim from 1 to 256 is
+// dispatch, and the call into the raw-pointer kernel of csrc/cpu/attention_kernels.cpp. Any head_dim from 1 to 256 is
 // accepted (the kernel pads to its vector width; the bound keeps the per-thread buffers small).
 
 #include <ATen/ATen.h>
