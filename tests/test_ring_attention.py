@@ -107,14 +107,19 @@ def _worker(rank, world, rendezvous_file, cases, run_errors):
 
 
 def _spawn(world, cases, run_errors=False):
-    """Run the workers; a worker's exception raises here; past the bound, every worker is killed."""
+    _spawn_workers(_worker, world, cases, run_errors)
+
+
+def _spawn_workers(worker, world, *args):
+    """Run worker(rank, world, rendezvous_file, *args) on each rank; a worker's exception raises here; past the
+    bound, every worker is killed."""
     rendezvous_file = os.path.join(tempfile.mkdtemp(prefix="ring-attention-"), "rendezvous")
-    context = mp.spawn(_worker, args=(world, rendezvous_file, cases, run_errors), nprocs=world, join=False)
+    context = mp.spawn(worker, args=(world, rendezvous_file, *args), nprocs=world, join=False)
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
     try:
         while not context.join(timeout=max(0.1, deadline - time.monotonic())):
             if time.monotonic() > deadline:
-                pytest.fail(f"ring attention workers ({world} ranks) still running after {SPAWN_TIMEOUT_S} s")
+                pytest.fail(f"workers ({world} ranks) still running after {SPAWN_TIMEOUT_S} s")
     finally:
         for process in context.processes:
             if process.is_alive():
@@ -198,3 +203,42 @@ def test_errors_without_distributed():
         positions(8, 2, 2, "zigzag")
     with pytest.raises(ValueError, match="seqlen_local"):
         positions(7, 0, 2, "zigzag")
+
+
+def _model_worker(rank, world, rendezvous_file, layout):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        from llama_kernels.models import CodeLlama, CodeLlamaConfig
+
+        torch.manual_seed(0)  # the same weights, tokens and output gradient on every rank
+        config = CodeLlamaConfig(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, multiple_of=32)
+        model = CodeLlama(config, backend="reference")
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.normal_(1.0, 0.1) if name.endswith("norm.weight") else p.normal_(0.0, 0.05)
+        tokens = torch.randint(0, 300, (2, 8 * world))
+        grad_logits = torch.randn(2, 8 * world, 300)
+        full = model(tokens)
+        (full * grad_logits).sum().backward()
+        want_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        model.zero_grad()
+
+        model.set_context_parallel(layout=layout)
+        local = model(shard(tokens, 1, rank, world, layout))
+        torch.testing.assert_close(local, shard(full, 1, rank, world, layout), atol=1e-4, rtol=1e-4)
+        (local * shard(grad_logits, 1, rank, world, layout)).sum().backward()
+        for name, p in model.named_parameters():  # the whole loss is the sum of the ranks' losses
+            dist.all_reduce(p.grad)
+            torch.testing.assert_close(p.grad, want_grads[name], atol=1e-4, rtol=1e-4, msg=f"rank {rank} {name}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_code_llama_context_parallel_equals_the_single_process_model(layout):
+    """CodeLlama with its sequence sharded over 2 ranks: each rank's logits are its shard of the single-process
+    logits, and the all-reduced parameter gradients are the single-process ones."""
+    _spawn_workers(_model_worker, 2, layout)

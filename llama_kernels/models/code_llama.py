@@ -30,11 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import flash_attention, flash_attention_with_kvcache, rms_norm, rope_attention_factor, rope_inv_freq
+from ..distributed.ring import positions as ring_positions
+from ..distributed.ring import ring_attention
 from ..ops.rope import apply_rope
 from .config import CodeLlamaConfig
 
@@ -81,6 +84,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
         self.rope_interleaved = rope_interleaved
         self.backend: str | None = None
+        self.context_parallel: tuple | None = None  # (process group, layout) when the sequence is sharded
 
     def forward(self, x: Tensor, inv_freq: Tensor, cache: tuple[Tensor, Tensor, Tensor] | None,
                 prefill: bool) -> Tensor:
@@ -90,7 +94,14 @@ class Attention(nn.Module):
         q = self.wq(x).view(batch, seqlen, self.n_heads, self.head_dim)
         k = self.wk(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)
-        if cache is None or prefill:
+        if self.context_parallel is not None:  # x is this rank's shard of the sequence
+            group, layout = self.context_parallel
+            world, rank = dist.get_world_size(group), dist.get_rank(group)
+            positions = ring_positions(seqlen, rank, world, layout, device=x.device)
+            q, k = apply_rope(q, k, positions, inv_freq=inv_freq, interleaved=self.rope_interleaved,
+                              backend=self.backend)
+            o = ring_attention(q, k, v, group, causal=True, layout=layout, backend=self.backend)
+        elif cache is None or prefill:
             q, k = apply_rope(q, k, inv_freq=inv_freq, interleaved=self.rope_interleaved, backend=self.backend)
             o = flash_attention(q, k, v, causal=True, backend=self.backend)
             if cache is not None:
@@ -175,6 +186,22 @@ class CodeLlama(nn.Module):
             if isinstance(module, (RMSNorm, Attention)):
                 module.backend = value
 
+    def set_context_parallel(self, group=None, layout: str = "zigzag") -> None:
+        """Shard the sequence over the ranks of ``group`` (the default group when None): each rank's forward then
+        takes its shard of the tokens (``llama_kernels.distributed.shard(tokens, 1, rank, world, layout)``) and
+        returns the logits of that shard, attention running as ``ring_attention``. Training and scoring only
+        (no KV cache). ``disable_context_parallel()`` goes back to whole sequences."""
+        from ..distributed.ring import LAYOUTS
+
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+        for layer in self.layers:
+            layer.attention.context_parallel = (group, layout)
+
+    def disable_context_parallel(self) -> None:
+        for layer in self.layers:
+            layer.attention.context_parallel = None
+
     # ------------------------------------------------------------------ forward
     def new_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
         """An empty cache for ``batch_size`` sequences of up to ``max_seq_len`` tokens, in the model's dtype."""
@@ -194,6 +221,8 @@ class CodeLlama(nn.Module):
             raise ValueError(f"tokens: expected an integer tensor (B, S), got {tokens.dtype} {tuple(tokens.shape)}")
         batch, seqlen = tokens.shape
         prefill = cache is not None and cache.filled == 0
+        if cache is not None and self.layers[0].attention.context_parallel is not None:
+            raise ValueError("cache: a context-parallel model has no KV cache (training and scoring only)")
         if cache is not None:
             if cache.seqlens.shape[0] != batch:
                 raise ValueError(f"cache: expected one for {batch} sequences, got {cache.seqlens.shape[0]}")
