@@ -70,7 +70,8 @@ inline bf16 from_float<bf16>(float f) {
   // Branch-free, so that loops converting arrays vectorize: round to nearest even, or keep a nan quiet.
   const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   const uint32_t quiet_nan = (u >> 16) | 0x40u;
-  return bf16{static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded)};
+  // f != f (one float compare) rather than a test of the bits: it vectorizes to fewer instructions.
+  return bf16{static_cast<uint16_t>(f != f ? quiet_nan : rounded)};
 }
 
 #ifdef __FLT16_MAX__
