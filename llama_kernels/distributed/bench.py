@@ -241,9 +241,14 @@ def _spawned(rank, world, rendezvous_file, args, out_path):
         if result is not None:
             with open(out_path, "w") as f:
                 json.dump(result, f)
-        dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # Done: meet, then leave without tearing the group down. gloo's teardown can race a peer that has already
+    # exited ("terminate called without an active exception", SIGABRT) and fail a run whose work is complete.
+    dist.barrier()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def _finish(result: dict, args) -> dict:
