@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 import torch
-import triton
 
 import llama_kernels as lk
 from llama_kernels import reference
+from llama_kernels.bench import harness
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD_DIR = Path("/tmp/llama_kernels_gpu_build")  # not under OUTDIR: only a few files come back from there
@@ -97,7 +97,7 @@ def check(rec, builds, copy_gbps: float, deadline: float) -> None:
                 got = fn(backend)
                 y = got[0] if isinstance(got, tuple) else got
                 want = want_y if isinstance(got, tuple) else reference.rms_norm(x, w, 1e-5)
-                ok = bool(((y.float() - want.float()).abs() <= 2 * 2**-8 * want.float().abs() + 1e-5).all())
+                ok = _close(y, want)
                 _record(rec, rows, f"{label} T={TOKENS} H={hidden}", backend, fn, nbytes, copy_gbps, ok)
     for hq, hk, d in HEADS:
         q = torch.randn(1, TOKENS, hq, d, device="cuda", dtype=torch.bfloat16)
@@ -110,17 +110,21 @@ def check(rec, builds, copy_gbps: float, deadline: float) -> None:
                 def fn(b, interleaved=interleaved):
                     return lk.apply_rope(q, k, theta=1e6, interleaved=interleaved, backend=b)
                 got = fn(backend)
-                ok = all(bool(((a.float() - e.float()).abs() <= 2 * 2**-8 * e.float().abs() + 1e-5).all())
-                         for a, e in zip(got, want))
+                ok = all(_close(a, e) for a, e in zip(got, want))
                 _record(rec, rows, f"rope {hq}/{hk}x{d} {layout} S={TOKENS}", backend, fn, nbytes, copy_gbps, ok)
 
 
+def _close(got, want) -> bool:
+    """Within two bf16 roundings (2^-8 relative each: the kernel's and the reference's) of the reference."""
+    return bool(((got.float() - want.float()).abs() <= 2 * 2**-8 * want.float().abs() + 1e-5).all())
+
+
 def _record(rec, rows, label, backend, fn, nbytes, copy_gbps, ok) -> None:
-    times = triton.testing.do_bench(lambda: fn(backend), warmup=25, rep=100, return_mode="all")
-    median = sorted(times)[len(times) // 2]
+    timing = harness.measure(lambda: fn(backend), torch.device("cuda"))  # the benchmark's own timing
+    median = timing.median_ms
     gbps = nbytes / (median * 1e-3) / 1e9
-    rows.append({"case": label, "backend": backend, "ok": ok, "min_ms": min(times), "median_ms": median,
-                 "max_ms": max(times), "gbps": gbps, "of_copy": gbps / copy_gbps})
+    rows.append({"case": label, "backend": backend, "ok": ok, "min_ms": timing.min_ms, "median_ms": median,
+                 "max_ms": timing.max_ms, "gbps": gbps, "of_copy": gbps / copy_gbps})
     print(f"  {label:40} {backend:7} {'ok' if ok else 'WRONG':5} {median:8.4f} ms  {gbps:6.0f} GB/s "
           f"{gbps / copy_gbps:5.0%} of copy", flush=True)
     if not ok:

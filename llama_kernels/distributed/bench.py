@@ -38,7 +38,7 @@ import torch.multiprocessing as mp
 
 from ..ops._backend import resolve_backend
 from ..ops.attention import _softmax_scale
-from .ring import _bwd_block, _fwd_block, _merge, _plan, ring_attention
+from .ring import _attend_step, _gradient_step, ring_attention
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PASSES = ("fwd", "fwd_bwd")
@@ -78,35 +78,18 @@ def _compute_forward(q, kv_blocks, rank, world, causal, scale, layout, backend):
     o_acc = q.new_zeros((batch, seqlen, n_heads, head_dim), dtype=torch.float32)
     lse_acc = q.new_full((batch, n_heads, seqlen), float("-inf"), dtype=torch.float32)
     for step in range(world):
-        kv = kv_blocks[step]
-        plan = _plan(rank, (rank - step) % world, seqlen, causal, layout)
-        if plan is not None:
-            rows, cols, block_causal = plan
-            o_i, lse_i = _fwd_block(q[:, rows].contiguous(), kv[0][:, cols].contiguous(),
-                                    kv[1][:, cols].contiguous(), block_causal, scale, backend)
-            _merge(o_acc, lse_acc, o_i, lse_i, rows)
+        _attend_step(q, kv_blocks[step], rank, (rank - step) % world, causal, scale, layout, backend, o_acc, lse_acc)
     return o_acc.to(q.dtype), lse_acc
 
 
 def _compute_backward(do, q, o, lse, kv_blocks, rank, world, causal, scale, layout, backend):
     """ring's backward with kv_blocks[step] in place of the received blocks and zeros for the travelling dk/dv."""
-    seqlen = q.shape[1]
     dlse = torch.zeros_like(lse)
     dq = torch.zeros_like(q, dtype=torch.float32)
     incoming = torch.zeros_like(kv_blocks[0], dtype=torch.float32)  # stands for the accumulator received
     for step in range(world):
-        kv = kv_blocks[step]
-        block = torch.zeros_like(kv, dtype=torch.float32)
-        plan = _plan(rank, (rank - step) % world, seqlen, causal, layout)
-        if plan is not None:
-            rows, cols, block_causal = plan
-            dq_i, dk_i, dv_i = _bwd_block(
-                do[:, rows].contiguous(), q[:, rows].contiguous(), kv[0][:, cols].contiguous(),
-                kv[1][:, cols].contiguous(), o[:, rows].contiguous(), lse[..., rows].contiguous(),
-                dlse[..., rows].contiguous(), block_causal, scale, backend)
-            dq[:, rows] += dq_i.float()
-            block[0][:, cols] += dk_i.float()
-            block[1][:, cols] += dv_i.float()
+        block = _gradient_step(do, q, o, lse, dlse, kv_blocks[step], rank, (rank - step) % world, causal, scale,
+                               layout, backend, dq)
         if step:
             block += incoming
     return dq.to(q.dtype), block[0].to(q.dtype), block[1].to(q.dtype)

@@ -159,6 +159,32 @@ def _bwd_block(do, q, k, v, o, lse, dlse, causal, scale, backend):
         do_i.contiguous(), q, k, v, o_i, lse_i, dlse_i.contiguous(), None, None, 0, 0, causal, scale, backend)
 
 
+def _attend_step(q, kv, rank, src, causal, scale, layout, backend, o_acc: Tensor, lse_acc: Tensor) -> None:
+    """One forward step: q against kv = stack(k, v), the block that started on rank src, merged into o_acc, lse_acc."""
+    plan = _plan(rank, src, q.shape[1], causal, layout)
+    if plan is not None:
+        rows, cols, block_causal = plan
+        o_i, lse_i = _fwd_block(q[:, rows].contiguous(), kv[0][:, cols].contiguous(), kv[1][:, cols].contiguous(),
+                                block_causal, scale, backend)
+        _merge(o_acc, lse_acc, o_i, lse_i, rows)
+
+
+def _gradient_step(do, q, o, lse, dlse, kv, rank, src, causal, scale, layout, backend, dq: Tensor) -> Tensor:
+    """One backward step: adds this block's dq into dq (fp32) and returns its fp32 stack(dk, dv)."""
+    block = torch.zeros_like(kv, dtype=torch.float32)
+    plan = _plan(rank, src, q.shape[1], causal, layout)
+    if plan is not None:
+        rows, cols, block_causal = plan
+        dq_i, dk_i, dv_i = _bwd_block(
+            do[:, rows].contiguous(), q[:, rows].contiguous(), kv[0][:, cols].contiguous(),
+            kv[1][:, cols].contiguous(), o[:, rows].contiguous(), lse[..., rows].contiguous(),
+            dlse[..., rows].contiguous(), block_causal, scale, backend)
+        dq[:, rows] += dq_i.float()
+        block[0][:, cols] += dk_i.float()
+        block[1][:, cols] += dv_i.float()
+    return block
+
+
 def _merge(o_acc: Tensor, lse_acc: Tensor, o_i: Tensor, lse_i: Tensor, rows: slice) -> None:
     """o_acc[:, rows], lse_acc[..., rows] (fp32, in place) merged with a block's (o_i, lse_i) by log-sum-exp."""
     o_old, lse_old = o_acc[:, rows], lse_acc[..., rows]
@@ -203,13 +229,8 @@ class _RingAttention(torch.autograd.Function):
         kv = torch.stack([k, v])  # one message per step; GQA: Hk heads, never expanded
         for step in range(ring.world):
             pending = ring.start(kv) if step + 1 < ring.world else None  # the next block, during this one
-            src = (ring.rank - step) % ring.world
-            plan = _plan(ring.rank, src, seqlen, causal, layout)
-            if plan is not None:
-                rows, cols, block_causal = plan
-                o_i, lse_i = _fwd_block(q[:, rows].contiguous(), kv[0][:, cols].contiguous(),
-                                        kv[1][:, cols].contiguous(), block_causal, scale, backend)
-                _merge(o_acc, lse_acc, o_i, lse_i, rows)
+            _attend_step(q, kv, ring.rank, (ring.rank - step) % ring.world, causal, scale, layout, backend,
+                         o_acc, lse_acc)
             if pending is not None:
                 kv, requests = pending
                 _Ring.wait(requests)
@@ -223,7 +244,6 @@ class _RingAttention(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         group, causal, scale, layout, backend = ctx.args
         ring = _Ring(group)
-        seqlen = q.shape[1]
         do = do.contiguous() if do is not None else torch.zeros_like(o)
         dlse = dlse.float().contiguous() if dlse is not None else torch.zeros_like(lse)
         dq = torch.zeros_like(q, dtype=torch.float32)
@@ -231,18 +251,8 @@ class _RingAttention(torch.autograd.Function):
         dkv_pending = None  # the accumulator of the block this rank holds, on its way here
         for step in range(ring.world):
             pending = ring.start(kv) if step + 1 < ring.world else None
-            src = (ring.rank - step) % ring.world
-            block = torch.zeros_like(kv, dtype=torch.float32)
-            plan = _plan(ring.rank, src, seqlen, causal, layout)
-            if plan is not None:
-                rows, cols, block_causal = plan
-                dq_i, dk_i, dv_i = _bwd_block(
-                    do[:, rows].contiguous(), q[:, rows].contiguous(), kv[0][:, cols].contiguous(),
-                    kv[1][:, cols].contiguous(), o[:, rows].contiguous(), lse[..., rows].contiguous(),
-                    dlse[..., rows].contiguous(), block_causal, scale, backend)
-                dq[:, rows] += dq_i.float()
-                block[0][:, cols] += dk_i.float()
-                block[1][:, cols] += dv_i.float()
+            block = _gradient_step(do, q, o, lse, dlse, kv, ring.rank, (ring.rank - step) % ring.world, causal,
+                                   scale, layout, backend, dq)
             if dkv_pending is not None:
                 dkv, requests = dkv_pending
                 _Ring.wait(requests)

@@ -84,20 +84,18 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
         self.rope_interleaved = rope_interleaved
         self.backend: str | None = None
-        self.context_parallel: tuple | None = None  # (process group, layout) when the sequence is sharded
 
     def forward(self, x: Tensor, inv_freq: Tensor, cache: tuple[Tensor, Tensor, Tensor] | None,
-                prefill: bool) -> Tensor:
+                prefill: bool, ring: tuple | None = None) -> Tensor:
         """x (B, S, dim). cache: this layer's (k_cache, v_cache) and the shared seqlens; prefill: the cache is
-        empty, so the S tokens attend among themselves and are then written to it."""
+        empty, so the S tokens attend among themselves and are then written to it. ring: (process group, layout,
+        global positions) when x is this rank's shard of the sequence (context parallelism)."""
         batch, seqlen, _ = x.shape
         q = self.wq(x).view(batch, seqlen, self.n_heads, self.head_dim)
         k = self.wk(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)
-        if self.context_parallel is not None:  # x is this rank's shard of the sequence
-            group, layout = self.context_parallel
-            world, rank = dist.get_world_size(group), dist.get_rank(group)
-            positions = ring_positions(seqlen, rank, world, layout, device=x.device)
+        if ring is not None:
+            group, layout, positions = ring
             q, k = apply_rope(q, k, positions, inv_freq=inv_freq, interleaved=self.rope_interleaved,
                               backend=self.backend)
             o = ring_attention(q, k, v, group, causal=True, layout=layout, backend=self.backend)
@@ -134,11 +132,11 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config)
 
-    def forward(self, x: Tensor, residual: Tensor | None, inv_freq: Tensor, cache, prefill: bool):
+    def forward(self, x: Tensor, residual: Tensor | None, inv_freq: Tensor, cache, prefill: bool, ring=None):
         """Takes the previous sublayer's output x and the running sum before it (None in the first block);
         returns the same pair, so each residual add happens inside the next norm's kernel."""
         y, h = self.attention_norm(x, residual)
-        x = self.attention(y, inv_freq, cache, prefill)
+        x = self.attention(y, inv_freq, cache, prefill, ring)
         y, h = self.ffn_norm(x, h)
         return self.feed_forward(y), h
 
@@ -156,6 +154,7 @@ class CodeLlama(nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         self._inv_freq: dict[torch.device, Tensor] = {}
         self.activation_checkpointing = False
+        self.context_parallel: tuple | None = None  # (process group, layout) when the sequence is sharded
         self.backend = backend
 
     def inv_freq(self, device: torch.device) -> Tensor:
@@ -195,12 +194,10 @@ class CodeLlama(nn.Module):
 
         if layout not in LAYOUTS:
             raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
-        for layer in self.layers:
-            layer.attention.context_parallel = (group, layout)
+        self.context_parallel = (group, layout)
 
     def disable_context_parallel(self) -> None:
-        for layer in self.layers:
-            layer.attention.context_parallel = None
+        self.context_parallel = None
 
     # ------------------------------------------------------------------ forward
     def new_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
@@ -221,7 +218,7 @@ class CodeLlama(nn.Module):
             raise ValueError(f"tokens: expected an integer tensor (B, S), got {tokens.dtype} {tuple(tokens.shape)}")
         batch, seqlen = tokens.shape
         prefill = cache is not None and cache.filled == 0
-        if cache is not None and self.layers[0].attention.context_parallel is not None:
+        if cache is not None and self.context_parallel is not None:
             raise ValueError("cache: a context-parallel model has no KV cache (training and scoring only)")
         if cache is not None:
             if cache.seqlens.shape[0] != batch:
@@ -230,12 +227,17 @@ class CodeLlama(nn.Module):
                 raise ValueError(f"tokens: {seqlen} more tokens after {cache.filled} would overflow the cache of "
                                  f"{cache.max_seq_len}; make a longer one with new_cache(batch, max_seq_len)")
         x, residual, inv_freq = self.tok_embeddings(tokens), None, self.inv_freq(tokens.device)
+        ring = None
+        if self.context_parallel is not None:  # tokens are this rank's shard: their global positions, once
+            group, layout = self.context_parallel
+            ring = (group, layout, ring_positions(seqlen, dist.get_rank(group), dist.get_world_size(group), layout,
+                                                  device=tokens.device))
         for i, layer in enumerate(self.layers):
             layer_cache = (cache.k[i], cache.v[i], cache.seqlens) if cache is not None else None
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x, residual = checkpoint(layer, x, residual, inv_freq, layer_cache, prefill, use_reentrant=False)
+                x, residual = checkpoint(layer, x, residual, inv_freq, layer_cache, prefill, ring, use_reentrant=False)
             else:
-                x, residual = layer(x, residual, inv_freq, layer_cache, prefill)
+                x, residual = layer(x, residual, inv_freq, layer_cache, prefill, ring)
         if cache is not None:
             cache.seqlens.add_(seqlen)
             cache.filled += seqlen
