@@ -50,6 +50,33 @@ def test_leading_dims_and_strided_rows(backend):
     assert_close(lk.rms_norm(x.transpose(0, 1), w, backend=backend), ref.rms_norm(x.transpose(0, 1), w))
 
 
+
+# Bits of two unusual nans: a signaling one with only the lowest payload bit, a negative one with every bit set.
+# (Kernels round without a nan test where every nan they can see rounds to itself: csrc/cpu/rms_norm.cpp.)
+NAN_BITS = {torch.bfloat16: (0x7F81, -1), torch.float16: (0x7C01, -1), torch.float32: (0x7F800001, -1)}
+INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_nonfinite_values_propagate_like_the_reference(backend, dtype, with_residual):
+    """A nan or inf in a row makes that row what the reference makes it (a nan row; inf's row nan and zeros), and
+    no other row changes."""
+    x, w = randn(7, 1023, dtype=dtype), randn(1023, dtype=dtype)
+    x[1, 5], x[2, 0], x[3, 1022] = float("nan"), float("inf"), float("-inf")
+    x.view(INT_VIEW[dtype])[4, 7], x.view(INT_VIEW[dtype])[5, 100] = NAN_BITS[dtype]
+    r = randn(7, 1023, dtype=dtype) if with_residual else None
+    out = lk.rms_norm(x, w, 1e-5, residual=r, backend=backend)
+    if with_residual:
+        out, h = out
+        torch.testing.assert_close(h, x + r, equal_nan=True, rtol=ULP.get(dtype, 1e-6), atol=0)
+        x = h
+    want = ref.rms_norm(x, w, 1e-5)
+    assert want[1:6].isnan().any(dim=1).all() and not want[[0, 6]].isnan().any()  # the test's premise
+    assert torch.equal(out.isnan(), want.isnan())
+    assert_close(out[~want.isnan()], want[~want.isnan()])
+
 def _grads(fn, inputs, gy, gh):
     """Gradients of sum(y * gy) (+ sum(h * gh)) with respect to inputs = (x, weight[, residual])."""
     inputs = [t.detach().requires_grad_() for t in inputs]
