@@ -3,7 +3,8 @@
 #   make test    the test suite: Triton kernels under the interpreter on CPU, the native
 #                extension (built by setup.py) against the reference, the ahead-of-time
 #                compile for sm_80/sm_90, the benchmark's smoke run, and the CMake build:
-#                its C++ tests (ctest) and the nvcc compile check of every CUDA file
+#                its C++ tests (ctest), the nvcc compile check of every CUDA file and of
+#                their torch glue against a CUDA torch's headers
 # TORCH and TRITON can be overridden, e.g. make test TORCH=torch==2.11.0.
 
 PYTHON ?= python3
@@ -17,7 +18,7 @@ NEWER_TRITON ?= triton==3.9.0
 VENV := .venv
 NEWER_VENV := .venv-newer-triton
 
-.PHONY: install test test-newer-triton cmake-check bench clean
+.PHONY: install test test-newer-triton cmake-check cuda-glue-check bench clean
 CSRC := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 
 install: $(VENV)/.installed
@@ -56,6 +57,22 @@ cmake-check: $(VENV)/.installed
 	cmake --build build/cmake
 	ctest --test-dir build/cmake --output-on-failure
 	if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then cmake --build build/cmake --target cuda_check; fi
+	if [ -f $(CUDA_INCLUDE)/cuda_runtime_api.h ]; then $(MAKE) --no-print-directory cuda-glue-check; fi
+
+# The torch glue of the CUDA kernels (the LLAMA_KERNELS_WITH_CUDA parts of csrc/torch/cuda_ops.cpp and
+# csrc/bindings.cpp) compiled against the headers of a CUDA build of torch: this machine's torch is a CPU build,
+# with which setup.py and CMake leave those parts out. Only the wheel's include/ is unpacked (63 MB of 550).
+CUDA_TORCH ?= torch==2.14.1
+CUDA_INCLUDE ?= /usr/local/cuda/include
+CUDA_TORCH_INCLUDE := build/cuda-torch/torch/include
+$(CUDA_TORCH_INCLUDE):
+	$(VENV)/bin/python -m pip download --quiet --no-deps --dest build/cuda-torch "$(CUDA_TORCH)"
+	cd build/cuda-torch && unzip -q -o torch-*.whl 'torch/include/*' && rm torch-*.whl
+
+cuda-glue-check: $(CUDA_TORCH_INCLUDE)
+	for f in csrc/torch/cuda_ops.cpp csrc/bindings.cpp; do \
+	  g++ -std=c++20 -fsyntax-only -Wall -Werror -DLLAMA_KERNELS_WITH_CUDA -Icsrc -I$(CUDA_TORCH_INCLUDE) \
+	    -I$(CUDA_TORCH_INCLUDE)/torch/csrc/api/include -I$(CUDA_INCLUDE) $$f || exit 1; done
 
 bench: $(VENV)/.extension
 	$(VENV)/bin/llama-kernels bench
