@@ -24,36 +24,26 @@ inline float to_float(bf16 x) {
   return f;
 }
 
-#ifdef __FLT16_MAX__
-// The compiler has _Float16 (gcc >= 12 on x86-64): conversions it can vectorize (F16C, AVX-512 FP16).
+// fp16 -> float without branches, so that loops converting arrays vectorize (gcc does not vectorize _Float16
+// conversions short of AVX512-FP16, and a loop over subnormals would stop it too). Exact for every fp16 value.
 inline float to_float(fp16 x) {
-  _Float16 h;
-  std::memcpy(&h, &x.bits, sizeof h);
-  return static_cast<float>(h);
-}
-#else
-inline float to_float(fp16 x) {
-  const uint32_t sign = static_cast<uint32_t>(x.bits & 0x8000u) << 16;
-  uint32_t exponent = (x.bits >> 10) & 0x1fu, mantissa = x.bits & 0x3ffu, u;
-  if (exponent == 0x1f) {  // inf, nan
-    u = sign | 0x7f800000u | (mantissa << 13);
-  } else if (exponent != 0) {  // normal
-    u = sign | ((exponent + 112) << 23) | (mantissa << 13);
-  } else if (mantissa == 0) {  // zero
-    u = sign;
-  } else {  // subnormal: normalize
-    exponent = 113;
-    while (!(mantissa & 0x400u)) {
-      mantissa <<= 1;
-      --exponent;
-    }
-    u = sign | (exponent << 23) | ((mantissa & 0x3ffu) << 13);
-  }
+  const uint32_t shifted = static_cast<uint32_t>(x.bits & 0x7fffu) << 13;  // exponent and mantissa in float's place
+  const uint32_t exponent = shifted & 0x0f800000u;
+  const uint32_t normal = shifted + (112u << 23);  // rebiased: 15 -> 127
+  const uint32_t inf_or_nan = normal + (112u << 23);  // exponent 31 -> 255
+  // zero and subnormals, m * 2^-24: 2^-14 * (1 + m / 1024) minus 2^-14, both exact in float
+  float below_normal;
+  const uint32_t one_plus = normal + (1u << 23);
+  std::memcpy(&below_normal, &one_plus, sizeof below_normal);
+  below_normal -= 6.103515625e-05f;  // 2^-14
+  uint32_t u;
+  std::memcpy(&u, &below_normal, sizeof u);
+  u = exponent == 0 ? u : (exponent == 0x0f800000u ? inf_or_nan : normal);
+  u |= static_cast<uint32_t>(x.bits & 0x8000u) << 16;
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
 }
-#endif
 
 template <typename T>
 T from_float(float f);
@@ -74,37 +64,26 @@ inline bf16 from_float<bf16>(float f) {
   return bf16{static_cast<uint16_t>(f != f ? quiet_nan : rounded)};
 }
 
-#ifdef __FLT16_MAX__
-template <>
-inline fp16 from_float<fp16>(float f) {
-  const _Float16 h = static_cast<_Float16>(f);  // IEEE round to nearest even
-  fp16 out;
-  std::memcpy(&out.bits, &h, sizeof h);
-  return out;
-}
-#else
+// float -> fp16, to nearest even, without branches (as to_float(fp16) above).
 template <>
 inline fp16 from_float<fp16>(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
-  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
   const uint32_t magnitude = u & 0x7fffffffu;
-  if (magnitude > 0x7f800000u) return fp16{static_cast<uint16_t>(sign | 0x7e00u)};  // nan
-  if (magnitude >= 0x477ff000u) return fp16{static_cast<uint16_t>(sign | 0x7c00u)};  // rounds to inf
-  if (magnitude < 0x38800000u) {  // subnormal or zero in fp16: round the scaled value to an integer, to even
-    float scaled;
-    uint32_t m = magnitude;
-    std::memcpy(&scaled, &m, sizeof scaled);
-    scaled *= 16777216.0f;  // 2^24: one fp16 subnormal ulp becomes 1
-    const float floor_value = static_cast<float>(static_cast<uint32_t>(scaled));
-    uint32_t result = static_cast<uint32_t>(floor_value);
-    const float rest = scaled - floor_value;
-    if (rest > 0.5f || (rest == 0.5f && (result & 1u))) ++result;
-    return fp16{static_cast<uint16_t>(sign | result)};
-  }
-  uint32_t rounded = magnitude + 0xfffu + ((magnitude >> 13) & 1u);  // round to nearest even at bit 13
-  return fp16{static_cast<uint16_t>(sign | ((rounded - 0x38000000u) >> 13))};
+  // normal results: the exponent rebiased (127 -> 15) and the mantissa rounded at bit 13, to even; a carry out of
+  // the mantissa moves to the next exponent, up to inf for [65520, 65536)
+  const uint32_t normal = (magnitude - (112u << 23) + 0xfffu + ((magnitude >> 13) & 1u)) >> 13;
+  // results below 2^-14 (subnormal or zero): adding 0.5 rounds |f| to a multiple of 2^-24 (0.5's ulp), to even,
+  // and leaves that multiple in the low mantissa bits (1024 of them is the smallest normal fp16: also right)
+  float shifted;
+  std::memcpy(&shifted, &magnitude, sizeof shifted);
+  shifted += 0.5f;
+  uint32_t below_normal;
+  std::memcpy(&below_normal, &shifted, sizeof below_normal);
+  below_normal -= 0x3f000000u;
+  const uint32_t too_large = magnitude > 0x7f800000u ? 0x7e00u : 0x7c00u;  // nan stays a (quiet) nan; else inf
+  const uint32_t bits = magnitude >= 0x47800000u ? too_large : (magnitude < 0x38800000u ? below_normal : normal);
+  return fp16{static_cast<uint16_t>(bits | ((u >> 16) & 0x8000u))};
 }
-#endif
 
 }  // namespace llama_kernels::cpu
