@@ -197,7 +197,7 @@ void convert_to_float(const T* src, float* dst, int64_t n) {
 }
 
 #if defined(__F16C__)
-// The scalar fp16 conversion has a loop for subnormals that blocks vectorization; F16C converts 8 at a time.
+// F16C converts 8 fp16 values in one instruction; the portable conversion (dtypes.h) takes about a dozen.
 template <>
 void convert_to_float<fp16>(const fp16* src, float* dst, int64_t n) {
   int64_t i = 0;
