@@ -86,6 +86,9 @@ def launches(target: str) -> list[tuple[str, object]]:
                     _attention_launches(head_dim, varlen, causal, meta)
                     kind = f"{'varlen' if varlen else 'dense'} {'causal' if causal else 'full'} D{head_dim}"
                     out += [f"attention_fwd {kind}", f"attention_bwd_dkdv {kind}", f"attention_bwd_dq {kind}"]
+                    if not varlen:  # the forward's TMA form, a candidate of the GPU check's sweep
+                        _attention_forward_tma_launch(head_dim, causal, meta)
+                        out.append(f"attention_fwd {kind} TMA")
         for (hq, hk), seqlen_q in itertools.product(((32, 32), (64, 8)), (1, 5)):
             _decode_launches(hq, hk, seqlen_q, meta)
             out += [f"rope+append {hq}/{hk} Sq={seqlen_q}", f"decode_split {hq}/{hk} Sq={seqlen_q}",
@@ -118,6 +121,16 @@ def _attention_launches(head_dim: int, varlen: bool, causal: bool, device) -> No
     layout = attention._Layout(q, k, cu, cu, tokens, tokens)
     o, lse = attention._forward_triton(q, k, k, layout, causal, head_dim**-0.5)
     attention._backward_triton(o, q, k, k, o, lse, None, layout, causal, head_dim**-0.5)
+
+
+def _attention_forward_tma_launch(head_dim: int, causal: bool, device) -> None:
+    """The forward at the same shapes with its key/value blocks through tensor descriptors (TMA on sm_90)."""
+    from .ops import _triton, attention
+
+    q = torch.empty(1, 16384, 64, head_dim, dtype=torch.bfloat16, device=device)
+    k = torch.empty(1, 16384, 8, head_dim, dtype=torch.bfloat16, device=device)
+    with _triton.override_config("attention_fwd", lambda default: {**default, "TMA": True}):
+        attention._forward_triton(q, k, k, attention._Layout(q, k, None, None, 16384, 16384), causal, head_dim**-0.5)
 
 
 def compile_record(record, capability: int):

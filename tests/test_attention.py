@@ -138,6 +138,37 @@ def test_strided_inputs(backend):
     check_grads(got, want, F32)
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_forward_through_tensor_descriptors(monkeypatch, causal):
+    """The forward's sm_90 form (key/value blocks through tensor descriptors), forced here on the interpreter:
+    Sk = 113 ends in a partial block, which the descriptor fills with zeros; k and v interleaved in one buffer
+    (token stride 256 elements: 16-byte aligned, as TMA needs)."""
+    from llama_kernels.ops import attention
+
+    config = attention._config
+    monkeypatch.setattr(attention, "_config", lambda kernel, q, head_dim: {
+        **config(kernel, q, head_dim), "TMA": True})
+    descriptors = []
+    monkeypatch.setattr(attention.TensorDescriptor, "from_tensor", staticmethod(
+        lambda t, block, make=attention.TensorDescriptor.from_tensor: descriptors.append(block) or make(t, block)))
+    q = randn(2, 70, 4, 64, dtype=BF16)
+    kv = randn(2, 113, 2, 2, 64, dtype=BF16)
+    k, v = kv[:, :, 0], kv[:, :, 1]
+    o, lse = lk.flash_attention(q, k, v, causal=causal, return_lse=True, backend="triton")
+    assert descriptors == [[1, 64, 1, 64]] * 2, descriptors  # k and v went through descriptors
+    want_o, want_lse = ref.attention(q, k, v, causal, return_lse=True)
+    check_attention_out(o, want_o)
+    check_lse(lse, want_lse)
+    # Packed sequences keep pointer loads: a descriptor's rows past one sequence would be the next one's.
+    descriptors.clear()
+    cu = torch.tensor([0, 30, 70], dtype=torch.int32)
+    o = lk.flash_attention_varlen(q[0], k[0, :70], v[0, :70], cu, cu, 40, 40, causal=causal, backend="triton")
+    assert descriptors == []
+    for start, end in ((0, 30), (30, 70)):
+        check_attention_out(o[start:end], ref.attention(q[:1, start:end], k[:1, start:end], v[:1, start:end],
+                                                        causal)[0])
+
+
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_rows_that_see_no_key_are_zero(backend, dtype):

@@ -50,6 +50,31 @@ def tuned_config(kernel: str, target: str, key: str, default: dict) -> dict:
     return _tuned_table().get(kernel, {}).get(target, {}).get(key, default)
 
 
+@contextlib.contextmanager
+def override_config(kernel: str, choose):
+    """Route ``tuned_config(kernel, ...)`` through choose(default); yield the (target, key, default) of each ask.
+
+    The ops look ``tuned_config`` up at every launch (as a module attribute), so this
+    forces a config through the public functions: the GPU check's sweep times its
+    candidates this way, and the ahead-of-time check compiles the variants no
+    default uses. What the ops ask for is the exact key format tuned_configs.json uses.
+    """
+    global tuned_config
+    original, asked = tuned_config, []
+
+    def hooked(name, target, key, default):
+        if name != kernel:
+            return original(name, target, key, default)
+        asked.append((target, key, default))
+        return choose(default)
+
+    tuned_config = hooked
+    try:
+        yield asked
+    finally:
+        tuned_config = original
+
+
 @functools.cache
 def multiprocessor_count(device: torch.device) -> int:
     if device.type == "cuda":

@@ -16,6 +16,13 @@ flash-attn >= 2.1); a query that sees no key gets zeros and an lse of -inf.
 Dense (B, S, H, D) and packed (total, H, D) inputs share the kernels: a packed
 tensor is a batch of one with no batch stride, and each program finds its
 sequence's start and length in cu_seqlens.
+
+On sm_90 a forward config may ask for TMA: the key/value blocks of a dense
+layout copied by Hopper's tensor memory accelerator through (B, S, H, D) tensor
+descriptors, which frees the registers that address them (128x128 tiles: 240 ->
+209). Off unless the GPU check measured it faster (ops/tuned_configs.json).
+(Triton 3.6's warp specialization of the key loop is no option on sm_90: with 4
+warps its pass fails on this kernel, with 8 it leaves the loop as it is.)
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .. import _native, reference
 from .._checks import check_same_device, check_same_dtype, check_tensor
@@ -78,6 +86,19 @@ def _load_tile(base_ptr, batch, start, head, rows, length, stride_b, stride_s, s
 
 
 @triton.jit
+def _load_kv_tile(src, batch, start, head, n, length, stride_b, stride_s, stride_h,
+                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+    """Key or value rows n .. n + BLOCK_N of one head: through a (B, S, H, D) tensor descriptor when TMA (dense
+    layouts: rows past the sequence are outside it and read as zeros), else through pointers."""
+    if TMA:
+        tile = _mma(src.load([batch, n, head, 0]).reshape(BLOCK_N, HEAD_DIM))
+    else:
+        tile = _load_tile(src, batch, start, head, n + tl.arange(0, BLOCK_N), length, stride_b, stride_s, stride_h,
+                          HEAD_DIM)
+    return tile
+
+
+@triton.jit
 def _program(seqlen, n_heads, BLOCK: tl.constexpr):
     """(block, batch, head) of this program on a flat grid, blocks of one (batch, head) consecutive (they share
     its k and v in L2); one axis, because the second stops at 65,535 (batch x heads can pass it)."""
@@ -97,15 +118,17 @@ def _tile_ptrs(base_ptr, batch, start, head, rows, stride_b, stride_s, stride_h,
 # --------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_blocks(
-    acc, l_i, m_i, q, k_ptr, v_ptr, batch, k_start, kv_head, len_k, rows, first, last, diag, qk_scale,
+    acc, l_i, m_i, q, k_src, v_src, batch, k_start, kv_head, len_k, rows, first, last, diag, qk_scale,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, TMA: tl.constexpr = False,
 ):
-    """Online softmax over key blocks [first, last): unmasked blocks need no per-element test."""
+    """Online softmax over key blocks [first, last): unmasked blocks need no per-element test.
+    k_src and v_src are pointers, or tensor descriptors when TMA."""
     for n in range(first, last, BLOCK_N):
         cols = n + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_ptr, batch, k_start, kv_head, cols, len_k, stride_kb, stride_ks, stride_kh, HEAD_DIM)
+        k = _load_kv_tile(k_src, batch, k_start, kv_head, n, len_k, stride_kb, stride_ks, stride_kh, HEAD_DIM,
+                          BLOCK_N, TMA)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # log2 units
         if MASKED:
             visible = (cols < len_k)[None, :]
@@ -117,7 +140,8 @@ def _fwd_blocks(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = _load_tile(v_ptr, batch, k_start, kv_head, cols, len_k, stride_vb, stride_vs, stride_vh, HEAD_DIM)
+        v = _load_kv_tile(v_src, batch, k_start, kv_head, n, len_k, stride_vb, stride_vs, stride_vh, HEAD_DIM,
+                          BLOCK_N, TMA)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -125,13 +149,14 @@ def _fwd_blocks(
 
 @triton.jit
 def _fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
+    q_ptr, k_src, v_src, o_ptr, lse_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     seqlen_q, seqlen_k, n_q_heads, group, qk_scale,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
     stride_lse_b, stride_lse_h,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     batch, head, kv_head, q_start, len_q, k_start, len_k, m0 = _query_block(
         cu_seqlens_q_ptr, cu_seqlens_k_ptr, seqlen_q, seqlen_k, n_q_heads, group, VARLEN, BLOCK_M)
@@ -152,13 +177,13 @@ def _fwd_kernel(
         full_blocks_end = tl.minimum(full_blocks_end, tl.maximum(m0 + diag + 1, 0) // BLOCK_N * BLOCK_N)
         last = tl.minimum(len_k, m0 + BLOCK_M + diag)
     acc, l_i, m_i = _fwd_blocks(
-        acc, l_i, m_i, q, k_ptr, v_ptr, batch, k_start, kv_head, len_k, rows, 0, full_blocks_end, diag, qk_scale,
+        acc, l_i, m_i, q, k_src, v_src, batch, k_start, kv_head, len_k, rows, 0, full_blocks_end, diag, qk_scale,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-        False, CAUSAL, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+        False, CAUSAL, HEAD_DIM, BLOCK_N, DOT_PRECISION, TMA)
     acc, l_i, m_i = _fwd_blocks(
-        acc, l_i, m_i, q, k_ptr, v_ptr, batch, k_start, kv_head, len_k, rows, full_blocks_end, last, diag, qk_scale,
+        acc, l_i, m_i, q, k_src, v_src, batch, k_start, kv_head, len_k, rows, full_blocks_end, last, diag, qk_scale,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-        True, CAUSAL, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+        True, CAUSAL, HEAD_DIM, BLOCK_N, DOT_PRECISION, TMA)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # no visible key: zeros, and an lse of -inf
     o = acc / l_safe[:, None]
@@ -336,14 +361,26 @@ class _Layout:
         }
 
 
+def _tma_ready(layout: _Layout, *tensors: Tensor) -> bool:
+    """Whether tensor descriptors can address these tensors: a dense layout (a descriptor's rows past a packed
+    sequence would be the next sequence's), 16-byte aligned bases and strides, contiguous heads."""
+    return not layout.varlen and all(
+        t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1])
+        for t in tensors)
+
+
 def _forward_triton(q, k, v, layout: _Layout, causal: bool, softmax_scale: float):
     o = _triton.new_output(q.shape, q.dtype, q.device)
     lse = _triton.new_output(layout.lse_shape, torch.float32, q.device)
     cfg = _config("attention_fwd", q, layout.head_dim)
+    tma = cfg.get("TMA", False) and _tma_ready(layout, k, v)
+    k_src, v_src = ((TensorDescriptor.from_tensor(t, [1, cfg["BLOCK_N"], 1, layout.head_dim]) for t in (k, v))
+                    if tma else (k, v))
     _triton.launch(
         _fwd_kernel, (triton.cdiv(layout.seqlen_q, cfg["BLOCK_M"]) * layout.batch * layout.n_q_heads,), q.device,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=o, lse_ptr=lse, n_q_heads=layout.n_q_heads,
+        q_ptr=q, k_src=k_src, v_src=v_src, o_ptr=o, lse_ptr=lse, n_q_heads=layout.n_q_heads,
+        TMA=tma,
         qk_scale=softmax_scale * LOG2E.value,
         **layout.strides("q", q), **layout.strides("k", k), **layout.strides("v", v), **layout.strides("o", o),
         **layout.lse_strides(lse), **layout.common(causal, q.dtype, cfg),
