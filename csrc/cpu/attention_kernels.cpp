@@ -25,10 +25,6 @@
 #include <memory>
 #include <utility>
 
-#if defined(__F16C__)
-#include <immintrin.h>
-#endif
-
 #include "cpu/attention_kernels.h"
 
 namespace llama_kernels::cpu {
@@ -191,23 +187,6 @@ constexpr auto kScoreTiles = score_tiles(std::make_index_sequence<kTileRows>());
 constexpr auto kScoreDots = score_dots_by_rows(std::make_index_sequence<kTileRows>());
 constexpr auto kPvTiles = pv_tiles(std::make_index_sequence<kTileRows>());
 
-template <typename T>
-void convert_to_float(const T* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
-}
-
-#if defined(__F16C__)
-// F16C converts 8 fp16 values in one instruction; the portable conversion (dtypes.h) takes about a dozen.
-template <>
-void convert_to_float<fp16>(const fp16* src, float* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-  }
-  for (; i < n; ++i) dst[i] = to_float(src[i]);
-}
-#endif
-
 struct FreeDeleter {
   void operator()(float* p) const { std::free(p); }
 };
@@ -296,8 +275,8 @@ void attention_tile(const T* q, BshStrides q_strides, const T* k, BshStrides k_s
   for (int64_t key_begin = 0; key_begin < key_end; key_begin += kKeyBlock) {
     const int64_t n_keys = std::min(kKeyBlock, key_end - key_begin);
     for (int64_t j = 0; j < n_keys; ++j) {
-      convert_to_float(k_head + (key_begin + j) * k_strides.seq, ws.k_block.get() + j * row_stride, head_dim);
-      convert_to_float(v_head + (key_begin + j) * v_strides.seq, ws.v_block.get() + j * row_stride, head_dim);
+      convert(k_head + (key_begin + j) * k_strides.seq, ws.k_block.get() + j * row_stride, head_dim);
+      convert(v_head + (key_begin + j) * v_strides.seq, ws.v_block.get() + j * row_stride, head_dim);
     }
 
     if (narrow) {

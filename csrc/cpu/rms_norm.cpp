@@ -1,6 +1,7 @@
 // RMSNorm forward and backward on the CPU: one row per OpenMP iteration, two passes over the row (statistics, then
 // output) so that the second pass reads the row from cache: memory sees one read of each input and one write of
 // each output. The inner loops are `omp simd` loops over float values, which gcc vectorizes (AVX-512: 16 lanes).
+// bf16 values are converted element by element in those loops; fp16 rows are staged instead (rms_norm_staged).
 //
 // Why the element accesses go through load/store/round_to below: `omp simd` privatizes every local of the loop body
 // into a per-lane stack array, and that includes the temporaries a bf16/fp16 value (a struct) makes when it is
@@ -11,6 +12,8 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <type_traits>
+#include <vector>
 
 #include "cpu/kernels.h"
 
@@ -74,12 +77,10 @@ inline void store_exact<bf16>(bf16* p, float value) {
   p->bits = static_cast<uint16_t>(u >> 16);
 }
 
-}  // namespace
-
 template <typename T, typename W>
-void rms_norm(const T* x, int64_t x_row_stride, const T* residual, int64_t residual_row_stride, const W* weight,
-              promoted_t<T, W>* y, int64_t y_row_stride, T* h, int64_t h_row_stride, int64_t rows, int64_t n,
-              float eps) {
+void rms_norm_fused(const T* x, int64_t x_row_stride, const T* residual, int64_t residual_row_stride,
+                    const W* weight, promoted_t<T, W>* y, int64_t y_row_stride, T* h, int64_t h_row_stride,
+                    int64_t rows, int64_t n, float eps) {
   using Out = promoted_t<T, W>;
 #pragma omp parallel for schedule(static)
   for (int64_t row = 0; row < rows; ++row) {
@@ -114,6 +115,82 @@ void rms_norm(const T* x, int64_t x_row_stride, const T* residual, int64_t resid
   }
 }
 
+// fp16 rows are staged through float arrays, a chunk of the row at a time, so that every conversion is an array
+// conversion (dtypes.h: F16C, one instruction per vector) and the arithmetic is plain float loops. In the fused
+// loops above an fp16 conversion is the portable bit-level one, about a dozen instructions per vector: the forward
+// ran at a fifth of bf16's speed. Chunks are a few vectors: called with the constant kChunk, each loop over a chunk
+// compiles to a few vector instructions, and the arrays stay in L1 (or registers).
+constexpr int64_t kChunk = 64;
+
+// f(start, width) over the chunks of [0, n): full chunks with a constant width, then the remainder.
+template <typename F>
+inline void for_each_chunk(int64_t n, F f) {
+  int64_t start = 0;
+  for (; start + kChunk <= n; start += kChunk) f(start, kChunk);
+  if (start < n) f(start, n - start);
+}
+
+template <typename W>
+void rms_norm_staged(const fp16* x, int64_t x_row_stride, const fp16* residual, int64_t residual_row_stride,
+                     const W* weight, promoted_t<fp16, W>* y, int64_t y_row_stride, fp16* h, int64_t h_row_stride,
+                     int64_t rows, int64_t n, float eps) {
+  std::vector<float> weight_values(n);  // converted once per call
+  convert(weight, weight_values.data(), n);
+#pragma omp parallel for schedule(static)
+  for (int64_t row = 0; row < rows; ++row) {
+    const fp16* x_row = x + row * x_row_stride;
+    fp16* h_row = h + row * h_row_stride;
+    alignas(64) float sum_squares[kChunk] = {};  // per lane: a sum across the chunk would be a shuffle per chunk
+    for_each_chunk(n, [&](int64_t start, int64_t width) {
+      alignas(64) float values[kChunk];
+      convert(x_row + start, values, width);
+      if (residual != nullptr) {
+        alignas(64) float residual_values[kChunk];
+        convert(residual + row * residual_row_stride + start, residual_values, width);
+#pragma omp simd
+        for (int64_t i = 0; i < width; ++i) values[i] += residual_values[i];
+        convert(values, h_row + start, width);  // h in x's dtype, as Meta's
+        convert(h_row + start, values, width);
+      }
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) sum_squares[i] += values[i] * values[i];
+    });
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < kChunk; ++i) sum += sum_squares[i];
+    const float rstd = 1.0f / std::sqrt(sum / static_cast<float>(n) + eps);
+    const fp16* normed_input = residual != nullptr ? h_row : x_row;  // h, the row that is normalized
+    for_each_chunk(n, [&](int64_t start, int64_t width) {
+      alignas(64) float values[kChunk];
+      convert(normed_input + start, values, width);
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) values[i] *= rstd;
+      alignas(64) fp16 rounded[kChunk];
+      convert(values, rounded, width);  // Meta's .type_as(x)
+      convert(rounded, values, width);
+      const float* w = weight_values.data() + start;
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) values[i] *= w[i];
+      convert(values, y + row * y_row_stride + start, width);
+    });
+  }
+}
+
+}  // namespace
+
+template <typename T, typename W>
+void rms_norm(const T* x, int64_t x_row_stride, const T* residual, int64_t residual_row_stride, const W* weight,
+              promoted_t<T, W>* y, int64_t y_row_stride, T* h, int64_t h_row_stride, int64_t rows, int64_t n,
+              float eps) {
+  if constexpr (std::is_same_v<T, fp16>) {
+    rms_norm_staged(x, x_row_stride, residual, residual_row_stride, weight, y, y_row_stride, h, h_row_stride, rows, n,
+                    eps);
+  } else {
+    rms_norm_fused(x, x_row_stride, residual, residual_row_stride, weight, y, y_row_stride, h, h_row_stride, rows, n,
+                   eps);
+  }
+}
+
 namespace {
 
 // The second pass of the backward over one row, from cache: dx, and the row's dweight contribution added to
@@ -131,6 +208,60 @@ inline void backward_row(const Out* __restrict dy_row, const T* __restrict dh_ro
     store(dx_row + i, dxf);
     dweight_partial[i] += dyf * round_to<T>(normed);
   }
+}
+
+// The backward's fp16 rows, staged as the forward's (rms_norm_staged); w is the weight as floats.
+// First pass: the row's sums of h^2 and of dy * w * h.
+template <typename Out>
+inline void backward_sums_staged(const Out* dy_row, const fp16* h_row, const float* w, int64_t n, float& sum_squares,
+                                 float& sum_gh) {
+  alignas(64) float squares[kChunk] = {}, products[kChunk] = {};  // per lane, as in rms_norm_staged
+  for_each_chunk(n, [&](int64_t start, int64_t width) {
+    alignas(64) float hf[kChunk], dyf[kChunk];
+    convert(h_row + start, hf, width);
+    convert(dy_row + start, dyf, width);
+#pragma omp simd
+    for (int64_t i = 0; i < width; ++i) {
+      squares[i] += hf[i] * hf[i];
+      products[i] += dyf[i] * w[start + i] * hf[i];
+    }
+  });
+  sum_squares = 0.0f;
+  sum_gh = 0.0f;
+#pragma omp simd reduction(+ : sum_squares, sum_gh)
+  for (int64_t i = 0; i < kChunk; ++i) {
+    sum_squares += squares[i];
+    sum_gh += products[i];
+  }
+}
+
+// Second pass, as backward_row.
+template <bool HasDh, typename Out>
+inline void backward_row_staged(const Out* dy_row, const fp16* dh_row, const fp16* h_row, const float* w,
+                                fp16* dx_row, float* __restrict dweight_partial, int64_t n, float rstd,
+                                float mean_gn) {
+  for_each_chunk(n, [&](int64_t start, int64_t width) {
+    alignas(64) float dyf[kChunk], normed[kChunk], dxf[kChunk];
+    convert(dy_row + start, dyf, width);
+    convert(h_row + start, normed, width);
+#pragma omp simd
+    for (int64_t i = 0; i < width; ++i) {
+      normed[i] *= rstd;
+      dxf[i] = rstd * (dyf[i] * w[start + i] - normed[i] * mean_gn);
+    }
+    if constexpr (HasDh) {
+      alignas(64) float dhf[kChunk];
+      convert(dh_row + start, dhf, width);
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) dxf[i] += dhf[i];
+    }
+    convert(dxf, dx_row + start, width);
+    alignas(64) fp16 rounded[kChunk];
+    convert(normed, rounded, width);  // normed rounded to T, as in the forward
+    convert(rounded, normed, width);
+#pragma omp simd
+    for (int64_t i = 0; i < width; ++i) dweight_partial[start + i] += dyf[i] * normed[i];
+  });
 }
 
 }  // namespace
@@ -155,6 +286,9 @@ void rms_norm_backward(const promoted_t<T, W>* dy, int64_t dy_row_stride, const 
   // buffer cost as much as a tenth of the backward at 1024 x 4096), and that row is then warm in cache.
   std::unique_ptr<float[]> dweight_partials(new float[static_cast<size_t>(n_blocks * n)]);
   const float inv_n = 1.0f / static_cast<float>(n);
+  constexpr bool kStaged = std::is_same_v<T, fp16>;
+  std::vector<float> weight_values(kStaged ? n : 0);  // the staged rows' weight, converted once per call
+  if constexpr (kStaged) convert(weight, weight_values.data(), n);
 
 #pragma omp parallel
   {
@@ -167,22 +301,34 @@ void rms_norm_backward(const promoted_t<T, W>* dy, int64_t dy_row_stride, const 
       for (int64_t row = block * rows_per_block; row < row_end; ++row) {
         const Out* __restrict dy_row = dy + row * dy_row_stride;
         const T* __restrict h_row = h + row * h_row_stride;
+        const T* dh_row = dh != nullptr ? dh + row * dh_row_stride : nullptr;
         T* __restrict dx_row = dx + row * dx_row_stride;
         // First pass: the row's statistics (rstd recomputed from h, the only thing the forward saved).
         float sum_squares = 0.0f, sum_gh = 0.0f;
+        if constexpr (kStaged) {
+          backward_sums_staged(dy_row, h_row, weight_values.data(), n, sum_squares, sum_gh);
+        } else {
 #pragma omp simd reduction(+ : sum_squares, sum_gh)
-        for (int64_t i = 0; i < n; ++i) {
-          const float hf = load(h_row + i);
-          sum_squares += hf * hf;
-          sum_gh += load(dy_row + i) * load(w + i) * hf;
+          for (int64_t i = 0; i < n; ++i) {
+            const float hf = load(h_row + i);
+            sum_squares += hf * hf;
+            sum_gh += load(dy_row + i) * load(w + i) * hf;
+          }
         }
         const float rstd = 1.0f / std::sqrt(sum_squares * inv_n + eps);
         const float mean_gn = sum_gh * rstd * inv_n;  // mean(g * normed)
-        if (dh != nullptr) {
-          backward_row<true>(dy_row, dh + row * dh_row_stride, h_row, w, dx_row, dweight_partial, n, rstd, mean_gn);
+        if constexpr (kStaged) {
+          if (dh_row != nullptr) {
+            backward_row_staged<true>(dy_row, dh_row, h_row, weight_values.data(), dx_row, dweight_partial, n, rstd,
+                                      mean_gn);
+          } else {
+            backward_row_staged<false>(dy_row, dh_row, h_row, weight_values.data(), dx_row, dweight_partial, n, rstd,
+                                       mean_gn);
+          }
+        } else if (dh_row != nullptr) {
+          backward_row<true>(dy_row, dh_row, h_row, w, dx_row, dweight_partial, n, rstd, mean_gn);
         } else {
-          backward_row<false>(dy_row, static_cast<const T*>(nullptr), h_row, w, dx_row, dweight_partial, n, rstd,
-                              mean_gn);
+          backward_row<false>(dy_row, dh_row, h_row, w, dx_row, dweight_partial, n, rstd, mean_gn);
         }
       }
     }

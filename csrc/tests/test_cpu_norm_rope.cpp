@@ -97,6 +97,45 @@ void test_conversions(uint16_t inf_bits) {
   }
 }
 
+// The array conversions (F16C for fp16 where the target has it) against the scalar ones: every bit pattern, and
+// floats around every tie, subnormals, overflow and nan, in arrays whose length is not a multiple of the vector's.
+template <typename T>
+void test_array_conversions(uint16_t inf_bits) {
+  std::vector<T> patterns(0x10000 - 3);  // odd: exercises the tail; the last three patterns are nan
+  for (size_t i = 0; i < patterns.size(); ++i) patterns[i] = T{static_cast<uint16_t>(i)};
+  std::vector<float> floats(patterns.size());
+  convert(patterns.data(), floats.data(), static_cast<int64_t>(patterns.size()));
+  for (size_t i = 0; i < patterns.size(); ++i) {
+    const float want = to_float(patterns[i]);
+    const bool is_nan = (i & 0x7fff) > inf_bits;
+    CHECK(is_nan ? std::isnan(floats[i]) : std::memcmp(&floats[i], &want, sizeof want) == 0, "%s to float 0x%04zx",
+          name_of<T>(), i);
+  }
+  // Floats: each pattern's value, the midpoints to the next (ties) and the floats either side of them, plus values
+  // past the largest finite and below the smallest subnormal.
+  std::vector<float> inputs;
+  for (uint32_t bits = 0; bits + 1 < inf_bits; ++bits) {
+    for (uint16_t sign : {0, 0x8000}) {
+      const float fa = to_float(T{static_cast<uint16_t>(bits | sign)});
+      const float fb = to_float(T{static_cast<uint16_t>((bits + 1) | sign)});
+      const float mid = fa + 0.5f * (fb - fa);
+      inputs.insert(inputs.end(), {fa, mid, std::nextafter(mid, fa), std::nextafter(mid, fb)});
+    }
+  }
+  for (float f : {1e-30f, 1e-45f, 65519.0f, 65520.0f, 65536.0f, 1e10f, 3.4e38f, INFINITY, NAN}) {
+    inputs.insert(inputs.end(), {f, -f});
+  }
+  inputs.push_back(0.0f);  // an odd length again
+  std::vector<T> rounded(inputs.size());
+  convert(inputs.data(), rounded.data(), static_cast<int64_t>(inputs.size()));
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const T want = from_float<T>(inputs[i]);
+    CHECK(std::isnan(inputs[i]) ? std::isnan(to_float(rounded[i])) : same_bits(rounded[i], want),
+          "%s from float %a: 0x%04x, want 0x%04x", name_of<T>(), static_cast<double>(inputs[i]), bits_of(rounded[i]),
+          bits_of(want));
+  }
+}
+
 // ---------------------------------------------------------------------------- RMSNorm
 template <typename T, typename W>
 void test_rms_norm(int64_t rows, int64_t n, bool with_residual, bool with_dh, int64_t pad) {
@@ -280,6 +319,8 @@ void test_rope_cases() {
 int main() {
   test_conversions<bf16>(0x7f80);
   test_conversions<fp16>(0x7c00);
+  test_array_conversions<bf16>(0x7f80);
+  test_array_conversions<fp16>(0x7c00);
 
   test_rms_norm_sizes<float, float>();
   test_rms_norm_sizes<bf16, bf16>();
