@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch._functorch.config  # a submodule torch does not import until something compiles
 
 import llama_kernels as lk
 from llama_kernels import _native
