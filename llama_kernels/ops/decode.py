@@ -43,7 +43,7 @@ MAX_ROWS = 128  # packed (query, group member) rows per program
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, seqlens_k_ptr, o_split_ptr, lse_split_ptr,
-    seqlen_q, n_q_heads, n_kv_heads, group, num_splits, split_size, qk_scale, cache_slots, min_len_k,
+    seqlen_q, n_q_heads, n_kv_heads, group, num_splits, qk_scale, cache_slots, min_len_k,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -67,6 +67,9 @@ def _decode_split_kernel(
     # read nothing and report the row as NaN. Checking here, not on the host, keeps a step free of syncs.
     bad_len = (len_k > cache_slots) | (len_k < min_len_k)
     len_k = tl.where(bad_len, 0, len_k)
+    # The splits share the sequence's length, not the cache's: a cache allocated for 100k tokens and holding 16k
+    # still keeps every split busy.
+    split_size = tl.cdiv(tl.cdiv(len_k, num_splits), BLOCK_N) * BLOCK_N
     first = split * split_size
     last = tl.minimum(len_k, first + split_size)
     diag = len_k - seqlen_q  # bottom-right: query i sees keys j <= i + diag
@@ -145,7 +148,6 @@ def _decode_triton(q, k_cache, v_cache, seqlens_k, min_len_k, causal, softmax_sc
     group = n_q_heads // n_kv_heads
     cfg = _config(q, seqlen_q * group)
     num_splits = _num_splits(num_splits, q, batch, n_kv_heads, cache_len, cfg["BLOCK_N"])
-    split_size = triton.cdiv(triton.cdiv(cache_len, num_splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
     o_split = _triton.new_output((batch, n_q_heads, seqlen_q, num_splits, head_dim), torch.float32, q.device)
     lse_split = _triton.new_output((batch, n_q_heads, seqlen_q, num_splits), torch.float32, q.device)
     n_row_blocks = triton.cdiv(seqlen_q * group, cfg["BLOCK_M"])
@@ -155,7 +157,7 @@ def _decode_triton(q, k_cache, v_cache, seqlens_k, min_len_k, causal, softmax_sc
         q_ptr=q, k_cache_ptr=k_cache, v_cache_ptr=v_cache, seqlens_k_ptr=seqlens_k,
         o_split_ptr=o_split, lse_split_ptr=lse_split,
         seqlen_q=seqlen_q, n_q_heads=n_q_heads, n_kv_heads=n_kv_heads, group=group, num_splits=num_splits,
-        split_size=split_size, qk_scale=softmax_scale * LOG2E.value, cache_slots=cache_len, min_len_k=min_len_k,
+        qk_scale=softmax_scale * LOG2E.value, cache_slots=cache_len, min_len_k=min_len_k,
         **_triton.strides("q", q, "bsh"), **_triton.strides("k", k_cache, "bsh"),
         **_triton.strides("v", v_cache, "bsh"),  # head_dim's stride is 1, checked
         CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
