@@ -466,18 +466,24 @@ def sweep(rec: Recorder, deadline: float) -> None:
 
 def attention_candidates(default: dict, kernel: str) -> list[dict]:
     """Tiles around the default: the forward's (M 64/128 x N 32/64/128), the backward's (M 32/64 x N 32/64/128).
-    The forward's TMA form at the 128-row tiles that compile clean on sm_90 comes right after the default: never
-    measured yet, it is what a sweep cut short by the budget should not miss."""
-    block_ms = (64, 128) if kernel == "attention_fwd" else (32, 64)
-    stages = (2, 3, 4) if kernel == "attention_fwd" else (1, 2)
+    On sm_90 the kernels' TMA forms come right after the default: never measured yet, they are what a sweep cut
+    short by the budget should not miss (on sm_80 descriptors only add registers: no candidates there)."""
+    forward = kernel == "attention_fwd"
     found = [default]
-    if kernel == "attention_fwd":
-        for block_n, num_stages in ((64, 3), (128, 2), (64, 2), (64, 4), (128, 3)):
-            found.append({"BLOCK_M": 128, "BLOCK_N": block_n, "num_warps": 8, "num_stages": num_stages, "TMA": True})
-    for block_m in block_ms:
+    if _triton.target_of(DEVICE) == "sm90":
+        # (BLOCK_M, BLOCK_N, warps, stages) that compile clean in their TMA form (python -m llama_kernels.aot)
+        tma_tiles = (((128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 3)) if forward
+                     else ((default["BLOCK_M"], default["BLOCK_N"], default["num_warps"], default["num_stages"]),
+                           (64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2)))
+        for block_m, block_n, warps, num_stages in tma_tiles:
+            config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": num_stages,
+                      "TMA": True}
+            if config not in found:
+                found.append(config)
+    for block_m in (64, 128) if forward else (32, 64):
         for block_n in (32, 64, 128):
             for warps in (4, 8):
-                for num_stages in stages:
+                for num_stages in (2, 3, 4) if forward else (1, 2):
                     config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": num_stages}
                     # 128-row tiles need 8 warps (4 spill); 4 stages of 128-column tiles overflow shared memory
                     if (block_m == 128 and warps == 4) or (num_stages == 4 and block_n == 128) or config in found:

@@ -18,6 +18,7 @@ compile kernels that call other @triton.jit functions).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
@@ -86,9 +87,10 @@ def launches(target: str) -> list[tuple[str, object]]:
                     _attention_launches(head_dim, varlen, causal, meta)
                     kind = f"{'varlen' if varlen else 'dense'} {'causal' if causal else 'full'} D{head_dim}"
                     out += [f"attention_fwd {kind}", f"attention_bwd_dkdv {kind}", f"attention_bwd_dq {kind}"]
-                    if not varlen:  # the forward's TMA form, a candidate of the GPU check's sweep
-                        _attention_forward_tma_launch(head_dim, causal, meta)
-                        out.append(f"attention_fwd {kind} TMA")
+                    if not varlen and target == "sm90":  # the kernels' TMA form, candidates of the GPU check's sweep
+                        _attention_launches(head_dim, varlen, causal, meta, tma=True)
+                        out += [f"attention_fwd {kind} TMA", f"attention_bwd_dkdv {kind} TMA",
+                                f"attention_bwd_dq {kind} TMA"]
         for (hq, hk), seqlen_q in itertools.product(((32, 32), (64, 8)), (1, 5)):
             _decode_launches(hq, hk, seqlen_q, meta)
             out += [f"rope+append {hq}/{hk} Sq={seqlen_q}", f"decode_split {hq}/{hk} Sq={seqlen_q}",
@@ -110,27 +112,21 @@ def _decode_launches(n_q_heads: int, n_kv_heads: int, seqlen_q: int, device) -> 
     decode._decode_triton(q, cache, cache, seqlens, seqlen_q, True, 128**-0.5, 0)
 
 
-def _attention_launches(head_dim: int, varlen: bool, causal: bool, device) -> None:
-    """Forward and backward at Code Llama 34B's layout (64 query heads, 8 key/value heads), bf16, 16k tokens."""
-    from .ops import attention
+def _attention_launches(head_dim: int, varlen: bool, causal: bool, device, tma: bool = False) -> None:
+    """Forward and backward at Code Llama 34B's layout (64 query heads, 8 key/value heads), bf16, 16k tokens;
+    with tma, every kernel's config asks for its TMA form."""
+    from .ops import _triton, attention
 
     tokens, shape = 16384, (16384,) if varlen else (1, 16384)
     q = torch.empty(*shape, 64, head_dim, dtype=torch.bfloat16, device=device)
     k = torch.empty(*shape, 8, head_dim, dtype=torch.bfloat16, device=device)
     cu = torch.empty(3, dtype=torch.int32, device=device) if varlen else None
     layout = attention._Layout(q, k, cu, cu, tokens, tokens)
-    o, lse = attention._forward_triton(q, k, k, layout, causal, head_dim**-0.5)
-    attention._backward_triton(o, q, k, k, o, lse, None, layout, causal, head_dim**-0.5)
-
-
-def _attention_forward_tma_launch(head_dim: int, causal: bool, device) -> None:
-    """The forward at the same shapes with its key/value blocks through tensor descriptors (TMA on sm_90)."""
-    from .ops import _triton, attention
-
-    q = torch.empty(1, 16384, 64, head_dim, dtype=torch.bfloat16, device=device)
-    k = torch.empty(1, 16384, 8, head_dim, dtype=torch.bfloat16, device=device)
-    with _triton.override_config("attention_fwd", lambda default: {**default, "TMA": True}):
-        attention._forward_triton(q, k, k, attention._Layout(q, k, None, None, 16384, 16384), causal, head_dim**-0.5)
+    with contextlib.ExitStack() as configs:
+        for kernel in ("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq") if tma else ():
+            configs.enter_context(_triton.override_config(kernel, lambda default: {**default, "TMA": True}))
+        o, lse = attention._forward_triton(q, k, k, layout, causal, head_dim**-0.5)
+        attention._backward_triton(o, q, k, k, o, lse, None, layout, causal, head_dim**-0.5)
 
 
 def compile_record(record, capability: int):

@@ -139,31 +139,34 @@ def test_strided_inputs(backend):
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_forward_through_tensor_descriptors(monkeypatch, causal):
-    """The forward's sm_90 form (key/value blocks through tensor descriptors), forced here on the interpreter:
-    Sk = 113 ends in a partial block, which the descriptor fills with zeros; k and v interleaved in one buffer
-    (token stride 256 elements: 16-byte aligned, as TMA needs)."""
+def test_kernels_through_tensor_descriptors(monkeypatch, causal):
+    """The kernels' sm_90 form (the blocks each loop streams through tensor descriptors: k and v in the forward and
+    for dq, q and do for dk/dv), forced here on the interpreter: Sq = 70 and Sk = 113 end in partial blocks, which
+    the descriptors fill with zeros; k and v interleaved in one buffer (token stride 256 elements: 16-byte aligned,
+    as TMA needs)."""
     from llama_kernels.ops import attention
 
     config = attention._config
-    monkeypatch.setattr(attention, "_config", lambda kernel, q, head_dim: {
-        **config(kernel, q, head_dim), "TMA": True})
-    descriptors = []
+    monkeypatch.setattr(attention, "_config", lambda kernel, q, head_dim: {**config(kernel, q, head_dim), "TMA": True})
+    described = []
     monkeypatch.setattr(attention.TensorDescriptor, "from_tensor", staticmethod(
-        lambda t, block, make=attention.TensorDescriptor.from_tensor: descriptors.append(block) or make(t, block)))
-    q = randn(2, 70, 4, 64, dtype=BF16)
+        lambda t, block, make=attention.TensorDescriptor.from_tensor: described.append(t.shape) or make(t, block)))
+    q, do = randn(2, 70, 4, 64, dtype=BF16), randn(2, 70, 4, 64, dtype=BF16)
     kv = randn(2, 113, 2, 2, 64, dtype=BF16)
     k, v = kv[:, :, 0], kv[:, :, 1]
     o, lse = lk.flash_attention(q, k, v, causal=causal, return_lse=True, backend="triton")
-    assert descriptors == [[1, 64, 1, 64]] * 2, descriptors  # k and v went through descriptors
+    _, got = grads(lambda a, b, c: lk.flash_attention(a, b, c, causal=causal, backend="triton"), (q, k, v), do)
+    # k, v for each forward, q and do for dk/dv, k and v for dq
+    assert described == [k.shape, v.shape] * 2 + [q.shape, do.shape, k.shape, v.shape], described
     want_o, want_lse = ref.attention(q, k, v, causal, return_lse=True)
     check_attention_out(o, want_o)
     check_lse(lse, want_lse)
+    check_grads(got, ideal_grads(lambda a, b, c: ref.attention(a, b, c, causal), (q, k, v), do), BF16)
     # Packed sequences keep pointer loads: a descriptor's rows past one sequence would be the next one's.
-    descriptors.clear()
+    described.clear()
     cu = torch.tensor([0, 30, 70], dtype=torch.int32)
     o = lk.flash_attention_varlen(q[0], k[0, :70], v[0, :70], cu, cu, 40, 40, causal=causal, backend="triton")
-    assert descriptors == []
+    assert described == []
     for start, end in ((0, 30), (30, 70)):
         check_attention_out(o[start:end], ref.attention(q[:1, start:end], k[:1, start:end], v[:1, start:end],
                                                         causal)[0])

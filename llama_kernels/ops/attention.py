@@ -17,10 +17,11 @@ Dense (B, S, H, D) and packed (total, H, D) inputs share the kernels: a packed
 tensor is a batch of one with no batch stride, and each program finds its
 sequence's start and length in cu_seqlens.
 
-On sm_90 a forward config may ask for TMA: the key/value blocks of a dense
-layout copied by Hopper's tensor memory accelerator through (B, S, H, D) tensor
-descriptors, which frees the registers that address them (128x128 tiles: 240 ->
-209). Off unless the GPU check measured it faster (ops/tuned_configs.json).
+On sm_90 a config may ask for TMA: the blocks a kernel's loop streams (k and v
+in the forward and for dq, q and do for dk/dv) copied by Hopper's tensor memory
+accelerator through (B, S, H, D) tensor descriptors of a dense layout, which
+frees the registers that address them (forward 128x128 tiles: 240 -> 209). Off
+unless the GPU check measured it faster (ops/tuned_configs.json).
 (Triton 3.6's warp specialization of the key loop is no option on sm_90: with 4
 warps its pass fails on this kernel, with 8 it leaves the loop as it is.)
 """
@@ -86,15 +87,16 @@ def _load_tile(base_ptr, batch, start, head, rows, length, stride_b, stride_s, s
 
 
 @triton.jit
-def _load_kv_tile(src, batch, start, head, n, length, stride_b, stride_s, stride_h,
-                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
-    """Key or value rows n .. n + BLOCK_N of one head: through a (B, S, H, D) tensor descriptor when TMA (dense
-    layouts: rows past the sequence are outside it and read as zeros), else through pointers."""
+def _load_block(src, batch, start, head, first_row, length, stride_b, stride_s, stride_h,
+                HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, TMA: tl.constexpr):
+    """Rows first_row .. first_row + BLOCK of one head (of q, k, v or do) as a tl.dot operand: through a
+    (B, S, H, D) tensor descriptor when TMA (dense layouts: rows past the sequence are outside it and read as
+    zeros), else through pointers."""
     if TMA:
-        tile = _mma(src.load([batch, n, head, 0]).reshape(BLOCK_N, HEAD_DIM))
+        tile = _mma(src.load([batch, first_row, head, 0]).reshape(BLOCK, HEAD_DIM))
     else:
-        tile = _load_tile(src, batch, start, head, n + tl.arange(0, BLOCK_N), length, stride_b, stride_s, stride_h,
-                          HEAD_DIM)
+        tile = _load_tile(src, batch, start, head, first_row + tl.arange(0, BLOCK), length, stride_b, stride_s,
+                          stride_h, HEAD_DIM)
     return tile
 
 
@@ -127,8 +129,8 @@ def _fwd_blocks(
     k_src and v_src are pointers, or tensor descriptors when TMA."""
     for n in range(first, last, BLOCK_N):
         cols = n + tl.arange(0, BLOCK_N)
-        k = _load_kv_tile(k_src, batch, k_start, kv_head, n, len_k, stride_kb, stride_ks, stride_kh, HEAD_DIM,
-                          BLOCK_N, TMA)
+        k = _load_block(k_src, batch, k_start, kv_head, n, len_k, stride_kb, stride_ks, stride_kh, HEAD_DIM,
+                        BLOCK_N, TMA)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # log2 units
         if MASKED:
             visible = (cols < len_k)[None, :]
@@ -140,8 +142,8 @@ def _fwd_blocks(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = _load_kv_tile(v_src, batch, k_start, kv_head, n, len_k, stride_vb, stride_vs, stride_vh, HEAD_DIM,
-                          BLOCK_N, TMA)
+        v = _load_block(v_src, batch, k_start, kv_head, n, len_k, stride_vb, stride_vs, stride_vh, HEAD_DIM,
+                        BLOCK_N, TMA)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -210,15 +212,16 @@ def _bwd_probabilities(q, k, lse, rows, cols, len_q, len_k, diag, qk_scale,
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
+    q_src, k_ptr, v_ptr, do_src, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     seqlen_q, seqlen_k, n_kv_heads, group, softmax_scale, qk_scale,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
     stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
     stride_lse_b, stride_lse_h,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
+    """dk, dv of a key block; q_src and do_src are pointers, or tensor descriptors when TMA."""
     block, batch, kv_head = _program(seqlen_k, n_kv_heads, BLOCK_N)
     q_start, len_q = _sequence(cu_seqlens_q_ptr, batch, seqlen_q, VARLEN)
     k_start, len_k = _sequence(cu_seqlens_k_ptr, batch, seqlen_k, VARLEN)
@@ -242,8 +245,10 @@ def _bwd_dkdv_kernel(
         delta_row = delta_ptr + batch.to(tl.int64) * stride_lse_b + head.to(tl.int64) * stride_lse_h + q_start
         for m in range(first, len_q, BLOCK_M):
             rows = m + tl.arange(0, BLOCK_M)
-            q = _load_tile(q_ptr, batch, q_start, head, rows, len_q, stride_qb, stride_qs, stride_qh, HEAD_DIM)
-            do = _load_tile(do_ptr, batch, q_start, head, rows, len_q, stride_dob, stride_dos, stride_doh, HEAD_DIM)
+            q = _load_block(q_src, batch, q_start, head, m, len_q, stride_qb, stride_qs, stride_qh, HEAD_DIM,
+                            BLOCK_M, TMA)
+            do = _load_block(do_src, batch, q_start, head, m, len_q, stride_dob, stride_dos, stride_doh, HEAD_DIM,
+                             BLOCK_M, TMA)
             lse = tl.load(lse_row + rows, mask=rows < len_q, other=0.0)
             delta = tl.load(delta_row + rows, mask=rows < len_q, other=0.0)
             p = _bwd_probabilities(q, k, lse, rows, cols, len_q, len_k, diag, qk_scale, CAUSAL, DOT_PRECISION)
@@ -261,15 +266,16 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
+    q_ptr, k_src, v_src, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     seqlen_q, seqlen_k, n_q_heads, group, softmax_scale, qk_scale,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
     stride_dqb, stride_dqs, stride_dqh,
     stride_lse_b, stride_lse_h,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
+    """dq of a query block; k_src and v_src are pointers, or tensor descriptors when TMA."""
     batch, head, kv_head, q_start, len_q, k_start, len_k, m0 = _query_block(
         cu_seqlens_q_ptr, cu_seqlens_k_ptr, seqlen_q, seqlen_k, n_q_heads, group, VARLEN, BLOCK_M)
     if m0 >= len_q:  # packed: this sequence is shorter than the grid's longest
@@ -288,8 +294,10 @@ def _bwd_dq_kernel(
         last = tl.minimum(len_k, m0 + BLOCK_M + diag)
     for n in range(0, last, BLOCK_N):
         cols = n + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_ptr, batch, k_start, kv_head, cols, len_k, stride_kb, stride_ks, stride_kh, HEAD_DIM)
-        v = _load_tile(v_ptr, batch, k_start, kv_head, cols, len_k, stride_vb, stride_vs, stride_vh, HEAD_DIM)
+        k = _load_block(k_src, batch, k_start, kv_head, n, len_k, stride_kb, stride_ks, stride_kh, HEAD_DIM,
+                        BLOCK_N, TMA)
+        v = _load_block(v_src, batch, k_start, kv_head, n, len_k, stride_vb, stride_vs, stride_vh, HEAD_DIM,
+                        BLOCK_N, TMA)
         p = _bwd_probabilities(q, k, lse, rows, cols, len_q, len_k, diag, qk_scale, CAUSAL, DOT_PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -369,13 +377,18 @@ def _tma_ready(layout: _Layout, *tensors: Tensor) -> bool:
         for t in tensors)
 
 
+def _sources(cfg: dict, layout: _Layout, block: int, *tensors: Tensor) -> tuple[bool, list]:
+    """(TMA, the kernel's sources): tensor descriptors of blocks of `block` rows when the config asks for TMA and
+    the tensors allow it, else the tensors themselves (pointer loads)."""
+    tma = cfg.get("TMA", False) and _tma_ready(layout, *tensors)
+    return tma, [TensorDescriptor.from_tensor(t, [1, block, 1, layout.head_dim]) if tma else t for t in tensors]
+
+
 def _forward_triton(q, k, v, layout: _Layout, causal: bool, softmax_scale: float):
     o = _triton.new_output(q.shape, q.dtype, q.device)
     lse = _triton.new_output(layout.lse_shape, torch.float32, q.device)
     cfg = _config("attention_fwd", q, layout.head_dim)
-    tma = cfg.get("TMA", False) and _tma_ready(layout, k, v)
-    k_src, v_src = ((TensorDescriptor.from_tensor(t, [1, cfg["BLOCK_N"], 1, layout.head_dim]) for t in (k, v))
-                    if tma else (k, v))
+    tma, (k_src, v_src) = _sources(cfg, layout, cfg["BLOCK_N"], k, v)
     _triton.launch(
         _fwd_kernel, (triton.cdiv(layout.seqlen_q, cfg["BLOCK_M"]) * layout.batch * layout.n_q_heads,), q.device,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -397,22 +410,26 @@ def _backward_triton(do, q, k, v, o, lse, dlse, layout: _Layout, causal: bool, s
     dk = _triton.new_output(k.shape, k.dtype, k.device)
     dv = _triton.new_output(v.shape, v.dtype, v.device)
     shared = dict(
-        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, lse_ptr=lse, delta_ptr=delta,
-        softmax_scale=softmax_scale, qk_scale=softmax_scale * LOG2E.value,
+        lse_ptr=lse, delta_ptr=delta, softmax_scale=softmax_scale, qk_scale=softmax_scale * LOG2E.value,
         **layout.strides("q", q), **layout.strides("k", k), **layout.strides("v", v), **layout.strides("do", do),
         **layout.lse_strides(lse),
     )
+    # Each kernel's loop streams blocks of two operands, which TMA may load: q and do for dk/dv, k and v for dq.
     cfg = _config("attention_bwd_dkdv", q, layout.head_dim)
+    tma, (q_src, do_src) = _sources(cfg, layout, cfg["BLOCK_M"], q, do)
     _triton.launch(
         _bwd_dkdv_kernel, (triton.cdiv(layout.seqlen_k, cfg["BLOCK_N"]) * layout.batch * layout.n_kv_heads,),
         q.device,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **shared, **layout.common(causal, q.dtype, cfg),
+        q_src=q_src, k_ptr=k, v_ptr=v, do_src=do_src, TMA=tma,
         dk_ptr=dk, dv_ptr=dv, n_kv_heads=layout.n_kv_heads, **layout.strides("dk", dk), **layout.strides("dv", dv),
     )
     cfg = _config("attention_bwd_dq", q, layout.head_dim)
+    tma, (k_src, v_src) = _sources(cfg, layout, cfg["BLOCK_N"], k, v)
     _triton.launch(
         _bwd_dq_kernel, (triton.cdiv(layout.seqlen_q, cfg["BLOCK_M"]) * layout.batch * layout.n_q_heads,), q.device,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **shared, **layout.common(causal, q.dtype, cfg),
+        q_ptr=q, k_src=k_src, v_src=v_src, do_ptr=do, TMA=tma,
         dq_ptr=dq, n_q_heads=layout.n_q_heads, **layout.strides("dq", dq),
     )
     return dq, dk, dv
