@@ -238,7 +238,19 @@ def test_gradients_match_reference(backend, case, dtype):
     check_grads(got, want, dtype)
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", GRAD_CASES, ids=shape_id)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS[1:])
+def test_native_backward_in_blocks_of_16_rows(monkeypatch, backend, case, dtype):
+    """The CPU backward walks the queries in blocks sized by a memory budget; a tiny budget gives blocks of the
+    minimum 16 rows, so every case spans several (partial last blocks, causal blocks that see no key)."""
+    from llama_kernels.ops import attention
+
+    monkeypatch.setattr(attention, "_BACKWARD_BLOCK_BYTES", 1)
+    test_gradients_match_reference(backend, case, dtype)
+
+
+@pytest.mark.parametrize("backend", ["triton", *KERNEL_BACKENDS[1:], "reference"])
 def test_lse_is_differentiable(backend):
     """A loss on o and lse (as ring attention combines partial results): the lse's gradient joins the row term."""
     q, k, v = make_qkv(1, 90, 60, 4, 2, 64)  # causal: the first 30 queries see no key
