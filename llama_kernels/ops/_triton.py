@@ -4,7 +4,9 @@
   or "interpreter" for CPU tensors under ``TRITON_INTERPRET=1``. Configs are picked
   per target: big tiles and few programs for the interpreter (it costs ~8 ms per
   program and loop step), the measured winners in ``tuned_configs.json`` on a GPU
-  (written by ``bench/gpu_check.py``), else each op's default.
+  (written by ``bench/gpu_check.py``), else each op's default. ``override_config``
+  forces a config through the public ops (the sweep's candidates, the AOT check's
+  variants).
 - ``launch`` runs a kernel, or, inside ``record_launches``, only records it: the
   ahead-of-time compile check (``llama_kernels.aot``) runs the real launchers on
   meta tensors this way, so it compiles exactly what would be launched.

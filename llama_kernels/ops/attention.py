@@ -392,8 +392,7 @@ def _forward_triton(q, k, v, layout: _Layout, causal: bool, softmax_scale: float
     _triton.launch(
         _fwd_kernel, (triton.cdiv(layout.seqlen_q, cfg["BLOCK_M"]) * layout.batch * layout.n_q_heads,), q.device,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        q_ptr=q, k_src=k_src, v_src=v_src, o_ptr=o, lse_ptr=lse, n_q_heads=layout.n_q_heads,
-        TMA=tma,
+        q_ptr=q, k_src=k_src, v_src=v_src, o_ptr=o, lse_ptr=lse, n_q_heads=layout.n_q_heads, TMA=tma,
         qk_scale=softmax_scale * LOG2E.value,
         **layout.strides("q", q), **layout.strides("k", k), **layout.strides("v", v), **layout.strides("o", o),
         **layout.lse_strides(lse), **layout.common(causal, q.dtype, cfg),
