@@ -139,7 +139,7 @@ void rms_norm_staged(const fp16* x, int64_t x_row_stride, const fp16* residual, 
 #pragma omp parallel for schedule(static)
   for (int64_t row = 0; row < rows; ++row) {
     const fp16* x_row = x + row * x_row_stride;
-    fp16* h_row = h + row * h_row_stride;
+    fp16* h_row = residual != nullptr ? h + row * h_row_stride : nullptr;  // h is null without a residual
     alignas(64) float sum_squares[kChunk] = {};  // per lane: a sum across the chunk would be a shuffle per chunk
     for_each_chunk(n, [&](int64_t start, int64_t width) {
       alignas(64) float values[kChunk];
