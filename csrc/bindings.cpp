@@ -14,6 +14,9 @@ TORCH_LIBRARY(llama_kernels_C, m) {
   m.def(
       "attention_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens_k, bool causal, "
       "float softmax_scale) -> (Tensor, Tensor)");
+  m.def(
+      "attention_backward(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor? dlse, bool causal, "
+      "float softmax_scale) -> (Tensor dq, Tensor dk, Tensor dv)");
 }
 
 TORCH_LIBRARY_IMPL(llama_kernels_C, CPU, m) {
@@ -22,6 +25,7 @@ TORCH_LIBRARY_IMPL(llama_kernels_C, CPU, m) {
   m.impl("rope", &llama_kernels::rope_cpu);
   m.impl("attention", &llama_kernels::attention_cpu);
   m.impl("attention_kvcache", &llama_kernels::attention_kvcache_cpu);
+  m.impl("attention_backward", &llama_kernels::attention_backward_cpu);
 }
 
 #ifdef LLAMA_KERNELS_WITH_CUDA

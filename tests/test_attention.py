@@ -238,16 +238,32 @@ def test_gradients_match_reference(backend, case, dtype):
     check_grads(got, want, dtype)
 
 
-@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("case", GRAD_CASES, ids=shape_id)
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS[1:])
-def test_native_backward_in_blocks_of_16_rows(monkeypatch, backend, case, dtype):
-    """The CPU backward walks the queries in blocks sized by a memory budget; a tiny budget gives blocks of the
-    minimum 16 rows, so every case spans several (partial last blocks, causal blocks that see no key)."""
-    from llama_kernels.ops import attention
+# (Sq, Sk, Hq, Hk): the C++ backward's query tiles hold 64 rows (queries x the GQA group) and its key blocks 64
+# keys, so these span several of each, with partial last ones and causal rows that see no key.
+NATIVE_GRAD_CASES = [(1, 1, 8, 2), (17, 17, 8, 1), (113, 257, 8, 2), (257, 113, 8, 1), (300, 300, 8, 2),
+                     (1, 300, 8, 1), (300, 17, 8, 2)]
 
-    monkeypatch.setattr(attention, "_BACKWARD_BLOCK_BYTES", 1)
-    test_gradients_match_reference(backend, case, dtype)
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("case", NATIVE_GRAD_CASES, ids=shape_id)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS[1:])
+def test_native_backward_across_blocks(backend, case, causal, dtype):
+    """The C++ backward's gradients of a loss on o and lse (the lse's gradient joins the row term delta)."""
+    sq, sk, hq, hk = case
+    q, k, v = make_qkv(2, sq, sk, hq, hk, 64, dtype)
+    do, dlse = randn(*q.shape, dtype=dtype), randn(2, hq, sq)
+
+    def loss(o, lse):
+        return (o.double() * do.double()).sum() + (torch.where(lse.isfinite(), lse, 0.0).double() * dlse).sum()
+
+    def run(fn, inputs):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        return torch.autograd.grad(loss(*fn(*leaves)), leaves)
+
+    got = run(lambda a, b, c: lk.flash_attention(a, b, c, causal, return_lse=True, backend=backend), (q, k, v))
+    want = run(lambda a, b, c: ref.attention(a, b, c, causal, return_lse=True), [t.double() for t in (q, k, v)])
+    check_grads(got, want, dtype)
 
 
 @pytest.mark.parametrize("backend", ["triton", *KERNEL_BACKENDS[1:], "reference"])

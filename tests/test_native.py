@@ -70,7 +70,14 @@ def test_cuda_backend_needs_cuda_tensors():
      r"k.*dtype|dtype.*k"),
     (lambda ops: ops.attention_kvcache(randn(1, 1, 4, 64), randn(1, 8, 4, 64), randn(1, 8, 4, 64),
                                        torch.tensor([3]), True, 0.1), r"seqlens_k.*int32|int32.*seqlens_k"),
-], ids=["rms-float64", "rms-weight-shape", "rms-residual-shape", "attention-heads", "attention-dtype", "seqlens-dtype"])
+    (lambda ops: ops.attention_backward(*(randn(1, 5, 4, 64),) * 4, randn(1, 6, 4, 64), randn(1, 4, 5), None, True,
+                                        0.1), r"^o: expected the shape of q"),
+    (lambda ops: ops.attention_backward(*(randn(1, 5, 4, 64),) * 5, randn(1, 4, 5).double(), None, True, 0.1),
+     r"^lse: expected dtype float32"),
+    (lambda ops: ops.attention_backward(*(randn(1, 5, 4, 64),) * 5, randn(1, 4, 5), randn(1, 5, 4), True, 0.1),
+     r"^dlse: expected shape"),
+], ids=["rms-float64", "rms-weight-shape", "rms-residual-shape", "attention-heads", "attention-dtype", "seqlens-dtype",
+        "backward-o-shape", "backward-lse-dtype", "backward-dlse-shape"])
 def test_the_extension_checks_its_arguments(call, match):
     """Called directly (the public functions check first), the C++ ops refuse bad input with a message that names
     the argument: a RuntimeError from TORCH_CHECK, never a crash."""

@@ -19,106 +19,23 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <memory>
 #include <utility>
 
 #include "cpu/attention_kernels.h"
+#include "cpu/attention_tiles.h"
 
 namespace llama_kernels::cpu {
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
-constexpr int kTileRows = 8;  // 8 x 2 accumulators + 2 loads of the 32 zmm registers
-#elif defined(__AVX__)
-constexpr int kLanes = 8;
-constexpr int kTileRows = 6;  // 6 x 2 accumulators + 2 loads + 1 broadcast of the 16 ymm registers
-#else
-constexpr int kLanes = 4;
-constexpr int kTileRows = 6;
-#endif
-constexpr int kTileCols = 2 * kLanes;  // columns of a micro-kernel's register tile: two vectors
-
-using VecF = float __attribute__((vector_size(kLanes * sizeof(float))));
-using VecI = int32_t __attribute__((vector_size(kLanes * sizeof(int32_t))));
+using namespace tiles;
 
 // Rows of a tile (query heads of the group x queries) and keys per block: the transposed q tile, a k block,
 // a v block, the score block and the accumulator (each <= 64 x 128 floats = 32 KiB) stay in L2, and the
 // micro-kernels' operands in L1.
 constexpr int64_t kTargetTileRows = 64;
 constexpr int64_t kKeyBlock = 64;
-
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-
-inline VecF load(const float* p) {
-  VecF v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void store(float* p, VecF v) { std::memcpy(p, &v, sizeof v); }
-// x - 0.0f is exactly x (x + 0.0f is not, for -0.0), so this folds to a plain broadcast.
-inline VecF splat(float x) { return x - VecF{}; }
-inline VecF max(VecF a, VecF b) { return a > b ? a : b; }
-
-int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
-
-// 2^x for x <= 0 (the softmax's arguments), 0 below -126 (and for -inf): 2^round(x) built in the exponent bits
-// times 2^f, f in [-0.5, 0.5], by its degree-6 Taylor polynomial (relative error 1.2e-7, about 1 ulp).
-inline VecF exp2_nonpositive(VecF x) {
-  const VecF lowest = splat(-126.0f);
-  const VecF clamped = x < lowest ? lowest : x;
-  const VecF round_magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer in the low bits
-  const VecF shifted = clamped + round_magic;
-  const VecF rounded = shifted - round_magic;
-  const VecF f = clamped - rounded;
-  VecF poly = splat(1.5403530393381606e-4f);  // ln2^k / k!, k = 6 .. 0
-  poly = poly * f + 1.3333558146428443e-3f;
-  poly = poly * f + 9.6181291076284772e-3f;
-  poly = poly * f + 5.5504108664821580e-2f;
-  poly = poly * f + 2.4022650695910071e-1f;
-  poly = poly * f + 6.9314718055994531e-1f;
-  poly = poly * f + 1.0f;
-  VecI shifted_bits;
-  std::memcpy(&shifted_bits, &shifted, sizeof shifted_bits);
-  const VecI exponent_bits = (shifted_bits - 0x4B400000 + 127) << 23;
-  VecF power_of_two;
-  std::memcpy(&power_of_two, &exponent_bits, sizeof power_of_two);
-  const VecF result = poly * power_of_two;
-  return x < lowest ? VecF{} : result;
-}
-
-// out[r][c .. c + kTileCols) = sum_d a[r][d] * b[d][c .. c + kTileCols) for Rows rows: the register-tiled inner
-// product of both micro-kernels (a is broadcast one element at a time, b read as two vectors per d).
-template <int Rows>
-inline void gemm_tile(const float* a, int64_t a_row_stride, int64_t a_col_stride, const float* b,
-                      int64_t b_row_stride, int64_t depth, VecF (&acc)[Rows][2]) {
-  for (int64_t d = 0; d < depth; ++d) {
-    const VecF b0 = load(b + d * b_row_stride), b1 = load(b + d * b_row_stride + kLanes);
-#pragma GCC unroll 16
-    for (int r = 0; r < Rows; ++r) {
-      const VecF a_rd = splat(a[r * a_row_stride + d * a_col_stride]);
-      acc[r][0] += a_rd * b0;
-      acc[r][1] += a_rd * b1;
-    }
-  }
-}
-
-// scores_t[j][c .. c + kTileCols) = k[j] . q_t[:, c .. c + kTileCols) for Rows keys j.
-template <int Rows>
-void score_tile(const float* k, int64_t k_stride, const float* q_t, int64_t q_t_stride, int64_t head_dim,
-                float* scores_t, int64_t scores_t_stride) {
-  VecF acc[Rows][2] = {};
-  gemm_tile<Rows>(k, k_stride, 1, q_t, q_t_stride, head_dim, acc);
-#pragma GCC unroll 16
-  for (int r = 0; r < Rows; ++r) {
-    store(scores_t + r * scores_t_stride, acc[r][0]);
-    store(scores_t + r * scores_t_stride + kLanes, acc[r][1]);
-  }
-}
 
 // acc[r][c .. c + kTileCols) = rescale[r] * acc[r][...] + sum_j p_t[j][r] * v[j][c .. c + kTileCols) for Rows
 // rows r, over n_keys keys.
@@ -150,7 +67,7 @@ inline float horizontal_sum(VecF v) {
 
 // scores_t[j][r] = k[j] . q[r] for Rows rows and n_keys keys, as dot products along head_dim (both padded with
 // zeros to a multiple of kLanes). For a tile of a few rows (decoding: one query per head of the group) the
-// register tile of score_tile would mostly multiply padding columns.
+// register-tiled product would mostly multiply padding columns.
 template <int Rows>
 void score_dots(const float* k, int64_t k_stride, int64_t n_keys, const float* q, int64_t q_stride,
                 int64_t head_dim_padded, float* scores_t, int64_t scores_t_stride) {
@@ -166,15 +83,10 @@ void score_dots(const float* k, int64_t k_stride, int64_t n_keys, const float* q
   }
 }
 
-using ScoreTileFn = decltype(&score_tile<1>);
 using ScoreDotsFn = decltype(&score_dots<1>);
 using PvTileFn = decltype(&pv_tile<1>);
 
 // Micro-kernels by row count, 1 .. kTileRows, for the remainders of a block.
-template <size_t... I>
-constexpr std::array<ScoreTileFn, kTileRows + 1> score_tiles(std::index_sequence<I...>) {
-  return {nullptr, &score_tile<I + 1>...};
-}
 template <size_t... I>
 constexpr std::array<ScoreDotsFn, kTileRows + 1> score_dots_by_rows(std::index_sequence<I...>) {
   return {nullptr, &score_dots<I + 1>...};
@@ -183,23 +95,8 @@ template <size_t... I>
 constexpr std::array<PvTileFn, kTileRows + 1> pv_tiles(std::index_sequence<I...>) {
   return {nullptr, &pv_tile<I + 1>...};
 }
-constexpr auto kScoreTiles = score_tiles(std::make_index_sequence<kTileRows>());
 constexpr auto kScoreDots = score_dots_by_rows(std::make_index_sequence<kTileRows>());
 constexpr auto kPvTiles = pv_tiles(std::make_index_sequence<kTileRows>());
-
-struct FreeDeleter {
-  void operator()(float* p) const { std::free(p); }
-};
-using FloatBuffer = std::unique_ptr<float[], FreeDeleter>;
-
-// Zeroed and cache-line aligned. The padding past head_dim in k, v and q rows is never written, so it stays zero
-// and adds nothing to the products; padding rows of a tile compute values that are discarded.
-FloatBuffer make_buffer(int64_t n) {
-  const size_t bytes = static_cast<size_t>(round_up(std::max<int64_t>(n, 1) * sizeof(float), 64));
-  float* p = static_cast<float*>(std::aligned_alloc(64, bytes));
-  std::memset(p, 0, bytes);
-  return FloatBuffer(p);
-}
 
 // One thread's buffers, sized for the largest tile.
 struct Workspace {
@@ -283,13 +180,8 @@ void attention_tile(const T* q, BshStrides q_strides, const T* k, BshStrides k_s
       kScoreDots[rows](ws.k_block.get(), row_stride, n_keys, ws.q_rows.get(), row_stride, row_stride,
                        ws.scores_t.get(), scores_t_stride);
     } else {
-      for (int64_t j = 0; j < n_keys; j += kTileRows) {
-        const int tile_keys = static_cast<int>(std::min<int64_t>(kTileRows, n_keys - j));
-        for (int64_t c = 0; c < rows_padded; c += kTileCols) {
-          kScoreTiles[tile_keys](ws.k_block.get() + j * row_stride, row_stride, ws.q_t.get() + c, q_t_stride,
-                                 head_dim, ws.scores_t.get() + j * scores_t_stride + c, scores_t_stride);
-        }
-      }
+      matmul<false>(n_keys, rows_padded, ws.k_block.get(), row_stride, 1, ws.q_t.get(), q_t_stride, head_dim,
+                    ws.scores_t.get(), scores_t_stride);
     }
 
     // Causal mask, only in the blocks that reach past the first query's diagonal.

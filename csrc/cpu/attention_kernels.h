@@ -1,5 +1,6 @@
-// Flash-attention forward on the CPU, on raw pointers, without torch headers (csrc/torch/attention.cpp is the
-// torch glue). Semantics are llama_kernels/reference.py's `attention`: GQA (query head h reads kv head
+// Flash-attention forward and backward on the CPU, on raw pointers, without torch headers (kernels in
+// attention_kernels.cpp and attention_backward.cpp; csrc/torch/attention.cpp is the torch glue). Semantics are
+// llama_kernels/reference.py's `attention`: GQA (query head h reads kv head
 // h / (n_q_heads / n_kv_heads)), bottom-right causal mask (query i sees keys j <= i + seqlen_k - seqlen_q),
 // computation in fp32, o rounded once to the storage type, lse the natural-log logsumexp of the scaled scores,
 // and a query that sees no key gets o = 0 and lse = -inf.
@@ -46,5 +47,24 @@ extern template void attention_forward<bf16>(const bf16*, BshStrides, const bf16
 extern template void attention_forward<fp16>(const fp16*, BshStrides, const fp16*, BshStrides, const fp16*,
                                              BshStrides, fp16*, BshStrides, float*, const int32_t*,
                                              const AttentionProblem&);
+
+// The gradients of attention_forward (without seqlens_k) for dout = dL/do and dlse = dL/dlse (null: none), given
+// its o and lse: dq (like q), dk and dv (like k) in fp32, rounded once to T, any strides with the last dim
+// contiguous. Sequences attend over all seqlen_k keys. Parallel over (batch, kv head) with OpenMP; memory beyond
+// the gradients is O(seqlen_k x head_dim) per thread, never seqlen_q x seqlen_k. Deterministic.
+template <typename T>
+void attention_backward(const T* dout, BshStrides do_strides, const T* q, BshStrides q_strides, const T* k,
+                        BshStrides k_strides, const T* v, BshStrides v_strides, const T* o, BshStrides o_strides,
+                        const float* lse, const float* dlse, T* dq, BshStrides dq_strides, T* dk,
+                        BshStrides dk_strides, T* dv, BshStrides dv_strides, const AttentionProblem& problem);
+
+#define LLAMA_KERNELS_DECLARE_BACKWARD(T)                                                                          \
+  extern template void attention_backward<T>(const T*, BshStrides, const T*, BshStrides, const T*, BshStrides,     \
+                                             const T*, BshStrides, const T*, BshStrides, const float*, const float*, \
+                                             T*, BshStrides, T*, BshStrides, T*, BshStrides, const AttentionProblem&);
+LLAMA_KERNELS_DECLARE_BACKWARD(float)
+LLAMA_KERNELS_DECLARE_BACKWARD(bf16)
+LLAMA_KERNELS_DECLARE_BACKWARD(fp16)
+#undef LLAMA_KERNELS_DECLARE_BACKWARD
 
 }  // namespace llama_kernels::cpu

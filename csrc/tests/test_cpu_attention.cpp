@@ -1,6 +1,8 @@
 // Checks llama_kernels::cpu::attention_forward against a naive double-precision attention computed here from the
 // same stored inputs: lengths equal and unequal, causal or not, GQA groups 1, 4 and 8, head dims 64 and 128 (and a
-// few others), fp32, bf16 and fp16, a kv cache with ragged lengths including 0, and non-contiguous layouts.
+// few others), fp32, bf16 and fp16, a kv cache with ragged lengths including 0, and non-contiguous layouts. And
+// attention_backward against the double-precision gradients of that attention, with and without a dlse, at lengths
+// that span several of its blocks (partial ones, causal rows that see no key).
 // Prints each failing case (its first wrong element) and exits nonzero if any failed.
 
 #include <cmath>
@@ -8,6 +10,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/attention_kernels.h"
@@ -145,6 +148,108 @@ bool run_case(const Case& c, std::mt19937& rng) {
   return true;
 }
 
+// Tolerances of the gradients, |got - expected| <= tol * max(1, max |expected|) for fp32 (fp32 rounding grows with
+// the gradient's scale) and tol * (1 + |expected|) for the 16-bit types (their rounding of o, and of the result).
+template <typename T>
+constexpr double kGradTolerance = 2e-2;
+template <>
+constexpr double kGradTolerance<float> = 1e-4;
+
+// The gradients of sum(o * dout) + sum(lse * dlse) with respect to q, k and v, in double, from the stored inputs.
+template <typename T>
+bool run_backward_case(const Case& c, bool with_dlse, std::mt19937& rng) {
+  BshTensor<T> q(c.batch, c.seqlen_q, c.n_q_heads, c.head_dim, c.strided);
+  BshTensor<T> k(c.batch, c.seqlen_k, c.n_kv_heads, c.head_dim, c.strided);
+  BshTensor<T> v(c.batch, c.seqlen_k, c.n_kv_heads, c.head_dim, c.strided);
+  BshTensor<T> dout(c.batch, c.seqlen_q, c.n_q_heads, c.head_dim, c.strided);
+  BshTensor<T> o(c.batch, c.seqlen_q, c.n_q_heads, c.head_dim, false);
+  BshTensor<T> dq(c.batch, c.seqlen_q, c.n_q_heads, c.head_dim, c.strided);
+  BshTensor<T> dk(c.batch, c.seqlen_k, c.n_kv_heads, c.head_dim, c.strided);
+  BshTensor<T> dv(c.batch, c.seqlen_k, c.n_kv_heads, c.head_dim, false);
+  for (auto* t : {&q, &k, &v, &dout}) fill_random(*t, rng);
+  const size_t n_rows = static_cast<size_t>(c.batch * c.n_q_heads * c.seqlen_q);
+  std::vector<float> lse(n_rows), dlse(n_rows);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (float& x : dlse) x = normal(rng);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  const AttentionProblem problem{c.batch, c.seqlen_q, c.seqlen_k, c.n_q_heads, c.n_kv_heads, c.head_dim, c.causal,
+                                 scale};
+  attention_forward<T>(q.data.data(), q.strides, k.data.data(), k.strides, v.data.data(), v.strides, o.data.data(),
+                       o.strides, lse.data(), nullptr, problem);
+  attention_backward<T>(dout.data.data(), dout.strides, q.data.data(), q.strides, k.data.data(), k.strides,
+                        v.data.data(), v.strides, o.data.data(), o.strides, lse.data(),
+                        with_dlse ? dlse.data() : nullptr, dq.data.data(), dq.strides, dk.data.data(), dk.strides,
+                        dv.data.data(), dv.strides, problem);
+
+  const int64_t group = c.n_q_heads / c.n_kv_heads, d_size = c.head_dim;
+  const auto flat = [&](int64_t b, int64_t s, int64_t h, int64_t seq, int64_t heads) {
+    return static_cast<size_t>(((b * seq + s) * heads + h) * d_size);
+  };
+  const size_t n_kv_elements = static_cast<size_t>(c.batch * c.seqlen_k * c.n_kv_heads * d_size);
+  std::vector<double> want_dq(n_rows * d_size), want_dk(n_kv_elements), want_dv(n_kv_elements);
+  std::vector<double> p(static_cast<size_t>(c.seqlen_k)), out(static_cast<size_t>(d_size));
+  for (int64_t b = 0; b < c.batch; ++b) {
+    for (int64_t h = 0; h < c.n_q_heads; ++h) {
+      const int64_t kv_head = h / group;
+      for (int64_t i = 0; i < c.seqlen_q; ++i) {
+        const int64_t visible =
+            c.causal ? std::min(c.seqlen_k, std::max<int64_t>(0, i + c.seqlen_k - c.seqlen_q + 1)) : c.seqlen_k;
+        if (visible == 0) continue;  // no key: o and lse are constants, all gradients 0
+        double max_score = -std::numeric_limits<double>::infinity();
+        for (int64_t j = 0; j < visible; ++j) {
+          double dot = 0.0;
+          for (int64_t d = 0; d < d_size; ++d) dot += double(q.get(b, i, h, d)) * k.get(b, j, kv_head, d);
+          p[j] = dot * scale;
+          max_score = std::max(max_score, p[j]);
+        }
+        double sum = 0.0;
+        for (int64_t j = 0; j < visible; ++j) sum += (p[j] = std::exp(p[j] - max_score));
+        std::fill(out.begin(), out.end(), 0.0);
+        for (int64_t j = 0; j < visible; ++j) {
+          p[j] /= sum;
+          for (int64_t d = 0; d < d_size; ++d) out[d] += p[j] * v.get(b, j, kv_head, d);
+        }
+        double delta = with_dlse ? -double(dlse[(b * c.n_q_heads + h) * c.seqlen_q + i]) : 0.0;
+        for (int64_t d = 0; d < d_size; ++d) delta += out[d] * dout.get(b, i, h, d);
+        for (int64_t j = 0; j < visible; ++j) {
+          double dp = 0.0;
+          for (int64_t d = 0; d < d_size; ++d) dp += double(dout.get(b, i, h, d)) * v.get(b, j, kv_head, d);
+          const double ds = p[j] * (dp - delta) * scale;
+          const size_t qi = flat(b, i, h, c.seqlen_q, c.n_q_heads), kj = flat(b, j, kv_head, c.seqlen_k, c.n_kv_heads);
+          for (int64_t d = 0; d < d_size; ++d) {
+            want_dq[qi + d] += ds * k.get(b, j, kv_head, d);
+            want_dk[kj + d] += ds * q.get(b, i, h, d);
+            want_dv[kj + d] += p[j] * dout.get(b, i, h, d);
+          }
+        }
+      }
+    }
+  }
+
+  const auto compare = [&](const char* name, BshTensor<T>& got, const std::vector<double>& want) {
+    double largest = 1.0;
+    for (double w : want) largest = std::max(largest, std::fabs(w));
+    for (int64_t b = 0; b < got.batch; ++b) {
+      for (int64_t s = 0; s < got.seq; ++s) {
+        for (int64_t h = 0; h < got.heads; ++h) {
+          for (int64_t d = 0; d < d_size; ++d) {
+            const double w = want[flat(b, s, h, got.seq, got.heads) + d], g = got.get(b, s, h, d);
+            const double tolerance = kGradTolerance<T> * (std::is_same_v<T, float> ? largest : 1.0 + std::fabs(w));
+            if (!(std::fabs(g - w) <= tolerance)) {
+              std::printf("FAIL backward %s dlse=%d: %s[b=%lld s=%lld h=%lld d=%lld] = %.8g, expected %.8g\n",
+                          describe(c, Tolerance<T>::name).c_str(), with_dlse, name, (long long)b, (long long)s,
+                          (long long)h, (long long)d, g, w);
+              return false;
+            }
+          }
+        }
+      }
+    }
+    return true;
+  };
+  return compare("dq", dq, want_dq) && compare("dk", dk, want_dk) && compare("dv", dv, want_dv);
+}
+
 }  // namespace
 
 int main() {
@@ -188,6 +293,26 @@ int main() {
         check(run_case<bf16>(c, rng));
       }
     }
+  }
+  // The backward: lengths across its 64-row query tiles and 64-key blocks, GQA groups 1, 4 and 8.
+  const int64_t backward_lengths[][2] = {{1, 1}, {17, 17}, {113, 113}, {257, 257}, {300, 300}, {1, 300},
+                                         {113, 257}, {257, 113}, {300, 1}};
+  for (const auto& len : backward_lengths) {
+    for (const auto& h : heads) {
+      for (bool causal : {false, true}) {
+        const int64_t head_dim = (len[0] + h[1]) % 2 ? 64 : 128;
+        const bool strided = (len[1] + h[1] + causal) % 2 == 0;
+        const Case c{1, len[0], len[1], h[0], h[1], head_dim, causal, strided, {}};
+        check(run_backward_case<float>(c, causal, rng));
+        if (h[1] != 8) check(run_backward_case<bf16>(c, !causal, rng));
+      }
+    }
+  }
+  for (int64_t head_dim : {40, 256}) {
+    check(run_backward_case<float>({2, 70, 150, 4, 2, head_dim, true, true, {}}, true, rng));
+  }
+  for (bool causal : {false, true}) {
+    check(run_backward_case<fp16>({2, 113, 70, 8, 2, 128, causal, false, {}}, true, rng));
   }
   std::printf("%s: %d cases\n", all_ok ? "OK" : "FAILED", n_cases);
   return all_ok ? 0 : 1;

@@ -1,6 +1,7 @@
-// attention_cpu and attention_kvcache_cpu (contracts in ops.h): argument checks, allocation of o and lse, dtype
-// dispatch, and the call into the raw-pointer kernel of csrc/cpu/attention_kernels.cpp. Any head_dim from 1 to 256 is
-// accepted (the kernel pads to its vector width; the bound keeps the per-thread buffers small).
+// attention_cpu, attention_kvcache_cpu and attention_backward_cpu (contracts in ops.h): argument checks, allocation
+// of the outputs, dtype dispatch, and the calls into the raw-pointer kernels of csrc/cpu/attention_kernels.h. Any
+// head_dim from 1 to 256 is accepted (the kernels pad to their vector width; the bound keeps the per-thread buffers
+// small).
 
 #include <ATen/ATen.h>
 #include <torch/types.h>
@@ -77,6 +78,28 @@ std::tuple<at::Tensor, at::Tensor> attention_impl(const at::Tensor& q, const at:
   return {o, lse};
 }
 
+// lse or dlse: fp32 (batch, n_q_heads, seqlen_q), returned contiguous for the kernel's flat indexing.
+at::Tensor check_lse(const char* name, const at::Tensor& t, const cpu::AttentionProblem& problem) {
+  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got device ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, ": expected dtype float32, got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == at::IntArrayRef({problem.batch, problem.n_q_heads, problem.seqlen_q}), name,
+              ": expected shape (", problem.batch, ", ", problem.n_q_heads, ", ", problem.seqlen_q,
+              ") (batch, q heads, seqlen_q), got ", t.sizes());
+  return t.contiguous();
+}
+
+template <typename Storage>
+void run_attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& o, const at::Tensor& lse, const float* dlse, at::Tensor& dq,
+                            at::Tensor& dk, at::Tensor& dv, const cpu::AttentionProblem& problem) {
+  const auto data = [](const at::Tensor& t) { return reinterpret_cast<const Storage*>(t.data_ptr()); };
+  const auto out = [](at::Tensor& t) { return reinterpret_cast<Storage*>(t.data_ptr()); };
+  cpu::attention_backward<Storage>(data(dout), bsh_strides(dout), data(q), bsh_strides(q), data(k), bsh_strides(k),
+                                   data(v), bsh_strides(v), data(o), bsh_strides(o), lse.data_ptr<float>(), dlse,
+                                   out(dq), bsh_strides(dq), out(dk), bsh_strides(dk), out(dv), bsh_strides(dv),
+                                   problem);
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -102,6 +125,37 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_cpu(const at::Tensor& q, co
                 problem.seqlen_k, "] (the cache length), got ", lengths_ptr[b], " at index ", b);
   }
   return attention_impl(q, k_cache, v_cache, lengths_ptr, problem);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o,
+    const at::Tensor& lse, const std::optional<at::Tensor>& dlse, bool causal, double softmax_scale) {
+  const cpu::AttentionProblem problem = check_attention_inputs(q, k, v, "k", "v", causal, softmax_scale);
+  check_attention_operand("do", dout, q);
+  check_attention_operand("o", o, q);
+  TORCH_CHECK(dout.sizes() == q.sizes(), "do: expected the shape of q ", q.sizes(), ", got ", dout.sizes());
+  TORCH_CHECK(o.sizes() == q.sizes(), "o: expected the shape of q ", q.sizes(), ", got ", o.sizes());
+  const at::Tensor lse_contiguous = check_lse("lse", lse, problem);
+  at::Tensor dlse_contiguous;
+  if (dlse.has_value() && dlse->defined()) dlse_contiguous = check_lse("dlse", *dlse, problem);
+  const float* dlse_ptr = dlse_contiguous.defined() ? dlse_contiguous.data_ptr<float>() : nullptr;
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      run_attention_backward<float>(dout, q, k, v, o, lse_contiguous, dlse_ptr, dq, dk, dv, problem);
+      break;
+    case at::kBFloat16:
+      run_attention_backward<cpu::bf16>(dout, q, k, v, o, lse_contiguous, dlse_ptr, dq, dk, dv, problem);
+      break;
+    case at::kHalf:
+      run_attention_backward<cpu::fp16>(dout, q, k, v, o, lse_contiguous, dlse_ptr, dq, dk, dv, problem);
+      break;
+    default:
+      TORCH_CHECK(false, "q: unsupported dtype ", q.scalar_type());  // excluded by the checks above
+  }
+  return {dq, dk, dv};
 }
 
 }  // namespace llama_kernels

@@ -44,6 +44,12 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_cpu(const at::Tensor& q, co
                                                          const at::Tensor& v_cache, const at::Tensor& seqlens_k,
                                                          bool causal, double softmax_scale);
 
+// The gradients of attention_cpu's (o, lse) for do (like q) and dlse (like lse, optional), given q, k, v and the
+// forward's o and lse: (dq, dk, dv) in the dtypes and shapes of q, k, v, contiguous. O(S) memory, deterministic.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o,
+    const at::Tensor& lse, const std::optional<at::Tensor>& dlse, bool causal, double softmax_scale);
+
 #ifdef LLAMA_KERNELS_WITH_CUDA
 // The CUDA kernels, same contracts as the CPU ops above.
 std::tuple<at::Tensor, at::Tensor> rms_norm_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual,

@@ -463,64 +463,14 @@ def _backward_reference(do, q, k, v, dlse, layout: _Layout, causal: bool, softma
     return dq, dk, dv
 
 
-# The CPU backward's score blocks, (B, Hk, group x rows, keys) fp32, are kept near this size: rows per step shrink
-# as the keys grow, so memory stays linear in the sequence (the reference's backward is quadratic). At most 64
-# rows (measured best of 32-512 at 512 tokens): causal blocks skip the keys past their last query, and the
-# blocks stay in cache.
-_BACKWARD_BLOCK_BYTES = 32 << 20
-_BACKWARD_MIN_ROWS, _BACKWARD_MAX_ROWS = 16, 64
-
-
-def _backward_blockwise(do, q, k, v, o, lse, dlse, causal: bool, softmax_scale: float):
-    """FlashAttention-2's backward, a block of query rows at a time, with torch's matrix products: P recomputed
-    from the forward's lse, dk and dv accumulated over the blocks, dq written per block. The native (CPU)
-    backend's backward on dense tensors. Each block's rows are all query heads of a GQA group over the same
-    queries, so k and v are read per key/value head and never expanded."""
-    batch, seqlen_q, n_q_heads, head_dim = q.shape
-    seqlen_k, n_kv_heads = k.shape[1], k.shape[2]
-    group, diag = n_q_heads // n_kv_heads, seqlen_k - seqlen_q
-    kf, vf = (t.float().transpose(1, 2) for t in (k, v))  # (B, Hk, Sk, D)
-    dk, dv = torch.zeros_like(kf), torch.zeros_like(vf)
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    delta = (do.float() * o.float()).sum(-1).transpose(1, 2)  # rowsum(dO * O) - dlse, (B, Hq, Sq)
-    if dlse is not None:
-        delta = delta - dlse
-    row_bytes = batch * n_q_heads * max(seqlen_k, 1) * 4
-    rows = min(_BACKWARD_MAX_ROWS, max(_BACKWARD_MIN_ROWS, _BACKWARD_BLOCK_BYTES // row_bytes))
-
-    def grouped(t, start, end):  # (B, rows, Hq, D) -> (B, Hk, group x rows, D), rows (member, query)
-        return t[:, start:end].float().reshape(batch, end - start, n_kv_heads, group, head_dim).permute(
-            0, 2, 3, 1, 4).reshape(batch, n_kv_heads, group * (end - start), head_dim)
-
-    def grouped_rows(t, start, end):  # (B, Hq, rows) -> (B, Hk, group x rows)
-        return t[:, :, start:end].reshape(batch, n_kv_heads, group * (end - start))
-
-    for start in range(0, seqlen_q, rows):
-        end = min(seqlen_q, start + rows)
-        keys = min(seqlen_k, end + diag) if causal else seqlen_k  # the keys the block's last query sees
-        if keys <= 0:
-            continue  # no query of the block sees a key: zero gradients
-        qb, dob = grouped(q, start, end), grouped(do, start, end)
-        lse_b, delta_b = grouped_rows(lse, start, end), grouped_rows(delta, start, end)
-        k_b, v_b = kf[:, :, :keys], vf[:, :, :keys]
-        scores = (qb @ k_b.transpose(-1, -2)) * softmax_scale
-        if causal:
-            query = torch.arange(start, end, device=q.device).repeat(group)
-            hidden = torch.arange(keys, device=q.device)[None, :] > query[:, None] + diag
-            scores = scores.masked_fill(hidden, float("-inf"))
-        p = torch.exp(scores - torch.where(lse_b == float("-inf"), 0.0, lse_b)[..., None])  # 0 where masked
-        dv[:, :, :keys] += p.transpose(-1, -2) @ dob
-        ds = p * (dob @ v_b.transpose(-1, -2) - delta_b[..., None])
-        dk[:, :, :keys] += ds.transpose(-1, -2) @ qb
-        dq[:, start:end] = (ds @ k_b).reshape(batch, n_kv_heads, group, end - start, head_dim).permute(
-            0, 3, 1, 2, 4).reshape(batch, end - start, n_q_heads, head_dim)
-    return ((dq * softmax_scale).to(q.dtype), (dk * softmax_scale).transpose(1, 2).to(k.dtype),
-            dv.transpose(1, 2).to(v.dtype))
-
-
 def _forward_native(q, k, v, layout: _Layout, causal: bool, softmax_scale: float):
     """The extension's C++ kernel (dense tensors; packed ones take the reference, see _backend.COMPILED)."""
     return _native.ops().attention(q, k, v, causal, softmax_scale)
+
+
+def _backward_native(do, q, k, v, o, lse, dlse, causal: bool, softmax_scale: float):
+    """The extension's C++ kernel (dense tensors): FlashAttention-2's backward, P recomputed from the lse."""
+    return _native.ops().attention_backward(do, q, k, v, o, lse, dlse, causal, softmax_scale)
 
 
 # --------------------------------------------------------------------------- torch ops
@@ -544,7 +494,7 @@ def _backward_op(
     if backend == "triton":
         return _backward_triton(do, q, k, v, o, lse, dlse, layout, causal, softmax_scale)
     if backend == "native" and not layout.varlen:
-        return _backward_blockwise(do, q, k, v, o, lse, dlse, causal, softmax_scale)
+        return _backward_native(do, q, k, v, o, lse, dlse, causal, softmax_scale)
     return _backward_reference(do, q, k, v, dlse, layout, causal, softmax_scale)
 
 

@@ -1,0 +1,222 @@
+// Flash-attention backward on the CPU (see attention_kernels.h for the contract): FlashAttention-2's backward with
+// P recomputed from the forward's lse, dS = P * (dP - delta), delta = rowsum(dO * O) - dlse.
+//
+// Work item: one (batch, kv head). It converts that head's k and v to fp32 once, then walks blocks of queries
+// whose tile holds every query head of the kv group (row r = query (r / group), head (r % group), as the forward)
+// and, for each key block the tile sees, recomputes and accumulates
+//   S^T  (keys x rows) = K_block . Q_tile^T,   P^T = 2^(S^T - lse),      dP^T (keys x rows) = V_block . dO_tile^T,
+//   dS^T = P^T * (dP^T - delta),  dV_block += P^T . dO_tile,  dK_block += dS^T . Q_tile,  dQ_tile += dS . K_block.
+// dq of a tile is complete after its key loop; dk and dv, accumulated in fp32 over the whole head (O(Sk) memory
+// per thread, never Sq x Sk), after the last tile. Each gradient element is summed by one thread in a fixed order,
+// so the result is deterministic, and nothing is recomputed in a second pass. As in the forward, scores are
+// transposed (rows along the vector lanes, so the row terms lse and delta are vectors) and in log2 units.
+
+#include <algorithm>
+#include <limits>
+
+#include "cpu/attention_kernels.h"
+#include "cpu/attention_tiles.h"
+
+namespace llama_kernels::cpu {
+namespace {
+
+using namespace tiles;
+
+// Rows of a query tile and keys per block, as the forward's: a tile's operands (q and dO in both layouts, dq, two
+// 64-key score blocks; <= 32 KiB each at head_dim 128) stay in L2.
+constexpr int64_t kTargetTileRows = 64;
+constexpr int64_t kKeyBlock = 64;
+
+// One thread's buffers: fp32 copies of a kv head and its gradients' accumulators, and the largest query tile.
+struct Workspace {
+  int64_t max_rows_padded, head_dim_padded;
+  FloatBuffer k, v;        // seqlen_k x head_dim_padded
+  FloatBuffer dk, dv;      // seqlen_k x head_dim_padded: unscaled dk, and dv
+  FloatBuffer q_t, do_t;   // head_dim x max_rows_padded: q scaled by softmax_scale * log2(e), and dO, transposed
+  FloatBuffer q_rows, do_rows, dq;  // max_rows_padded x head_dim_padded: q and dO row-major, unscaled dq
+  FloatBuffer p_t, ds_t;   // kKeyBlock x max_rows_padded: S^T then P^T, dP^T then dS^T
+  FloatBuffer lse_log2, delta, row_limit;  // max_rows_padded each
+
+  Workspace(int64_t max_rows, int64_t seqlen_k, int64_t head_dim)
+      : max_rows_padded(round_up(max_rows, kTileCols)),
+        head_dim_padded(round_up(head_dim, kTileCols)),
+        k(make_buffer(seqlen_k * head_dim_padded)),
+        v(make_buffer(seqlen_k * head_dim_padded)),
+        dk(make_buffer(seqlen_k * head_dim_padded)),
+        dv(make_buffer(seqlen_k * head_dim_padded)),
+        q_t(make_buffer(head_dim * max_rows_padded)),
+        do_t(make_buffer(head_dim * max_rows_padded)),
+        q_rows(make_buffer(max_rows_padded * head_dim_padded)),
+        do_rows(make_buffer(max_rows_padded * head_dim_padded)),
+        dq(make_buffer(max_rows_padded * head_dim_padded)),
+        p_t(make_buffer(kKeyBlock * max_rows_padded)),
+        ds_t(make_buffer(kKeyBlock * max_rows_padded)),
+        lse_log2(make_buffer(max_rows_padded)),
+        delta(make_buffer(max_rows_padded)),
+        row_limit(make_buffer(max_rows_padded)) {}
+};
+
+template <typename T>
+struct BackwardArgs {
+  const T *dout, *q, *k, *v, *o;
+  BshStrides do_strides, q_strides, k_strides, v_strides, o_strides;
+  const float *lse, *dlse;
+  T *dq, *dk, *dv;
+  BshStrides dq_strides, dk_strides, dv_strides;
+};
+
+// Loads the query tile [q_begin, q_begin + q_count) of every head of the group, runs its key loop, writes its dq.
+template <typename T>
+void backward_tile(const BackwardArgs<T>& args, const AttentionProblem& problem, int64_t batch_index,
+                   int64_t kv_head, int64_t q_begin, int64_t q_count, Workspace& ws) {
+  const int64_t group = problem.n_q_heads / problem.n_kv_heads;
+  const int64_t head_dim = problem.head_dim, row_stride = ws.head_dim_padded;
+  const int64_t rows = q_count * group;
+  const int64_t rows_padded = round_up(rows, kTileCols);  // the columns of the register-tiled S^T and dP^T
+  const int64_t rows_in_vectors = round_up(rows, kLanes);  // the columns the elementwise step works on
+  const int64_t t_stride = rows_padded;  // of q_t, do_t, p_t and ds_t
+  const int64_t causal_offset = problem.seqlen_k - problem.seqlen_q;  // query i sees keys j <= i + causal_offset
+  const int64_t key_end = problem.causal
+                              ? std::clamp<int64_t>(q_begin + q_count + causal_offset, 0, problem.seqlen_k)
+                              : problem.seqlen_k;
+  const float scale_log2 = problem.softmax_scale * kLog2e;
+  const int64_t first_head = kv_head * group;
+  const auto row_offset = [&](const BshStrides& s, int64_t query, int64_t head) {
+    return batch_index * s.batch + query * s.seq + head * s.head;
+  };
+
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t query = q_begin + r / group, head = first_head + r % group;
+    const T* q_row = args.q + row_offset(args.q_strides, query, head);
+    const T* do_row = args.dout + row_offset(args.do_strides, query, head);
+    const T* o_row = args.o + row_offset(args.o_strides, query, head);
+    float do_dot_o = 0.0f;
+    for (int64_t d = 0; d < head_dim; ++d) {
+      const float q_rd = to_float(q_row[d]), do_rd = to_float(do_row[d]);
+      ws.q_rows[r * row_stride + d] = q_rd;
+      ws.q_t[d * t_stride + r] = q_rd * scale_log2;
+      ws.do_rows[r * row_stride + d] = do_rd;
+      ws.do_t[d * t_stride + r] = do_rd;
+      do_dot_o += do_rd * to_float(o_row[d]);
+    }
+    const int64_t lse_index = (batch_index * problem.n_q_heads + head) * problem.seqlen_q + query;
+    const float lse = args.lse[lse_index];
+    // A row that saw no key (lse -inf) gets P = 0 from an lse of +inf, whatever its scores.
+    ws.lse_log2[r] = lse == -std::numeric_limits<float>::infinity() ? std::numeric_limits<float>::infinity()
+                                                                     : lse * kLog2e;
+    ws.delta[r] = do_dot_o - (args.dlse ? args.dlse[lse_index] : 0.0f);
+    // The last key this row sees, as a float for the vectorized mask (exact below 2^24 tokens).
+    ws.row_limit[r] = static_cast<float>(query + causal_offset);
+  }
+  std::fill(ws.dq.get(), ws.dq.get() + rows * row_stride, 0.0f);
+
+  for (int64_t key_begin = 0; key_begin < key_end; key_begin += kKeyBlock) {
+    const int64_t n_keys = std::min(kKeyBlock, key_end - key_begin);
+    const float* k_block = ws.k.get() + key_begin * row_stride;
+    const float* v_block = ws.v.get() + key_begin * row_stride;
+    matmul<false>(n_keys, rows_padded, k_block, row_stride, 1, ws.q_t.get(), t_stride, head_dim, ws.p_t.get(),
+                  t_stride);
+    matmul<false>(n_keys, rows_padded, v_block, row_stride, 1, ws.do_t.get(), t_stride, head_dim, ws.ds_t.get(),
+                  t_stride);
+
+    // Causal mask, only in the blocks that reach past the first query's diagonal.
+    const bool needs_mask = problem.causal && key_begin + n_keys - 1 > q_begin + causal_offset;
+    for (int64_t c = 0; c < rows_in_vectors; c += kLanes) {
+      const VecF lse = load(ws.lse_log2.get() + c), delta = load(ws.delta.get() + c);
+      const VecF limit = load(ws.row_limit.get() + c) - static_cast<float>(key_begin);
+      for (int64_t j = 0; j < n_keys; ++j) {
+        float* p_jc = ws.p_t.get() + j * t_stride + c;
+        float* ds_jc = ws.ds_t.get() + j * t_stride + c;
+        VecF p = exp2_nonpositive(load(p_jc) - lse);
+        if (needs_mask) p = splat(static_cast<float>(j)) > limit ? VecF{} : p;
+        store(p_jc, p);
+        store(ds_jc, p * (load(ds_jc) - delta));
+      }
+    }
+
+    float* dv_block = ws.dv.get() + key_begin * row_stride;
+    float* dk_block = ws.dk.get() + key_begin * row_stride;
+    matmul<true>(n_keys, row_stride, ws.p_t.get(), t_stride, 1, ws.do_rows.get(), row_stride, rows, dv_block,
+                 row_stride);
+    matmul<true>(n_keys, row_stride, ws.ds_t.get(), t_stride, 1, ws.q_rows.get(), row_stride, rows, dk_block,
+                 row_stride);
+    matmul<true>(rows, row_stride, ws.ds_t.get(), 1, t_stride, k_block, row_stride, n_keys, ws.dq.get(),
+                 row_stride);
+  }
+
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t query = q_begin + r / group, head = first_head + r % group;
+    T* dq_row = args.dq + row_offset(args.dq_strides, query, head);
+    const float* acc_row = ws.dq.get() + r * row_stride;
+    for (int64_t d = 0; d < head_dim; ++d) dq_row[d] = from_float<T>(acc_row[d] * problem.softmax_scale);
+  }
+}
+
+template <typename T>
+void backward_head(const BackwardArgs<T>& args, const AttentionProblem& problem, int64_t batch_index,
+                   int64_t kv_head, int64_t queries_per_tile, Workspace& ws) {
+  const int64_t head_dim = problem.head_dim, row_stride = ws.head_dim_padded, seqlen_k = problem.seqlen_k;
+  const T* k_head = args.k + batch_index * args.k_strides.batch + kv_head * args.k_strides.head;
+  const T* v_head = args.v + batch_index * args.v_strides.batch + kv_head * args.v_strides.head;
+  for (int64_t j = 0; j < seqlen_k; ++j) {
+    convert(k_head + j * args.k_strides.seq, ws.k.get() + j * row_stride, head_dim);
+    convert(v_head + j * args.v_strides.seq, ws.v.get() + j * row_stride, head_dim);
+  }
+  std::fill(ws.dk.get(), ws.dk.get() + seqlen_k * row_stride, 0.0f);
+  std::fill(ws.dv.get(), ws.dv.get() + seqlen_k * row_stride, 0.0f);
+
+  for (int64_t q_begin = 0; q_begin < problem.seqlen_q; q_begin += queries_per_tile) {
+    const int64_t q_count = std::min(queries_per_tile, problem.seqlen_q - q_begin);
+    backward_tile(args, problem, batch_index, kv_head, q_begin, q_count, ws);
+  }
+
+  T* dk_head = args.dk + batch_index * args.dk_strides.batch + kv_head * args.dk_strides.head;
+  T* dv_head = args.dv + batch_index * args.dv_strides.batch + kv_head * args.dv_strides.head;
+  for (int64_t j = 0; j < seqlen_k; ++j) {
+    const float* dk_row = ws.dk.get() + j * row_stride;
+    const float* dv_row = ws.dv.get() + j * row_stride;
+    T* dk_out = dk_head + j * args.dk_strides.seq;
+    T* dv_out = dv_head + j * args.dv_strides.seq;
+    for (int64_t d = 0; d < head_dim; ++d) {
+      dk_out[d] = from_float<T>(dk_row[d] * problem.softmax_scale);
+      dv_out[d] = from_float<T>(dv_row[d]);
+    }
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void attention_backward(const T* dout, BshStrides do_strides, const T* q, BshStrides q_strides, const T* k,
+                        BshStrides k_strides, const T* v, BshStrides v_strides, const T* o, BshStrides o_strides,
+                        const float* lse, const float* dlse, T* dq, BshStrides dq_strides, T* dk,
+                        BshStrides dk_strides, T* dv, BshStrides dv_strides, const AttentionProblem& problem) {
+  const BackwardArgs<T> args{.dout = dout, .q = q, .k = k, .v = v, .o = o,
+                             .do_strides = do_strides, .q_strides = q_strides, .k_strides = k_strides,
+                             .v_strides = v_strides, .o_strides = o_strides, .lse = lse, .dlse = dlse,
+                             .dq = dq, .dk = dk, .dv = dv,
+                             .dq_strides = dq_strides, .dk_strides = dk_strides, .dv_strides = dv_strides};
+  const int64_t group = problem.n_q_heads / problem.n_kv_heads;
+  const int64_t queries_per_tile = std::max<int64_t>(1, kTargetTileRows / group);
+#pragma omp parallel
+  {
+    Workspace ws(queries_per_tile * group, problem.seqlen_k, problem.head_dim);
+#pragma omp for collapse(2) schedule(dynamic, 1)
+    for (int64_t b = 0; b < problem.batch; ++b) {
+      for (int64_t kv_head = 0; kv_head < problem.n_kv_heads; ++kv_head) {
+        backward_head(args, problem, b, kv_head, queries_per_tile, ws);
+      }
+    }
+  }
+}
+
+#define LLAMA_KERNELS_INSTANTIATE_BACKWARD(T)                                                                       \
+  template void attention_backward<T>(const T*, BshStrides, const T*, BshStrides, const T*, BshStrides, const T*,   \
+                                      BshStrides, const T*, BshStrides, const float*, const float*, T*, BshStrides, \
+                                      T*, BshStrides, T*, BshStrides, const AttentionProblem&);
+LLAMA_KERNELS_INSTANTIATE_BACKWARD(float)
+LLAMA_KERNELS_INSTANTIATE_BACKWARD(bf16)
+LLAMA_KERNELS_INSTANTIATE_BACKWARD(fp16)
+#undef LLAMA_KERNELS_INSTANTIATE_BACKWARD
+
+}  // namespace llama_kernels::cpu
