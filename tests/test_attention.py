@@ -312,10 +312,15 @@ def varlen_inputs(dtype, hq=8, hk=2, d=64):
     return q, k, v, cu_seqlens(SEQLENS_Q), cu_seqlens(SEQLENS_K)
 
 
+NATIVE_MARKS = KERNEL_BACKENDS[1].marks  # skipped where the extension is not built
+
+
 @pytest.mark.parametrize("backend,causal,dtype", [
     ("triton", True, F32), ("triton", False, F32), ("triton", True, BF16),
     ("reference", True, F32), ("reference", False, BF16),
-], ids=["triton-causal-fp32", "triton-full-fp32", "triton-causal-bf16", "reference-causal-fp32", "reference-full-bf16"])
+    pytest.param("native", True, BF16, marks=NATIVE_MARKS), pytest.param("native", False, F32, marks=NATIVE_MARKS),
+], ids=["triton-causal-fp32", "triton-full-fp32", "triton-causal-bf16", "reference-causal-fp32", "reference-full-bf16",
+        "native-causal-bf16", "native-full-fp32"])
 def test_varlen_matches_reference_per_sequence(backend, causal, dtype):
     q, k, v, cu_q, cu_k = varlen_inputs(dtype)
     max_q, max_k = max(SEQLENS_Q), max(SEQLENS_K)

@@ -21,7 +21,7 @@ COMPILED = {
     "rms_norm": ("native", "cuda"),
     "rope": ("native", "cuda"),
     "flash_attention": ("native",),
-    "flash_attention_varlen": (),
+    "flash_attention_varlen": ("native",),
     "flash_attention_with_kvcache": ("native",),
 }
 _DEVICE_OF = {"native": "cpu", "cuda": "cuda"}

@@ -435,41 +435,52 @@ def _backward_triton(do, q, k, v, o, lse, dlse, layout: _Layout, causal: bool, s
 
 
 def _sequences(layout: _Layout):
-    """(q slice, k slice) of each packed sequence, from cu_seqlens read on the host (the reference path only)."""
+    """(q slice, k slice) of each packed sequence, from cu_seqlens read on the host (the CPU paths only)."""
     cu_q, cu_k = layout.cu_q.tolist(), layout.cu_k.tolist()
     return [(slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])) for b in range(layout.batch)]
 
 
-def _forward_reference(q, k, v, layout: _Layout, causal: bool, softmax_scale: float):
+def _forward_dense(attend, q, k, v, layout: _Layout, causal: bool, softmax_scale: float):
+    """attend(q, k, v, causal, scale) -> (o, lse) over dense tensors, once, or per packed sequence."""
     if not layout.varlen:
-        o, lse = reference.attention(q, k, v, causal, softmax_scale, return_lse=True)
-        return o, lse.float()
+        return attend(q, k, v, causal, softmax_scale)
     o, lse = torch.empty_like(q), q.new_empty(layout.lse_shape, dtype=torch.float32)
     for sq, sk in _sequences(layout):
-        o_b, lse_b = reference.attention(q[None, sq], k[None, sk], v[None, sk], causal, softmax_scale, return_lse=True)
+        o_b, lse_b = attend(q[None, sq], k[None, sk], v[None, sk], causal, softmax_scale)
         o[sq], lse[:, sq] = o_b[0], lse_b[0]
     return o, lse
 
 
-def _backward_reference(do, q, k, v, dlse, layout: _Layout, causal: bool, softmax_scale: float):
+def _backward_dense(grads_of, do, q, k, v, o, lse, dlse, layout: _Layout, causal: bool, softmax_scale: float):
+    """grads_of(do, q, k, v, o, lse, dlse, causal, scale) -> (dq, dk, dv) over dense tensors, once, or per packed
+    sequence (lse and dlse (Hq, total) then, (B, Hq, S) per sequence)."""
     if not layout.varlen:
-        return reference.attention_backward(do, q, k, v, causal, softmax_scale, dlse)
+        return grads_of(do, q, k, v, o, lse, dlse, causal, softmax_scale)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for sq, sk in _sequences(layout):
-        dlse_b = dlse[None, :, sq] if dlse is not None else None
-        grads = reference.attention_backward(do[None, sq], q[None, sq], k[None, sk], v[None, sk], causal,
-                                             softmax_scale, dlse_b)
+        dlse_b = dlse[None, :, sq].contiguous() if dlse is not None else None
+        grads = grads_of(do[None, sq], q[None, sq], k[None, sk], v[None, sk], o[None, sq],
+                         lse[None, :, sq].contiguous(), dlse_b, causal, softmax_scale)
         dq[sq], dk[sk], dv[sk] = (g[0] for g in grads)
     return dq, dk, dv
 
 
-def _forward_native(q, k, v, layout: _Layout, causal: bool, softmax_scale: float):
-    """The extension's C++ kernel (dense tensors; packed ones take the reference, see _backend.COMPILED)."""
+def _attention_reference(q, k, v, causal: bool, softmax_scale: float):
+    o, lse = reference.attention(q, k, v, causal, softmax_scale, return_lse=True)
+    return o, lse.float()
+
+
+def _grads_reference(do, q, k, v, o, lse, dlse, causal: bool, softmax_scale: float):
+    return reference.attention_backward(do, q, k, v, causal, softmax_scale, dlse)
+
+
+def _attention_native(q, k, v, causal: bool, softmax_scale: float):
+    """The extension's C++ forward."""
     return _native.ops().attention(q, k, v, causal, softmax_scale)
 
 
-def _backward_native(do, q, k, v, o, lse, dlse, causal: bool, softmax_scale: float):
-    """The extension's C++ kernel (dense tensors): FlashAttention-2's backward, P recomputed from the lse."""
+def _grads_native(do, q, k, v, o, lse, dlse, causal: bool, softmax_scale: float):
+    """The extension's C++ backward: FlashAttention-2's, P recomputed from the lse."""
     return _native.ops().attention_backward(do, q, k, v, o, lse, dlse, causal, softmax_scale)
 
 
@@ -480,8 +491,10 @@ def _forward_op(
     max_seqlen_q: int, max_seqlen_k: int, causal: bool, softmax_scale: float, backend: str,
 ) -> tuple[Tensor, Tensor]:
     layout = _Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    forward = {"triton": _forward_triton, "native": _forward_native}.get(backend, _forward_reference)
-    return forward(q, k, v, layout, causal, softmax_scale)
+    if backend == "triton":
+        return _forward_triton(q, k, v, layout, causal, softmax_scale)
+    attend = _attention_native if backend == "native" else _attention_reference
+    return _forward_dense(attend, q, k, v, layout, causal, softmax_scale)
 
 
 @torch.library.custom_op("llama_kernels::flash_attention_backward", mutates_args=())
@@ -493,9 +506,8 @@ def _backward_op(
     layout = _Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if backend == "triton":
         return _backward_triton(do, q, k, v, o, lse, dlse, layout, causal, softmax_scale)
-    if backend == "native" and not layout.varlen:
-        return _backward_native(do, q, k, v, o, lse, dlse, causal, softmax_scale)
-    return _backward_reference(do, q, k, v, dlse, layout, causal, softmax_scale)
+    grads_of = _grads_native if backend == "native" else _grads_reference
+    return _backward_dense(grads_of, do, q, k, v, o, lse, dlse, layout, causal, softmax_scale)
 
 
 @_forward_op.register_fake
