@@ -15,6 +15,22 @@ constexpr int kElemsPerThread = 16;
 constexpr int kMaxThreadsInRegisters = kMaxRowInRegisters / kElemsPerThread;
 constexpr int kThreadsStreaming = 512;
 
+// Row `row` of x, residual and h; without a residual those two are null (no offset from a null pointer).
+// 64-bit offsets: row * stride passes 2^31 at 100k tokens of 8192.
+template <typename T>
+struct RowPointers {
+  const T* x;
+  const T* residual;
+  T* h;
+};
+
+template <typename T, bool HAS_RESIDUAL>
+__device__ __forceinline__ RowPointers<T> row_pointers(const T* x, const T* residual, T* h, int64_t row,
+                                                       int64_t stride_x, int64_t stride_residual, int64_t stride_h) {
+  if constexpr (HAS_RESIDUAL) return {x + row * stride_x, residual + row * stride_residual, h + row * stride_h};
+  return {x + row * stride_x, nullptr, nullptr};
+}
+
 // Loads pack `v` of the row as floats: x, or h = x + residual, stored rounded to T (as torch rounds x + residual)
 // and returned as that rounded value, which is what the statistics and y see.
 template <typename T, int VEC, bool VECTORIZED, bool HAS_RESIDUAL>
@@ -48,11 +64,8 @@ __global__ void __launch_bounds__(kMaxThreadsInRegisters)
                                      int64_t stride_y, int64_t stride_h, float eps) {
   constexpr int kPacksPerThread = kElemsPerThread / VEC;
   __shared__ float warp_sums[32];
-  // 64-bit row offsets: row * stride passes 2^31 at 100k tokens of 8192.
   const int64_t row = blockIdx.x;
-  const T* x_row = x + row * stride_x;
-  const T* residual_row = residual + row * stride_residual;
-  T* h_row = h + row * stride_h;
+  const RowPointers<T> in = row_pointers<T, HAS_RESIDUAL>(x, residual, h, row, stride_x, stride_residual, stride_h);
   const int n_packs = n / VEC;
 
   float row_values[kPacksPerThread][VEC];
@@ -61,7 +74,7 @@ __global__ void __launch_bounds__(kMaxThreadsInRegisters)
   for (int p = 0; p < kPacksPerThread; ++p) {
     const int v = threadIdx.x + p * blockDim.x;
     if (v < n_packs) {
-      load_h<T, VEC, VECTORIZED, HAS_RESIDUAL>(x_row, residual_row, h_row, v, row_values[p]);
+      load_h<T, VEC, VECTORIZED, HAS_RESIDUAL>(in.x, in.residual, in.h, v, row_values[p]);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) sum_sq += row_values[p][e] * row_values[p][e];
     }
@@ -85,21 +98,19 @@ __global__ void __launch_bounds__(kThreadsStreaming)
                               float eps) {
   __shared__ float warp_sums[32];
   const int64_t row = blockIdx.x;
-  const T* x_row = x + row * stride_x;
-  const T* residual_row = residual + row * stride_residual;
-  T* h_row = h + row * stride_h;
+  const RowPointers<T> in = row_pointers<T, HAS_RESIDUAL>(x, residual, h, row, stride_x, stride_residual, stride_h);
   const int n_packs = n / VEC;
 
   float sum_sq = 0.0f;
   for (int v = threadIdx.x; v < n_packs; v += blockDim.x) {
     float values[VEC];
-    load_h<T, VEC, VECTORIZED, HAS_RESIDUAL>(x_row, residual_row, h_row, v, values);
+    load_h<T, VEC, VECTORIZED, HAS_RESIDUAL>(in.x, in.residual, in.h, v, values);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) sum_sq += values[e] * values[e];
   }
   const float rstd = rsqrtf(block_sum(sum_sq, warp_sums) / static_cast<float>(n) + eps);
 
-  const T* normalized_row = HAS_RESIDUAL ? h_row : x_row;
+  const T* normalized_row = HAS_RESIDUAL ? in.h : in.x;
   promoted_t<T, W>* y_row = y + row * stride_y;
   for (int v = threadIdx.x; v < n_packs; v += blockDim.x) {
     float values[VEC];
