@@ -1,8 +1,8 @@
 """RMSNorm, optionally fused with the residual add: Triton kernels, launchers, torch ops.
 
 Math (Meta's ``RMSNorm``, see ``reference.rms_norm``), per row of length N:
-    h = x + residual                      (only with a residual; rounded to x's dtype)
-    y = cast(h * rstd, x.dtype) * weight,  rstd = 1 / sqrt(mean(h^2) + eps)
+    h = x + residual                      (only with a residual; in fp32, rounded to promote(x, residual))
+    y = cast(h * rstd, h.dtype) * weight,  rstd = 1 / sqrt(mean(h^2) + eps)
 Backward, with n = h * rstd and g = dy * weight (the rounding of n ignored):
     dh = rstd * (g - n * mean(g * n)) (+ the incoming gradient of h)
     dweight = sum over rows of dy * cast(n)
@@ -24,7 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _native, reference
-from .._checks import check_same_device, check_same_dtype, check_tensor
+from .._checks import check_same_device, check_tensor
 from . import _triton
 from ._backend import resolve_backend
 
@@ -40,12 +40,12 @@ ROW_CHUNK = 4096
 @triton.jit
 def _load_h(x_ptr, residual_ptr, h_ptr, rows, cols, mask, stride_x, stride_residual, stride_h,
             HAS_RESIDUAL: tl.constexpr):
-    """The normalized input in fp32: x, or h = x + residual (stored, rounded to x's dtype)."""
+    """The normalized input in fp32: x, or h = x + residual (stored, rounded to h's dtype)."""
     # Every value is upcast as it is loaded: no arithmetic in 16-bit types.
     x = tl.load(x_ptr + rows * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(residual_ptr + rows * stride_residual + cols, mask=mask, other=0.0).to(tl.float32)
-        h = (x + r).to(h_ptr.dtype.element_ty)  # rounded as torch rounds x + r
+        h = (x + r).to(h_ptr.dtype.element_ty)  # each pointer loads its own dtype; rounded as torch rounds x + r
         tl.store(h_ptr + rows * stride_h + cols, h, mask=mask)
         x = h.to(tl.float32)
     return x
@@ -208,21 +208,27 @@ def _as_rows(t: Tensor, n_cols: int) -> Tensor:
 
 
 # --------------------------------------------------------------------------- launchers
+def _h_dtype(x: Tensor, residual: Tensor | None) -> torch.dtype:
+    """The dtype of h = x + residual (torch's promotion: under autocast a bf16 x meets an fp32 residual stream)."""
+    return torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
+
+
 def _forward_triton(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float):
     n_cols = x.shape[-1]
+    h_dtype = _h_dtype(x, residual)
+    y = _triton.new_output(x.shape, torch.promote_types(h_dtype, weight.dtype), x.device)
+    h = _triton.new_output(x.shape, h_dtype, x.device) if residual is not None else None
+    if x.numel() == 0:
+        return y, h
     x2 = _as_rows(x, n_cols)
     n_rows = x2.shape[0]
-    y = _triton.new_output(x.shape, torch.promote_types(x.dtype, weight.dtype), x.device)
-    h = _triton.new_output(x.shape, x.dtype, x.device) if residual is not None else None
-    if n_rows == 0 or n_cols == 0:
-        return y, h
     r2 = _as_rows(residual, n_cols) if residual is not None else x2
-    h2 = h.view(-1, n_cols) if h is not None else x2  # h_ptr also gives the kernel x's dtype
+    h2 = h.view(-1, n_cols) if h is not None else x2  # h_ptr also gives the kernel h's dtype
     cfg = _config("rms_norm_fwd", x, n_rows, n_cols)
     _triton.launch(
         _rms_norm_fwd_kernel, (triton.cdiv(n_rows, cfg["BLOCK_M"]),), x.device,
         num_warps=cfg["num_warps"],
-        x_ptr=x2, residual_ptr=r2, weight_ptr=weight, y_ptr=y.view(-1, n_cols), h_ptr=h2,
+        x_ptr=x2, residual_ptr=r2, weight_ptr=weight.contiguous(), y_ptr=y.view(-1, n_cols), h_ptr=h2,
         n_rows=n_rows, n_cols=n_cols,
         stride_x=x2.stride(0), stride_residual=r2.stride(0), stride_y=n_cols, stride_h=h2.stride(0),
         eps=eps, HAS_RESIDUAL=residual is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
@@ -232,12 +238,10 @@ def _forward_triton(x: Tensor, residual: Tensor | None, weight: Tensor, eps: flo
 
 def _backward_triton(dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor, eps: float):
     n_cols = h.shape[-1]
+    dx = _triton.new_output(h.shape, h.dtype, h.device)
     h2, dy2 = _as_rows(h, n_cols), _as_rows(dy, n_cols)
     dh2 = _as_rows(dh, n_cols) if dh is not None else dy2
     n_rows = h2.shape[0]
-    dx = _triton.new_output(h.shape, h.dtype, h.device)
-    if n_rows == 0 or n_cols == 0:
-        return dx, torch.zeros_like(weight)
     cfg = _config("rms_norm_bwd", h, n_rows, n_cols)
     n_tiles = triton.cdiv(n_rows, cfg["BLOCK_M"])
     if _triton.target_of(h.device) == "interpreter":
@@ -250,7 +254,7 @@ def _backward_triton(dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor, e
     _triton.launch(
         _rms_norm_bwd_kernel, (n_programs,), h.device,
         num_warps=cfg["num_warps"],
-        dy_ptr=dy2, dh_ptr=dh2, h_ptr=h2, weight_ptr=weight, dx_ptr=dx.view(-1, n_cols),
+        dy_ptr=dy2, dh_ptr=dh2, h_ptr=h2, weight_ptr=weight.contiguous(), dx_ptr=dx.view(-1, n_cols),
         dweight_partial_ptr=dweight_partial,
         n_rows=n_rows, n_cols=n_cols, rows_per_program=rows_per_program,
         stride_dy=dy2.stride(0), stride_dh=dh2.stride(0), stride_h=h2.stride(0), stride_dx=n_cols,
@@ -260,14 +264,20 @@ def _backward_triton(dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor, e
 
 
 def _extension_weight(x: Tensor, weight: Tensor) -> Tensor:
-    """The weight in a dtype the C++/CUDA kernels take: x's, or fp32. A weight of another dtype is cast to
-    promote(x, weight), which is exact and is what the product y = normed * weight promotes it to anyway."""
-    return weight if weight.dtype == x.dtype else weight.to(torch.promote_types(x.dtype, weight.dtype))
+    """The weight as the C++/CUDA kernels take it: contiguous, in x's dtype or fp32. A weight of another dtype is
+    cast to promote(x, weight), which is exact and is what the product y = normed * weight promotes it to anyway."""
+    return weight.to(torch.promote_types(x.dtype, weight.dtype)).contiguous()
 
 
 def _forward_extension(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float):
-    """The extension's kernel (C++ on CPU tensors, CUDA on CUDA tensors) over the (rows, N) view."""
+    """The extension's kernel (C++ on CPU tensors, CUDA on CUDA tensors) over the (rows, N) view. The kernel takes
+    x and residual in one dtype: of different dtypes, both are cast (exactly) to h's, where the sum is formed."""
+    if x.numel() == 0:  # no (rows, N) view of an empty x to hand over; nothing to compute
+        y = x.new_empty(x.shape, dtype=torch.promote_types(_h_dtype(x, residual), weight.dtype))
+        return y, x.new_empty(x.shape, dtype=_h_dtype(x, residual)) if residual is not None else None
     n_cols = x.shape[-1]
+    if residual is not None and residual.dtype != x.dtype:
+        x, residual = x.to(_h_dtype(x, residual)), residual.to(_h_dtype(x, residual))
     rows = _as_rows(residual, n_cols) if residual is not None else None
     y, h = _native.ops().rms_norm(_as_rows(x, n_cols), rows, _extension_weight(x, weight), eps)
     return y.view(x.shape), h.view(x.shape) if residual is not None else None
@@ -303,6 +313,8 @@ def _rms_norm_residual_op(x: Tensor, residual: Tensor, weight: Tensor, eps: floa
 def _rms_norm_backward_op(
     dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor, eps: float, backend: str
 ) -> tuple[Tensor, Tensor]:
+    if h.numel() == 0:  # no (rows, N) view of an empty h for any backend; nothing to compute
+        return torch.empty_like(h), torch.zeros_like(weight)
     dy = dy.contiguous()  # autograd may hand over stride-0 expanded gradients
     dh = dh.contiguous() if dh is not None else None
     if backend == "native":
@@ -319,7 +331,8 @@ def _(x, weight, eps, backend):
 
 @_rms_norm_residual_op.register_fake
 def _(x, residual, weight, eps, backend):
-    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype)), torch.empty_like(x)
+    h_dtype = _h_dtype(x, residual)
+    return x.new_empty(x.shape, dtype=torch.promote_types(h_dtype, weight.dtype)), x.new_empty(x.shape, dtype=h_dtype)
 
 
 @_rms_norm_backward_op.register_fake
@@ -330,7 +343,8 @@ def _(dy, dh, h, weight, eps, backend):
 def _setup_context(ctx, inputs, output):
     ctx.has_residual = len(inputs) == 5
     if ctx.has_residual:  # rms_norm_residual(x, residual, weight, eps, backend): the output h is normalized
-        _, _, weight, ctx.eps, ctx.backend = inputs
+        x, residual, weight, ctx.eps, ctx.backend = inputs
+        ctx.input_dtypes = (x.dtype, residual.dtype)
         ctx.save_for_backward(output[1], weight)
     else:  # rms_norm(x, weight, eps, backend)
         x, weight, ctx.eps, ctx.backend = inputs
@@ -340,8 +354,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, dh=None):
     h, weight = ctx.saved_tensors
     dx, dweight = torch.ops.llama_kernels.rms_norm_backward(dy, dh, h, weight, ctx.eps, ctx.backend)
-    if ctx.has_residual:
-        return dx, dx, dweight, None, None  # h = x + residual: both get h's gradient
+    if ctx.has_residual:  # h = x + residual: both get h's gradient, each in its own dtype
+        x_dtype, residual_dtype = ctx.input_dtypes
+        return dx.to(x_dtype), dx.to(residual_dtype), dweight, None, None
     return dx, dweight, None, None
 
 
@@ -356,8 +371,12 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5, residual: Tensor | No
     x: (..., hidden) fp16, bf16 or fp32; any leading dims, rows may be strided.
     weight: (hidden,), in its own dtype; y has dtype promote(x.dtype, weight.dtype)
         (bf16 x with bf16 weight gives bf16, as in Meta's and HF's modules).
-    residual: if given (same shape and dtype as x), one kernel forms h = x + residual,
-        stores it, and normalizes it: returns ``(y, h)``, h being the new residual stream.
+    residual: if given (x's shape; fp16, bf16 or fp32, x's dtype or another), one kernel forms
+        h = x + residual in fp32, stores it in promote(x.dtype, residual.dtype) and normalizes it:
+        returns ``(y, h)``, h being the new residual stream; y has dtype promote(h.dtype, weight.dtype).
+    Autocast: no autocast rule; every input keeps its dtype and the results promote as above,
+        as HF's unpatched modules do under autocast (a bf16 linear output x added to an fp32
+        residual stream gives an fp32 h and y).
     backend: None picks Triton for CUDA tensors and the C++ kernels for CPU tensors (the
         reference without the extension); "triton", "native", "cuda" or "reference" force one.
     Differentiable in x, residual and weight.
@@ -372,7 +391,6 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5, residual: Tensor | No
         check_tensor("residual", residual)
         if residual.shape != x.shape:
             raise ValueError(f"residual: expected x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-        check_same_dtype(x=x, residual=residual)
     check_same_device(x=x, weight=weight, residual=residual)
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
         raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
