@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .bench import add_arguments, run_from_args
 from .models import validate
@@ -23,3 +24,7 @@ def main(argv=None) -> int:
     check.set_defaults(run=validate.run_from_args)
     args = parser.parse_args(argv)
     return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from llama_kernels import cli
-from llama_kernels.bench import model
+from llama_kernels.bench import model, report
 
 REPO = Path(__file__).resolve().parent.parent
 MEMORY_BOUND = {"rms_norm", "rms_norm_residual", "rms_norm_bwd", "rms_norm_fwd_bwd", "rope", "rope_bwd", "decode"}
@@ -32,6 +32,10 @@ def test_quick_benchmark_prints_the_table_and_writes_json_and_png(tmp_path):
     assert "CPU FIGURES" in proc.stdout
     assert "median ms" in proc.stdout and "rms_norm_residual:" in proc.stdout  # the table
     assert "[1/" in proc.stderr  # progress
+    assert (proc.stdout + proc.stderr).count("CPU FIGURES") == 1  # the notice, in the table
+    # No progress line for a provider that cannot run here; one line lists them with the reason.
+    assert not any(line.startswith("[") and line.endswith((" liger", " sdpa_cudnn")) for line in proc.stderr.splitlines())
+    assert "skipped: liger (Liger-Kernel needs CUDA), " in proc.stderr
 
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["quick"] and result["device"]["kind"] == "cpu" and "CPU FIGURES" in result["device"]["notice"]
@@ -63,6 +67,15 @@ def test_quick_benchmark_prints_the_table_and_writes_json_and_png(tmp_path):
         assert ours[rate] > 0 and ours["floor_ms"] > 0 and ours["peak_mem_bytes"] is None  # no CPU memory figures
         assert hf["ours_speedup"] == pytest.approx(hf["median_ms"] / ours["median_ms"])
     assert model_rows[("decode ctx=1024", "ours")]["cache_bytes"] > 0
+
+
+def test_without_matplotlib_the_benchmark_says_it_skips_the_plot(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    result = {"cases": {"rms_norm": "RMSNorm forward"}, "rows": []}
+    lines = report.write_outputs(result, tmp_path, "the table")
+    assert lines == [f"wrote {tmp_path / 'bench.json'}", f"wrote {tmp_path / 'bench.txt'}",
+                     "no plot: matplotlib is not installed (pip install matplotlib, or the [bench] extra)"]
+    assert json.loads((tmp_path / "bench.json").read_text()) == result and not (tmp_path / "bench.png").exists()
 
 
 def test_benchmark_suites_run_once_each():

@@ -62,7 +62,7 @@ def write_outputs(result: dict, out_dir: Path, table: str, plot: bool = True) ->
             write_plot(result, out_dir / "bench.png")
             lines.append(f"wrote {out_dir / 'bench.png'}")
         except ImportError:  # matplotlib is an optional extra ("bench"); the figures are all in the JSON
-            lines.append("no plot: matplotlib is not installed")
+            lines.append("no plot: matplotlib is not installed (pip install matplotlib, or the [bench] extra)")
     return lines
 
 

@@ -12,6 +12,7 @@ prefill and decode) runs first, so that a deadline cuts op rows rather than it.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import sys
 import time
@@ -32,9 +33,7 @@ def run_benchmark(ops=OPS, quick: bool = False, device: torch.device | None = No
     device's shape lists; ``model_layers`` the model section's layer count."""
     device = device or default_device()
     plan = QUICK if quick else FULL
-    info = device_info(device)
-    if "notice" in info:
-        print(info["notice"], file=progress)
+    info = device_info(device)  # its CPU notice is printed once, with the table
     print(f"[ceilings] copy and matmul on {info['name']}", file=progress)
     ceilings = measure_ceilings(device, quick)
     model_section = None
@@ -46,20 +45,23 @@ def run_benchmark(ops=OPS, quick: bool = False, device: torch.device | None = No
     # "model" has no case: the matrix holds the op cases only
     items = matrix(ops, device, quick, with_compile=not quick, shapes=shapes)  # compile warm-ups take seconds each
 
-    rows, done = [], 0
+    rows = []
     for (case, shape), group in itertools.groupby(items, key=lambda item: (item.case, item.shape)):
         inputs = case.make_inputs(shape, device)
         shape_rows = []
         for item in group:
-            done += 1
-            print(f"[{done}/{len(items)}] {case.name} {shape.label(case.op)} {item.provider}",
-                  file=progress, flush=True)
-            shape_rows.append(_measure_item(item, inputs, device, plan, ceilings, deadline))
+            number = len(rows) + len(shape_rows) + 1
+            line = f"[{number}/{len(items)}] {case.name} {shape.label(case.op)} {item.provider}"
+            announce = functools.partial(print, line, file=progress, flush=True)
+            shape_rows.append(_measure_item(item, inputs, device, plan, ceilings, deadline, announce))
         _add_speedups(shape_rows)
         rows += shape_rows
         del inputs
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    unavailable = dict.fromkeys(f"{r['provider']} ({r['reason']})" for r in rows if r["status"] == "skipped")
+    if unavailable:
+        print(f"skipped: {', '.join(unavailable)}", file=progress)
 
     result = {
         "schema": 1,
@@ -75,7 +77,9 @@ def run_benchmark(ops=OPS, quick: bool = False, device: torch.device | None = No
     return result
 
 
-def _measure_item(item, inputs, device, plan, ceilings: dict, deadline: float | None) -> dict:
+def _measure_item(item, inputs, device, plan, ceilings: dict, deadline: float | None, announce) -> dict:
+    """One row; ``announce()`` prints its progress line once the provider is built, so that a provider that
+    cannot run here (skipped, with the reason) prints none."""
     case, shape = item.case, item.shape
     row = {"case": case.name, "op": case.op, "shape": shape.as_dict(case.op), "shape_label": shape.label(case.op),
            "provider": item.provider}
@@ -83,6 +87,7 @@ def _measure_item(item, inputs, device, plan, ceilings: dict, deadline: float | 
         return {**row, "status": "skipped", "reason": "time budget spent"}
     try:
         fn = case.build(item.provider, inputs, device)
+        announce()
         timing = measure(fn, device, plan)
         peak = peak_memory_bytes(fn, device)
     except Unavailable as e:
@@ -138,8 +143,6 @@ def run_from_args(args: argparse.Namespace) -> int:
     print(table)
     for line in report.write_outputs(result, args.out, table, plot=not args.no_plot):
         print(line)
-    if "notice" in result["device"]:
-        print(result["device"]["notice"])
     rows = result["rows"] + result.get("model", {}).get("rows", [])
     failed = [r for r in rows if r["provider"] == "ours" and r["status"] == "error"]
     return 1 if failed else 0

@@ -7,8 +7,9 @@ keeps the variant's head layout: head_dim, query heads per key/value head, RoPE 
 vocabulary), runs one prompt through the kernels and through ``llama_kernels.reference``,
 and prints the largest absolute and relative differences of each layer's hidden state
 and of the logits, how often the next-token predictions agree, and whether greedy
-generation gives the same tokens. On a machine without CUDA the kernels run in Triton's
-interpreter, so the command re-runs itself with ``TRITON_INTERPRET=1``.
+generation gives the same tokens. On a machine without CUDA it validates two backends:
+the Triton kernels in Triton's interpreter (the command re-runs itself with
+``TRITON_INTERPRET=1``) and the C++ kernels ("native"), which CPU tensors run.
 """
 
 from __future__ import annotations
@@ -18,8 +19,12 @@ import os
 import subprocess
 import sys
 
+from pathlib import Path
+
 import torch
 
+from .. import _native
+from .checkpoint import detect_format
 from .code_llama import CodeLlama
 from .config import CodeLlamaConfig
 
@@ -45,31 +50,36 @@ def random_model(config: CodeLlamaConfig, dtype: torch.dtype, device) -> CodeLla
     return model.to(device=device, dtype=dtype)
 
 
-def compare(model: CodeLlama, tokens: torch.Tensor, new_tokens: int) -> dict:
-    """Per-layer hidden states, logits, next-token agreement and greedy generation, kernels vs reference."""
-    runs = {}
-    for backend in ("triton", "reference"):
-        model.backend = backend
-        hidden = []
-        hooks = [layer.register_forward_hook(lambda m, i, out: hidden.append((out[0] + out[1]).float()))
-                 for layer in model.layers]
-        with torch.inference_mode():
-            logits = model(tokens).float()
-        for hook in hooks:
-            hook.remove()
-        generated = model.generate(tokens.tolist(), max_new_tokens=new_tokens)
-        runs[backend] = (hidden, logits, generated)
-    (hidden, logits, generated), (ref_hidden, ref_logits, ref_generated) = runs["triton"], runs["reference"]
-    layers = [_difference(a, b) for a, b in zip(hidden, ref_hidden)]
-    first_difference = next((i for i, (a, b) in enumerate(zip(generated[0], ref_generated[0])) if a != b), None)
-    return {
-        "layers": layers,
-        "logits": _difference(logits, ref_logits),
-        "top1_agreement": (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item(),
-        "greedy_match": generated == ref_generated,
-        "greedy_first_difference": first_difference,
-        "new_tokens": new_tokens,
-    }
+def compare(model: CodeLlama, tokens: torch.Tensor, new_tokens: int, backends=("triton",)) -> dict:
+    """Per backend: per-layer hidden states, logits, next-token agreement and greedy generation against the
+    reference's."""
+    hidden, logits, generated = _run(model, "reference", tokens, new_tokens)
+    results = {}
+    for backend in backends:
+        ours_hidden, ours_logits, ours_generated = _run(model, backend, tokens, new_tokens)
+        first_difference = next((i for i, (a, b) in enumerate(zip(ours_generated[0], generated[0])) if a != b), None)
+        results[backend] = {
+            "layers": [_difference(a, b) for a, b in zip(ours_hidden, hidden)],
+            "logits": _difference(ours_logits, logits),
+            "top1_agreement": (ours_logits.argmax(-1) == logits.argmax(-1)).float().mean().item(),
+            "greedy_match": ours_generated == generated,
+            "greedy_first_difference": first_difference,
+            "new_tokens": new_tokens,
+        }
+    return results
+
+
+def _run(model: CodeLlama, backend: str, tokens: torch.Tensor, new_tokens: int):
+    """Each layer's hidden state, the logits and the greedy tokens of the model on one backend."""
+    model.backend = backend
+    hidden = []
+    hooks = [layer.register_forward_hook(lambda m, i, out: hidden.append((out[0] + out[1]).float()))
+             for layer in model.layers]
+    with torch.inference_mode():
+        logits = model(tokens).float()
+    for hook in hooks:
+        hook.remove()
+    return hidden, logits, model.generate(tokens.tolist(), max_new_tokens=new_tokens)
 
 
 def _difference(a: torch.Tensor, b: torch.Tensor) -> dict:
@@ -91,6 +101,18 @@ def format_report(result: dict, header: str) -> str:
     return "\n".join(lines)
 
 
+# What each backend validated is, in the report's words
+BACKEND_NAMES = {"triton": "the Triton kernels", "native": "the C++ kernels (what CPU tensors run)"}
+
+
+def backends(device: torch.device) -> tuple[str, ...]:
+    """On a GPU the Triton kernels; on the CPU the Triton kernels (in the interpreter) and the C++ kernels that
+    CPU users get, when the extension is built."""
+    if device.type == "cuda" or not _native.available("cpu"):
+        return ("triton",)
+    return ("triton", "native")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="CodeLlama-7b", help="a published variant (reduced to 2 layers and 8 "
                         "query heads when no checkpoint is given; default CodeLlama-7b)")
@@ -102,6 +124,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    """The report on stdout; exit status 1 if a backend's greedy tokens differ from the reference's, 2 (with one
+    line on stderr) for a --config or --checkpoint that names no model."""
+    try:
+        _check_source(args)
+    except (OSError, ValueError) as e:
+        return _usage_error("--checkpoint" if args.checkpoint else "--config", e)
     cuda = torch.cuda.is_available()
     if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
         # The kernels were compiled for the interpreter only if it was on at import: start again with it.
@@ -113,7 +141,10 @@ def run_from_args(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if cuda else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
     if args.checkpoint:
-        model = CodeLlama.from_pretrained(args.checkpoint, dtype=dtype, device=device)
+        try:  # the names, shapes and files are checked as the checkpoint loads
+            model = CodeLlama.from_pretrained(args.checkpoint, dtype=dtype, device=device)
+        except (OSError, ValueError) as e:
+            return _usage_error("--checkpoint", e)
         what = f"checkpoint {args.checkpoint}"
     else:
         model = random_model(reduced_config(args.config), dtype, device)
@@ -122,12 +153,29 @@ def run_from_args(args: argparse.Namespace) -> int:
                 f"{c.head_dim}, random weights")
     torch.manual_seed(1)
     tokens = torch.randint(0, model.config.vocab_size, (1, args.tokens), device=device)
-    result = compare(model.eval(), tokens, args.new_tokens)
-    header = (f"llama-kernels validate: {what}; {str(dtype)[6:]} on {device.type}"
-              f"{' (Triton interpreter)' if device.type == 'cpu' else ''}; {args.tokens} prompt tokens; "
-              f"kernels vs reference")
-    print(format_report(result, header))
-    return 0 if result["greedy_match"] else 1
+    print(f"llama-kernels validate: {what}; {str(dtype)[6:]} on {device.type}; {args.tokens} prompt tokens")
+    if device.type == "cpu" and not _native.available("cpu"):
+        print("backend native: not validated, the extension is not built (CPU tensors run the reference)")
+    results = compare(model.eval(), tokens, args.new_tokens, backends(device))
+    for backend, result in results.items():
+        interpreted = " in Triton's interpreter" if backend == "triton" and device.type == "cpu" else ""
+        print(format_report(result, f"\nbackend {backend}: {BACKEND_NAMES[backend]}{interpreted} vs the reference"))
+    return 0 if all(result["greedy_match"] for result in results.values()) else 1
+
+
+def _check_source(args: argparse.Namespace) -> None:
+    """Before anything is built (or the command restarts in the interpreter): the checkpoint is a directory of
+    a known format, or the config a published variant."""
+    if args.checkpoint:
+        detect_format(Path(args.checkpoint))
+    else:
+        CodeLlamaConfig.from_name(args.config)
+
+
+def _usage_error(option: str, error: Exception) -> int:
+    """argparse's convention: one line on stderr, exit status 2."""
+    print(f"llama-kernels validate: error: argument {option}: {' '.join(str(error).splitlines())}", file=sys.stderr)
+    return 2
 
 
 def main(argv=None) -> int:
