@@ -11,6 +11,7 @@ stand in for a measurement: its spills and instructions are in its timing, and
 the table shows it as "measured".
 
     python -m llama_kernels.aot            # table of every kernel, exit 1 on a failure
+    python -m llama_kernels.aot --arch sm90 --op attention --keep    # one card, one op; keep Triton's cache
 
 Run it with TRITON_INTERPRET unset (in an interpreting process Triton cannot
 compile kernels that call other @triton.jit functions).
@@ -18,10 +19,12 @@ compile kernels that call other @triton.jit functions).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import itertools
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,6 +37,7 @@ TARGETS = {"sm80": (80, 166_912), "sm90": (90, 232_448)}
 
 HIDDEN_SIZES = (4096, 5120, 6656, 8192, 32768)  # Code Llama 7B, 13B, (LLaMA 33B), 34B, the largest claimed
 HEAD_LAYOUTS = ((32, 32, 128), (40, 40, 128), (64, 8, 128), (8, 1, 64))  # (Hq, Hk, D): 7B, 13B, 34B, MQA
+OPS = ("rms_norm", "rope", "attention", "decode")  # decode: the RoPE + cache append launch and the attention
 
 
 @dataclass
@@ -55,47 +59,73 @@ class CompileResult:
                 and (self.measured or (self.spill_bytes == 0 and (self.wgmma_found or not self.wgmma_needed))))
 
 
-def launches(target: str) -> list[tuple[str, object]]:
+def launches(target: str, ops=OPS) -> list[tuple[str, object]]:
     """(label, LaunchRecord) for every kernel launch the ops make at Code Llama shapes."""
-    from .ops import _triton, rms_norm, rope
+    from .ops import _triton
 
     meta = torch.device("meta")
-    out = []
+    labels = []
     with _triton.record_launches(target) as records:
-        for dtype in (torch.bfloat16, torch.float32):
-            for hidden in HIDDEN_SIZES:
-                x = torch.empty(16384, hidden, dtype=dtype, device=meta)
-                w = torch.empty(hidden, dtype=dtype, device=meta)
-                for residual in (None, x):
-                    rms_norm._forward_triton(x, residual, w, 1e-5)
-                    out.append(f"rms_norm_fwd {hidden} {str(dtype)[6:]}{' +residual' if residual is not None else ''}")
-                rms_norm._backward_triton(x, x, x, w, 1e-5)
-                out.append(f"rms_norm_bwd {hidden} {str(dtype)[6:]}")
-        for hq, hk, d in HEAD_LAYOUTS:
-            q = torch.empty(1, 16384, hq, d, dtype=torch.bfloat16, device=meta)
-            k = torch.empty(1, 16384, hk, d, dtype=torch.bfloat16, device=meta)
-            for interleaved in (False, True):
-                for inv_freq_dtype in (torch.float32, torch.float64):
-                    positions = torch.empty(1, 16384, dtype=torch.int64, device=meta)
-                    inv_freq = torch.empty(d // 2, dtype=inv_freq_dtype, device=meta)
-                    rope._rope_triton(q, k, q, k, positions, 0, inv_freq, 1.0, interleaved, False)
-                    layout = "interleaved" if interleaved else "half"
-                    out.append(f"rope {hq}/{hk}/{d} {layout} {str(inv_freq_dtype)[6:]}-angles")
-        for head_dim in (64, 128):
-            for varlen in (False, True):
-                for causal in (True, False):
-                    _attention_launches(head_dim, varlen, causal, meta)
-                    kind = f"{'varlen' if varlen else 'dense'} {'causal' if causal else 'full'} D{head_dim}"
-                    out += [f"attention_fwd {kind}", f"attention_bwd_dkdv {kind}", f"attention_bwd_dq {kind}"]
-                    if not varlen and target == "sm90":  # the kernels' TMA form, candidates of the GPU check's sweep
-                        _attention_launches(head_dim, varlen, causal, meta, tma=True)
-                        out += [f"attention_fwd {kind} TMA", f"attention_bwd_dkdv {kind} TMA",
-                                f"attention_bwd_dq {kind} TMA"]
-        for (hq, hk), seqlen_q in itertools.product(((32, 32), (64, 8)), (1, 5)):
-            _decode_launches(hq, hk, seqlen_q, meta)
-            out += [f"rope+append {hq}/{hk} Sq={seqlen_q}", f"decode_split {hq}/{hk} Sq={seqlen_q}",
-                    f"decode_merge {hq}/{hk} Sq={seqlen_q}"]
-    return list(zip(out, records, strict=True))
+        for op in ops:
+            labels += _LAUNCHES[op](target, meta)
+    return list(zip(labels, records, strict=True))
+
+
+def _rms_norm_launches(target: str, meta) -> list[str]:
+    from .ops import rms_norm
+
+    labels = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for hidden in HIDDEN_SIZES:
+            x = torch.empty(16384, hidden, dtype=dtype, device=meta)
+            w = torch.empty(hidden, dtype=dtype, device=meta)
+            for residual in (None, x):
+                rms_norm._forward_triton(x, residual, w, 1e-5)
+                labels.append(f"rms_norm_fwd {hidden} {str(dtype)[6:]}{' +residual' if residual is not None else ''}")
+            rms_norm._backward_triton(x, x, x, w, 1e-5)
+            labels.append(f"rms_norm_bwd {hidden} {str(dtype)[6:]}")
+    return labels
+
+
+def _rope_launches(target: str, meta) -> list[str]:
+    from .ops import rope
+
+    labels = []
+    for hq, hk, d in HEAD_LAYOUTS:
+        q = torch.empty(1, 16384, hq, d, dtype=torch.bfloat16, device=meta)
+        k = torch.empty(1, 16384, hk, d, dtype=torch.bfloat16, device=meta)
+        for interleaved in (False, True):
+            for inv_freq_dtype in (torch.float32, torch.float64):
+                positions = torch.empty(1, 16384, dtype=torch.int64, device=meta)
+                inv_freq = torch.empty(d // 2, dtype=inv_freq_dtype, device=meta)
+                rope._rope_triton(q, k, q, k, positions, 0, inv_freq, 1.0, interleaved, False)
+                layout = "interleaved" if interleaved else "half"
+                labels.append(f"rope {hq}/{hk}/{d} {layout} {str(inv_freq_dtype)[6:]}-angles")
+    return labels
+
+
+def _all_attention_launches(target: str, meta) -> list[str]:
+    labels = []
+    for head_dim in (64, 128):
+        for varlen in (False, True):
+            for causal in (True, False):
+                _attention_launches(head_dim, varlen, causal, meta)
+                kind = f"{'varlen' if varlen else 'dense'} {'causal' if causal else 'full'} D{head_dim}"
+                labels += [f"attention_fwd {kind}", f"attention_bwd_dkdv {kind}", f"attention_bwd_dq {kind}"]
+                if not varlen and target == "sm90":  # the kernels' TMA form, candidates of the GPU check's sweep
+                    _attention_launches(head_dim, varlen, causal, meta, tma=True)
+                    labels += [f"attention_fwd {kind} TMA", f"attention_bwd_dkdv {kind} TMA",
+                               f"attention_bwd_dq {kind} TMA"]
+    return labels
+
+
+def _all_decode_launches(target: str, meta) -> list[str]:
+    labels = []
+    for (hq, hk), seqlen_q in itertools.product(((32, 32), (64, 8)), (1, 5)):
+        _decode_launches(hq, hk, seqlen_q, meta)
+        labels += [f"rope+append {hq}/{hk} Sq={seqlen_q}", f"decode_split {hq}/{hk} Sq={seqlen_q}",
+                   f"decode_merge {hq}/{hk} Sq={seqlen_q}"]
+    return labels
 
 
 def _decode_launches(n_q_heads: int, n_kv_heads: int, seqlen_q: int, device) -> None:
@@ -127,6 +157,10 @@ def _attention_launches(head_dim: int, varlen: bool, causal: bool, device, tma: 
             configs.enter_context(_triton.override_config(kernel, lambda default: {**default, "TMA": True}))
         o, lse = attention._forward_triton(q, k, k, layout, causal, head_dim**-0.5)
         attention._backward_triton(o, q, k, k, o, lse, None, layout, causal, head_dim**-0.5)
+
+
+_LAUNCHES = {"rms_norm": _rms_norm_launches, "rope": _rope_launches, "attention": _all_attention_launches,
+             "decode": _all_decode_launches}
 
 
 def compile_record(record, capability: int):
@@ -174,11 +208,11 @@ def is_measured(target: str, label: str, record) -> bool:
                for kernel, by_target in _triton._tuned_table().items())
 
 
-def check(targets=tuple(TARGETS)) -> list[CompileResult]:
+def check(targets=tuple(TARGETS), ops=OPS) -> list[CompileResult]:
     results = []
     for target in targets:
         capability, shared_limit = TARGETS[target]
-        for label, record in launches(target):
+        for label, record in launches(target, ops):
             try:
                 compiled = compile_record(record, capability)
                 registers, spills = ptxas_usage(compiled.asm["ptx"], capability)
@@ -192,12 +226,48 @@ def check(targets=tuple(TARGETS)) -> list[CompileResult]:
     return results
 
 
-def main() -> int:
+def _arguments(argv) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m llama_kernels.aot", description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", choices=TARGETS, action="append",
+                        help="a target to compile for (repeatable; default: all of them)")
+    parser.add_argument("--op", choices=OPS, action="append", help="an op whose kernels to compile (repeatable; "
+                        "default: all; decode is its RoPE + cache append launch and its attention)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep Triton's cache of the compiled kernels (a folder of 60-70 MB) and print where")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = _arguments(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: kernels cannot be compiled in an interpreting process", file=sys.stderr)
         return 2
-    os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="llama-kernels-aot-"))
-    results = check()
+    with _triton_cache(args.keep) as cache:
+        status = _report(check(args.arch or tuple(TARGETS), args.op or OPS))
+    if args.keep:
+        print(f"Triton's cache of the compiled kernels: {cache}")
+    return status
+
+
+@contextlib.contextmanager
+def _triton_cache(keep: bool):
+    """Where Triton caches what it compiles: the user's TRITON_CACHE_DIR if set, else a new folder, removed at
+    the end unless keep (everything takes 60-70 MB)."""
+    if "TRITON_CACHE_DIR" in os.environ:
+        yield os.environ["TRITON_CACHE_DIR"]
+        return
+    folder = tempfile.mkdtemp(prefix="llama-kernels-aot-")
+    os.environ["TRITON_CACHE_DIR"] = folder
+    try:
+        yield folder
+    finally:
+        del os.environ["TRITON_CACHE_DIR"]
+        if not keep:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _report(results: list[CompileResult]) -> int:
+    """Print the table; 1 if a kernel failed."""
     print(f"{'target':6} {'kernel':44} {'regs':>5} {'spill B':>8} {'shared B':>9} {'wgmma':>5}  status")
     for r in results:
         problem = ("SPILLS" if r.spill_bytes else "NO WGMMA" if r.wgmma_needed and not r.wgmma_found

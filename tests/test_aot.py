@@ -6,8 +6,9 @@ import subprocess
 import sys
 
 
-def test_ahead_of_time_compile_is_clean():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+def test_ahead_of_time_compile_is_clean(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_CACHE_DIR")}
+    env["TMPDIR"] = str(tmp_path)  # where its scratch folders go: none may be left behind
     run = subprocess.run([sys.executable, "-m", "llama_kernels.aot"], env=env, capture_output=True, text=True,
                          timeout=600)
     print(run.stdout)  # the register / shared-memory table, shown with pytest -s or on failure
@@ -16,3 +17,4 @@ def test_ahead_of_time_compile_is_clean():
         for kernel in ("rms_norm_fwd", "rms_norm_bwd", "rope", "attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq"):
             assert any(line.startswith(target) and kernel in line for line in run.stdout.splitlines()), (target, kernel)
     assert " 0 failed" in run.stdout
+    assert list(tmp_path.iterdir()) == []
