@@ -6,8 +6,12 @@ layout or device) with a message that names the argument and what was expected.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -24,6 +28,33 @@ def check_tensor(name: str, t, *, dtypes=FLOAT_DTYPES, ndim: int | tuple[int, ..
             expected = " or ".join(str(n) for n in allowed)
             raise ValueError(f"{name}: expected {expected} dimensions, got shape {tuple(t.shape)}")
     return t
+
+
+def check_real(name: str, value, *, above: float | None = None) -> float:
+    """A finite real number, > ``above`` if given, as a float (a bool or a string is refused, not converted)."""
+    expected = "a finite number" + (f" > {above}" if above is not None else "")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected {expected}, got {value!r}")
+    if not math.isfinite(value) or (above is not None and not value > above):
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+    return float(value)
+
+
+def check_no_self_overlap(name: str, t: Tensor) -> None:
+    """A tensor written in place must not alias itself: an expanded view (a stride-0 dim of size > 1) would have
+    one element rotated or overwritten once per index of that dim."""
+    if any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride())):
+        raise ValueError(f"{name}: expected a tensor whose elements do not share memory (it is written in place), "
+                         f"got an expanded view with shape {tuple(t.shape)} and strides {t.stride()}; "
+                         "pass a copy (.clone())")
+
+
+def values_readable(*tensors: Tensor) -> bool:
+    """Whether host-side checks may read these tensors' values: not inside a compiled graph, not for meta or fake
+    tensors (shapes only: the ops' fake implementations carry them through)."""
+    if torch.compiler.is_compiling():
+        return False
+    return all(t.device.type != "meta" and not is_fake(t) for t in tensors)
 
 
 def check_same_device(**tensors: Tensor | None) -> None:
@@ -43,3 +74,12 @@ def _check_same(attribute: str, error: type[Exception], tensors: dict) -> None:
         if getattr(t, attribute) != expected:
             raise error(f"{name}: expected {attribute} {expected} (the {attribute} of {first_name}), "
                         f"got {getattr(t, attribute)}")
+
+
+def check_positive_int(name: str, value) -> int:
+    """An int >= 1: a bool, a whole float (4.0) or a numeric string ("4") is refused, not converted."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected a positive int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return value

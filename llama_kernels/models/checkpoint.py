@@ -48,7 +48,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .config import CodeLlamaConfig
+from .._checks import FLOAT_DTYPES
+from .config import CodeLlamaConfig, read_json_object
 
 __all__ = ["Checkpoint", "load_checkpoint", "detect_format", "expected_shapes", "hf_to_meta_name",
            "meta_split_dim"]
@@ -57,6 +58,10 @@ META_PARAMS = "params.json"
 META_SHARD_GLOB = "consolidated.*.pth"
 _META_SHARD_RE = re.compile(r"consolidated\.(\d+)\.pth")
 META_DROPPED = {"rope.freqs"}
+
+# The stored dtypes a checkpoint's weights may have (converted on loading); safetensors' names for them.
+CHECKPOINT_DTYPES = (*FLOAT_DTYPES, torch.float64)
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 HF_CONFIG = "config.json"
 # (single file, index of shards), in order of preference
@@ -106,14 +111,17 @@ class Checkpoint:
 def load_checkpoint(path, *, dtype: torch.dtype | None = None, device="cpu", format: str | None = None) -> Checkpoint:
     """Load a Meta or Hugging Face checkpoint directory (see the module docstring).
 
-    dtype: the weights' dtype; None keeps the checkpoint's own.
+    dtype: the weights' dtype (float16, bfloat16 or float32); None keeps the checkpoint's own, which must
+        then be one of those, the same for every weight.
     device: where the weights go, one tensor at a time.
     format: "meta" or "hf"; None detects it (``detect_format``), which refuses a
         directory holding both.
     Raises FileNotFoundError for a missing directory or shard, ValueError for a
     directory of neither format, missing or unexpected names, or a shape that does not
-    match the config.
+    match the config, or weights that are not floating point (or of mixed dtypes with dtype=None);
+    TypeError for another dtype.
     """
+    check_dtype(dtype)
     path = Path(path)
     format = format or detect_format(path)
     if format == "meta":
@@ -185,6 +193,29 @@ def _check_shape(name: str, shape, expected: tuple[int, ...], where: str) -> Non
         raise ValueError(f"{where}: {name}: expected shape {tuple(expected)} from the config, got {tuple(shape)}")
 
 
+def check_dtype(dtype) -> None:
+    """load_checkpoint's dtype: None (the checkpoint's own) or a dtype the model's kernels run."""
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        expected = ", ".join(f"torch.{str(d).removeprefix('torch.')}" for d in FLOAT_DTYPES)
+        raise TypeError(f"dtype: expected None or one of {expected}, got {dtype!r}")
+
+
+def _check_dtypes(dtypes, dtype, where: str) -> None:
+    """dtypes: (name, the stored dtype) pairs. Every weight is floating point; with dtype=None (each kept as stored)
+    they must share one dtype the kernels run, or the model would fail at its first forward."""
+    by_dtype: dict = {}
+    for name, stored in dtypes:
+        by_dtype.setdefault(stored, []).append(name)
+    for stored, names in by_dtype.items():
+        if stored not in CHECKPOINT_DTYPES:
+            raise ValueError(f"{where}: {_listing(sorted(names), limit=3)}: expected floating-point weights, "
+                             f"got {stored}")
+    if dtype is None and (len(by_dtype) > 1 or next(iter(by_dtype)) not in FLOAT_DTYPES):
+        held = "; ".join(f"{stored} ({_listing(sorted(names), limit=2)})" for stored, names in by_dtype.items())
+        raise ValueError(f"dtype: None keeps the weights' stored dtype, but {where} holds {held}; "
+                         f"pass dtype=torch.bfloat16, torch.float16 or torch.float32")
+
+
 def _listing(names: list[str], limit: int = 8) -> str:
     shown = ", ".join(names[:limit])
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
@@ -210,13 +241,20 @@ class _SafetensorsFile:
         from safetensors import safe_open
 
         self.path = path
-        self._file = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+        try:
+            self._file = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+        except Exception as e:  # safetensors' own error (an empty or truncated file) names no path
+            raise ValueError(f"{path}: not a readable safetensors file: {e}") from e
 
     def keys(self):
         return self._file.keys()
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._file.get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        stored = self._file.get_slice(name).get_dtype()
+        return _SAFETENSORS_DTYPES.get(stored, stored)  # another (integer, fp8) kept as safetensors names it
 
     def get(self, name: str) -> Tensor:
         return self._file.get_tensor(name)
@@ -235,6 +273,9 @@ class _TorchFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._state[name].shape)
 
+    def dtype(self, name: str) -> torch.dtype:
+        return self._state[name].dtype
+
     def get(self, name: str) -> Tensor:
         return self._state[name]
 
@@ -242,13 +283,6 @@ class _TorchFile:
 def _convert(tensor: Tensor, dtype, device) -> Tensor:
     """A converted copy owning its memory (the source may be backed by a mapped file): one copy, never two."""
     return tensor.to(device=device, dtype=dtype or tensor.dtype, copy=True)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON: {e}") from e
 
 
 # --------------------------------------------------------------------------- Meta's format
@@ -332,8 +366,8 @@ def _load_meta(path: Path, dtype, device) -> Checkpoint:
         _check_names([name for name in shard.keys() if name not in META_DROPPED], names,
                      f"{shard.path} (compared with {shards[0].path.name}; every shard holds the same names)")
 
-    params = _read_json(params_path)
-    if params.get("vocab_size", -1) <= 0 and "tok_embeddings.weight" in names:  # Llama 2's -1: the tokenizer's size
+    params = read_json_object(params_path, META_PARAMS)
+    if params.get("vocab_size", -1) == -1 and "tok_embeddings.weight" in names:  # Llama 2's -1: the tokenizer's size
         params = {**params, "vocab_size": shards[0].shape("tok_embeddings.weight")[0]}
     config = CodeLlamaConfig.from_meta_params(params)
 
@@ -344,6 +378,8 @@ def _load_meta(path: Path, dtype, device) -> Checkpoint:
     merged_shapes = {name: _merged_shape(name, shards) for name in expected}
     for name, shape in merged_shapes.items():
         _check_shape(name, shape, expected[name], where)
+    _check_dtypes(((f"{name} ({shard.path.name})", shard.dtype(name)) for name in expected for shard in shards),
+                  dtype, where)
 
     state_dict = {name: _merge_meta_tensor(name, shards, merged_shapes[name], dtype, device) for name in expected}
     return Checkpoint(config=config, state_dict=state_dict, interleaved=True, format="meta")
@@ -367,7 +403,7 @@ def _hf_weight_files(path: Path) -> list[Path]:
     """The weight files: a single file, or every shard an index names (each checked to exist)."""
     for single, index in HF_WEIGHT_FILES:
         if (path / index).is_file():
-            weight_map = _read_json(path / index).get("weight_map")
+            weight_map = read_json_object(path / index, index).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ValueError(f"{path / index}: expected a non-empty 'weight_map'")
             files = sorted(set(weight_map.values()))
@@ -387,7 +423,7 @@ def _load_hf(path: Path, dtype, device) -> Checkpoint:
     config_path = path / HF_CONFIG
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path}: Hugging Face's config.json is missing")
-    hf_config = _read_json(config_path)
+    hf_config = read_json_object(config_path, HF_CONFIG)
     config = CodeLlamaConfig.from_hf_config(hf_config)
     expected = expected_shapes(config)
 
@@ -413,6 +449,7 @@ def _load_hf(path: Path, dtype, device) -> Checkpoint:
         _check_names(set(sources) | set(unknown) | ({"output.weight"} if tied else set()), expected, where)
         for name, (file, hf_name) in sources.items():
             _check_shape(name, file.shape(hf_name), expected[name], f"{where}, {file.path.name}: {hf_name}")
+        _check_dtypes(((hf_name, file.dtype(hf_name)) for file, hf_name in sources.values()), dtype, where)
 
         state_dict = {}
         for name in expected:
