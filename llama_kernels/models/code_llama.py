@@ -39,6 +39,7 @@ from .. import flash_attention, flash_attention_with_kvcache, rms_norm, rope_att
 from ..distributed.ring import positions as ring_positions
 from ..distributed.ring import ring_attention
 from ..ops.rope import apply_rope
+from ..rope_scaling import rope_type
 from .config import CodeLlamaConfig
 
 
@@ -108,6 +109,8 @@ class Attention(nn.Module):
                 v_cache[:, :seqlen] = v
         else:
             k_cache, v_cache, seqlens = cache
+            # Under autocast the projections' dtype need not be the cache's (one made outside it): the cache's rules.
+            q, k, v = (t.to(k_cache.dtype) for t in (q, k, v))
             o = flash_attention_with_kvcache(q, k_cache, v_cache, seqlens, k=k, v=v, inv_freq=inv_freq,
                                              interleaved=self.rope_interleaved, causal=True, backend=self.backend)
         return self.wo(o.reshape(batch, seqlen, self.n_heads * self.head_dim))
@@ -144,9 +147,14 @@ class TransformerBlock(nn.Module):
 class CodeLlama(nn.Module):
     def __init__(self, config: CodeLlamaConfig, *, rope_interleaved: bool = False, backend: str | None = None):
         super().__init__()
+        if not isinstance(config, CodeLlamaConfig):
+            raise TypeError(f"config: expected a CodeLlamaConfig, got {type(config).__name__}")
         if config.rope_scaling and rope_attention_factor(config.rope_scaling) != 1.0:
             raise ValueError(f"config.rope_scaling: expected a scaling of the frequencies alone; "
                              f"{config.rope_scaling} also scales attention, which the model does not apply")
+        if rope_type(config.rope_scaling) == "dynamic":  # its frequencies follow each call's length
+            raise ValueError("config.rope_scaling: rope_type 'dynamic' is not implemented (the model computes its "
+                             "frequencies once); expected 'default', 'linear', 'llama3' or 'yarn'")
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(TransformerBlock(config, rope_interleaved) for _ in range(config.n_layers))
@@ -159,11 +167,13 @@ class CodeLlama(nn.Module):
 
     def inv_freq(self, device: torch.device) -> Tensor:
         """RoPE's inverse frequencies, fp32 on ``device``. Not a buffer: ``model.to(torch.bfloat16)`` would round
-        a buffer to bf16, and angles at 100k positions need every bit of fp32."""
+        a buffer to bf16, and angles at 100k positions need every bit of fp32. Made outside inference mode:
+        the first call may come from ``generate``, and an inference tensor cannot be saved for a later backward."""
         if device not in self._inv_freq:
             c = self.config
-            self._inv_freq[device] = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling,
-                                                   max_position_embeddings=c.max_seq_len, device=device)
+            with torch.inference_mode(False):
+                self._inv_freq[device] = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling,
+                                                       max_position_embeddings=c.max_seq_len, device=device)
         return self._inv_freq[device]
 
     @property
@@ -201,12 +211,15 @@ class CodeLlama(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def new_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
-        """An empty cache for ``batch_size`` sequences of up to ``max_seq_len`` tokens, in the model's dtype."""
+        """An empty cache for ``batch_size`` sequences of up to ``max_seq_len`` tokens, in the model's dtype (under
+        autocast, autocast's: the dtype the projections then give)."""
         c, weight = self.config, self.output.weight
+        device = weight.device
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight.dtype
         shape = (batch_size, max_seq_len, c.n_kv_heads, c.head_dim)
-        return KVCache(k=[torch.empty(shape, dtype=weight.dtype, device=weight.device) for _ in self.layers],
-                       v=[torch.empty(shape, dtype=weight.dtype, device=weight.device) for _ in self.layers],
-                       seqlens=torch.zeros(batch_size, dtype=torch.int32, device=weight.device))
+        return KVCache(k=[torch.empty(shape, dtype=dtype, device=device) for _ in self.layers],
+                       v=[torch.empty(shape, dtype=dtype, device=device) for _ in self.layers],
+                       seqlens=torch.zeros(batch_size, dtype=torch.int32, device=device))
 
     def forward(self, tokens: Tensor, cache: KVCache | None = None, logits_at: Tensor | None = None) -> Tensor:
         """Logits (B, S, vocab) of the tokens (B, S), or (B, 1, vocab) at positions ``logits_at`` (B,).
@@ -246,7 +259,7 @@ class CodeLlama(nn.Module):
             x, residual = x.gather(1, index), residual.gather(1, index)
         return self.output(self.norm(x, residual)[0])
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, **kwargs) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]] | Tensor, max_new_tokens: int, **kwargs) -> list[list[int]]:
         """New tokens for each prompt: ``generation.generate`` (temperature, top_p, stop_tokens, generator)."""
         from .generation import generate
 
