@@ -11,34 +11,43 @@ device on the host except the sampled tokens themselves, once per step.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
+from .._checks import check_positive_int, check_real
 from .tokenizer import infilling_prompt, stop_tokens
 
 
 @torch.inference_mode()
-def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 0.95,
-             stop_tokens: set[int] | tuple = (), generator: torch.Generator | None = None,
+def generate(model, prompts: list[list[int]] | Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+             top_p: float = 0.95, stop_tokens: set[int] | tuple = (), generator: torch.Generator | None = None,
              max_seq_len: int | None = None) -> list[list[int]]:
     """The new tokens of each prompt (without the prompt; ending before a stop token).
 
+    prompts: lists of token ids, or a 2-D integer tensor whose rows are the prompts.
     temperature 0 is greedy decoding; otherwise tokens are sampled from the smallest set
     of most likely tokens whose probability reaches top_p (Meta's ``sample_top_p``).
-    max_seq_len: the KV cache's length; by default the longest prompt plus max_new_tokens.
+    max_seq_len: the KV cache's length; by default the longest prompt plus max_new_tokens, which must then be
+    within the model's ``config.max_seq_len`` (pass a larger max_seq_len to run past the trained context).
     """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("prompts: expected a non-empty list of non-empty token lists")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"temperature, top_p: expected temperature >= 0 and 0 < top_p <= 1, "
-                         f"got {temperature} and {top_p}")
+    prompts = _token_lists(prompts, model.config.vocab_size)
+    check_positive_int("max_new_tokens", max_new_tokens)
+    if temperature != 0:
+        check_real("temperature", temperature, above=0)
+    if check_real("top_p", top_p, above=0) > 1:
+        raise ValueError(f"top_p: expected a probability in (0, 1], got {top_p!r}")
     device = model.output.weight.device
     lengths = [len(p) for p in prompts]
     longest = max(lengths)
-    max_seq_len = max_seq_len or longest + max_new_tokens
-    if longest + max_new_tokens > max_seq_len:
+    if max_seq_len is None:  # the cache is allocated before the first step: bounded by the model's context
+        if longest + max_new_tokens > model.config.max_seq_len:
+            raise ValueError(f"max_new_tokens: the longest prompt ({longest} tokens) plus max_new_tokens "
+                             f"({max_new_tokens}) exceeds the model's max_seq_len = {model.config.max_seq_len} "
+                             f"(config.max_seq_len); pass max_seq_len= to run past the trained context")
+        max_seq_len = longest + max_new_tokens
+    elif longest + max_new_tokens > check_positive_int("max_seq_len", max_seq_len):
         raise ValueError(f"prompts: the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) "
                          f"does not fit the cache's max_seq_len = {max_seq_len}")
     tokens = torch.zeros(len(prompts), longest, dtype=torch.long)
@@ -63,6 +72,28 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
         logits = model(next_token[:, None], cache=cache)
     out = torch.stack(produced, dim=1).tolist()
     return [[t for t in row if t != -1 and t not in stop_tokens] for row in out]
+
+
+def _token_lists(prompts, vocab_size: int) -> list[list[int]]:
+    """The prompts as lists of token ids in [0, vocab_size): a list of int lists, or a 2-D integer tensor
+    (one prompt a row). Floats are refused, not truncated."""
+    if isinstance(prompts, Tensor):
+        if prompts.dim() != 2 or prompts.is_floating_point() or prompts.is_complex() or prompts.dtype == torch.bool:
+            raise TypeError(f"prompts: expected a 2-D integer tensor (one prompt a row) or a list of token lists, "
+                            f"got a {prompts.dtype} tensor of shape {tuple(prompts.shape)}")
+        prompts = prompts.tolist()
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError(f"prompts: expected a non-empty list of non-empty token lists, got {prompts!r:.60}")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, (list, tuple)) or not prompt:
+            raise ValueError(f"prompts[{i}]: expected a non-empty list of token ids, got {prompt!r:.60}")
+        for j, token in enumerate(prompt):
+            if isinstance(token, bool) or not isinstance(token, numbers.Integral):
+                raise TypeError(f"prompts[{i}][{j}]: expected a token id (int), got {token!r}")
+            if not 0 <= token < vocab_size:
+                raise ValueError(f"prompts[{i}][{j}]: expected a token id in [0, vocab_size = {vocab_size}), "
+                                 f"got {token}")
+    return [[int(token) for token in prompt] for prompt in prompts]
 
 
 def _sample(logits: Tensor, temperature: float, top_p: float, generator) -> Tensor:
