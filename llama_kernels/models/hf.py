@@ -41,15 +41,22 @@ built before the call and one built after both run the kernels:
   runs the kernel (one host sync per layer to check it; not under torch.compile);
   any other mask, dropout in training, and head dims other than 64 and 128 go to
   transformers' ``sdpa_attention_forward`` with the mask, never ignoring padding.
+
+Dtypes the kernels do not take (float64): each patched piece runs transformers' own code
+for them (attention: ``sdpa_attention_forward``), said once per dtype by a warning.
+Autocast needs nothing here: ``rms_norm`` promotes a bf16 sublayer output and an fp32
+residual stream as the unpatched add does, and RoPE and attention see the projections' dtype.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 
 import torch
 
+from .._checks import FLOAT_DTYPES
 from ..ops.attention import HEAD_DIMS, flash_attention
 from ..ops.rms_norm import rms_norm
 from ..ops.rope import apply_rope
@@ -61,15 +68,21 @@ _CACHE_ARGUMENTS = ("past_key_value", "past_key_values", "cache")  # the cache a
 _MISSING = object()
 
 _undo: list = []  # what patch_hf_llama changed, as callables that restore it, in order of change
+_warned: set = set()  # the dtypes already told to run transformers' own code
 
 
 def patch_hf_llama(model=None):
     """Run transformers' Llama classes on the kernels; if ``model`` is given, switch its attention to them.
 
     Idempotent: a second call patches nothing more (it still switches ``model``).
-    Returns ``model``. Raises RuntimeError on a transformers version outside 4.50 to 5.x.
+    Returns ``model``. Raises RuntimeError on a transformers version outside 4.50 to 5.x, and TypeError
+    (patching nothing) for a ``model`` that is not a transformers Llama model.
     """
     modules = _import_transformers()
+    llama_model = modules[0].LlamaPreTrainedModel
+    if model is not None and not isinstance(model, llama_model):
+        raise TypeError(f"model: expected a transformers Llama model (a {llama_model.__name__}, e.g. "
+                        f"LlamaForCausalLM) or None, got {type(model).__name__}")
     if not _undo:
         _patch(*modules)
     if model is not None:
@@ -148,6 +161,8 @@ def _patch(modeling_llama, modeling_utils, masking_utils) -> None:
 def _rms_norm_forward(original):
     @functools.wraps(original)
     def forward(self, hidden_states):
+        if not _kernels_take("LlamaRMSNorm", hidden_states, self.weight):
+            return original(self, hidden_states)
         return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
     return forward
@@ -179,7 +194,8 @@ def _decoder_forward(original, norm_class):
         # offloading hooks replace forward on the instance).
         norm = self.post_attention_layernorm
         plain = type(norm) is norm_class and "forward" not in vars(norm)
-        if plain and not (norm._forward_hooks or norm._forward_pre_hooks):
+        if (plain and not (norm._forward_hooks or norm._forward_pre_hooks)
+                and _kernels_take("LlamaDecoderLayer's fused add and norm", attn_output, residual, norm.weight)):
             normed, hidden_states = rms_norm(attn_output, norm.weight, norm.variance_epsilon, residual=residual)
         else:
             hidden_states = residual + attn_output
@@ -208,7 +224,8 @@ def _apply_rotary_pos_emb(original):
     @functools.wraps(original)
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
         angles = getattr(cos, _ANGLES, None)
-        if angles is None or args or kwargs:  # not a table of ours, or not the (B, H, S, D) layout
+        if (angles is None or args or kwargs  # not a table of ours, or not the (B, H, S, D) layout
+                or not _kernels_take("apply_rotary_pos_emb", q, k)):
             return original(q, k, cos, sin, *args, **kwargs)
         position_ids, inv_freq, attention_scaling = angles
         positions = position_ids.to(q.device).expand(q.shape[0], q.shape[2])
@@ -222,7 +239,7 @@ def _apply_rotary_pos_emb(original):
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """transformers' attention interface: q, k, v (B, H, S, D) in; (output (B, S, H, D), None) out."""
     # A mask is read on the host to see whether it is the causal one: a compiled graph cannot, it takes sdpa.
-    if (dropout or query.shape[-1] not in HEAD_DIMS
+    if (dropout or query.shape[-1] not in HEAD_DIMS or not _kernels_take("attention", query, key, value)
             or (attention_mask is not None and (torch.compiler.is_compiling()
                                                 or not _is_causal_mask(attention_mask, query.shape[2], key.shape[2])))):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -236,6 +253,20 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     out = flash_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                           causal=is_causal, softmax_scale=scaling)
     return out, None
+
+
+def _kernels_take(piece: str, *tensors) -> bool:
+    """Whether the kernels take every tensor's dtype; if not, this piece runs transformers' own code, which a
+    warning says once per dtype (naming the piece that met it first)."""
+    refused = next((t.dtype for t in tensors if t.dtype not in FLOAT_DTYPES), None)
+    if refused is None:
+        return True
+    if refused not in _warned:
+        _warned.add(refused)
+        warnings.warn(f"patch_hf_llama: the kernels do not take {refused} (met first in {piece}); every patched "
+                      f"piece (RMSNorm, the decoder layer's fused add and norm, RoPE, attention) runs transformers' "
+                      f"own code for it", stacklevel=3)
+    return False
 
 
 def _is_causal_mask(mask: torch.Tensor, q_len: int, k_len: int) -> bool:
