@@ -213,3 +213,67 @@ def attention_backward(
         return t.reshape(batch, n_kv_heads, group, seqlen_k, head_dim).sum(2).transpose(1, 2)
 
     return dq.transpose(1, 2).to(q.dtype), per_kv_head(dk).to(k.dtype), per_kv_head(dv).to(v.dtype)
+
+
+# --------------------------------------------------------------------------- linear cross-entropy
+def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None):
+    """(rows of hidden as (N, H), the (N, V) logits), both in the compute dtype."""
+    cdtype = _compute_dtype(hidden.dtype)
+    h = hidden.reshape(-1, hidden.shape[-1]).to(cdtype)
+    return h, torch.nn.functional.linear(h, weight.to(cdtype), bias.to(cdtype) if bias is not None else None)
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None,
+                         ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
+    """``F.cross_entropy(hidden @ weight.T + bias, target, ...)`` with the logits materialized in fp32.
+
+    hidden (..., H), weight (V, H), bias (V,) or None, target hidden.shape[:-1] of class indices;
+    the loss is fp32 (fp64 for fp64 inputs), of target's shape for reduction="none".
+    """
+    _, logits = _logits(hidden, weight, bias)
+    loss = torch.nn.functional.cross_entropy(
+        logits, target.reshape(-1).long(), ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing)
+    return loss.view(target.shape) if reduction == "none" else loss
+
+
+# --------------------------------------------------------------------------- SwiGLU
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """``silu(gate) * up`` (Meta's FeedForward: ``w2(F.silu(w1(x)) * w3(x))``), in fp32, rounded once."""
+    cdtype = _compute_dtype(gate.dtype)
+    return (torch.nn.functional.silu(gate.to(cdtype)) * up.to(cdtype)).to(gate.dtype)
+
+
+def swiglu_backward(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients (dgate, dup) of ``swiglu``: with s = sigmoid(gate),
+    dgate = dy * up * s * (1 + gate * (1 - s)), dup = dy * gate * s. Written out because autograd
+    records nothing inside a custom op; the tests hold it to autograd of ``swiglu``."""
+    cdtype = _compute_dtype(gate.dtype)
+    g, u, d = gate.to(cdtype), up.to(cdtype), dy.to(cdtype)
+    s = torch.sigmoid(g)
+    return (d * u * s * (1 + g * (1 - s))).to(gate.dtype), (d * g * s).to(up.dtype)
+
+
+def linear_cross_entropy_backward(grad_loss: Tensor, hidden: Tensor, weight: Tensor, target: Tensor,
+                                  bias: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+                                  label_smoothing: float = 0.0):
+    """Gradients (dhidden, dweight, dbias or None) of ``linear_cross_entropy`` for a loss gradient grad_loss.
+
+    With z the logits, t the target, e the smoothing and V classes, per row not ignored:
+    dz = softmax(z) - (1 - e) onehot(t) - e / V, times grad_loss (its row's for "none", divided by the
+    number of rows not ignored for "mean"); dhidden = dz W, dweight = dz^T h, dbias = sum of dz.
+    Written out because autograd records nothing inside a custom op; the tests hold it to autograd.
+    """
+    h, logits = _logits(hidden, weight, bias)
+    t = target.reshape(-1).long()
+    ignored = t == ignore_index
+    dz = torch.softmax(logits, dim=1) - label_smoothing / weight.shape[0]
+    dz[torch.arange(t.numel()), t.masked_fill(ignored, 0)] -= 1 - label_smoothing
+    g = grad_loss.to(logits.dtype)
+    if reduction == "none":
+        g = g.reshape(-1, 1)
+    elif reduction == "mean":
+        g = g / (~ignored).sum().clamp(min=1)  # every row ignored: zero gradients, as torch
+    dz = (dz * g).masked_fill(ignored[:, None], 0.0)
+    dbias = dz.sum(0).to(bias.dtype) if bias is not None else None
+    return (dz @ weight.to(dz.dtype)).to(hidden.dtype).view(hidden.shape), (dz.T @ h).to(weight.dtype), dbias

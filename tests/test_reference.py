@@ -230,3 +230,44 @@ def test_attention_backward_is_the_gradient_of_attention(causal, sq, sk):
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
         assert not g.isnan().any()
+
+
+# --------------------------------------------------------------------------- linear cross-entropy
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_linear_cross_entropy_and_its_backward_against_autograd(reduction, label_smoothing):
+    h, w, b = randn(9, 16, dtype=torch.float64), randn(37, 16, dtype=torch.float64), randn(37, dtype=torch.float64)
+    t = torch.randint(0, 37, (9,))
+    t[[1, 4]] = -100
+    leaves = [x.clone().requires_grad_() for x in (h, w, b)]
+    loss = ref.linear_cross_entropy(*leaves[:2], t, leaves[2], -100, reduction, label_smoothing)
+    # The loss written out: lse - (1 - e) z_t - e mean(z), averaged over the rows not ignored.
+    logits = h @ w.T + b
+    rows = logits.logsumexp(1) - (1 - label_smoothing) * logits.gather(1, t.clamp(min=0)[:, None])[:, 0] \
+        - label_smoothing * logits.mean(1)
+    rows = rows.masked_fill(t == -100, 0.0)
+    want = {"none": rows, "sum": rows.sum(), "mean": rows.sum() / 7}[reduction]
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
+    grad = 0.5 + torch.rand(loss.shape, dtype=torch.float64)
+    want_grads = torch.autograd.grad(loss, leaves, grad)
+    got = ref.linear_cross_entropy_backward(grad, h, w, t, b, -100, reduction, label_smoothing)
+    for g, expected in zip(got, want_grads):
+        torch.testing.assert_close(g, expected, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- SwiGLU
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_against_float64(dtype):
+    gate, up = randn(5, 77, dtype=dtype, scale=3.0), randn(5, 77, dtype=dtype)
+    g, u = gate.double(), up.double()
+    want = g / (1 + torch.exp(-g)) * u
+    rounded_once = ULP.get(dtype, 1e-6)  # fp32 math (a few fp32 ulps), rounded once to dtype
+    torch.testing.assert_close(ref.swiglu(gate, up).double(), want, rtol=rounded_once, atol=1e-7)
+
+
+def test_swiglu_backward_is_the_gradient_of_swiglu():
+    gate, up, dy = (randn(5, 77, dtype=torch.float64) for _ in range(3))
+    leaves = [gate.clone().requires_grad_(), up.clone().requires_grad_()]
+    want = torch.autograd.grad(ref.swiglu(*leaves), leaves, dy)
+    for got, expected in zip(ref.swiglu_backward(dy, gate, up), want):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
