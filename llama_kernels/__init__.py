@@ -6,6 +6,8 @@
     q, k = lk.apply_rope(q, k, theta=1e6)            # RoPE on q and k, one kernel
     inv_freq = lk.rope_inv_freq(128, theta=1e6, scaling={"rope_type": "linear", "factor": 4.0})
     o = lk.flash_attention(q, k, v, causal=True)     # (B, S, H, D), GQA, O(N) memory
+    y = lk.swiglu(gate, up)                          # silu(gate) * up, one kernel
+    loss = lk.fused_linear_cross_entropy(h, lm_head.weight, labels)  # the loss without the logits
     model = lk.CodeLlama.from_pretrained(path)       # Code Llama on these kernels (Meta's or HF's checkpoint)
     lk.patch_hf_llama()                              # or: transformers' Llama on these kernels
 
@@ -16,14 +18,17 @@ CUDA tensors run the Triton kernels; CPU tensors run ``llama_kernels.reference``
 
 from . import reference
 from .ops.attention import flash_attention, flash_attention_varlen
+from .ops.cross_entropy import fused_linear_cross_entropy
 from .ops.decode import flash_attention_with_kvcache
 from .ops.rms_norm import rms_norm
 from .ops.rope import apply_rope
+from .ops.swiglu import swiglu
 from .rope_scaling import rope_attention_factor, rope_inv_freq
 from .models import CodeLlama, CodeLlamaConfig, patch_hf_llama, unpatch_hf_llama  # last: they use the ops above
 
 __version__ = "0.1.0"
 
 __all__ = ["rms_norm", "apply_rope", "flash_attention", "flash_attention_varlen",
-           "flash_attention_with_kvcache", "rope_inv_freq", "rope_attention_factor", "reference", "CodeLlama",
-           "CodeLlamaConfig", "patch_hf_llama", "unpatch_hf_llama", "__version__"]
+           "flash_attention_with_kvcache", "swiglu", "fused_linear_cross_entropy", "rope_inv_freq",
+           "rope_attention_factor", "reference", "CodeLlama", "CodeLlamaConfig", "patch_hf_llama",
+           "unpatch_hf_llama", "__version__"]

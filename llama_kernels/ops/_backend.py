@@ -23,6 +23,9 @@ COMPILED = {
     "flash_attention": ("native",),
     "flash_attention_varlen": ("native",),
     "flash_attention_with_kvcache": ("native",),
+    # "native" here is the chunked CPU loop (torch matmuls and torch ops per chunk) until a C++ kernel lands.
+    "fused_linear_cross_entropy": ("native",),
+    "swiglu": (),  # CPU tensors run the reference (torch ops) until the C++ kernel lands
 }
 _DEVICE_OF = {"native": "cpu", "cuda": "cuda"}
 

@@ -1,0 +1,351 @@
+"""Fused linear cross-entropy: the loss of ``hidden @ weight.T + bias`` without the (N, V) logits.
+
+Math, per row i with logits z = h_i W^T + b (fp32), target t, smoothing e, V classes
+(``F.cross_entropy``'s definition):
+    loss_i = lse(z) - (1 - e) z_t - e mean_j(z_j)      (0 for an ignored row)
+    dz_j   = softmax(z)_j - (1 - e) [j == t] - e / V    (0 for an ignored row)
+    dh_i = dz W,  dW = sum_i dz_i^T h_i,  db = sum_i dz_i
+"mean" divides by the number of rows not ignored (nan when every row is: 0 / 0, as torch).
+
+Design (Liger's): the tokens go in chunks of C rows. Per chunk, the logits (C, V) are formed in
+fp32 by a matmul (cuBLAS on a GPU); one kernel turns them in place into dz and writes each row's
+loss and lse (``_logits_to_grad_kernel`` on Triton, ``_logits_to_grad_torch`` on the CPU); then
+dh_chunk = dz @ W and dW += dz^T @ h_chunk, both accumulated in fp32. Why this and not a fully
+fused matmul (Cut Cross-Entropy): the three matmuls stay cuBLAS's, at its peak, and 6 N H V FLOPs
+is what the materialized path does; the kernel between them is a memory-bound pass over a chunk.
+
+- "mean" and "sum": the gradients are computed in the forward (the upstream gradient is a
+  scalar) and scaled by it in the backward, so the whole step is one pass over the vocabulary.
+- "none": the upstream gradient scales each row differently, which dW cannot absorb after the
+  fact, so the forward computes the loss only and the backward recomputes the chunk's logits
+  (8 N H V FLOPs in all).
+- Nothing needs a gradient (no_grad, or no input requiring one): the loss only.
+- Memory: the chunk's fp32 logits, C x V x 4 bytes, C from ``chunk_rows`` (a fixed budget per
+  device, ``LOGITS_CHUNK_BYTES``), besides the gradients themselves (dW's fp32 accumulator, V x H
+  x 4 bytes when weight is 16-bit). Nothing of size N x V. On the CPU the matmuls run in fp32
+  (torch has no 16-bit matmul with fp32 output there): a 16-bit weight is upcast once per call.
+- Deterministic: chunks in a fixed order, no atomics, each sum in one place.
+- A target outside [0, V) that is not ignore_index is refused on the CPU. On a GPU it is not
+  checked on the host (that would sync), nor inside torch.compile (no data-dependent branch):
+  there its row's loss and gradient row are nan, and nothing outside the buffers is read or written.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .. import reference
+from .._checks import check_same_device, check_same_dtype, check_tensor
+from . import _triton
+from ._backend import resolve_backend
+
+REDUCTIONS = ("mean", "sum", "none")
+# The budget of one chunk's fp32 logits, per device type: big enough that the chunk's matmuls run
+# at the GEMM peak (2048 rows at V = 32,016 on a GPU), small beside the activations.
+LOGITS_CHUNK_BYTES = {"cuda": 256 * 2**20, "cpu": 32 * 2**20}
+
+
+def chunk_rows(n_rows: int, vocab: int, device: torch.device) -> int:
+    """How many tokens go through the loss at a time: as many as fit the device's logits budget."""
+    budget = LOGITS_CHUNK_BYTES.get(device.type, LOGITS_CHUNK_BYTES["cuda"])
+    return max(1, min(n_rows, budget // (4 * max(vocab, 1))))
+
+
+# --------------------------------------------------------------------------- the in-place step
+@triton.jit
+def _logits_to_grad_kernel(
+    logits_ptr, target_ptr, row_scale_ptr, loss_ptr, lse_ptr,
+    n_cols, stride_logits, ignore_index, label_smoothing,
+    WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """One row of fp32 logits: writes its loss and lse, and (WRITE_GRAD) overwrites it with dz * row_scale."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_logits
+    # Pass 1: online max and sum of exp, and the plain sum for the smoothing term.
+    running_max = -float("inf")
+    sum_exp = 0.0
+    sum_logits = 0.0
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        z = tl.load(row_ptr + cols, mask=cols < n_cols, other=-float("inf"))
+        new_max = tl.maximum(running_max, tl.max(z, axis=0))
+        sum_exp = sum_exp * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
+        sum_logits += tl.sum(tl.where(cols < n_cols, z, 0.0), axis=0)
+        running_max = new_max
+    lse = running_max + tl.log(sum_exp)
+
+    target = tl.load(target_ptr + row)
+    ignored = target == ignore_index
+    in_range = (target >= 0) & (target < n_cols)
+    # An out-of-range target reads nothing: its row gets a nan loss and a nan gradient.
+    z_target = tl.load(row_ptr + target, mask=in_range, other=float("nan"))
+    loss = lse - (1.0 - label_smoothing) * z_target - label_smoothing * sum_logits / n_cols
+    tl.store(loss_ptr + row, tl.where(ignored, 0.0, loss))
+    tl.store(lse_ptr + row, lse)
+    if WRITE_GRAD:
+        scale = tl.load(row_scale_ptr + row)
+        scale = tl.where(ignored, 0.0, tl.where(in_range, scale, float("nan")))
+        # The block barrier is not needed: each element is read and written by the same thread.
+        for start in range(0, n_cols, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            mask = cols < n_cols
+            z = tl.load(row_ptr + cols, mask=mask, other=0.0)
+            dz = tl.exp(z - lse) - label_smoothing / n_cols - tl.where(cols == target, 1.0 - label_smoothing, 0.0)
+            tl.store(row_ptr + cols, dz * scale, mask=mask)
+
+
+def _logits_to_grad_triton(logits, target, row_scale, ignore_index, label_smoothing, write_grad):
+    n_rows, n_cols = logits.shape
+    loss = _triton.new_output((n_rows,), torch.float32, logits.device)
+    lse = _triton.new_output((n_rows,), torch.float32, logits.device)
+    interpreted = _triton.target_of(logits.device) == "interpreter"
+    # The interpreter's block is small enough that the tests' vocabularies take several loop steps.
+    block_v = min(triton.next_power_of_2(n_cols), 2048 if interpreted else 4096)
+    _triton.launch(
+        _logits_to_grad_kernel, (n_rows,), logits.device, num_warps=8,
+        logits_ptr=logits, target_ptr=target, row_scale_ptr=row_scale if write_grad else loss,
+        loss_ptr=loss, lse_ptr=lse, n_cols=n_cols, stride_logits=logits.stride(0),
+        ignore_index=ignore_index, label_smoothing=label_smoothing, WRITE_GRAD=write_grad, BLOCK_V=block_v)
+    return loss, lse
+
+
+def _logits_to_grad_torch(logits, target, row_scale, ignore_index, label_smoothing, write_grad):
+    """The kernel's step in torch ops (the CPU path), an out-of-range target handled as the kernel does."""
+    n_rows, n_cols = logits.shape
+    ignored = target == ignore_index
+    in_range = (target >= 0) & (target < n_cols)
+    target = target.masked_fill(~in_range, 0)
+    lse = torch.logsumexp(logits, dim=1)
+    z_target = logits.gather(1, target[:, None])[:, 0].masked_fill(~in_range, float("nan"))
+    loss = lse - (1 - label_smoothing) * z_target - label_smoothing * logits.mean(dim=1)
+    loss = loss.masked_fill(ignored, 0.0)
+    if write_grad:
+        logits.sub_(lse[:, None]).exp_().sub_(label_smoothing / n_cols)
+        logits[torch.arange(n_rows, device=logits.device), target] -= 1 - label_smoothing
+        logits.mul_(row_scale.masked_fill(~in_range, float("nan")).masked_fill(ignored, 0.0)[:, None])
+    return loss, lse
+
+
+# --------------------------------------------------------------------------- the chunk loop
+def _matmul_dtype(t: Tensor) -> torch.dtype:
+    """The matmuls' operand dtype: the input's on a GPU (fp32 output through out_dtype), fp32 on the CPU."""
+    return t.dtype if t.is_cuda else torch.float32
+
+
+def _mm(a: Tensor, b: Tensor, accumulate: Tensor | None = None) -> Tensor:
+    """a @ b in fp32 (16-bit operands: fp32 accumulation and output); with ``accumulate``, added into it."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b) if accumulate is None else accumulate.addmm_(a, b)
+    if accumulate is None:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.addmm(accumulate, a, b, out_dtype=torch.float32, out=accumulate)
+
+
+def _row_scale(target: Tensor, ignore_index: int, reduction: str, grad_loss: Tensor | None = None) -> Tensor:
+    """What each row's dz is multiplied by: d(loss)/d(loss_i) (the kernel zeroes the ignored rows)."""
+    if reduction == "none":
+        return grad_loss.reshape(-1).float().contiguous()
+    scale = torch.ones(target.shape, dtype=torch.float32, device=target.device)
+    if reduction == "mean":  # every row ignored: zero gradients, as torch
+        scale /= (target != ignore_index).sum().clamp(min=1)
+    return scale
+
+
+def _chunked(hidden, weight, target, bias, row_scale, ignore_index, label_smoothing,
+             grad_hidden, grad_weight, grad_bias, backend):
+    """The loss per row (N,) fp32, and the gradients asked for (None for the others), each row's dz
+    scaled by row_scale (N,): dhidden in hidden's dtype, dweight and dbias in fp32."""
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    mm_dtype = _matmul_dtype(hidden)
+    weight_mm = weight.to(mm_dtype)
+    bias_f = bias.float() if bias is not None else None
+    step = _logits_to_grad_triton if backend == "triton" else _logits_to_grad_torch
+    write_grad = grad_hidden or grad_weight or grad_bias
+    loss = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
+    dhidden = torch.empty_like(hidden) if grad_hidden else None
+    dweight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_weight else None
+    dbias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if grad_bias else None
+    size = chunk_rows(n_rows, vocab, hidden.device)
+    for start in range(0, n_rows, size):
+        rows = slice(start, min(start + size, n_rows))
+        h = hidden[rows].to(mm_dtype)
+        logits = _mm(h, weight_mm.T)
+        if bias_f is not None:
+            logits += bias_f
+        loss[rows], _ = step(logits, target[rows], row_scale[rows] if write_grad else None, ignore_index,
+                             label_smoothing, write_grad)
+        if not write_grad:
+            continue
+        if grad_bias:
+            dbias += logits.sum(0)
+        dz = logits.to(mm_dtype)  # fp32 on the CPU; rounded to the input dtype for the GPU's matmuls
+        if grad_hidden:
+            dhidden[rows] = _mm(dz, weight_mm)
+        if grad_weight:
+            _mm(dz.T, h, accumulate=dweight)
+    return loss, dhidden, dweight, dbias
+
+
+def _reduce(loss: Tensor, target: Tensor, ignore_index: int, reduction: str) -> Tensor:
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":  # 0 / 0 = nan when every row is ignored, as torch
+        return loss.sum() / (target != ignore_index).sum()
+    return loss
+
+
+def _empty(t: Tensor) -> Tensor:
+    """The placeholder of a gradient not asked for (an op returns tensors only)."""
+    return t.new_empty(0)
+
+
+def _as_outputs(grads, wanted, hidden, weight, bias) -> tuple[Tensor, Tensor, Tensor]:
+    """(dhidden, dweight, dbias) in their inputs' dtypes, the ones not asked for as placeholders."""
+    likes = (hidden, weight, bias if bias is not None else weight)
+    return tuple(grad.to(like.dtype) if want else _empty(like) for grad, want, like in zip(grads, wanted, likes))
+
+
+# --------------------------------------------------------------------------- torch ops
+@torch.library.custom_op("llama_kernels::fused_linear_cross_entropy", mutates_args=())
+def _cross_entropy_op(
+    hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None, ignore_index: int, reduction: str,
+    label_smoothing: float, grad_hidden: bool, grad_weight: bool, grad_bias: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The loss and, for "mean" and "sum", the gradients asked for (of the loss itself; empty for the others)."""
+    if reduction == "none":  # the backward recomputes (see the module's docstring)
+        grad_hidden = grad_weight = grad_bias = False
+    if backend == "reference":
+        loss = reference.linear_cross_entropy(hidden, weight, target, bias, ignore_index, reduction, label_smoothing)
+        grads = (None, None, None)
+        if grad_hidden or grad_weight or grad_bias:
+            grads = reference.linear_cross_entropy_backward(
+                torch.ones((), device=hidden.device), hidden, weight, target, bias, ignore_index, reduction,
+                label_smoothing)
+    else:
+        row_scale = _row_scale(target, ignore_index, reduction) if reduction != "none" else None
+        loss, *grads = _chunked(hidden, weight, target, bias, row_scale, ignore_index, label_smoothing,
+                                grad_hidden, grad_weight, grad_bias, backend)
+        loss = _reduce(loss, target, ignore_index, reduction)
+    return loss, *_as_outputs(grads, (grad_hidden, grad_weight, grad_bias), hidden, weight, bias)
+
+
+@torch.library.custom_op("llama_kernels::fused_linear_cross_entropy_backward", mutates_args=())
+def _cross_entropy_backward_op(
+    grad_loss: Tensor, hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None, ignore_index: int,
+    label_smoothing: float, grad_hidden: bool, grad_weight: bool, grad_bias: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of reduction="none" for a per-row loss gradient: the chunks' logits recomputed."""
+    if backend == "reference":
+        grads = reference.linear_cross_entropy_backward(grad_loss, hidden, weight, target, bias, ignore_index,
+                                                        "none", label_smoothing)
+    else:
+        _, *grads = _chunked(hidden, weight, target, bias, _row_scale(target, ignore_index, "none", grad_loss),
+                             ignore_index, label_smoothing, grad_hidden, grad_weight, grad_bias, backend)
+    return _as_outputs(grads, (grad_hidden, grad_weight, grad_bias), hidden, weight, bias)
+
+
+def _fake_grads(hidden, weight, bias, grad_hidden, grad_weight, grad_bias):
+    bias_like = bias if bias is not None else weight
+    return tuple(torch.empty_like(like) if want else _empty(like) for want, like in
+                 ((grad_hidden, hidden), (grad_weight, weight), (grad_bias and bias is not None, bias_like)))
+
+
+@_cross_entropy_op.register_fake
+def _(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, grad_hidden, grad_weight, grad_bias,
+      backend):
+    loss = hidden.new_empty(target.shape if reduction == "none" else (), dtype=torch.float32)
+    if reduction == "none":
+        grad_hidden = grad_weight = grad_bias = False
+    return loss, *_fake_grads(hidden, weight, bias, grad_hidden, grad_weight, grad_bias)
+
+
+@_cross_entropy_backward_op.register_fake
+def _(grad_loss, hidden, weight, target, bias, ignore_index, label_smoothing, grad_hidden, grad_weight, grad_bias,
+      backend):
+    return _fake_grads(hidden, weight, bias, grad_hidden, grad_weight, grad_bias)
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, target, bias, ctx.ignore_index, ctx.reduction, ctx.label_smoothing, *flags, ctx.backend = inputs
+    ctx.flags = tuple(flags)
+    ctx.has_bias = bias is not None
+    if ctx.reduction == "none":
+        ctx.save_for_backward(hidden, weight, target, bias)
+    else:
+        ctx.save_for_backward(*output[1:])
+
+
+def _backward(ctx, grad_loss, *_):
+    if ctx.reduction == "none":
+        hidden, weight, target, bias = ctx.saved_tensors
+        grads = torch.ops.llama_kernels.fused_linear_cross_entropy_backward(
+            grad_loss, hidden, weight, target, bias, ctx.ignore_index, ctx.label_smoothing, *ctx.flags, ctx.backend)
+    else:  # the forward's gradients of the loss, times the scalar upstream gradient
+        grads = [grad * grad_loss for grad in ctx.saved_tensors]
+    dhidden, dweight, dbias = (grad if want else None for grad, want in zip(grads, ctx.flags))
+    return dhidden, dweight, None, dbias if ctx.has_bias else None, None, None, None, None, None, None, None
+
+
+_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public function
+def fused_linear_cross_entropy(
+    hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None, *, ignore_index: int = -100,
+    reduction: str = "mean", label_smoothing: float = 0.0, backend: str | None = None,
+) -> Tensor:
+    """``F.cross_entropy(hidden @ weight.T + bias, target, ...)`` computed in fp32, without the logits.
+
+    hidden: (..., H) fp16, bf16 or fp32 (e.g. a language model's last hidden states, shifted);
+    weight: (V, H), bias: (V,) or None, both in hidden's dtype (e.g. ``lm_head.weight``);
+    target: hidden.shape[:-1] class indices (int32 or int64), ``ignore_index`` for rows without a loss.
+    Returns an fp32 scalar for "mean" (over the rows not ignored; nan if none is) and "sum", of
+    target's shape for "none". ``label_smoothing`` as torch defines it. Differentiable in hidden,
+    weight and bias; deterministic. Memory beyond the gradients: one chunk of fp32 logits
+    (``chunk_rows``). backend: None picks Triton's step for CUDA tensors and the chunked torch
+    loop ("native") for CPU tensors; "reference" materializes the logits.
+    """
+    check_tensor("hidden", hidden)
+    check_tensor("weight", weight, ndim=2)
+    check_tensor("target", target, dtypes=(torch.int64, torch.int32))
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden: expected (..., H) with at least 2 dimensions, got shape {tuple(hidden.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight: expected (V, {hidden.shape[-1]}) to match hidden's width, "
+                         f"got {tuple(weight.shape)}")
+    if target.shape != hidden.shape[:-1]:
+        raise ValueError(f"target: expected shape {tuple(hidden.shape[:-1])} (hidden's without H), "
+                         f"got {tuple(target.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias: expected shape ({weight.shape[0]},) to match weight's rows, "
+                             f"got {tuple(bias.shape)}")
+    check_same_dtype(hidden=hidden, weight=weight, bias=bias)
+    check_same_device(hidden=hidden, weight=weight, target=target, bias=bias)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
+            or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing: expected a float in [0, 1], got {label_smoothing!r}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight: expected at least one class (V >= 1), got shape (0, H)")
+    target = target.reshape(-1).long()
+    # On a GPU checking would sync, and a compiled graph cannot branch on data: there such a row's loss is nan.
+    if target.device.type == "cpu" and not torch.compiler.is_compiling():
+        bad = (target != ignore_index) & ((target < 0) | (target >= weight.shape[0]))
+        if bad.any():
+            raise ValueError(f"target: expected class indices in [0, {weight.shape[0]}) or ignore_index="
+                             f"{ignore_index}, got {target[bad][0].item()}")
+    backend = resolve_backend(hidden, backend, "fused_linear_cross_entropy")
+    wants_grad = torch.is_grad_enabled()
+    flags = [wants_grad and t is not None and t.requires_grad for t in (hidden, weight, bias)]
+    loss, *_ = torch.ops.llama_kernels.fused_linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]), weight, target, bias, ignore_index, reduction, float(label_smoothing),
+        *flags, backend)
+    return loss.view(hidden.shape[:-1]) if reduction == "none" else loss
