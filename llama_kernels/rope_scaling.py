@@ -17,6 +17,8 @@ import math
 import torch
 from torch import Tensor
 
+from ._checks import check_real
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
@@ -32,10 +34,16 @@ def rope_type(scaling: dict | None) -> str:
     return kind
 
 
-def _require(scaling: dict, key: str, kind: str):
+def _require(scaling: dict, key: str, kind: str) -> float:
+    """scaling[key], which rope_type `kind` needs: every such parameter is a positive number."""
     if scaling.get(key) is None:
         raise ValueError(f"scaling: rope_type {kind!r} needs the key {key!r}")
-    return scaling[key]
+    return check_real(f"scaling[{key!r}]", scaling[key], above=0)
+
+
+def _optional(scaling: dict, key: str, default: float | None) -> float | None:
+    """scaling[key] if set (a positive number), else default."""
+    return default if scaling.get(key) is None else check_real(f"scaling[{key!r}]", scaling[key], above=0)
 
 
 def rope_inv_freq(
@@ -60,8 +68,7 @@ def rope_inv_freq(
     """
     if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
         raise ValueError(f"head_dim: expected a positive even int, got {head_dim!r}")
-    if not theta > 1:
-        raise ValueError(f"theta: expected a RoPE base > 1, got {theta!r}")
+    theta = check_real("theta", theta, above=1)
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"dtype: expected torch.float32 or torch.float64, got {dtype}")
     kind = rope_type(scaling)
@@ -69,9 +76,10 @@ def rope_inv_freq(
 
     if kind == "dynamic":
         factor = _require(scaling, "factor", kind)
-        max_pos = max_position_embeddings or scaling.get("original_max_position_embeddings")
+        max_pos = max_position_embeddings or _optional(scaling, "original_max_position_embeddings", None)
         if max_pos is None:
             raise ValueError("max_position_embeddings: rope_type 'dynamic' needs the trained context length")
+        check_real("max_position_embeddings", max_pos, above=0)
         seq_len = max(seq_len or max_pos, max_pos)
         theta = theta * ((factor * seq_len / max_pos) - (factor - 1)) ** (head_dim / (head_dim - 2))
 
@@ -92,6 +100,9 @@ def _llama3_inv_freq(inv_freq: Tensor, scaling: dict) -> Tensor:
     low_freq_factor = _require(scaling, "low_freq_factor", "llama3")
     high_freq_factor = _require(scaling, "high_freq_factor", "llama3")
     old_context = _require(scaling, "original_max_position_embeddings", "llama3")
+    if not high_freq_factor > low_freq_factor:  # the ramp between them divides by their difference
+        raise ValueError(f"scaling['high_freq_factor']: expected more than low_freq_factor ({low_freq_factor}), "
+                         f"got {high_freq_factor}")
     low_freq_wavelen = old_context / low_freq_factor
     high_freq_wavelen = old_context / high_freq_factor
     wavelen = 2 * math.pi / inv_freq
@@ -106,8 +117,8 @@ def _yarn_inv_freq(head_dim, theta, pos_freqs, scaling, max_position_embeddings)
     """YaRN: interpolate the low frequencies, extrapolate the high ones, linear ramp between."""
     old_context = _require(scaling, "original_max_position_embeddings", "yarn")
     factor = _yarn_factor(scaling, max_position_embeddings)
-    beta_fast = scaling.get("beta_fast") or 32
-    beta_slow = scaling.get("beta_slow") or 1
+    beta_fast = _optional(scaling, "beta_fast", 32)
+    beta_slow = _optional(scaling, "beta_slow", 1)
 
     def correction_dim(num_rotations):
         return (head_dim * math.log(old_context / (num_rotations * 2 * math.pi))) / (2 * math.log(theta))
@@ -126,11 +137,12 @@ def _yarn_inv_freq(head_dim, theta, pos_freqs, scaling, max_position_embeddings)
 
 
 def _yarn_factor(scaling: dict, max_position_embeddings: int | None) -> float:
-    factor = scaling.get("factor")
+    factor = _optional(scaling, "factor", None)
     if factor is None:
         if max_position_embeddings is None:
             raise ValueError("scaling: rope_type 'yarn' needs 'factor' or max_position_embeddings")
-        factor = max_position_embeddings / _require(scaling, "original_max_position_embeddings", "yarn")
+        factor = check_real("max_position_embeddings", max_position_embeddings, above=0) / _require(
+            scaling, "original_max_position_embeddings", "yarn")
     return factor
 
 
@@ -139,12 +151,14 @@ def rope_attention_factor(scaling: dict | None, *, max_position_embeddings: int 
     if rope_type(scaling) != "yarn":
         return 1.0
     if scaling.get("attention_factor") is not None:
-        return float(scaling["attention_factor"])
+        return _optional(scaling, "attention_factor", None)
     factor = _yarn_factor(scaling, max_position_embeddings)
 
     def mscale(scale, m=1.0):
         return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
 
-    if scaling.get("mscale") and scaling.get("mscale_all_dim"):
-        return float(mscale(factor, scaling["mscale"]) / mscale(factor, scaling["mscale_all_dim"]))
+    # As HF: the ratio only when both are set and non-zero (0 is a value configs use for "not set").
+    m, m_all_dim = (check_real(f"scaling[{key!r}]", scaling.get(key) or 0) for key in ("mscale", "mscale_all_dim"))
+    if m and m_all_dim:
+        return float(mscale(factor, m) / mscale(factor, m_all_dim))
     return float(mscale(factor))

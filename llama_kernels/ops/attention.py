@@ -38,7 +38,7 @@ from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .. import _native, reference
-from .._checks import check_same_device, check_same_dtype, check_tensor
+from .._checks import check_same_device, check_same_dtype, check_tensor, values_readable
 from . import _triton
 from ._backend import resolve_backend
 
@@ -538,6 +538,16 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------- public functions
+def _autocast(q, k, v):
+    """q, k and v in the autocast dtype when autocast is on for their device (as SDPA under autocast: inputs from
+    linears are in it already, an fp32 one is cast); as they are otherwise. Autograd records the casts."""
+    device_type = q.device.type if isinstance(q, Tensor) else None
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in (q, k, v))
+    return q, k, v
+
+
 def _check_qkv(q, k, v, ndim: int) -> None:
     names = "(B, S, H, D)" if ndim == 4 else "(total, H, D)"
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -581,8 +591,10 @@ def flash_attention(
     return_lse: also return the log-sum-exp (B, Hq, Sq), fp32, natural log (differentiable).
     deterministic: accepted for flash-attn compatibility; the backward is always deterministic
         (no atomics: each key block's GQA group is reduced by one program).
+    Autocast: q, k and v are cast to the autocast dtype (as SDPA is); o has it, lse stays fp32.
     Returns o (B, Sq, Hq, D), or (o, lse).
     """
+    q, k, v = _autocast(q, k, v)
     _check_qkv(q, k, v, ndim=4)
     scale = _softmax_scale(softmax_scale, q.shape[-1])
     backend = resolve_backend(q, backend, "flash_attention")
@@ -599,10 +611,13 @@ def flash_attention_varlen(
 
     q: (total_q, Hq, D); k, v: (total_k, Hk, D); sequence b is q[cu_seqlens_q[b]:cu_seqlens_q[b+1]]
     and k, v[cu_seqlens_k[b]:cu_seqlens_k[b+1]]; cu_seqlens int32 (batch + 1,), starting at 0,
-    non-decreasing. max_seqlen_q/k: at least the longest sequence (sizes the grid).
+    non-decreasing. max_seqlen_q/k: at least the longest sequence (sizes the grid; a value past the
+    total token count is taken as that count).
     lse: (Hq, total_q). Otherwise as ``flash_attention``.
     """
+    q, k, v = _autocast(q, k, v)
     _check_qkv(q, k, v, ndim=3)
+    max_seqlens = []
     for name, cu, total, max_len in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
                                      ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
         check_tensor(name, cu, dtypes=(torch.int32,), ndim=1)
@@ -612,7 +627,8 @@ def flash_attention_varlen(
                              f"got {tuple(cu.shape)}")
         if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 0:
             raise TypeError(f"max_seqlen_{name[-1]}: expected a non-negative int, got {max_len!r}")
-        if not torch.compiler.is_compiling():  # reads the offsets on the host: skipped inside compiled graphs
+        max_seqlens.append(min(max_len, total))  # the grid covers max_len queries: no sequence is longer than total
+        if values_readable(cu):  # reads the offsets on the host: skipped in compiled graphs and for meta tensors
             lengths = cu[1:] - cu[:-1]
             if cu[0].item() != 0 or cu[-1].item() != total or (lengths < 0).any().item():
                 raise ValueError(f"{name}: expected non-decreasing offsets from 0 to {total}, got {cu.tolist()}")
@@ -621,6 +637,7 @@ def flash_attention_varlen(
                                  f"({lengths.max().item()}), got {max_len}")
     scale = _softmax_scale(softmax_scale, q.shape[-1])
     backend = resolve_backend(q, backend, "flash_attention_varlen")
+    # The kernels index cu_seqlens as contiguous memory: the host checks above read the same values.
     o, lse = torch.ops.llama_kernels.flash_attention_forward(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal), scale, backend)
+        q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), *max_seqlens, bool(causal), scale, backend)
     return (o, lse) if return_lse else o

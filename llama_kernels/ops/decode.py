@@ -29,7 +29,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _native, reference
-from .._checks import check_same_device, check_same_dtype, check_tensor
+from .._checks import (check_no_self_overlap, check_real, check_same_device, check_same_dtype, check_tensor,
+                       values_readable)
 from ..rope_scaling import rope_inv_freq
 from . import _triton
 from ._backend import resolve_backend
@@ -193,6 +194,8 @@ def _kvcache_op(
     inv_freq: Tensor | None, interleaved: bool, causal: bool, softmax_scale: float, num_splits: int, backend: str,
 ) -> tuple[Tensor, Tensor]:
     batch, seqlen_q = q.shape[:2]
+    if batch == 0:  # nothing to attend (and no split count for no programs)
+        return torch.empty_like(q), q.new_empty((0, q.shape[2], seqlen_q), dtype=torch.float32)
     positions = cache_seqlens.long()[:, None] + torch.arange(seqlen_q, device=q.device)  # (B, Sq)
     if k is not None and backend == "triton":
         # One kernel: q rotated, the new k rotated into k_cache and v copied into v_cache at their positions
@@ -244,15 +247,20 @@ def flash_attention_with_kvcache(
     num_splits: 0 picks the split count from batch, heads, cache size and the card; any value gives
         the same result within rounding.
     Returns o (B, Sq, Hq, D), or (o, lse) with lse (B, Hq, Sq) fp32, which merges with
-    ``flash_attention``'s. Inference only (no autograd). The caller advances cache_seqlens.
+    ``flash_attention``'s. Inference only: with grad mode on, a tensor that requires grad is refused
+    (there is no backward, and the caches are written in place). The caller advances cache_seqlens.
+    Autocast: no autocast rule and no casts (a cast cache would be a copy, and the append would be
+    lost): q, the caches and k, v must share one dtype, e.g. caches allocated in the autocast dtype.
     cache_seqlens outside 0 <= cache_seqlens[b] <= S_max - (Sq if appending else 0): on the CPU,
     and with backend="reference", a ValueError (reading cache_seqlens costs nothing there); on a GPU
     the kernels check it without a host sync, write nothing outside the caches and return NaN in
     that sequence's o and lse.
     """
     check_tensor("q", q, ndim=4)
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        check_tensor(name, t, ndim=4)
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
+        if t is not None:
+            check_tensor(name, t, ndim=4)
+    check_tensor("cache_seqlens", cache_seqlens, dtypes=(torch.int32,), ndim=1)
     check_same_dtype(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v)
     check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, k=k, v=v)
     batch, seqlen_q, n_q_heads, head_dim = q.shape
@@ -267,7 +275,6 @@ def flash_attention_with_kvcache(
         raise ValueError(f"k_cache: expected a head count that divides q's {n_q_heads} heads, got {k_cache.shape[2]}")
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"v_cache: expected k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
-    check_tensor("cache_seqlens", cache_seqlens, dtypes=(torch.int32,), ndim=1)
     if cache_seqlens.shape[0] != batch:
         raise ValueError(f"cache_seqlens: expected shape (B,) = ({batch},), got {tuple(cache_seqlens.shape)}")
     if (k is None) != (v is None):
@@ -275,18 +282,26 @@ def flash_attention_with_kvcache(
     if k is not None:
         expected = (batch, seqlen_q, k_cache.shape[2], head_dim)
         for name, t in (("k", k), ("v", v)):
-            check_tensor(name, t, ndim=4)
             if tuple(t.shape) != expected:
                 raise ValueError(f"{name}: expected shape (B, Sq, Hk, D) = {expected}, got {tuple(t.shape)}")
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
         if t is not None and t.stride(-1) != 1:
             raise ValueError(f"{name}: expected the last dimension contiguous (stride 1), got stride {t.stride(-1)}")
+    if k is not None:  # appended to: the caches are written
+        check_no_self_overlap("k_cache", k_cache)
+        check_no_self_overlap("v_cache", v_cache)
+    if torch.is_grad_enabled():
+        for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
+            if t is not None and t.requires_grad:
+                raise ValueError(f"{name}: expected a tensor that does not require grad: flash_attention_with_kvcache "
+                                 "is inference-only (no backward; the caches are written in place); call it under "
+                                 "torch.no_grad() or pass detached tensors")
     if not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 0:
         raise ValueError(f"num_splits: expected an int >= 0 (0: automatic), got {num_splits!r}")
     if rope_theta is not None and inv_freq is not None:
         raise ValueError("rope_theta, inv_freq: expected at most one of them")
     if rope_theta is not None:
-        inv_freq = rope_inv_freq(head_dim, float(rope_theta), device=q.device)
+        inv_freq = rope_inv_freq(head_dim, check_real("rope_theta", rope_theta, above=1), device=q.device)
     elif inv_freq is not None:
         check_tensor("inv_freq", inv_freq, dtypes=(torch.float32, torch.float64), ndim=1)
         if inv_freq.shape[0] != head_dim // 2:
@@ -295,10 +310,10 @@ def flash_attention_with_kvcache(
     backend = resolve_backend(q, backend, "flash_attention_with_kvcache")
     # On a GPU reading cache_seqlens syncs every step (with it, batch-1 steps ran at 18-29% of the copy bandwidth
     # on an H100); the Triton kernels check it there. The reference path reads it anyway.
-    if not torch.compiler.is_compiling() and (not q.is_cuda or backend == "reference"):
+    if values_readable(cache_seqlens) and (not q.is_cuda or backend == "reference"):
         appended = seqlen_q if k is not None else 0
         lengths = cache_seqlens.tolist()
-        if min(lengths) < 0 or max(lengths) + appended > k_cache.shape[1]:
+        if lengths and (min(lengths) < 0 or max(lengths) + appended > k_cache.shape[1]):
             raise ValueError(f"cache_seqlens: expected 0 <= cache_seqlens[b] and cache_seqlens[b] + {appended} "
                              f"(new tokens) <= k_cache's S_max = {k_cache.shape[1]}, got {lengths}")
     scale = _softmax_scale(softmax_scale, head_dim)

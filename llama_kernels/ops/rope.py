@@ -27,7 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _native, reference
-from .._checks import check_same_device, check_same_dtype, check_tensor
+from .._checks import check_no_self_overlap, check_real, check_same_device, check_same_dtype, check_tensor
 from ..rope_scaling import rope_inv_freq
 from . import _triton
 from ._backend import resolve_backend
@@ -205,12 +205,23 @@ def _rope_reference(q, k, positions, position_offset, inv_freq, attention_factor
     return reference.apply_rope(q, k, -pos if inverse else pos, inv_freq, interleaved, attention_factor)
 
 
+def _contiguous_heads(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _rope_extension(q, k, q_out, k_out, positions, position_offset, inv_freq, attention_factor, interleaved,
                     inverse):
-    """The extension's kernel (C++ on CPU tensors, CUDA on CUDA tensors); q_out, k_out may be q, k (in place)."""
+    """The extension's kernel (C++ on CPU tensors, CUDA on CUDA tensors); q_out, k_out may be q, k (in place).
+    The kernel takes heads with a contiguous last dim: other layouts go through a copy (copied back in place)."""
     batch, seqlen = q.shape[:2]
     pos = reference.rope_positions(positions if positions is not None else position_offset, batch, seqlen, q.device)
-    _native.ops().rope(q_out, k_out, q, k, pos.long(), inv_freq, attention_factor, interleaved, inverse)
+    inplace = q_out is q
+    q_in, k_in = _contiguous_heads(q), _contiguous_heads(k)
+    q_dst, k_dst = (q_in, k_in) if inplace else (q_out, k_out)
+    _native.ops().rope(q_dst, k_dst, q_in, k_in, pos.long(), inv_freq, attention_factor, interleaved, inverse)
+    for t, rotated in ((q, q_in), (k, k_in)):
+        if inplace and rotated is not t:
+            t.copy_(rotated)
 
 
 # --------------------------------------------------------------------------- torch ops
@@ -298,6 +309,8 @@ def apply_rope(
     attention_factor: multiplies cos and sin (YaRN: ``rope_attention_factor``).
     precise: when inv_freq is None, compute it and the angles in float64.
     Returns (q_rotated, k_rotated). Differentiable in q and k when not in place.
+    Autocast: no autocast rule; q and k keep their dtype (both come from linears: the autocast dtype),
+        as HF's unpatched rotation does, and must share it.
     """
     check_tensor("q", q, ndim=4)
     check_tensor("k", k, ndim=4)
@@ -318,6 +331,10 @@ def apply_rope(
         raise TypeError(f"positions: expected None, an int or an integer tensor, got {type(positions).__name__}")
     if isinstance(positions, int):
         position_offset, positions = positions, None
+        # Every position, and its negation (the backward's), must be an int64.
+        if not -(2**63 - 1) <= position_offset <= 2**63 - 1 - max(seqlen - 1, 0):
+            raise ValueError(f"positions: expected an int offset such that offset..offset+S-1 fit int64, "
+                             f"got {position_offset}")
     elif positions is not None:
         check_tensor("positions", positions, dtypes=(torch.int32, torch.int64), ndim=(1, 2))
         expected = (seqlen,) if positions.dim() == 1 else (batch, seqlen)
@@ -326,13 +343,12 @@ def apply_rope(
         check_same_device(q=q, positions=positions)
 
     if inv_freq is None:
-        if not theta > 1:
-            raise ValueError(f"theta: expected a RoPE base > 1, got {theta!r}")
+        theta = check_real("theta", theta, above=1)
         dtype = torch.float64 if precise else torch.float32
         if torch.compiler.is_compiling():
-            inv_freq = rope_inv_freq(head_dim, float(theta), dtype=dtype, device=q.device)
+            inv_freq = rope_inv_freq(head_dim, theta, dtype=dtype, device=q.device)
         else:
-            inv_freq = _cached_inv_freq(head_dim, float(theta), dtype, q.device)
+            inv_freq = _cached_inv_freq(head_dim, theta, dtype, q.device)
     else:
         check_tensor("inv_freq", inv_freq, dtypes=(torch.float32, torch.float64), ndim=1)
         if inv_freq.shape[0] != head_dim // 2:
@@ -343,10 +359,13 @@ def apply_rope(
     inv_freq = inv_freq.contiguous()
 
     backend = resolve_backend(q, backend, "rope")
-    args = (positions, position_offset, inv_freq, float(attention_factor), bool(interleaved), False, backend)
+    args = (positions, position_offset, inv_freq, check_real("attention_factor", attention_factor), bool(interleaved),
+            False, backend)
     if inplace:
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
             raise ValueError("inplace: in-place RoPE has no autograd; q or k requires grad, use inplace=False")
+        check_no_self_overlap("q", q)
+        check_no_self_overlap("k", k)
         torch.ops.llama_kernels.rope_(q, k, *args)
         return q, k
     q_out, k_out = torch.ops.llama_kernels.rope(q, k, *args)
