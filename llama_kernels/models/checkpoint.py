@@ -61,7 +61,9 @@ META_DROPPED = {"rope.freqs"}
 
 # The stored dtypes a checkpoint's weights may have (converted on loading); safetensors' names for them.
 CHECKPOINT_DTYPES = (*FLOAT_DTYPES, torch.float64)
-_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
 
 HF_CONFIG = "config.json"
 # (single file, index of shards), in order of preference
@@ -254,7 +256,7 @@ class _SafetensorsFile:
 
     def dtype(self, name: str) -> torch.dtype:
         stored = self._file.get_slice(name).get_dtype()
-        return _SAFETENSORS_DTYPES.get(stored, stored)  # another (integer, fp8) kept as safetensors names it
+        return _SAFETENSORS_DTYPES.get(stored, stored)  # another (fp8, ...) kept as safetensors names it
 
     def get(self, name: str) -> Tensor:
         return self._file.get_tensor(name)
