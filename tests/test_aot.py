@@ -17,4 +17,4 @@ def test_ahead_of_time_compile_is_clean(tmp_path):
         for kernel in ("rms_norm_fwd", "rms_norm_bwd", "rope", "attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq"):
             assert any(line.startswith(target) and kernel in line for line in run.stdout.splitlines()), (target, kernel)
     assert " 0 failed" in run.stdout
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith("torchinductor_")] == []  # torch's own cache
