@@ -17,8 +17,10 @@ from llama_kernels import cli
 from llama_kernels.bench import model, report
 
 REPO = Path(__file__).resolve().parent.parent
-MEMORY_BOUND = {"rms_norm", "rms_norm_residual", "rms_norm_bwd", "rms_norm_fwd_bwd", "rope", "rope_bwd", "decode"}
+MEMORY_BOUND = {"rms_norm", "rms_norm_residual", "rms_norm_bwd", "rms_norm_fwd_bwd", "rope", "rope_bwd", "decode",
+                "swiglu", "swiglu_bwd"}
 ATTENTION = {"attention", "attention_causal", "attention_bwd", "attention_bwd_causal"}
+MATMUL_BOUND = ATTENTION | {"cross_entropy"}
 
 
 def run(*args, timeout=120):
@@ -34,17 +36,18 @@ def test_quick_benchmark_prints_the_table_and_writes_json_and_png(tmp_path):
     assert "[1/" in proc.stderr  # progress
     assert (proc.stdout + proc.stderr).count("CPU FIGURES") == 1  # the notice, in the table
     # No progress line for a provider that cannot run here; one line lists them with the reason.
-    assert not any(line.startswith("[") and line.endswith((" liger", " sdpa_cudnn")) for line in proc.stderr.splitlines())
+    progress = [line for line in proc.stderr.splitlines() if line.startswith("[")]
+    assert not any(line.endswith((" liger", " sdpa_cudnn")) for line in progress)
     assert "skipped: liger (Liger-Kernel needs CUDA), " in proc.stderr
 
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["quick"] and result["device"]["kind"] == "cpu" and "CPU FIGURES" in result["device"]["notice"]
     assert result["ceilings"]["copy"]["gbps"] > 0 and result["ceilings"]["matmul"]["tflops"] > 0
-    assert set(result["cases"]) == MEMORY_BOUND | ATTENTION
+    assert set(result["cases"]) == MEMORY_BOUND | MATMUL_BOUND
     rows = {(r["case"], r["provider"]): r for r in result["rows"]}
-    for case in MEMORY_BOUND | ATTENTION:
-        peer, unit, ceiling, work = ("sdpa_flash", "TFLOP/s", "matmul", "flops") if case in ATTENTION else \
-            ("sdpa_flash" if case == "decode" else "eager", "GB/s", "copy", "bytes")
+    for case in MEMORY_BOUND | MATMUL_BOUND:
+        peer = "sdpa_flash" if case in ATTENTION | {"decode"} else "eager"
+        unit, ceiling, work = ("TFLOP/s", "matmul", "flops") if case in MATMUL_BOUND else ("GB/s", "copy", "bytes")
         ours, other = rows[(case, "ours")], rows[(case, peer)]
         assert ours["status"] == other["status"] == "ok", (ours, other)
         assert ours["unit"] == unit and ours["ceiling"] == ceiling
