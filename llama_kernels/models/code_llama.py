@@ -225,10 +225,14 @@ class CodeLlama(nn.Module):
         """Logits (B, S, vocab) of the tokens (B, S), or (B, 1, vocab) at positions ``logits_at`` (B,).
 
         With a cache, the tokens follow what each sequence already holds (an empty cache: a
-        prefill from position 0), and the cache is advanced by S.
+        prefill from position 0), and the cache is advanced by S; a forward with a cache runs without
+        autograd (generation: the decode kernel writes the caches in place and has no backward).
         """
         if tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"tokens: expected an integer tensor (B, S), got {tokens.dtype} {tuple(tokens.shape)}")
+        if cache is not None and torch.is_grad_enabled():  # generation: decoding writes the caches, has no backward
+            with torch.no_grad():
+                return self.forward(tokens, cache, logits_at)
         batch, seqlen = tokens.shape
         prefill = cache is not None and cache.filled == 0
         if cache is not None and self.context_parallel is not None:
