@@ -59,25 +59,44 @@ def test_cuda_backend_needs_cuda_tensors():
 
 @built
 @pytest.mark.parametrize("call,match", [
-    (lambda ops: ops.rms_norm(randn(4, 32).double(), None, randn(32).double(), 1e-5), r"^x must be float32, bfloat16 or float16, got Double"),
-    (lambda ops: ops.rms_norm(randn(4, 32), None, randn(31), 1e-5), r"weight"),
-    (lambda ops: ops.rms_norm(randn(4, 32), randn(4, 31), randn(32), 1e-5), r"residual"),
-    (lambda ops: ops.attention(randn(1, 5, 4, 64), randn(1, 5, 3, 64), randn(1, 5, 3, 64), True, 0.1), r"k.*head"),
+    (lambda ops: ops.rms_norm(randn(4, 32).double(), None, randn(32).double(), 1e-5),
+     r"^rms_norm: x: expected dtype float32, bfloat16 or float16, got Double"),
+    (lambda ops: ops.rms_norm(randn(32, 4).t(), None, randn(32), 1e-5),
+     r"^rms_norm: x: expected a contiguous last dim \(stride 1\), got strides \[1, 4\]"),
+    (lambda ops: ops.rms_norm(randn(4, 32), None, randn(31), 1e-5),
+     r"^rms_norm: weight: expected shape \[32\], got \[31\]"),
+    (lambda ops: ops.rms_norm(randn(4, 32).bfloat16(), None, randn(32).half(), 1e-5),
+     r"^rms_norm: weight: expected dtype BFloat16 \(x's\) or float32, got Half"),
+    (lambda ops: ops.rms_norm(randn(4, 32), randn(4, 31), randn(32), 1e-5),
+     r"^rms_norm: residual: expected shape \[4, 32\], got \[4, 31\]"),
+    (lambda ops: ops.rms_norm_backward(randn(4, 32).half(), None, randn(4, 32), randn(32), 1e-5),
+     r"^rms_norm_backward: dy: expected dtype Float, got Half"),
+    (lambda ops: ops.rope(*(randn(1, 5, 4, 64),) * 4, torch.zeros(1, 4, dtype=torch.long), randn(32), 1.0, False,
+                          False), r"^rope: positions: expected shape \[1, 5\], got \[1, 4\]"),
+    (lambda ops: ops.attention(randn(1, 5, 4, 64), randn(1, 5, 3, 64), randn(1, 5, 3, 64), True, 0.1),
+     r"^attention: k: expected a number of heads dividing q's 4, got 3"),
     (lambda ops: ops.attention(randn(1, 5, 4, 64), randn(1, 5, 4, 64).half(), randn(1, 5, 4, 64), True, 0.1),
-     r"k.*dtype|dtype.*k"),
+     r"^attention: k: expected dtype Float, got Half"),
     (lambda ops: ops.attention_kvcache(randn(1, 1, 4, 64), randn(1, 8, 4, 64), randn(1, 8, 4, 64),
-                                       torch.tensor([3]), True, 0.1), r"seqlens_k.*int32|int32.*seqlens_k"),
+                                       torch.tensor([3]), True, 0.1),
+     r"^attention_kvcache: seqlens_k: expected dtype Int"),
+    (lambda ops: ops.attention_kvcache(randn(1, 1, 4, 64), randn(1, 8, 4, 64), randn(1, 8, 4, 64),
+                                       torch.tensor([9], dtype=torch.int32), True, 0.1),
+     r"^attention_kvcache: seqlens_k: expected values in \[0, 8\] \(the cache length\), got 9 at index 0"),
     (lambda ops: ops.attention_backward(*(randn(1, 5, 4, 64),) * 4, randn(1, 6, 4, 64), randn(1, 4, 5), None, True,
-                                        0.1), r"^o: expected the shape of q"),
+                                        0.1),
+     r"^attention_backward: o: expected shape \[1, 5, 4, 64\], got \[1, 6, 4, 64\]"),
     (lambda ops: ops.attention_backward(*(randn(1, 5, 4, 64),) * 5, randn(1, 4, 5).double(), None, True, 0.1),
-     r"^lse: expected dtype float32"),
+     r"^attention_backward: lse: expected dtype Float, got Double"),
     (lambda ops: ops.attention_backward(*(randn(1, 5, 4, 64),) * 5, randn(1, 4, 5), randn(1, 5, 4), True, 0.1),
-     r"^dlse: expected shape"),
-], ids=["rms-float64", "rms-weight-shape", "rms-residual-shape", "attention-heads", "attention-dtype", "seqlens-dtype",
-        "backward-o-shape", "backward-lse-dtype", "backward-dlse-shape"])
-def test_the_extension_checks_its_arguments(call, match):
-    """Called directly (the public functions check first), the C++ ops refuse bad input with a message that names
-    the argument: a RuntimeError from TORCH_CHECK, never a crash."""
+     r"^attention_backward: dlse: expected shape \[1, 4, 5\], got \[1, 5, 4\]"),
+], ids=["rms-float64", "rms-strided-rows", "rms-weight-shape", "rms-weight-dtype", "rms-residual-shape",
+        "rms-backward-dy-dtype", "rope-positions-shape", "attention-heads", "attention-dtype", "seqlens-dtype",
+        "seqlens-past-the-cache", "backward-o-shape", "backward-lse-dtype", "backward-dlse-shape"])
+def test_the_extension_guards_its_memory_accesses(call, match):
+    """Called directly (the public functions check their arguments first), the C++ ops refuse what would read or
+    write out of bounds with a message "op: argument: expected ..., got ...": a RuntimeError from TORCH_CHECK, never
+    a crash."""
     with pytest.raises(RuntimeError, match=match):
         call(_native.ops())
 

@@ -22,11 +22,6 @@ namespace {
 
 using namespace tiles;
 
-// Rows of a query tile and keys per block, as the forward's: a tile's operands (q and dO in both layouts, dq, two
-// 64-key score blocks; <= 32 KiB each at head_dim 128) stay in L2.
-constexpr int64_t kTargetTileRows = 64;
-constexpr int64_t kKeyBlock = 64;
-
 // One thread's buffers: fp32 copies of a kv head and its gradients' accumulators, and the largest query tile.
 struct Workspace {
   int64_t max_rows_padded, head_dim_padded;
@@ -59,10 +54,10 @@ struct Workspace {
 template <typename T>
 struct BackwardArgs {
   const T *dout, *q, *k, *v, *o;
-  BshStrides do_strides, q_strides, k_strides, v_strides, o_strides;
+  HeadStrides do_strides, q_strides, k_strides, v_strides, o_strides;
   const float *lse, *dlse;
   T *dq, *dk, *dv;
-  BshStrides dq_strides, dk_strides, dv_strides;
+  HeadStrides dq_strides, dk_strides, dv_strides;
 };
 
 // Loads the query tile [q_begin, q_begin + q_count) of every head of the group, runs its key loop, writes its dq.
@@ -81,8 +76,8 @@ void backward_tile(const BackwardArgs<T>& args, const AttentionProblem& problem,
                               : problem.seqlen_k;
   const float scale_log2 = problem.softmax_scale * kLog2e;
   const int64_t first_head = kv_head * group;
-  const auto row_offset = [&](const BshStrides& s, int64_t query, int64_t head) {
-    return batch_index * s.batch + query * s.seq + head * s.head;
+  const auto row_offset = [&](const HeadStrides& s, int64_t query, int64_t head) {
+    return batch_index * s.batch + query * s.token + head * s.head;
   };
 
   for (int64_t r = 0; r < rows; ++r) {
@@ -159,8 +154,8 @@ void backward_head(const BackwardArgs<T>& args, const AttentionProblem& problem,
   const T* k_head = args.k + batch_index * args.k_strides.batch + kv_head * args.k_strides.head;
   const T* v_head = args.v + batch_index * args.v_strides.batch + kv_head * args.v_strides.head;
   for (int64_t j = 0; j < seqlen_k; ++j) {
-    convert(k_head + j * args.k_strides.seq, ws.k.get() + j * row_stride, head_dim);
-    convert(v_head + j * args.v_strides.seq, ws.v.get() + j * row_stride, head_dim);
+    convert(k_head + j * args.k_strides.token, ws.k.get() + j * row_stride, head_dim);
+    convert(v_head + j * args.v_strides.token, ws.v.get() + j * row_stride, head_dim);
   }
   std::fill(ws.dk.get(), ws.dk.get() + seqlen_k * row_stride, 0.0f);
   std::fill(ws.dv.get(), ws.dv.get() + seqlen_k * row_stride, 0.0f);
@@ -175,8 +170,8 @@ void backward_head(const BackwardArgs<T>& args, const AttentionProblem& problem,
   for (int64_t j = 0; j < seqlen_k; ++j) {
     const float* dk_row = ws.dk.get() + j * row_stride;
     const float* dv_row = ws.dv.get() + j * row_stride;
-    T* dk_out = dk_head + j * args.dk_strides.seq;
-    T* dv_out = dv_head + j * args.dv_strides.seq;
+    T* dk_out = dk_head + j * args.dk_strides.token;
+    T* dv_out = dv_head + j * args.dv_strides.token;
     for (int64_t d = 0; d < head_dim; ++d) {
       dk_out[d] = from_float<T>(dk_row[d] * problem.softmax_scale);
       dv_out[d] = from_float<T>(dv_row[d]);
@@ -187,10 +182,10 @@ void backward_head(const BackwardArgs<T>& args, const AttentionProblem& problem,
 }  // namespace
 
 template <typename T>
-void attention_backward(const T* dout, BshStrides do_strides, const T* q, BshStrides q_strides, const T* k,
-                        BshStrides k_strides, const T* v, BshStrides v_strides, const T* o, BshStrides o_strides,
-                        const float* lse, const float* dlse, T* dq, BshStrides dq_strides, T* dk,
-                        BshStrides dk_strides, T* dv, BshStrides dv_strides, const AttentionProblem& problem) {
+void attention_backward(const T* dout, HeadStrides do_strides, const T* q, HeadStrides q_strides, const T* k,
+                        HeadStrides k_strides, const T* v, HeadStrides v_strides, const T* o, HeadStrides o_strides,
+                        const float* lse, const float* dlse, T* dq, HeadStrides dq_strides, T* dk,
+                        HeadStrides dk_strides, T* dv, HeadStrides dv_strides, const AttentionProblem& problem) {
   const BackwardArgs<T> args{.dout = dout, .q = q, .k = k, .v = v, .o = o,
                              .do_strides = do_strides, .q_strides = q_strides, .k_strides = k_strides,
                              .v_strides = v_strides, .o_strides = o_strides, .lse = lse, .dlse = dlse,
@@ -211,9 +206,9 @@ void attention_backward(const T* dout, BshStrides do_strides, const T* q, BshStr
 }
 
 #define LLAMA_KERNELS_INSTANTIATE_BACKWARD(T)                                                                       \
-  template void attention_backward<T>(const T*, BshStrides, const T*, BshStrides, const T*, BshStrides, const T*,   \
-                                      BshStrides, const T*, BshStrides, const float*, const float*, T*, BshStrides, \
-                                      T*, BshStrides, T*, BshStrides, const AttentionProblem&);
+  template void attention_backward<T>(const T*, HeadStrides, const T*, HeadStrides, const T*, HeadStrides, const T*,   \
+                                      HeadStrides, const T*, HeadStrides, const float*, const float*, T*, HeadStrides, \
+                                      T*, HeadStrides, T*, HeadStrides, const AttentionProblem&);
 LLAMA_KERNELS_INSTANTIATE_BACKWARD(float)
 LLAMA_KERNELS_INSTANTIATE_BACKWARD(bf16)
 LLAMA_KERNELS_INSTANTIATE_BACKWARD(fp16)

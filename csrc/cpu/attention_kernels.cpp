@@ -31,12 +31,6 @@ namespace {
 
 using namespace tiles;
 
-// Rows of a tile (query heads of the group x queries) and keys per block: the transposed q tile, a k block,
-// a v block, the score block and the accumulator (each <= 64 x 128 floats = 32 KiB) stay in L2, and the
-// micro-kernels' operands in L1.
-constexpr int64_t kTargetTileRows = 64;
-constexpr int64_t kKeyBlock = 64;
-
 // acc[r][c .. c + kTileCols) = rescale[r] * acc[r][...] + sum_j p_t[j][r] * v[j][c .. c + kTileCols) for Rows
 // rows r, over n_keys keys.
 template <int Rows>
@@ -129,8 +123,8 @@ struct TileArgs {
 };
 
 template <typename T>
-void attention_tile(const T* q, BshStrides q_strides, const T* k, BshStrides k_strides, const T* v,
-                    BshStrides v_strides, T* o, BshStrides o_strides, float* lse, const int32_t* seqlens_k,
+void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k_strides, const T* v,
+                    HeadStrides v_strides, T* o, HeadStrides o_strides, float* lse, const int32_t* seqlens_k,
                     const AttentionProblem& problem, const TileArgs& tile, Workspace& ws) {
   const int64_t group = problem.n_q_heads / problem.n_kv_heads;
   const int64_t head_dim = problem.head_dim;
@@ -149,7 +143,7 @@ void attention_tile(const T* q, BshStrides q_strides, const T* k, BshStrides k_s
 
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t query = tile.q_begin + r / group, head = first_head + r % group;
-    const T* q_row = q + tile.batch_index * q_strides.batch + query * q_strides.seq + head * q_strides.head;
+    const T* q_row = q + tile.batch_index * q_strides.batch + query * q_strides.token + head * q_strides.head;
     for (int64_t d = 0; d < head_dim; ++d) {
       const float q_rd = to_float(q_row[d]) * scale_log2;
       if (narrow) {
@@ -172,8 +166,8 @@ void attention_tile(const T* q, BshStrides q_strides, const T* k, BshStrides k_s
   for (int64_t key_begin = 0; key_begin < key_end; key_begin += kKeyBlock) {
     const int64_t n_keys = std::min(kKeyBlock, key_end - key_begin);
     for (int64_t j = 0; j < n_keys; ++j) {
-      convert(k_head + (key_begin + j) * k_strides.seq, ws.k_block.get() + j * row_stride, head_dim);
-      convert(v_head + (key_begin + j) * v_strides.seq, ws.v_block.get() + j * row_stride, head_dim);
+      convert(k_head + (key_begin + j) * k_strides.token, ws.k_block.get() + j * row_stride, head_dim);
+      convert(v_head + (key_begin + j) * v_strides.token, ws.v_block.get() + j * row_stride, head_dim);
     }
 
     if (narrow) {
@@ -232,7 +226,7 @@ void attention_tile(const T* q, BshStrides q_strides, const T* k, BshStrides k_s
     const int64_t query = tile.q_begin + r / group, head = first_head + r % group;
     const float sum = ws.row_sum[r];
     const float inv_sum = sum > 0.0f ? 1.0f / sum : 0.0f;
-    T* o_row = o + tile.batch_index * o_strides.batch + query * o_strides.seq + head * o_strides.head;
+    T* o_row = o + tile.batch_index * o_strides.batch + query * o_strides.token + head * o_strides.head;
     const float* acc_row = ws.acc.get() + r * row_stride;
     for (int64_t d = 0; d < head_dim; ++d) o_row[d] = from_float<T>(acc_row[d] * inv_sum);
     lse[(tile.batch_index * problem.n_q_heads + head) * problem.seqlen_q + query] =
@@ -243,8 +237,8 @@ void attention_tile(const T* q, BshStrides q_strides, const T* k, BshStrides k_s
 }  // namespace
 
 template <typename T>
-void attention_forward(const T* q, BshStrides q_strides, const T* k, BshStrides k_strides, const T* v,
-                       BshStrides v_strides, T* o, BshStrides o_strides, float* lse, const int32_t* seqlens_k,
+void attention_forward(const T* q, HeadStrides q_strides, const T* k, HeadStrides k_strides, const T* v,
+                       HeadStrides v_strides, T* o, HeadStrides o_strides, float* lse, const int32_t* seqlens_k,
                        const AttentionProblem& problem) {
   const int64_t group = problem.n_q_heads / problem.n_kv_heads;
   const int64_t queries_per_tile = std::max<int64_t>(1, kTargetTileRows / group);
@@ -268,11 +262,12 @@ void attention_forward(const T* q, BshStrides q_strides, const T* k, BshStrides 
   }
 }
 
-template void attention_forward<float>(const float*, BshStrides, const float*, BshStrides, const float*, BshStrides,
-                                       float*, BshStrides, float*, const int32_t*, const AttentionProblem&);
-template void attention_forward<bf16>(const bf16*, BshStrides, const bf16*, BshStrides, const bf16*, BshStrides,
-                                      bf16*, BshStrides, float*, const int32_t*, const AttentionProblem&);
-template void attention_forward<fp16>(const fp16*, BshStrides, const fp16*, BshStrides, const fp16*, BshStrides,
-                                      fp16*, BshStrides, float*, const int32_t*, const AttentionProblem&);
+#define LLAMA_KERNELS_INSTANTIATE_FORWARD(T)                                                                 \
+  template void attention_forward<T>(const T*, HeadStrides, const T*, HeadStrides, const T*, HeadStrides, T*,   \
+                                     HeadStrides, float*, const int32_t*, const AttentionProblem&);
+LLAMA_KERNELS_INSTANTIATE_FORWARD(float)
+LLAMA_KERNELS_INSTANTIATE_FORWARD(bf16)
+LLAMA_KERNELS_INSTANTIATE_FORWARD(fp16)
+#undef LLAMA_KERNELS_INSTANTIATE_FORWARD
 
 }  // namespace llama_kernels::cpu

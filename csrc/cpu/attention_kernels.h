@@ -9,13 +9,9 @@
 #include <cstdint>
 
 #include "cpu/dtypes.h"
+#include "kernel_types.h"
 
 namespace llama_kernels::cpu {
-
-// Element strides of a (batch, seq, heads, head_dim) tensor whose last dim is contiguous.
-struct BshStrides {
-  int64_t batch, seq, head;
-};
 
 struct AttentionProblem {
   int64_t batch;
@@ -34,34 +30,32 @@ struct AttentionProblem {
 // only (the causal alignment then uses seqlens_k[b] in place of seqlen_k). Parallel over (batch, kv head,
 // query block) with OpenMP; memory beyond o and lse is a few small per-thread buffers.
 template <typename T>
-void attention_forward(const T* q, BshStrides q_strides, const T* k, BshStrides k_strides, const T* v,
-                       BshStrides v_strides, T* o, BshStrides o_strides, float* lse, const int32_t* seqlens_k,
+void attention_forward(const T* q, HeadStrides q_strides, const T* k, HeadStrides k_strides, const T* v,
+                       HeadStrides v_strides, T* o, HeadStrides o_strides, float* lse, const int32_t* seqlens_k,
                        const AttentionProblem& problem);
 
-extern template void attention_forward<float>(const float*, BshStrides, const float*, BshStrides, const float*,
-                                              BshStrides, float*, BshStrides, float*, const int32_t*,
-                                              const AttentionProblem&);
-extern template void attention_forward<bf16>(const bf16*, BshStrides, const bf16*, BshStrides, const bf16*,
-                                             BshStrides, bf16*, BshStrides, float*, const int32_t*,
-                                             const AttentionProblem&);
-extern template void attention_forward<fp16>(const fp16*, BshStrides, const fp16*, BshStrides, const fp16*,
-                                             BshStrides, fp16*, BshStrides, float*, const int32_t*,
-                                             const AttentionProblem&);
+#define LLAMA_KERNELS_DECLARE_FORWARD(T)                                                                    \
+  extern template void attention_forward<T>(const T*, HeadStrides, const T*, HeadStrides, const T*, HeadStrides, \
+                                            T*, HeadStrides, float*, const int32_t*, const AttentionProblem&);
+LLAMA_KERNELS_DECLARE_FORWARD(float)
+LLAMA_KERNELS_DECLARE_FORWARD(bf16)
+LLAMA_KERNELS_DECLARE_FORWARD(fp16)
+#undef LLAMA_KERNELS_DECLARE_FORWARD
 
 // The gradients of attention_forward (without seqlens_k) for dout = dL/do and dlse = dL/dlse (null: none), given
 // its o and lse: dq (like q), dk and dv (like k) in fp32, rounded once to T, any strides with the last dim
 // contiguous. Sequences attend over all seqlen_k keys. Parallel over (batch, kv head) with OpenMP; memory beyond
 // the gradients is O(seqlen_k x head_dim) per thread, never seqlen_q x seqlen_k. Deterministic.
 template <typename T>
-void attention_backward(const T* dout, BshStrides do_strides, const T* q, BshStrides q_strides, const T* k,
-                        BshStrides k_strides, const T* v, BshStrides v_strides, const T* o, BshStrides o_strides,
-                        const float* lse, const float* dlse, T* dq, BshStrides dq_strides, T* dk,
-                        BshStrides dk_strides, T* dv, BshStrides dv_strides, const AttentionProblem& problem);
+void attention_backward(const T* dout, HeadStrides do_strides, const T* q, HeadStrides q_strides, const T* k,
+                        HeadStrides k_strides, const T* v, HeadStrides v_strides, const T* o, HeadStrides o_strides,
+                        const float* lse, const float* dlse, T* dq, HeadStrides dq_strides, T* dk,
+                        HeadStrides dk_strides, T* dv, HeadStrides dv_strides, const AttentionProblem& problem);
 
 #define LLAMA_KERNELS_DECLARE_BACKWARD(T)                                                                          \
-  extern template void attention_backward<T>(const T*, BshStrides, const T*, BshStrides, const T*, BshStrides,     \
-                                             const T*, BshStrides, const T*, BshStrides, const float*, const float*, \
-                                             T*, BshStrides, T*, BshStrides, T*, BshStrides, const AttentionProblem&);
+  extern template void attention_backward<T>(const T*, HeadStrides, const T*, HeadStrides, const T*, HeadStrides,     \
+                                             const T*, HeadStrides, const T*, HeadStrides, const float*, const float*, \
+                                             T*, HeadStrides, T*, HeadStrides, T*, HeadStrides, const AttentionProblem&);
 LLAMA_KERNELS_DECLARE_BACKWARD(float)
 LLAMA_KERNELS_DECLARE_BACKWARD(bf16)
 LLAMA_KERNELS_DECLARE_BACKWARD(fp16)

@@ -25,6 +25,13 @@ inline constexpr int kTileRows = 6;
 #endif
 inline constexpr int kTileCols = 2 * kLanes;  // columns of a micro-kernel's register tile: two vectors
 
+// The attention tiles, forward and backward: rows of a query tile (the group's query heads x queries) and keys per
+// block. A tile's operands (the forward's transposed q, k and v blocks, scores and accumulator; the backward's q
+// and dO in both layouts, dq and two score blocks: each <= 64 x 128 floats = 32 KiB) stay in L2, and the
+// micro-kernels' operands in L1.
+inline constexpr int64_t kTargetTileRows = 64;
+inline constexpr int64_t kKeyBlock = 64;
+
 using VecF = float __attribute__((vector_size(kLanes * sizeof(float))));
 using VecI = int32_t __attribute__((vector_size(kLanes * sizeof(int32_t))));
 

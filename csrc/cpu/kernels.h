@@ -4,17 +4,13 @@
 #pragma once
 
 #include <cstdint>
-#include <type_traits>
 
 #include "cpu/dtypes.h"
+#include "kernel_types.h"
 
 namespace llama_kernels::cpu {
 
 // ============================================================================ RMSNorm and RoPE
-
-// The dtype of x * weight: T when both are T, float for a bf16/fp16 x with a float weight (Meta's and HF's modules).
-template <typename T, typename W>
-using promoted_t = std::conditional_t<std::is_same_v<T, W>, T, float>;
 
 // Rows of n elements, the elements of a row contiguous, row i at data + i * row_stride.
 // h = x + residual rounded to T (when residual is given; h is then written, else h is x and may be null);
@@ -32,11 +28,6 @@ template <typename T, typename W>
 void rms_norm_backward(const promoted_t<T, W>* dy, int64_t dy_row_stride, const T* dh, int64_t dh_row_stride,
                        const T* h, int64_t h_row_stride, const W* weight, T* dx, int64_t dx_row_stride, W* dweight,
                        int64_t rows, int64_t n, float eps);
-
-// Element strides of a (batch, seqlen, heads, head_dim) tensor whose last dim is contiguous.
-struct HeadStrides {
-  int64_t batch, token, head;
-};
 
 // One of q and k for rope: src rotated into dst (dst may be src: in place; otherwise they must not overlap).
 template <typename T>

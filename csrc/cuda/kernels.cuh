@@ -11,14 +11,10 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <type_traits>
+
+#include "kernel_types.h"
 
 namespace llama_kernels::cuda {
-
-// The dtype torch gives x * weight among float, __nv_bfloat16 and __half: the common type, else float
-// (bf16 with fp16 promotes to fp32 too).
-template <typename T, typename W>
-using promoted_t = std::conditional_t<std::is_same_v<T, W>, T, float>;
 
 // RMSNorm forward, per row r < rows of n elements (the last dim contiguous, rows `stride_*` elements apart):
 //   h = x + residual, rounded to T (only when residual is not null; h is then written, else h may be null)
@@ -30,13 +26,6 @@ template <typename T, typename W>
 void launch_rms_norm(const T* x, const T* residual, const W* weight, promoted_t<T, W>* y, T* h, int64_t rows,
                      int64_t n, int64_t stride_x, int64_t stride_residual, int64_t stride_y, int64_t stride_h,
                      float eps, cudaStream_t stream);
-
-// Element strides of a (batch, seq, heads, head_dim) tensor whose head_dim is contiguous.
-struct HeadStrides {
-  int64_t batch;
-  int64_t token;
-  int64_t head;
-};
 
 // RoPE on q (batch, seqlen, n_q_heads, head_dim) and k (batch, seqlen, n_k_heads, head_dim) in one launch, written
 // to q_out and k_out (same shapes; may be q and k themselves). Token (b, s) is at position

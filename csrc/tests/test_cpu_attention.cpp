@@ -18,13 +18,14 @@
 namespace {
 
 using namespace llama_kernels::cpu;
+using llama_kernels::HeadStrides;
 
 // A (batch, seq, heads, head_dim) tensor in a flat buffer. Strided ones are stored (batch, heads, seq, head_dim)
 // with padding after each row and each batch, so no stride but the last dim's is the contiguous one.
 template <typename T>
 struct BshTensor {
   int64_t batch, seq, heads, head_dim;
-  BshStrides strides;
+  HeadStrides strides;
   std::vector<T> data;
 
   BshTensor(int64_t batch_, int64_t seq_, int64_t heads_, int64_t head_dim_, bool strided)
@@ -38,7 +39,7 @@ struct BshTensor {
     data.resize(static_cast<size_t>(batch * strides.batch + 8));
   }
   T* at(int64_t b, int64_t s, int64_t h) {
-    return data.data() + b * strides.batch + s * strides.seq + h * strides.head;
+    return data.data() + b * strides.batch + s * strides.token + h * strides.head;
   }
   float get(int64_t b, int64_t s, int64_t h, int64_t d) { return to_float(at(b, s, h)[d]); }
 };

@@ -10,6 +10,8 @@
 #include "cpu/kernels.h"
 
 using namespace llama_kernels::cpu;
+using llama_kernels::HeadStrides;
+using llama_kernels::promoted_t;
 
 namespace {
 

@@ -13,8 +13,8 @@
 
 namespace {
 
-using llama_kernels::cuda::HeadStrides;
-using llama_kernels::cuda::promoted_t;
+using llama_kernels::HeadStrides;
+using llama_kernels::promoted_t;
 
 #define CHECK_CUDA(call)                                                                                  \
   do {                                                                                                    \

@@ -1,4 +1,4 @@
-// The torch-level ops of the native extension: argument checks, dtype dispatch, allocation, and the
+// The torch-level ops of the native extension: memory checks (glue.h), dtype dispatch, allocation, and the
 // call into a kernel of csrc/cpu (raw pointers) or csrc/cuda (raw pointers, CUDA headers only).
 // bindings.cpp registers each under the namespace llama_kernels_C with TORCH_LIBRARY; Python reaches
 // them as torch.ops.llama_kernels_C.<name>. The semantics are llama_kernels/reference.py's:
