@@ -19,7 +19,7 @@ VENV := .venv
 NEWER_VENV := .venv-newer-triton
 
 .PHONY: install test test-newer-triton cmake-check cuda-glue-check bench clean
-CSRC := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
+CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh) csrc/build.json csrc/build_recipe.py
 
 install: $(VENV)/.installed
 
@@ -60,7 +60,7 @@ cmake-check: $(VENV)/.installed
 	if [ -f $(CUDA_INCLUDE)/cuda_runtime_api.h ]; then $(MAKE) --no-print-directory cuda-glue-check; fi
 
 # The torch glue of the CUDA kernels (the LLAMA_KERNELS_WITH_CUDA parts of csrc/torch/cuda_ops.cpp and
-# csrc/bindings.cpp) compiled against the headers of a CUDA build of torch: this machine's torch is a CPU build,
+# csrc/bindings.cpp) compiled, with csrc/build.json's flags, against the headers of a CUDA build of torch: this machine's torch is a CPU build,
 # with which setup.py and CMake leave those parts out. Only the wheel's include/ is unpacked (63 MB of 550).
 CUDA_TORCH ?= torch==2.14.1
 CUDA_INCLUDE ?= /usr/local/cuda/include
@@ -71,7 +71,7 @@ $(CUDA_TORCH_INCLUDE):
 
 cuda-glue-check: $(CUDA_TORCH_INCLUDE)
 	for f in csrc/torch/cuda_ops.cpp csrc/bindings.cpp; do \
-	  g++ -std=c++20 -fsyntax-only -Wall -Werror -DLLAMA_KERNELS_WITH_CUDA -Icsrc -I$(CUDA_TORCH_INCLUDE) \
+	  g++ $$($(PYTHON) csrc/build_recipe.py) -fsyntax-only -Wall -Werror -Icsrc -I$(CUDA_TORCH_INCLUDE) \
 	    -I$(CUDA_TORCH_INCLUDE)/torch/csrc/api/include -I$(CUDA_INCLUDE) $$f || exit 1; done
 
 bench: $(VENV)/.extension

@@ -5,9 +5,10 @@ installed: ``pip install --no-build-isolation .`` (as flash-attn does; an isolat
 fetch a second torch, whose C++ ABI need not match yours). Without torch at build time, the
 package installs without the extension and says so; the CPU ops then run ``reference.py``.
 
-- csrc/cpu/*.cpp and csrc/torch/*.cpp (the CPU ops) are always built, with OpenMP;
-- csrc/cuda/*.cu join when torch has CUDA and nvcc is found (``TORCH_CUDA_ARCH_LIST``
-  respected, default "8.0 9.0a"); ``LLAMA_KERNELS_CPU_ONLY=1`` leaves them out;
+- the sources, compile flags and CUDA architectures are csrc/build.json's (CMakeLists.txt reads
+  the same file): the CPU kernels and the torch glue are always built, with OpenMP;
+- the CUDA kernels join when torch has CUDA and nvcc is found (``TORCH_CUDA_ARCH_LIST``
+  respected, default build.json's list); ``LLAMA_KERNELS_CPU_ONLY=1`` leaves them out;
 - ``MAX_JOBS`` bounds ninja's parallel compiles (torch's BuildExtension reads it);
 - ``LLAMA_KERNELS_NO_EXTENSION=1`` skips the extension altogether.
 """
@@ -33,23 +34,20 @@ def native_extension() -> dict:
         print("llama-kernels: torch is not importable at build time, so the native extension is not built "
               "(install torch first, then pip install --no-build-isolation .)", file=sys.stderr)
         return {}
-    sources = sorted(str(p.relative_to(ROOT)) for p in [*ROOT.glob("csrc/cpu/*.cpp"), *ROOT.glob("csrc/torch/*.cpp")])
-    sources.append("csrc/bindings.cpp")
-    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-march=native", "-DLLAMA_KERNELS_PYTHON_MODULE"]
     with_cuda = (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
                  and os.environ.get("LLAMA_KERNELS_CPU_ONLY") != "1")
+    # The sources, flags and architectures: csrc/build.json, which the CMake build reads too.
+    sys.path.insert(0, str(ROOT / "csrc"))
+    import build_recipe
+
+    compile_args = {"cxx": [*build_recipe.cxx_flags(with_cuda), "-DLLAMA_KERNELS_PYTHON_MODULE"]}
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0 9.0a")
-        sources += sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("csrc/cuda/*.cu"))
-        extension = cpp_extension.CUDAExtension(
-            "llama_kernels._C", sources, include_dirs=[str(ROOT / "csrc")],
-            extra_compile_args={"cxx": [*cxx_flags, "-DLLAMA_KERNELS_WITH_CUDA"],
-                                "nvcc": ["-O3", "-std=c++17", "-DLLAMA_KERNELS_WITH_CUDA"]},
-            extra_link_args=["-fopenmp"])
-    else:
-        extension = cpp_extension.CppExtension(
-            "llama_kernels._C", sources, include_dirs=[str(ROOT / "csrc")],
-            extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", build_recipe.cuda_arch_list())
+        compile_args["nvcc"] = build_recipe.nvcc_flags()
+    extension = (cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension)(
+        "llama_kernels._C", build_recipe.sources(with_cuda),
+        include_dirs=[str(ROOT / build_recipe.RECIPE["include_dir"])], extra_compile_args=compile_args,
+        extra_link_args=build_recipe.link_flags())
     return {"ext_modules": [extension],
             "cmdclass": {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}}
 

@@ -30,18 +30,20 @@ TOKENS = 16384
 HIDDEN = (4096, 8192)
 HEADS = ((32, 32, 128), (64, 8, 128))
 
+sys.path.insert(0, str(ROOT / "csrc"))
+import build_recipe  # noqa: E402  (csrc/build.json: the sources, flags and architectures setup.py and CMake use)
+
 _BUILD_SCRIPT = f"""
-import glob, os, sys
+import os, sys
 from torch.utils import cpp_extension
-root = {str(ROOT)!r}
-sources = sorted(glob.glob(root + "/csrc/cpu/*.cpp") + glob.glob(root + "/csrc/torch/*.cpp") + glob.glob(root + "/csrc/cuda/*.cu"))
-sources.append(root + "/csrc/bindings.cpp")
+sys.path.insert(0, {str(ROOT / "csrc")!r})
+import build_recipe
 os.makedirs({str(BUILD_DIR)!r}, exist_ok=True)
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
-path = cpp_extension.load({LIBRARY_NAME!r}, sources, extra_include_paths=[root + "/csrc"],
-    extra_cflags=["-O3", "-std=c++20", "-fopenmp", "-march=native", "-DLLAMA_KERNELS_WITH_CUDA"],
-    extra_cuda_cflags=["-O3", "-std=c++17", "-DLLAMA_KERNELS_WITH_CUDA"], extra_ldflags=["-fopenmp"],
-    build_directory={str(BUILD_DIR)!r}, is_python_module=False, verbose=False)
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", build_recipe.cuda_arch_list())
+path = cpp_extension.load({LIBRARY_NAME!r}, [{str(ROOT)!r} + "/" + s for s in build_recipe.sources(with_cuda=True)],
+    extra_include_paths=[{str(ROOT)!r} + "/" + build_recipe.RECIPE["include_dir"]],
+    extra_cflags=build_recipe.cxx_flags(with_cuda=True), extra_cuda_cflags=build_recipe.nvcc_flags(),
+    extra_ldflags=build_recipe.link_flags(), build_directory={str(BUILD_DIR)!r}, is_python_module=False, verbose=False)
 print("LIBRARY", path)
 """
 
@@ -52,10 +54,11 @@ def start_build() -> tuple[subprocess.Popen, subprocess.Popen]:
     env = {**os.environ, "MAX_JOBS": str(os.cpu_count() or 8)}
     extension = subprocess.Popen([sys.executable, "-c", _BUILD_SCRIPT], stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True, env=env)
+    cuda_sources = [str(ROOT / source) for source in build_recipe.RECIPE["cuda_kernels"]]
     cuda_test = subprocess.Popen(
-        ["nvcc", "-std=c++17", "-O2", "-gencode", "arch=compute_90a,code=sm_90a", f"-I{ROOT / 'csrc'}",
-         str(ROOT / "csrc/tests/test_cuda_kernels.cu"), str(ROOT / "csrc/cuda/rms_norm.cu"),
-         str(ROOT / "csrc/cuda/rope.cu"), "-o", str(BUILD_DIR / "test_cuda_kernels")],
+        ["nvcc", *build_recipe.nvcc_flags(), *build_recipe.gencode_flags(),
+         f"-I{ROOT / build_recipe.RECIPE['include_dir']}", str(ROOT / "csrc/tests/test_cuda_kernels.cu"),
+         *cuda_sources, "-o", str(BUILD_DIR / "test_cuda_kernels")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return extension, cuda_test
 

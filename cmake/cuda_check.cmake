@@ -1,12 +1,12 @@
 # cmake -P: compile each CUDA source for each architecture with nvcc -Xptxas -v, print ptxas's register and spill
-# lines, and fail on a compile error or any spill. Inputs: NVCC, ARCHS, SOURCES (;-lists), INCLUDE, OUT.
+# lines, and fail on a compile error or any spill. Inputs: NVCC, ARCHS, SOURCES, FLAGS (;-lists), INCLUDE, OUT.
 file(MAKE_DIRECTORY ${OUT})
 set(failures 0)
 foreach(source ${SOURCES})
   get_filename_component(name ${source} NAME_WE)
   foreach(arch ${ARCHS})
     execute_process(
-      COMMAND ${NVCC} -std=c++17 -O3 -I${INCLUDE} -gencode arch=compute_${arch},code=sm_${arch} -Xptxas -v
+      COMMAND ${NVCC} ${FLAGS} -I${INCLUDE} -gencode arch=compute_${arch},code=sm_${arch} -Xptxas -v
               -c ${source} -o ${OUT}/${name}.sm_${arch}.o
       RESULT_VARIABLE status OUTPUT_VARIABLE out ERROR_VARIABLE err)
     string(REGEX MATCHALL "[^\n]*(Compiling entry|Used [0-9]+ registers|bytes spill)[^\n]*" lines "${err}")
