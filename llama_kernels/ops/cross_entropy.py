@@ -9,7 +9,8 @@ Math, per row i with logits z = h_i W^T + b (fp32), target t, smoothing e, V cla
 
 Design (Liger's): the tokens go in chunks of C rows. Per chunk, the logits (C, V) are formed in
 fp32 by a matmul (cuBLAS on a GPU); one kernel turns them in place into dz and writes each row's
-loss and lse (``_logits_to_grad_kernel`` on Triton, ``_logits_to_grad_torch`` on the CPU); then
+loss and lse (``_logits_to_grad_kernel`` on Triton; ``_logits_to_grad_torch`` on the CPU, into a
+second chunk-sized buffer); then
 dh_chunk = dz @ W and dW += dz^T @ h_chunk, both accumulated in fp32. Why this and not a fully
 fused matmul (Cut Cross-Entropy): the three matmuls stay cuBLAS's, at its peak, and 6 N H V FLOPs
 is what the materialized path does; the kernel between them is a memory-bound pass over a chunk.
@@ -20,9 +21,9 @@ is what the materialized path does; the kernel between them is a memory-bound pa
   fact, so the forward computes the loss only and the backward recomputes the chunk's logits
   (8 N H V FLOPs in all).
 - Nothing needs a gradient (no_grad, or no input requiring one): the loss only.
-- Memory: the chunk's fp32 logits, C x V x 4 bytes, C from ``chunk_rows`` (a fixed budget per
-  device, ``LOGITS_CHUNK_BYTES``), besides the gradients themselves (dW's fp32 accumulator, V x H
-  x 4 bytes when weight is 16-bit). Nothing of size N x V. On the CPU the matmuls run in fp32
+- Memory: the chunk's fp32 logits, C x V x 4 bytes (twice that on the CPU), C from ``chunk_rows``
+  (a fixed budget per device, ``LOGITS_CHUNK_BYTES``), besides the gradients themselves (dW's
+  fp32 accumulator, V x H x 4 bytes when weight is 16-bit). Nothing of size N x V. On the CPU the matmuls run in fp32
   (torch has no 16-bit matmul with fp32 output there): a 16-bit weight is upcast once per call.
 - Deterministic: chunks in a fixed order, no atomics, each sum in one place.
 - A target outside [0, V) that is not ignore_index is refused on the CPU. On a GPU it is not
@@ -109,24 +110,35 @@ def _logits_to_grad_triton(logits, target, row_scale, ignore_index, label_smooth
         logits_ptr=logits, target_ptr=target, row_scale_ptr=row_scale if write_grad else loss,
         loss_ptr=loss, lse_ptr=lse, n_cols=n_cols, stride_logits=logits.stride(0),
         ignore_index=ignore_index, label_smoothing=label_smoothing, WRITE_GRAD=write_grad, BLOCK_V=block_v)
-    return loss, lse
+    return loss, lse, logits
 
 
 def _logits_to_grad_torch(logits, target, row_scale, ignore_index, label_smoothing, write_grad):
-    """The kernel's step in torch ops (the CPU path), an out-of-range target handled as the kernel does."""
+    """The kernel's step in torch ops (the CPU path), an out-of-range target handled as the kernel does.
+
+    torch.softmax is one vectorized pass where logsumexp and exp_ are several slow ones (3x on 2 cores), so
+    the probabilities go to a second chunk-sized buffer, which becomes dz, and lse is read off the row's
+    largest probability (at least 1/V, so its log is exact to rounding): lse = z_max - log(p_max).
+    """
     n_rows, n_cols = logits.shape
+    rows = torch.arange(n_rows, device=logits.device)
     ignored = target == ignore_index
     in_range = (target >= 0) & (target < n_cols)
     target = target.masked_fill(~in_range, 0)
-    lse = torch.logsumexp(logits, dim=1)
-    z_target = logits.gather(1, target[:, None])[:, 0].masked_fill(~in_range, float("nan"))
-    loss = lse - (1 - label_smoothing) * z_target - label_smoothing * logits.mean(dim=1)
+    probs = torch.softmax(logits, dim=1)
+    argmax = logits.argmax(dim=1)
+    lse = logits[rows, argmax] - probs[rows, argmax].log()
+    loss = lse - (1 - label_smoothing) * logits[rows, target].masked_fill(~in_range, float("nan"))
+    if label_smoothing:
+        loss -= label_smoothing * logits.mean(dim=1)
     loss = loss.masked_fill(ignored, 0.0)
-    if write_grad:
-        logits.sub_(lse[:, None]).exp_().sub_(label_smoothing / n_cols)
-        logits[torch.arange(n_rows, device=logits.device), target] -= 1 - label_smoothing
-        logits.mul_(row_scale.masked_fill(~in_range, float("nan")).masked_fill(ignored, 0.0)[:, None])
-    return loss, lse
+    if not write_grad:
+        return loss, lse, logits
+    probs[rows, target] -= 1 - label_smoothing
+    if label_smoothing:
+        probs -= label_smoothing / n_cols
+    probs *= row_scale.masked_fill(~in_range, float("nan")).masked_fill(ignored, 0.0)[:, None]
+    return loss, lse, probs
 
 
 # --------------------------------------------------------------------------- the chunk loop
@@ -175,13 +187,13 @@ def _chunked(hidden, weight, target, bias, row_scale, ignore_index, label_smooth
         logits = _mm(h, weight_mm.T)
         if bias_f is not None:
             logits += bias_f
-        loss[rows], _ = step(logits, target[rows], row_scale[rows] if write_grad else None, ignore_index,
-                             label_smoothing, write_grad)
+        loss[rows], _, dz = step(logits, target[rows], row_scale[rows] if write_grad else None, ignore_index,
+                                 label_smoothing, write_grad)
         if not write_grad:
             continue
         if grad_bias:
-            dbias += logits.sum(0)
-        dz = logits.to(mm_dtype)  # fp32 on the CPU; rounded to the input dtype for the GPU's matmuls
+            dbias += dz.sum(0)
+        dz = dz.to(mm_dtype)  # fp32 on the CPU; rounded to the input dtype for the GPU's matmuls
         if grad_hidden:
             dhidden[rows] = _mm(dz, weight_mm)
         if grad_weight:
