@@ -11,7 +11,11 @@ provider, the zero-argument function that is timed. Peers:
 - ``torch.rms_norm``: ``torch.nn.functional.rms_norm``;
 - ``liger``: Liger-Kernel's ``LigerRMSNormFunction`` (``LigerFusedAddRMSNormFunction``
   with a residual, where it exists) and ``LigerRopeFunction``;
-- ``flash_attn``: flash-attn's ``apply_rotary_emb``.
+- ``flash_attn``: flash-attn's ``apply_rotary_emb``;
+- SwiGLU: ``eager`` is HF's ``LlamaMLP`` activation ``silu(gate) * up``, ``liger`` ``LigerSiLUMulFunction``;
+- cross-entropy: ``eager`` is HF's ``LlamaForCausalLM`` loss (bf16 logits, upcast, ``F.cross_entropy``:
+  the logits materialized), ``liger`` ``LigerFusedLinearCrossEntropyFunction``, ``cce`` Cut
+  Cross-Entropy's ``linear_cross_entropy``.
 
 A peer that cannot run here raises ``Unavailable`` and is reported as skipped.
 The same cases feed ``llama-kernels bench``, the pytest-benchmark suites in
@@ -20,6 +24,7 @@ The same cases feed ``llama-kernels bench``, the pytest-benchmark suites in
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
 from typing import Callable
@@ -39,6 +44,8 @@ THETA = 1e6  # Code Llama's RoPE base
 
 HIDDEN = {"7B": 4096, "13B": 5120, "34B": 8192}
 HEADS = {"7B": (32, 32, 128), "13B": (40, 40, 128), "34B": (64, 8, 128)}  # (Hq, Hk, head_dim)
+FFN = {"7B": 11008, "13B": 13824, "34B": 22016}  # the SwiGLU width (Meta's rule at multiple_of 256)
+VOCAB = 32016  # Code Llama's vocabulary (32,000 + the infilling tokens)
 
 
 class Unavailable(Exception):
@@ -52,10 +59,11 @@ class Shape:
     model: str
     tokens: int
     batch: int = 1
+    width: int | None = None  # a hidden size other than the model's (the CPU's reduced cross-entropy)
 
     @property
     def hidden(self) -> int:
-        return HIDDEN[self.model]
+        return self.width or HIDDEN[self.model]
 
     @property
     def heads(self) -> tuple[int, int, int]:
@@ -64,6 +72,11 @@ class Shape:
     def as_dict(self, op: str) -> dict:
         if op == "rms_norm":
             return {"model": self.model, "tokens": self.tokens, "hidden": self.hidden}
+        if op == "swiglu":
+            return {"model": self.model, "tokens": self.tokens, "ffn": FFN[self.model]}
+        if op == "cross_entropy":
+            return {"model": self.model, "tokens": self.tokens, "hidden": self.hidden, "vocab": VOCAB,
+                    "reduced": self.width is not None}
         hq, hk, d = self.heads
         return {"model": self.model, "batch": self.batch, "seqlen": self.tokens, "q_heads": hq,
                 "kv_heads": hk, "head_dim": d}
@@ -71,6 +84,10 @@ class Shape:
     def label(self, op: str) -> str:
         if op == "rms_norm":
             return f"{self.model} T={self.tokens} H={self.hidden}"
+        if op == "swiglu":
+            return f"{self.model} T={self.tokens} F={FFN[self.model]}"
+        if op == "cross_entropy":
+            return f"{self.model} N={self.tokens} H={self.hidden}{' (reduced)' if self.width else ''} V={VOCAB}"
         hq, hk, d = self.heads
         batch = f"B={self.batch} " if self.batch > 1 else ""
         return f"{self.model} {batch}S={self.tokens} {hq}/{hk}x{d}"
@@ -84,17 +101,23 @@ GPU_SHAPES = {
     # one decoding step: `tokens` is the cache length
     "decode": tuple(Shape(model, s, batch) for model in ("7B", "34B") for batch in (1, 8)
                     for s in (4096, 16384, 65536, 100_000)),
+    # the loss over N tokens: H = 4096 (7B) and 8192 (34B)
+    "cross_entropy": tuple(Shape(model, n) for model in ("7B", "34B") for n in (4096, 16384, 65536)),
 }
 CPU_SHAPES = {  # 2 cores: the whole run stays under two minutes
     "memory": (Shape("7B", 1024), Shape("34B", 4096)),
     "attention": (Shape("7B", 512), Shape("34B", 512)),
     "decode": (Shape("7B", 2048), Shape("34B", 2048, 4)),
+    # 6 N H V at H = 4096 is ~6 TFLOP a call: H reduced to 256 on 2 cores (said in the label)
+    "cross_entropy": (Shape("7B", 8192, width=256),),
 }
-QUICK_SHAPES = {"memory": (Shape("7B", 256),), "attention": (Shape("34B", 128),), "decode": (Shape("34B", 256),)}
+QUICK_SHAPES = {"memory": (Shape("7B", 256),), "attention": (Shape("34B", 128),), "decode": (Shape("34B", 256),),
+                "cross_entropy": (Shape("7B", 256, width=128),)}
 
 
 def shapes_for(op: str, device: torch.device, quick: bool, table: dict | None = None) -> tuple[Shape, ...]:
-    """The shapes of op's kind ("memory", "attention" or "decode") in ``table``, by default the device's."""
+    """The shapes of op's kind ("memory", "attention", "decode" or "cross_entropy") in ``table``, by default the
+    device's."""
     table = table or (QUICK_SHAPES if quick else GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
     return table.get(op, table["memory"])
 
@@ -369,11 +392,99 @@ def _decode_bytes(shape: Shape) -> int:
     return (2 * shape.batch * shape.tokens * hk * d + 2 * shape.batch * hq * d) * ELEMENT  # K, V, q read; o written
 
 
+# --------------------------------------------------------------------------- SwiGLU providers
+# Each builds swiglu(gate, up) -> silu(gate) * up; gate and up are the halves of one fused projection.
+def _silu_mul(gate, up):
+    return torch.nn.functional.silu(gate) * up  # HF's LlamaMLP: act_fn(gate_proj(x)) * up_proj(x)
+
+
+def _swiglu_liger(device):
+    if device.type != "cuda":
+        raise Unavailable("Liger-Kernel needs CUDA")
+    return _import("liger_kernel.ops.swiglu", "LigerSiLUMulFunction").apply
+
+
+SWIGLU_PROVIDERS = {
+    # On a CPU: the reference (torch ops), SwiGLU's CPU path until its C++ kernel lands.
+    "ours": lambda device: functools.partial(lk.swiglu, backend="reference" if device.type == "cpu" else None),
+    "eager": lambda device: _silu_mul,
+    "compile": lambda device: _compile(_silu_mul),
+    "liger": _swiglu_liger,
+}
+
+
+def _swiglu_inputs(shape: Shape, device) -> dict:
+    gate, up = _randn(shape.tokens, 2 * FFN[shape.model], device=device).chunk(2, -1)
+    return {"gate": gate, "up": up, "dy": _randn(shape.tokens, FFN[shape.model], device=device)}
+
+
+def _swiglu_forward(provider, inputs, device):
+    swiglu, gate, up = SWIGLU_PROVIDERS[provider](device), inputs["gate"], inputs["up"]
+    return lambda: swiglu(gate, up)
+
+
+def _swiglu_backward(provider, inputs, device):
+    return _backward_only(SWIGLU_PROVIDERS[provider](device), (inputs["gate"], inputs["up"]), (inputs["dy"],))
+
+
+# --------------------------------------------------------------------------- cross-entropy providers
+# Each builds loss(hidden, weight, target) -> the mean loss of hidden @ weight.T over the targets.
+def _materialized_loss(hidden, weight, target):
+    """HF's LlamaForCausalLM: the bf16 logits, upcast to fp32 for the loss (N x V twice, and their gradient)."""
+    return torch.nn.functional.cross_entropy((hidden @ weight.T).float(), target)
+
+
+def _cross_entropy_liger(device):
+    if device.type != "cuda":
+        raise Unavailable("Liger-Kernel needs CUDA")
+    function = _import("liger_kernel.ops.fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyFunction")
+    def loss(hidden, weight, target):
+        # Positional (input, weight, target) only: later arguments changed across Liger releases, and so did
+        # the result (the loss, or (loss, z_loss)).
+        result = function.apply(hidden, weight, target)
+        return result[0] if isinstance(result, tuple) else result
+
+    return loss
+
+
+def _cross_entropy_cce(device):
+    if device.type != "cuda":
+        raise Unavailable("Cut Cross-Entropy needs CUDA")
+    return _import("cut_cross_entropy", "linear_cross_entropy")  # (embeddings, classifier, targets)
+
+
+CROSS_ENTROPY_PROVIDERS = {
+    "ours": lambda device: functools.partial(lk.fused_linear_cross_entropy, backend=ours_backend(device)),
+    "eager": lambda device: _materialized_loss,
+    "compile": lambda device: _compile(_materialized_loss),
+    "liger": _cross_entropy_liger,
+    "cce": _cross_entropy_cce,
+}
+
+
+def _cross_entropy_inputs(shape: Shape, device) -> dict:
+    return {"hidden": _randn(shape.tokens, shape.hidden, device=device),
+            "weight": _randn(VOCAB, shape.hidden, device=device) * shape.hidden**-0.5,
+            "target": torch.randint(0, VOCAB, (shape.tokens,), device=device)}
+
+
+def _cross_entropy_forward_backward(provider, inputs, device):
+    loss = CROSS_ENTROPY_PROVIDERS[provider](device)
+    hidden, weight = (inputs[name].detach().requires_grad_() for name in ("hidden", "weight"))
+    target = inputs["target"]
+    return lambda: torch.autograd.grad(loss(hidden, weight, target), (hidden, weight))
+
+
+def _cross_entropy_flops(shape: Shape) -> float:
+    """6 N H V: the logits (2 N H V), then dhidden and dweight (2 N H V each); the softmax is noise beside them."""
+    return 6 * shape.tokens * shape.hidden * VOCAB
+
+
 # --------------------------------------------------------------------------- cases
 @dataclass(frozen=True)
 class Case:
     name: str
-    op: str  # "rms_norm", "rope", "attention" or "decode": what --ops selects
+    op: str  # "rms_norm", "rope", "attention", "decode", "swiglu" or "cross_entropy": what --ops selects
     title: str
     make_inputs: Callable[[Shape, torch.device], dict]
     # The floor: memory-bound ops count the bytes they must move (each input read once, each
@@ -479,10 +590,19 @@ CASES = (
       for backward in (False, True) for causal in (True, False)),
     Case("decode", "decode", "decoding step over a KV cache (Sq = 1; shape S = cached tokens)",
          _decode_inputs, _decode_bytes, _decode_build, DECODE_PROVIDERS),
+    Case("swiglu", "swiglu", "SwiGLU forward: silu(gate) * up, the halves of one fused projection",
+         _swiglu_inputs, lambda s: 3 * s.tokens * FFN[s.model] * ELEMENT,  # gate, up read; y written
+         _swiglu_forward, tuple(SWIGLU_PROVIDERS)),
+    Case("swiglu_bwd", "swiglu", "SwiGLU backward (dgate, dup)",
+         _swiglu_inputs, lambda s: 5 * s.tokens * FFN[s.model] * ELEMENT,  # dy, gate, up read; dgate, dup written
+         _swiglu_backward, tuple(SWIGLU_PROVIDERS)),
+    Case("cross_entropy", "cross_entropy", "linear cross-entropy forward + backward (dhidden, dweight), mean loss",
+         _cross_entropy_inputs, None, _cross_entropy_forward_backward, tuple(CROSS_ENTROPY_PROVIDERS),
+         flops=_cross_entropy_flops),
 )
 # What --ops selects. "model" is the Code Llama layer stack of ``model.py``, not a case: ``matrix`` finds no case for
 # it, and the runner measures it on its own.
-OPS = ("rms_norm", "rope", "attention", "decode", "model")
+OPS = ("rms_norm", "rope", "attention", "decode", "swiglu", "cross_entropy", "model")
 
 
 COMPILED_PROVIDERS = ("compile", "flex")  # their warm-ups take seconds: left out of --quick
