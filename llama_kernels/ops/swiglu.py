@@ -82,7 +82,7 @@ def _forward_triton(gate: Tensor, up: Tensor) -> Tensor:
     y = _triton.new_output(gate.shape, gate.dtype, gate.device)
     if y.numel() == 0:
         return y
-    gate2, up2 = as_rows(gate, n_cols), as_rows(up, n_cols)
+    gate2, up2 = _as_rows(gate, n_cols), _as_rows(up, n_cols)
     cfg = _config("swiglu_fwd", gate, gate2.shape[0], n_cols)
     _triton.launch(
         _swiglu_fwd_kernel, (triton.cdiv(gate2.shape[0], cfg["BLOCK_M"]), triton.cdiv(n_cols, cfg["BLOCK_N"])),
@@ -98,7 +98,7 @@ def _backward_triton(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tens
     dup = _triton.new_output(up.shape, up.dtype, up.device)
     if dgate.numel() == 0:
         return dgate, dup
-    dy2, gate2, up2 = as_rows(dy, n_cols), as_rows(gate, n_cols), as_rows(up, n_cols)
+    dy2, gate2, up2 = _as_rows(dy, n_cols), _as_rows(gate, n_cols), _as_rows(up, n_cols)
     cfg = _config("swiglu_bwd", gate, gate2.shape[0], n_cols)
     _triton.launch(
         _swiglu_bwd_kernel, (triton.cdiv(gate2.shape[0], cfg["BLOCK_M"]), triton.cdiv(n_cols, cfg["BLOCK_N"])),
