@@ -21,7 +21,8 @@ is what the materialized path does; the kernel between them is a memory-bound pa
   fact, so the forward computes the loss only and the backward recomputes the chunk's logits
   (8 N H V FLOPs in all).
 - Nothing needs a gradient (no_grad, or no input requiring one): the loss only.
-- Memory: the chunk's fp32 logits, C x V x 4 bytes (twice that on the CPU), C from ``chunk_rows``
+- Memory: the chunk's fp32 logits, C x V x 4 bytes (on a GPU plus dz's 16-bit copy for the
+  matmuls, C x V x 2; on the CPU twice C x V x 4, see the step), C from ``chunk_rows``
   (a fixed budget per device, ``LOGITS_CHUNK_BYTES``), besides the gradients themselves (dW's
   fp32 accumulator, V x H x 4 bytes when weight is 16-bit). Nothing of size N x V. On the CPU the matmuls run in fp32
   (torch has no 16-bit matmul with fp32 output there): a 16-bit weight is upcast once per call.
