@@ -1,4 +1,4 @@
-"""Flash attention (the Triton kernels run by the interpreter) against reference.attention.
+"""Flash attention (the Triton kernels: interpreted on CPU; the C++ ones) against reference.attention, on --device.
 
 Sizes are kept small: the interpreter costs ~8 ms per program and loop step, with 64 x 64
 blocks (S = 257 is five blocks). Shapes cover Sq == Sk and Sq != Sk both ways (bottom-right
@@ -13,18 +13,19 @@ from hypothesis import strategies as st
 
 import llama_kernels as lk
 from llama_kernels import reference as ref
-from utils import KERNEL_BACKENDS, check_attention_out, check_lse, randn
+from utils import check_attention_out, check_lse, extension_backends, kernel_backends, randn
 
 pytestmark = pytest.mark.usefixtures("poison_outputs")
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+BACKENDS = kernel_backends("flash_attention")
 
 
 # --------------------------------------------------------------------------- helpers
-def make_qkv(batch, seqlen_q, seqlen_k, hq, hk, d, dtype=F32, scale=1.0):
-    return (randn(batch, seqlen_q, hq, d, dtype=dtype, scale=scale),
-            randn(batch, seqlen_k, hk, d, dtype=dtype, scale=scale),
-            randn(batch, seqlen_k, hk, d, dtype=dtype))
+def make_qkv(batch, seqlen_q, seqlen_k, hq, hk, d, dtype=F32, scale=1.0, *, device):
+    return (randn(batch, seqlen_q, hq, d, dtype=dtype, scale=scale, device=device),
+            randn(batch, seqlen_k, hk, d, dtype=dtype, scale=scale, device=device),
+            randn(batch, seqlen_k, hk, d, dtype=dtype, device=device))
 
 
 def check_grads(got, want, dtype):
@@ -73,10 +74,10 @@ FORWARD_CASES = [
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("case", FORWARD_CASES, ids=shape_id)
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_forward_and_lse_match_reference(backend, case, causal):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_and_lse_match_reference(device, backend, case, causal):
     batch, sq, sk, hq, hk, d, dtype = case
-    q, k, v = make_qkv(batch, sq, sk, hq, hk, d, dtype)
+    q, k, v = make_qkv(batch, sq, sk, hq, hk, d, dtype, device=device)
     o, lse = lk.flash_attention(q, k, v, causal=causal, return_lse=True, backend=backend)
     want_o, want_lse = ref.attention(q, k, v, causal, return_lse=True)
     assert o.shape == q.shape and lse.shape == (batch, hq, sq)
@@ -84,9 +85,9 @@ def test_forward_and_lse_match_reference(backend, case, causal):
     check_lse(lse, want_lse)
 
 
-def test_default_backend_and_return_lse_false():
-    """Under TRITON_INTERPRET=1, CPU tensors run the Triton kernels; return_lse=False gives o alone."""
-    q, k, v = make_qkv(1, 17, 29, 4, 2, 64)
+def test_default_backend_and_return_lse_false(device):
+    """CUDA tensors (and CPU ones under TRITON_INTERPRET=1) run the Triton kernels; return_lse=False gives o alone."""
+    q, k, v = make_qkv(1, 17, 29, 4, 2, 64, device=device)
     o = lk.flash_attention(q, k, v)
     assert isinstance(o, torch.Tensor)
     o_triton, _ = lk.flash_attention(q, k, v, causal=True, return_lse=True, backend="triton")
@@ -98,15 +99,15 @@ def test_default_backend_and_return_lse_false():
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_softmax_scale_and_large_scores(backend, causal):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softmax_scale_and_large_scores(device, backend, causal):
     """Scores with a spread of ~±100 exercise the running maximum of the online softmax.
 
     At scores of ~200 fp32 itself is off by ~|s| * 2^-24 ~ 1e-5 relative in each probability, whatever
     the summation order, so o is held to float64 within twice the fp32 reference's own error (measured:
     the fp32 reference 2.7e-5, the kernels 1.4e-5 to 2.7e-5), not to the fp32 reference at 1e-5."""
-    q, k, v = make_qkv(1, 70, 90, 4, 2, 64, scale=3.0)
-    do = randn(*q.shape)
+    q, k, v = make_qkv(1, 70, 90, 4, 2, 64, scale=3.0, device=device)
+    do = randn(*q.shape, device=device)
 
     def fn(a, b, c):
         return lk.flash_attention(a, b, c, causal=causal, softmax_scale=0.4, backend=backend)
@@ -122,13 +123,13 @@ def test_softmax_scale_and_large_scores(backend, causal):
     check_grads(got, want, F32)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_strided_inputs(backend):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs(device, backend):
     """q seen through a (B, H, S, D) transpose, k and v interleaved in one buffer: only the last dim is contiguous."""
-    q = randn(2, 4, 40, 64).transpose(1, 2)  # (2, 40, 4, 64)
-    kv = randn(2, 50, 2, 2, 64)
+    q = randn(2, 4, 40, 64, device=device).transpose(1, 2)  # (2, 40, 4, 64)
+    kv = randn(2, 50, 2, 2, 64, device=device)
     k, v = kv[:, :, 0], kv[:, :, 1]  # (2, 50, 2, 64), token stride 256
-    do = randn(*q.shape)
+    do = randn(*q.shape, device=device)
     o, lse = lk.flash_attention(q, k, v, causal=True, return_lse=True, backend=backend)
     want_o, want_lse = ref.attention(q, k, v, True, return_lse=True)
     check_attention_out(o, want_o)
@@ -139,20 +140,23 @@ def test_strided_inputs(backend):
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_kernels_through_tensor_descriptors(monkeypatch, causal):
+def test_kernels_through_tensor_descriptors(device, monkeypatch, causal):
     """The kernels' sm_90 form (the blocks each loop streams through tensor descriptors: k and v in the forward and
-    for dq, q and do for dk/dv), forced here on the interpreter: Sq = 70 and Sk = 113 end in partial blocks, which
-    the descriptors fill with zeros; k and v interleaved in one buffer (token stride 256 elements: 16-byte aligned,
-    as TMA needs)."""
+    for dq, q and do for dk/dv), forced here (on the interpreter, or a card with TMA): Sq = 70 and Sk = 113 end in
+    partial blocks, which the descriptors fill with zeros; k and v interleaved in one buffer (token stride 256
+    elements: 16-byte aligned, as TMA needs)."""
     from llama_kernels.ops import attention
+
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
+        pytest.skip("tensor descriptors (TMA) need sm_90 or newer")
 
     config = attention._config
     monkeypatch.setattr(attention, "_config", lambda kernel, q, head_dim: {**config(kernel, q, head_dim), "TMA": True})
     described = []
     monkeypatch.setattr(attention.TensorDescriptor, "from_tensor", staticmethod(
         lambda t, block, make=attention.TensorDescriptor.from_tensor: described.append(t.shape) or make(t, block)))
-    q, do = randn(2, 70, 4, 64, dtype=BF16), randn(2, 70, 4, 64, dtype=BF16)
-    kv = randn(2, 113, 2, 2, 64, dtype=BF16)
+    q, do = randn(2, 70, 4, 64, dtype=BF16, device=device), randn(2, 70, 4, 64, dtype=BF16, device=device)
+    kv = randn(2, 113, 2, 2, 64, dtype=BF16, device=device)
     k, v = kv[:, :, 0], kv[:, :, 1]
     o, lse = lk.flash_attention(q, k, v, causal=causal, return_lse=True, backend="triton")
     _, got = grads(lambda a, b, c: lk.flash_attention(a, b, c, causal=causal, backend="triton"), (q, k, v), do)
@@ -164,7 +168,7 @@ def test_kernels_through_tensor_descriptors(monkeypatch, causal):
     check_grads(got, ideal_grads(lambda a, b, c: ref.attention(a, b, c, causal), (q, k, v), do), BF16)
     # Packed sequences keep pointer loads: a descriptor's rows past one sequence would be the next one's.
     described.clear()
-    cu = torch.tensor([0, 30, 70], dtype=torch.int32)
+    cu = torch.tensor([0, 30, 70], dtype=torch.int32, device=device)
     o = lk.flash_attention_varlen(q[0], k[0, :70], v[0, :70], cu, cu, 40, 40, causal=causal, backend="triton")
     assert described == []
     for start, end in ((0, 30), (30, 70)):
@@ -173,33 +177,33 @@ def test_kernels_through_tensor_descriptors(monkeypatch, causal):
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_rows_that_see_no_key_are_zero(backend, dtype):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_that_see_no_key_are_zero(device, backend, dtype):
     """Causal with Sq > Sk: queries 0..Sq-Sk-1 see nothing; zeros, lse -inf, zero dq, no NaN anywhere."""
-    q, k, v = make_qkv(1, 150, 20, 4, 2, 64, dtype)
+    q, k, v = make_qkv(1, 150, 20, 4, 2, 64, dtype, device=device)
     o, lse = lk.flash_attention(q, k, v, causal=True, return_lse=True, backend=backend)
     assert not o.isnan().any() and not lse.isnan().any()
     assert (o[:, :130] == 0).all()
     assert lse[:, :, :130].isneginf().all() and lse[:, :, 130:].isfinite().all()
-    do = randn(*q.shape, dtype=dtype)
+    do = randn(*q.shape, dtype=dtype, device=device)
     _, (dq, dk, dv) = grads(lambda a, b, c: lk.flash_attention(a, b, c, backend=backend), (q, k, v), do)
     for g in (dq, dk, dv):
         assert not g.isnan().any()
     assert (dq[:, :130] == 0).all()
 
 
-def test_offsets_past_2_31_elements():
+def test_offsets_past_2_31_elements(device):
     """Token 2 of q, k and v starts 2^31 + 16 elements in: 32-bit offsets would wrap (the interpreter wraps
     like the GPU). The forward and both backward kernels read through these offsets."""
     token_stride = 2**30 + 8
 
-    def far_apart(n_heads):  # (1, 3, H, 64) in a 4 GiB storage of which only three tokens are touched
-        storage = torch.empty(2 * token_stride + n_heads * 64, dtype=torch.float16)
+    def far_apart(n_heads):  # (1, 3, H, 64) in a 4 GiB storage (lazily allocated on CPU), three tokens touched
+        storage = torch.empty(2 * token_stride + n_heads * 64, dtype=torch.float16, device=device)
         t = storage.as_strided((1, 3, n_heads, 64), (3 * token_stride, token_stride, 64, 1))
-        return t.copy_(randn(1, 3, n_heads, 64, dtype=torch.float16))
+        return t.copy_(randn(1, 3, n_heads, 64, dtype=torch.float16, device=device))
 
     q, k, v = far_apart(2), far_apart(1), far_apart(1)
-    do = randn(1, 3, 2, 64, dtype=torch.float16)
+    do = randn(1, 3, 2, 64, dtype=torch.float16, device=device)
 
     def run(inputs):
         leaves = [t.detach().requires_grad_() for t in inputs]  # no clone: keep the strides
@@ -227,11 +231,11 @@ GRAD_CASES = [
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", GRAD_CASES, ids=shape_id)
-@pytest.mark.parametrize("backend", [*KERNEL_BACKENDS, "reference"])
-def test_gradients_match_reference(backend, case, dtype):
+@pytest.mark.parametrize("backend", [*BACKENDS, "reference"])
+def test_gradients_match_reference(device, backend, case, dtype):
     batch, sq, sk, hq, hk, d, causal = case
-    q, k, v = make_qkv(batch, sq, sk, hq, hk, d, dtype)
-    do = randn(*q.shape, dtype=dtype)
+    q, k, v = make_qkv(batch, sq, sk, hq, hk, d, dtype, device=device)
+    do = randn(*q.shape, dtype=dtype, device=device)
     o, got = grads(lambda a, b, c: lk.flash_attention(a, b, c, causal=causal, backend=backend), (q, k, v), do)
     check_attention_out(o, ref.attention(q, k, v, causal))
     want = ideal_grads(lambda a, b, c: ref.attention(a, b, c, causal), (q, k, v), do)
@@ -247,11 +251,12 @@ NATIVE_GRAD_CASES = [(1, 1, 8, 2), (17, 17, 8, 1), (113, 257, 8, 2), (257, 113, 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("case", NATIVE_GRAD_CASES, ids=shape_id)
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS[1:])
+@pytest.mark.cpu_only  # the C++ CPU kernels' own tiling
+@pytest.mark.parametrize("backend", extension_backends("flash_attention", "cpu"))
 def test_native_backward_across_blocks(backend, case, causal, dtype):
     """The C++ backward's gradients of a loss on o and lse (the lse's gradient joins the row term delta)."""
     sq, sk, hq, hk = case
-    q, k, v = make_qkv(2, sq, sk, hq, hk, 64, dtype)
+    q, k, v = make_qkv(2, sq, sk, hq, hk, 64, dtype, device="cpu")
     do, dlse = randn(*q.shape, dtype=dtype), randn(2, hq, sq)
 
     def loss(o, lse):
@@ -266,11 +271,11 @@ def test_native_backward_across_blocks(backend, case, causal, dtype):
     check_grads(got, want, dtype)
 
 
-@pytest.mark.parametrize("backend", ["triton", *KERNEL_BACKENDS[1:], "reference"])
-def test_lse_is_differentiable(backend):
+@pytest.mark.parametrize("backend", [*BACKENDS, "reference"])
+def test_lse_is_differentiable(device, backend):
     """A loss on o and lse (as ring attention combines partial results): the lse's gradient joins the row term."""
-    q, k, v = make_qkv(1, 90, 60, 4, 2, 64)  # causal: the first 30 queries see no key
-    do, dlse = randn(*q.shape), randn(1, 4, 90)
+    q, k, v = make_qkv(1, 90, 60, 4, 2, 64, device=device)  # causal: the first 30 queries see no key
+    do, dlse = randn(*q.shape, device=device), randn(1, 4, 90, device=device)
 
     def loss(o, lse):
         return (o * do).sum() + (torch.where(lse.isfinite(), lse, 0.0) * dlse).sum()
@@ -289,8 +294,8 @@ SEQLENS_Q = [1, 17, 70, 40, 3]
 SEQLENS_K = [5, 17, 130, 7, 0]  # (40, 7): causal rows 0..32 see nothing; (3, 0): no key at all
 
 
-def cu_seqlens(lengths):
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+def cu_seqlens(lengths, device):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
 
 
 def varlen_reference(q, k, v, cu_q, cu_k, causal, return_lse=False):
@@ -305,24 +310,30 @@ def varlen_reference(q, k, v, cu_q, cu_k, causal, return_lse=False):
     return (o, torch.cat(lses, dim=-1)) if return_lse else o
 
 
-def varlen_inputs(dtype, hq=8, hk=2, d=64):
+def varlen_inputs(dtype, hq=8, hk=2, d=64, *, device):
     total_q, total_k = sum(SEQLENS_Q), sum(SEQLENS_K)
-    q = randn(total_q, hq, d, dtype=dtype)
-    k, v = randn(total_k, hk, d, dtype=dtype), randn(total_k, hk, d, dtype=dtype)
-    return q, k, v, cu_seqlens(SEQLENS_Q), cu_seqlens(SEQLENS_K)
+    q = randn(total_q, hq, d, dtype=dtype, device=device)
+    k, v = randn(total_k, hk, d, dtype=dtype, device=device), randn(total_k, hk, d, dtype=dtype, device=device)
+    return q, k, v, cu_seqlens(SEQLENS_Q, device), cu_seqlens(SEQLENS_K, device)
 
 
-NATIVE_MARKS = KERNEL_BACKENDS[1].marks  # skipped where the extension is not built
+def varlen_runs():
+    """(backend, causal, dtype): Triton's three, the reference's two, the extension's two (where it has the op)."""
+    runs = [("triton", True, F32), ("triton", False, F32), ("triton", True, BF16), ("reference", True, F32),
+            ("reference", False, BF16)]
+    runs += [pytest.param(param.values[0], causal, dtype, marks=param.marks)
+             for param in extension_backends("flash_attention_varlen")
+             for causal, dtype in ((True, BF16), (False, F32))]
+    return runs
 
 
-@pytest.mark.parametrize("backend,causal,dtype", [
-    ("triton", True, F32), ("triton", False, F32), ("triton", True, BF16),
-    ("reference", True, F32), ("reference", False, BF16),
-    pytest.param("native", True, BF16, marks=NATIVE_MARKS), pytest.param("native", False, F32, marks=NATIVE_MARKS),
-], ids=["triton-causal-fp32", "triton-full-fp32", "triton-causal-bf16", "reference-causal-fp32", "reference-full-bf16",
-        "native-causal-bf16", "native-full-fp32"])
-def test_varlen_matches_reference_per_sequence(backend, causal, dtype):
-    q, k, v, cu_q, cu_k = varlen_inputs(dtype)
+def varlen_run_id(value):
+    return {True: "causal", False: "full", F32: "fp32", BF16: "bf16"}.get(value, value)
+
+
+@pytest.mark.parametrize("backend,causal,dtype", varlen_runs(), ids=varlen_run_id)
+def test_varlen_matches_reference_per_sequence(device, backend, causal, dtype):
+    q, k, v, cu_q, cu_k = varlen_inputs(dtype, device=device)
     max_q, max_k = max(SEQLENS_Q), max(SEQLENS_K)
 
     def flash(a, b, c, **kwargs):
@@ -338,7 +349,7 @@ def test_varlen_matches_reference_per_sequence(backend, causal, dtype):
         assert (o[start: start + 33] == 0).all()  # (40, 7): rows that see nothing
     assert (o[-3:] == 0).all() and lse[:, -3:].isneginf().all()  # the sequence with no key
 
-    do = randn(*q.shape, dtype=dtype)
+    do = randn(*q.shape, dtype=dtype, device=device)
     _, got = grads(flash, (q, k, v), do)
     want = ideal_grads(lambda a, b, c: varlen_reference(a, b, c, cu_q.tolist(), cu_k.tolist(), causal), (q, k, v), do)
     check_grads(got, want, dtype)
@@ -347,20 +358,20 @@ def test_varlen_matches_reference_per_sequence(backend, causal, dtype):
 # --------------------------------------------------------------------------- determinism
 @pytest.mark.parametrize("deterministic", [True, False])
 @pytest.mark.parametrize("layout", ["dense", "varlen"])
-def test_backward_is_bit_identical_across_runs(layout, deterministic):
+def test_backward_is_bit_identical_across_runs(device, layout, deterministic):
     """dk and dv sum over the 4 query heads of a group and over query blocks: the same bits every run."""
     if layout == "dense":
-        q, k, v = make_qkv(1, 150, 150, 8, 2, 64)
+        q, k, v = make_qkv(1, 150, 150, 8, 2, 64, device=device)
 
         def fn(a, b, c):
             return lk.flash_attention(a, b, c, deterministic=deterministic, backend="triton")
     else:
-        q, k, v, cu_q, cu_k = varlen_inputs(F32)
+        q, k, v, cu_q, cu_k = varlen_inputs(F32, device=device)
 
         def fn(a, b, c):
             return lk.flash_attention_varlen(a, b, c, cu_q, cu_k, max(SEQLENS_Q), max(SEQLENS_K),
                                              deterministic=deterministic, backend="triton")
-    do = randn(*q.shape)
+    do = randn(*q.shape, device=device)
     runs = [grads(fn, (q, k, v), do)[1] for _ in range(3)]
     for run in runs[1:]:
         for name, a, b in zip("qkv", run, runs[0]):
@@ -369,10 +380,10 @@ def test_backward_is_bit_identical_across_runs(layout, deterministic):
 
 # --------------------------------------------------------------------------- torch.compile
 @pytest.mark.parametrize("backend", ["triton", "reference"])
-def test_fullgraph_compile_forward_and_backward(backend):
+def test_fullgraph_compile_forward_and_backward(device, backend):
     torch._dynamo.reset()
-    q, k, v = make_qkv(1, 33, 40, 4, 2, 64)
-    do = randn(*q.shape)
+    q, k, v = make_qkv(1, 33, 40, 4, 2, 64, device=device)
+    do = randn(*q.shape, device=device)
 
     def f(q, k, v):
         o, lse = lk.flash_attention(q, k, v, causal=True, return_lse=True, backend=backend)
@@ -482,8 +493,8 @@ def test_varlen_bad_input_is_refused(make_kwargs, error, match):
 @given(batch=st.integers(1, 2), seqlen_q=st.integers(1, 140), seqlen_k=st.integers(1, 140),
        n_kv=st.integers(1, 2), group=st.sampled_from([1, 2, 4]), head_dim=st.sampled_from([64, 128]),
        causal=st.booleans(), dtype=st.sampled_from([F32, F16, BF16]))
-def test_any_shape(batch, seqlen_q, seqlen_k, n_kv, group, head_dim, causal, dtype):
-    q, k, v = make_qkv(batch, seqlen_q, seqlen_k, n_kv * group, n_kv, head_dim, dtype)
+def test_any_shape(device, batch, seqlen_q, seqlen_k, n_kv, group, head_dim, causal, dtype):
+    q, k, v = make_qkv(batch, seqlen_q, seqlen_k, n_kv * group, n_kv, head_dim, dtype, device=device)
     o, lse = lk.flash_attention(q, k, v, causal=causal, return_lse=True, backend="triton")
     want_o, want_lse = ref.attention(q, k, v, causal, return_lse=True)
     check_attention_out(o, want_o)

@@ -1,4 +1,4 @@
-"""The ops inside torch.compile(fullgraph=True): a pre-norm block slice, forward and backward."""
+"""The ops inside torch.compile(fullgraph=True): a pre-norm block slice, forward and backward, on --device."""
 
 import pytest
 import torch
@@ -23,15 +23,16 @@ def block_reference(x, residual, norm_weight, wq, wk, positions):
     batch, seqlen, _ = x.shape
     q = (normed @ wq).view(batch, seqlen, 4, 32)
     k = (normed @ wk).view(batch, seqlen, 2, 32)
-    q, k = ref.apply_rope(q, k, positions, lk.rope_inv_freq(32, 1e6))
+    q, k = ref.apply_rope(q, k, positions, lk.rope_inv_freq(32, 1e6, device=x.device))
     return q, k, residual
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_fullgraph_compile_forward_and_backward(compiler):
+def test_fullgraph_compile_forward_and_backward(device, compiler):
     torch._dynamo.reset()
-    inputs = [randn(2, 9, 64), randn(2, 9, 64), 1 + 0.1 * randn(64), randn(64, 128) / 8, randn(64, 64) / 8]
-    positions = torch.arange(100, 109)
+    inputs = [randn(2, 9, 64, device=device), randn(2, 9, 64, device=device), 1 + 0.1 * randn(64, device=device),
+              randn(64, 128, device=device) / 8, randn(64, 64, device=device) / 8]
+    positions = torch.arange(100, 109, device=device)
 
     def run(fn):
         leaves = [t.clone().requires_grad_() for t in inputs]
@@ -45,15 +46,15 @@ def test_fullgraph_compile_forward_and_backward(compiler):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_in_place_rope_compiles():
+def test_in_place_rope_compiles(device):
     torch._dynamo.reset()
 
     def f(q, k):
         lk.apply_rope(q, k, 5, inplace=True)
         return q * 2, k
 
-    q, k = randn(1, 4, 2, 16), randn(1, 4, 2, 16)
-    want = [2 * t for t in ref.apply_rope(q, k, 5, lk.rope_inv_freq(16))]
+    q, k = randn(1, 4, 2, 16, device=device), randn(1, 4, 2, 16, device=device)
+    want = [2 * t for t in ref.apply_rope(q, k, 5, lk.rope_inv_freq(16, device=device))]
     got = torch.compile(f, backend="aot_eager", fullgraph=True)(q.clone(), k.clone())
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[1] * 2, want[1], rtol=1e-5, atol=1e-5)

@@ -1,4 +1,5 @@
-"""flash_attention_with_kvcache (the Triton kernels run by the interpreter) against the reference.
+"""flash_attention_with_kvcache (the Triton kernels: interpreted on CPU; the C++ ones) against the reference, on
+--device.
 
 The expected result is built independently, batch entry by batch entry: the new k and v
 are written into copies of the caches at cache_seqlens[b] (k, and q, rotated first by
@@ -24,12 +25,13 @@ from hypothesis import strategies as st
 import llama_kernels as lk
 from llama_kernels import reference as ref
 from llama_kernels.rope_scaling import rope_inv_freq
-from utils import KERNEL_BACKENDS, assert_close, check_attention_out, check_lse, randn
+from utils import assert_close, check_attention_out, check_lse, kernel_backends, randn
 
 pytestmark = pytest.mark.usefixtures("poison_outputs")
 
 F32, BF16 = torch.float32, torch.bfloat16
 I32 = torch.int32
+BACKENDS = kernel_backends("flash_attention_with_kvcache")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -38,24 +40,26 @@ def check_rotated(got, want):
     assert_close(got, want, ulps=1, atol=1e-5)
 
 
-def rope_kwargs(rope, head_dim):
+def rope_kwargs(rope, head_dim, device):
     """The RoPE arguments of the call for a case's rope setting, and the inv_freq and layout they mean."""
     if rope is None:
         return {}, None, False
     interleaved = rope.endswith("interleaved")
     if rope.startswith("theta"):
-        return {"rope_theta": 1e4, "interleaved": interleaved}, rope_inv_freq(head_dim, 1e4), interleaved
+        return {"rope_theta": 1e4, "interleaved": interleaved}, rope_inv_freq(head_dim, 1e4, device=device), interleaved
     assert rope.startswith("inv_freq"), rope
-    inv_freq = rope_inv_freq(head_dim, 1e6, {"rope_type": "linear", "factor": 4.0})
+    inv_freq = rope_inv_freq(head_dim, 1e6, {"rope_type": "linear", "factor": 4.0}, device=device)
     return {"inv_freq": inv_freq, "interleaved": interleaved}, inv_freq, interleaved
 
 
-def make_inputs(batch, s_max, hq, hk, d, dtype, seqlens, sq, append):
-    q = randn(batch, sq, hq, d, dtype=dtype)
-    k_cache, v_cache = randn(batch, s_max, hk, d, dtype=dtype), randn(batch, s_max, hk, d, dtype=dtype)
-    k = randn(batch, sq, hk, d, dtype=dtype) if append else None
-    v = randn(batch, sq, hk, d, dtype=dtype) if append else None
-    return q, k_cache, v_cache, torch.tensor(seqlens, dtype=I32), k, v
+def make_inputs(batch, s_max, hq, hk, d, dtype, seqlens, sq, append, device):
+    def new(*shape):
+        return randn(*shape, dtype=dtype, device=device)
+
+    q, k_cache, v_cache = new(batch, sq, hq, d), new(batch, s_max, hk, d), new(batch, s_max, hk, d)
+    k = new(batch, sq, hk, d) if append else None
+    v = new(batch, sq, hk, d) if append else None
+    return q, k_cache, v_cache, torch.tensor(seqlens, dtype=I32, device=device), k, v
 
 
 def kernel_rotation(q, k, positions, inv_freq, interleaved, backend="triton"):
@@ -85,7 +89,7 @@ def expected(q, k_cache, v_cache, cache_seqlens, k, v, inv_freq, interleaved, ca
     for b in range(batch):
         start = int(cache_seqlens[b])
         if inv_freq is not None:
-            positions = torch.arange(start, start + sq)
+            positions = torch.arange(start, start + sq, device=q.device)
             q_b, k_b = rotate(q[b:b + 1], k[b:b + 1] if k is not None else q[b:b + 1], positions, inv_freq,
                               interleaved)
             q_rot[b] = q_b[0]
@@ -112,7 +116,7 @@ def expected_o_lse(q, *args, rotation_backend="triton", **kwargs):
 
 def check_caches(k_cache, v_cache, k_before, v_before, want_k, want_v, cache_seqlens, sq, appended, rotated):
     """Appended rows equal the (rotated) new k and the new v; every other position is bit-identical."""
-    touched = torch.zeros(k_cache.shape[:2], dtype=torch.bool)
+    touched = torch.zeros(k_cache.shape[:2], dtype=torch.bool, device=k_cache.device)
     if appended:
         for b, start in enumerate(cache_seqlens.tolist()):
             touched[b, start:start + sq] = True
@@ -151,10 +155,10 @@ CASES = [
 ]
 
 
-def run_case(case, backend):
+def run_case(case, backend, device):
     _, batch, s_max, hq, hk, d, dtype, seqlens, sq, append, rope, num_splits, causal = case
-    q, k_cache, v_cache, cache_seqlens, k, v = make_inputs(batch, s_max, hq, hk, d, dtype, seqlens, sq, append)
-    kwargs, inv_freq, interleaved = rope_kwargs(rope, d)
+    q, k_cache, v_cache, cache_seqlens, k, v = make_inputs(batch, s_max, hq, hk, d, dtype, seqlens, sq, append, device)
+    kwargs, inv_freq, interleaved = rope_kwargs(rope, d, device)
     _, _, want_k, want_v, _ = expected(q, k_cache, v_cache, cache_seqlens, k, v, inv_freq, interleaved, causal)
     want_o, want_lse = expected_o_lse(q, k_cache, v_cache, cache_seqlens, k, v, inv_freq, interleaved, causal,
                                       rotation_backend="native" if backend == "native" else "triton")
@@ -170,23 +174,23 @@ def run_case(case, backend):
     return o, lse
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_matches_reference(case, backend):
-    run_case(case, backend)
+def test_matches_reference(device, case, backend):
+    run_case(case, backend, device)
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=case_id)
-def test_reference_backend_matches_reference(case):
-    run_case(case, "reference")
+def test_reference_backend_matches_reference(device, case):
+    run_case(case, "reference", device)
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_empty_entries_give_zeros(backend, dtype):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_entries_give_zeros(device, backend, dtype):
     """Entries whose attended length is 0 (empty cache, no append) are zeros with lse -inf, never NaN,
     next to an entry that attends normally."""
-    q, k_cache, v_cache, cache_seqlens, _, _ = make_inputs(3, 32, 8, 2, 64, dtype, [0, 9, 0], 5, False)
+    q, k_cache, v_cache, cache_seqlens, _, _ = make_inputs(3, 32, 8, 2, 64, dtype, [0, 9, 0], 5, False, device)
     o, lse = lk.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, return_lse=True, backend=backend)
     assert not o.isnan().any() and not lse.isnan().any()
     assert (o[[0, 2]] == 0).all() and lse[[0, 2]].isneginf().all()
@@ -196,11 +200,12 @@ def test_empty_entries_give_zeros(backend, dtype):
     check_lse(lse, want_lse)
 
 
-def test_return_lse_false_default_backend_and_softmax_scale():
-    """return_lse=False gives o alone; the default backend (Triton under the interpreter) matches; softmax_scale."""
-    q, k_cache, v_cache, cache_seqlens, k, v = make_inputs(2, 40, 4, 2, 64, F32, [5, 17], 1, True)
-    want_o, _, want_k, want_v, _ = expected(q, k_cache, v_cache, cache_seqlens, k, v, rope_inv_freq(64, 1e6), False,
-                                            softmax_scale=0.3)
+def test_return_lse_false_default_backend_and_softmax_scale(device):
+    """return_lse=False gives o alone; the default backend (Triton on CUDA and under the interpreter) matches;
+    softmax_scale."""
+    q, k_cache, v_cache, cache_seqlens, k, v = make_inputs(2, 40, 4, 2, 64, F32, [5, 17], 1, True, device)
+    want_o, _, want_k, want_v, _ = expected(q, k_cache, v_cache, cache_seqlens, k, v,
+                                            rope_inv_freq(64, 1e6, device=device), False, softmax_scale=0.3)
     kc, vc = k_cache.clone(), v_cache.clone()
     o = lk.flash_attention_with_kvcache(q, kc, vc, cache_seqlens, k=k, v=v, rope_theta=1e6, softmax_scale=0.3)
     assert isinstance(o, torch.Tensor)
@@ -212,16 +217,16 @@ def test_return_lse_false_default_backend_and_softmax_scale():
     assert torch.equal(o, o2) and torch.equal(kc, kc2) and torch.equal(vc, vc2)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_strided_caches_and_inputs(backend):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_caches_and_inputs(device, backend):
     """Caches that are views of one interleaved (B, S_max, 2, Hk, D) buffer, q seen through a transpose."""
-    kv = randn(2, 64, 2, 2, 64)
+    kv = randn(2, 64, 2, 2, 64, device=device)
     k_cache, v_cache = kv[:, :, 0], kv[:, :, 1]
-    q = randn(2, 8, 5, 64).transpose(1, 2)  # (2, 5, 8, 64)
-    k, v = randn(2, 5, 2, 64), randn(2, 5, 2, 64)
-    cache_seqlens = torch.tensor([11, 50], dtype=I32)
-    want_o, want_lse, want_k, want_v, _ = expected(q, k_cache, v_cache, cache_seqlens, k, v, rope_inv_freq(64, 1e4),
-                                                   False)
+    q = randn(2, 8, 5, 64, device=device).transpose(1, 2)  # (2, 5, 8, 64)
+    k, v = randn(2, 5, 2, 64, device=device), randn(2, 5, 2, 64, device=device)
+    cache_seqlens = torch.tensor([11, 50], dtype=I32, device=device)
+    want_o, want_lse, want_k, want_v, _ = expected(q, k_cache, v_cache, cache_seqlens, k, v,
+                                                   rope_inv_freq(64, 1e4, device=device), False)
     k_before, v_before = k_cache.clone(), v_cache.clone()
     o, lse = lk.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k=k, v=v, rope_theta=1e4,
                                              return_lse=True, backend=backend)
@@ -231,10 +236,10 @@ def test_strided_caches_and_inputs(backend):
 
 
 # --------------------------------------------------------------------------- num_splits
-def test_num_splits_agree():
+def test_num_splits_agree(device):
     """Automatic and explicit splits of the keys give the same o and lse (fp32: 1e-5) and the same caches."""
-    q, k_cache, v_cache, cache_seqlens, k, v = make_inputs(2, 200, 8, 2, 64, F32, [150, 37], 5, True)
-    inv_freq = rope_inv_freq(64, 1e4)
+    q, k_cache, v_cache, cache_seqlens, k, v = make_inputs(2, 200, 8, 2, 64, F32, [150, 37], 5, True, device)
+    inv_freq = rope_inv_freq(64, 1e4, device=device)
     want_o, want_lse, want_k, want_v, _ = expected(q, k_cache, v_cache, cache_seqlens, k, v, inv_freq, False)
     results = {}
     for num_splits in (0, 1, 2, 3, 7):
@@ -254,10 +259,11 @@ def test_num_splits_agree():
 
 # --------------------------------------------------------------------------- against flash_attention
 @pytest.mark.parametrize("sq,interleaved", [(1, False), (5, True)], ids=["sq1-half", "sq5-interleaved"])
-def test_lse_merges_with_flash_attention(sq, interleaved):
+def test_lse_merges_with_flash_attention(device, sq, interleaved):
     """With equal cache lengths the call is flash_attention over the filled cache (bottom-right causal)."""
-    q, k_cache, v_cache, cache_seqlens, k, v = make_inputs(2, 72, 8, 2, 128, F32, [60, 60], sq, True)
-    _, _, _, _, q_rot = expected(q, k_cache, v_cache, cache_seqlens, k, v, rope_inv_freq(128, 1e4), interleaved)
+    q, k_cache, v_cache, cache_seqlens, k, v = make_inputs(2, 72, 8, 2, 128, F32, [60, 60], sq, True, device)
+    _, _, _, _, q_rot = expected(q, k_cache, v_cache, cache_seqlens, k, v, rope_inv_freq(128, 1e4, device=device),
+                                 interleaved)
     o, lse = lk.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k=k, v=v, rope_theta=1e4,
                                              interleaved=interleaved, return_lse=True, backend="triton")
     length = 60 + sq
@@ -323,15 +329,15 @@ def test_bad_input_is_refused_before_any_write(make_kwargs, error, match):
 @pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the merge kernel meets the NaN rows
 @pytest.mark.parametrize("rope", [False, True], ids=["copy", "rope"])
 @pytest.mark.parametrize("append", [True, False], ids=["append", "no-append"])
-def test_kernels_guard_lengths_the_cache_cannot_hold(append, rope):
+def test_kernels_guard_lengths_the_cache_cannot_hold(device, append, rope):
     """On a GPU the wrapper does not read cache_seqlens (a host sync per step): the kernels must write nothing
     outside the caches and give NaN for the sequences whose length does not fit, and the right answer for the
     others. Called through the torch op, which skips the wrapper's host-side check."""
     seqlens = [4, 6, -2, 3] if append else [4, 9, -1, 8]  # entries 1 and 2 do not fit (S_max 8, Sq 3)
-    q, k_cache, v_cache, cache_seqlens, k, v = make_inputs(4, 8, 4, 2, 64, F32, seqlens, 3, append)
-    inv_freq = rope_inv_freq(64, 1e4) if rope else None
+    q, k_cache, v_cache, cache_seqlens, k, v = make_inputs(4, 8, 4, 2, 64, F32, seqlens, 3, append, device)
+    inv_freq = rope_inv_freq(64, 1e4, device=device) if rope else None
     # The cache rows before and after, with a border to catch a write past either end of a sequence's rows.
-    k_big, v_big = randn(6, 8, 2, 64), randn(6, 8, 2, 64)
+    k_big, v_big = randn(6, 8, 2, 64, device=device), randn(6, 8, 2, 64, device=device)
     k_before, v_before = k_big.clone(), v_big.clone()
     kc, vc = k_big[1:5], v_big[1:5]
     kc.copy_(k_cache), vc.copy_(v_cache)
@@ -355,10 +361,10 @@ def test_kernels_guard_lengths_the_cache_cannot_hold(append, rope):
 
 
 # --------------------------------------------------------------------------- torch.compile
-def test_fullgraph_compile_appends_and_matches_eager():
+def test_fullgraph_compile_appends_and_matches_eager(device):
     """The op declares that it mutates the caches: compiled and eager give the same o and the same caches."""
     torch._dynamo.reset()
-    q, k_cache, v_cache, cache_seqlens, k, v = make_inputs(2, 48, 8, 2, 64, F32, [9, 30], 5, True)
+    q, k_cache, v_cache, cache_seqlens, k, v = make_inputs(2, 48, 8, 2, 64, F32, [9, 30], 5, True, device)
 
     def f(q, k_cache, v_cache, cache_seqlens, k, v):
         o = lk.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k=k, v=v, rope_theta=1e4,
@@ -372,7 +378,8 @@ def test_fullgraph_compile_appends_and_matches_eager():
     (o_c, kc_c, vc_c), (o_e, kc_e, vc_e) = run(torch.compile(f, backend="aot_eager", fullgraph=True)), run(f)
     torch.testing.assert_close(o_c, o_e, rtol=1e-5, atol=1e-5)
     assert torch.equal(kc_c, kc_e) and torch.equal(vc_c, vc_e), "compiled and eager caches differ"
-    want_o, _, want_k, want_v, _ = expected(q, k_cache, v_cache, cache_seqlens, k, v, rope_inv_freq(64, 1e4), True)
+    want_o, _, want_k, want_v, _ = expected(q, k_cache, v_cache, cache_seqlens, k, v,
+                                            rope_inv_freq(64, 1e4, device=device), True)
     check_attention_out(o_c / 2, want_o)
     check_caches(kc_c, vc_c, k_cache, v_cache, want_k, want_v, cache_seqlens, 5, True, True)
 
@@ -383,9 +390,9 @@ def test_fullgraph_compile_appends_and_matches_eager():
        append=st.booleans(), n_kv=st.integers(1, 2), group=st.sampled_from([1, 4]),
        head_dim=st.sampled_from([64, 128]), rope=st.sampled_from([None, "theta", "theta-interleaved"]),
        num_splits=st.sampled_from([0, 1, 3]), dtype=st.sampled_from([F32, BF16]))
-def test_any_shape(data, batch, s_max, sq, append, n_kv, group, head_dim, rope, num_splits, dtype):
+def test_any_shape(device, data, batch, s_max, sq, append, n_kv, group, head_dim, rope, num_splits, dtype):
     s_max = max(s_max, sq) if append else s_max
     top = s_max - sq if append else s_max
     seqlens = data.draw(st.lists(st.integers(0, top), min_size=batch, max_size=batch), label="cache_seqlens")
     case = ("any", batch, s_max, n_kv * group, n_kv, head_dim, dtype, seqlens, sq, append, rope, num_splits, True)
-    run_case(case, "triton")
+    run_case(case, "triton", device)

@@ -1,23 +1,24 @@
-"""The Triton RMSNorm (run by the interpreter) against the reference."""
+"""The RMSNorm kernels (Triton: interpreted on CPU; the extension's) against the reference, on --device."""
 
 import pytest
 import torch
 
 import llama_kernels as lk
 from llama_kernels import reference as ref
-from utils import KERNEL_BACKENDS, ULP, assert_close, randn
+from utils import ULP, assert_close, kernel_backends, randn
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BACKENDS = kernel_backends("rms_norm")
 pytestmark = pytest.mark.usefixtures("poison_outputs")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,hidden", [(1, 4096), (7, 5120), (113, 1023), (3, 6656), (1, 1), (2, 32768)])
 @pytest.mark.parametrize("with_residual", [False, True])
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_forward_matches_reference(backend, dtype, rows, hidden, with_residual):
-    x, w = randn(rows, hidden, dtype=dtype), randn(hidden, dtype=dtype)
-    r = randn(rows, hidden, dtype=dtype) if with_residual else None
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_matches_reference(device, backend, dtype, rows, hidden, with_residual):
+    x, w = randn(rows, hidden, dtype=dtype, device=device), randn(hidden, dtype=dtype, device=device)
+    r = randn(rows, hidden, dtype=dtype, device=device) if with_residual else None
     out = lk.rms_norm(x, w, 1e-5, residual=r, backend=backend)
     if with_residual:
         out, h = out
@@ -28,21 +29,22 @@ def test_forward_matches_reference(backend, dtype, rows, hidden, with_residual):
 
 @pytest.mark.parametrize("x_dtype,w_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
                                              (torch.float32, torch.bfloat16)])
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_weight_in_its_own_dtype(backend, x_dtype, w_dtype):
-    x, w = randn(5, 640, dtype=x_dtype), randn(640, dtype=w_dtype)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weight_in_its_own_dtype(device, backend, x_dtype, w_dtype):
+    x, w = randn(5, 640, dtype=x_dtype, device=device), randn(640, dtype=w_dtype, device=device)
     out = lk.rms_norm(x, w, backend=backend)
     assert out.dtype == torch.promote_types(x_dtype, w_dtype)
     # An fp32 result still carries the rounding of the normalized value to x's dtype (Meta's .type_as(x)).
     assert_close(out, ref.rms_norm(x, w), rtol=ULP.get(x_dtype, 1e-5))
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_leading_dims_and_strided_rows(backend):
-    big = randn(2, 9, 8192, dtype=torch.bfloat16)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leading_dims_and_strided_rows(device, backend):
+    big = randn(2, 9, 8192, dtype=torch.bfloat16, device=device)
     x = big[:, 1:8, 1000:6120]  # (2, 7, 5120) with row stride 8192: no copy needed
-    r = randn(2, 7, 5120, dtype=torch.bfloat16).transpose(0, 1).contiguous().transpose(0, 1)  # not a (rows, N) view
-    w = randn(5120, dtype=torch.bfloat16)
+    # not a (rows, N) view
+    r = randn(2, 7, 5120, dtype=torch.bfloat16, device=device).transpose(0, 1).contiguous().transpose(0, 1)
+    w = randn(5120, dtype=torch.bfloat16, device=device)
     y, h = lk.rms_norm(x, w, residual=r, backend=backend)
     assert y.shape == h.shape == (2, 7, 5120)
     assert_close(h, x + r, ulps=1)
@@ -59,14 +61,14 @@ INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_residual", [False, True])
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_nonfinite_values_propagate_like_the_reference(backend, dtype, with_residual):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nonfinite_values_propagate_like_the_reference(device, backend, dtype, with_residual):
     """A nan or inf in a row makes that row what the reference makes it (a nan row; inf's row nan and zeros), and
     no other row changes."""
-    x, w = randn(7, 1023, dtype=dtype), randn(1023, dtype=dtype)
+    x, w = randn(7, 1023, dtype=dtype, device=device), randn(1023, dtype=dtype, device=device)
     x[1, 5], x[2, 0], x[3, 1022] = float("nan"), float("inf"), float("-inf")
     x.view(INT_VIEW[dtype])[4, 7], x.view(INT_VIEW[dtype])[5, 100] = NAN_BITS[dtype]
-    r = randn(7, 1023, dtype=dtype) if with_residual else None
+    r = randn(7, 1023, dtype=dtype, device=device) if with_residual else None
     out = lk.rms_norm(x, w, 1e-5, residual=r, backend=backend)
     if with_residual:
         out, h = out
@@ -89,12 +91,12 @@ def _grads(fn, inputs, gy, gh):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,hidden", [(1, 64), (113, 5120), (37, 1023), (5, 10007)])  # 10007: chunked rows
 @pytest.mark.parametrize("with_residual", [False, True])
-@pytest.mark.parametrize("backend", [*KERNEL_BACKENDS, "reference"])
-def test_gradients_match_reference(backend, dtype, rows, hidden, with_residual):
-    inputs = [randn(rows, hidden, dtype=dtype), (1 + 0.1 * randn(hidden)).to(dtype)]
+@pytest.mark.parametrize("backend", [*BACKENDS, "reference"])
+def test_gradients_match_reference(device, backend, dtype, rows, hidden, with_residual):
+    inputs = [randn(rows, hidden, dtype=dtype, device=device), (1 + 0.1 * randn(hidden, device=device)).to(dtype)]
     if with_residual:
-        inputs.append(randn(rows, hidden, dtype=dtype))
-    gy, gh = randn(rows, hidden, dtype=dtype), randn(rows, hidden, dtype=dtype)
+        inputs.append(randn(rows, hidden, dtype=dtype, device=device))
+    gy, gh = randn(rows, hidden, dtype=dtype, device=device), randn(rows, hidden, dtype=dtype, device=device)
 
     def kernel(x, w, residual):
         return lk.rms_norm(x, w, residual=residual, backend=backend)
@@ -118,16 +120,17 @@ def test_gradients_match_reference(backend, dtype, rows, hidden, with_residual):
             torch.testing.assert_close(g.float(), want, rtol=3 * ULP[dtype], atol=1e-2)
 
 
-def test_dweight_is_deterministic():
-    x, w, gy = randn(257, 1023).requires_grad_(), randn(1023).requires_grad_(), randn(257, 1023)
+def test_dweight_is_deterministic(device):
+    x, w = randn(257, 1023, device=device).requires_grad_(), randn(1023, device=device).requires_grad_()
+    gy = randn(257, 1023, device=device)
     runs = [torch.autograd.grad((lk.rms_norm(x, w, backend="triton") * gy).sum(), (x, w)) for _ in range(3)]
     for dx, dw in runs[1:]:
         assert torch.equal(dx, runs[0][0]) and torch.equal(dw, runs[0][1])
 
 
-def test_residual_inputs_both_get_the_gradient_and_accumulate_apart():
-    x, r = randn(3, 64).requires_grad_(), randn(3, 64).requires_grad_()
-    w = randn(64)
+def test_residual_inputs_both_get_the_gradient_and_accumulate_apart(device):
+    x, r = randn(3, 64, device=device).requires_grad_(), randn(3, 64, device=device).requires_grad_()
+    w = randn(64, device=device)
     for _ in range(2):
         y, h = lk.rms_norm(x, w, residual=r, backend="triton")
         (y.sum() + h.sum()).backward()
@@ -137,20 +140,21 @@ def test_residual_inputs_both_get_the_gradient_and_accumulate_apart():
     assert r.grad.abs().sum() > 0
 
 
-def test_row_offsets_past_2_31_elements():
+def test_row_offsets_past_2_31_elements(device):
     """Row 2 starts 2^31 + 16 elements in: int32 offsets would wrap (the interpreter wraps like the GPU)."""
     hidden, row_stride = 64, 2**30 + 8
-    storage = torch.empty(2 * row_stride + hidden, dtype=torch.float16)  # 4 GiB, untouched but three rows
+    # 4 GiB, untouched but three rows (on CPU lazily allocated; on the card allocated, never written)
+    storage = torch.empty(2 * row_stride + hidden, dtype=torch.float16, device=device)
     x = storage.as_strided((3, hidden), (row_stride, 1))
-    x.copy_(randn(3, hidden, dtype=torch.float16))
-    w = randn(hidden, dtype=torch.float16)
+    x.copy_(randn(3, hidden, dtype=torch.float16, device=device))
+    w = randn(hidden, dtype=torch.float16, device=device)
     y = lk.rms_norm(x, w, backend="triton")
     assert_close(y, ref.rms_norm(x.clone(), w))
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_empty_input(backend):
-    x, w = randn(0, 4096), randn(4096)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_input(device, backend):
+    x, w = randn(0, 4096, device=device), randn(4096, device=device)
     assert lk.rms_norm(x, w, backend=backend).shape == (0, 4096)
 
 
@@ -182,8 +186,8 @@ def test_bad_residual_and_eps_are_refused():
         lk.rms_norm(x, w, backend="cutlass")
 
 
-def test_opcheck():
-    x, w, r = (t.requires_grad_() for t in (randn(5, 96), randn(96), randn(5, 96)))
+def test_opcheck(device):
+    x, w, r = (randn(*shape, device=device).requires_grad_() for shape in ((5, 96), (96,), (5, 96)))
     torch.library.opcheck(torch.ops.llama_kernels.rms_norm, (x, w, 1e-5, "triton"))
     torch.library.opcheck(torch.ops.llama_kernels.rms_norm_residual, (x, r, w, 1e-5, "triton"))
-    torch.library.opcheck(torch.ops.llama_kernels.rms_norm_backward, (randn(5, 96), None, x.detach(), w.detach(), 1e-5, "triton"))
+    torch.library.opcheck(torch.ops.llama_kernels.rms_norm_backward, (randn(5, 96, device=device), None, x.detach(), w.detach(), 1e-5, "triton"))

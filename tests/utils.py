@@ -1,10 +1,13 @@
-"""Comparison helpers shared by the kernel tests."""
+"""Comparison helpers shared by the kernel tests, and the device and backends they run on."""
 
 import pytest
 import torch
 
+# The device the op tests build their tensors on: conftest.py sets it from --device.
+DEVICE = torch.device("cpu")
+
 # Tolerances per dtype. fp32: ~1e-5 relative. fp16/bf16: a few ulp of the dtype
-# (the interpreter rounds fp32 -> bf16 toward zero, one ulp more than torch).
+# (the interpreter rounds fp32 -> bf16 toward zero, one ulp more than torch; on a GPU they are upper bounds).
 ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
 
@@ -18,9 +21,9 @@ def assert_close(actual, expected, *, ulps: int = 2, atol: float = 1e-6, rtol: f
     torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol, equal_nan=False)
 
 
-def randn(*shape, dtype=torch.float32, scale=1.0):
+def randn(*shape, dtype=torch.float32, scale=1.0, device="cpu"):
     """Fresh normal values (never zeros)."""
-    return (torch.randn(*shape, dtype=torch.float32) * scale).to(dtype)
+    return (torch.randn(*shape, dtype=torch.float32, device=device) * scale).to(dtype)
 
 
 def check_attention_out(got, want):
@@ -42,12 +45,23 @@ def check_lse(got, want):
     torch.testing.assert_close(got[finite], want[finite].float(), rtol=1e-5, atol=1e-5)
 
 
-def _native_built() -> bool:
+def extension_backends(op: str, device_type: str | None = None) -> list:
+    """The extension's backend for ``op`` on ``device_type`` (default DEVICE's): "native" on CPU, "cuda" on the card
+    (RMSNorm and RoPE only), as pytest params skipped where it is not built; [] where it has no kernel of ``op``."""
     from llama_kernels import _native
+    from llama_kernels.ops._backend import _DEVICE_OF, COMPILED
 
-    return _native.available("cpu")
+    device_type = device_type or DEVICE.type
+    built = _native.available(device_type)
+    return [pytest.param(backend, marks=pytest.mark.skipif(not built, reason=f"the extension is not built with "
+                                                           f"{backend} kernels (make test builds the native ones)"))
+            for backend in COMPILED[op] if _DEVICE_OF[backend] == device_type]
 
 
-# The kernel backends a CPU test runs: the Triton kernels (interpreted) and, when built, the C++ ones.
-KERNEL_BACKENDS = ["triton", pytest.param("native", marks=pytest.mark.skipif(
-    not _native_built(), reason="the native extension is not built (make test builds it)"))]
+def kernel_backends(op: str, device_type: str | None = None) -> list:
+    """The kernel backends a test of ``op`` runs: Triton (interpreted on CPU) and the extension's."""
+    return ["triton", *extension_backends(op, device_type)]
+
+
+# For tests that build CPU tensors whatever --device says: the CPU backends, the same for every op.
+KERNEL_BACKENDS = kernel_backends("rms_norm", "cpu")
