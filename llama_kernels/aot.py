@@ -80,9 +80,9 @@ def _rms_norm_launches(target: str, meta) -> list[str]:
             x = torch.empty(16384, hidden, dtype=dtype, device=meta)
             w = torch.empty(hidden, dtype=dtype, device=meta)
             for residual in (None, x):
-                rms_norm._forward_triton(x, residual, w, 1e-5)
+                rms_norm.forward_triton(x, residual, w, 1e-5)
                 labels.append(f"rms_norm_fwd {hidden} {str(dtype)[6:]}{' +residual' if residual is not None else ''}")
-            rms_norm._backward_triton(x, x, x, w, 1e-5)
+            rms_norm.backward_triton(x, x, x, w, 1e-5)
             labels.append(f"rms_norm_bwd {hidden} {str(dtype)[6:]}")
     return labels
 
@@ -98,7 +98,7 @@ def _rope_launches(target: str, meta) -> list[str]:
             for inv_freq_dtype in (torch.float32, torch.float64):
                 positions = torch.empty(1, 16384, dtype=torch.int64, device=meta)
                 inv_freq = torch.empty(d // 2, dtype=inv_freq_dtype, device=meta)
-                rope._rope_triton(q, k, q, k, positions, 0, inv_freq, 1.0, interleaved, False)
+                rope.rope_triton(q, k, q, k, positions, 0, inv_freq, 1.0, interleaved, False)
                 layout = "interleaved" if interleaved else "half"
                 labels.append(f"rope {hq}/{hk}/{d} {layout} {str(inv_freq_dtype)[6:]}-angles")
     return labels
@@ -137,9 +137,9 @@ def _decode_launches(n_q_heads: int, n_kv_heads: int, seqlen_q: int, device) -> 
     cache = torch.empty(1, 16384, n_kv_heads, 128, dtype=torch.bfloat16, device=device)
     positions = torch.empty(1, seqlen_q, dtype=torch.int64, device=device)
     inv_freq = torch.empty(64, dtype=torch.float32, device=device)
-    rope._rope_triton(q, new_kv, q, cache, positions, 0, inv_freq, 1.0, False, False, v=new_kv, v_out=cache)
+    rope.rope_triton(q, new_kv, q, cache, positions, 0, inv_freq, 1.0, False, False, v=new_kv, v_out=cache)
     seqlens = torch.empty(1, dtype=torch.int32, device=device)
-    decode._decode_triton(q, cache, cache, seqlens, seqlen_q, True, 128**-0.5, 0)
+    decode.decode_triton(q, cache, cache, seqlens, seqlen_q, True, 128**-0.5, 0)
 
 
 def _attention_launches(head_dim: int, varlen: bool, causal: bool, device, tma: bool = False) -> None:
@@ -151,12 +151,12 @@ def _attention_launches(head_dim: int, varlen: bool, causal: bool, device, tma: 
     q = torch.empty(*shape, 64, head_dim, dtype=torch.bfloat16, device=device)
     k = torch.empty(*shape, 8, head_dim, dtype=torch.bfloat16, device=device)
     cu = torch.empty(3, dtype=torch.int32, device=device) if varlen else None
-    layout = attention._Layout(q, k, cu, cu, tokens, tokens)
+    layout = attention.Layout(q, k, cu, cu, tokens, tokens)
     with contextlib.ExitStack() as configs:
         for kernel in ("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq") if tma else ():
             configs.enter_context(_triton.override_config(kernel, lambda default: {**default, "TMA": True}))
-        o, lse = attention._forward_triton(q, k, k, layout, causal, head_dim**-0.5)
-        attention._backward_triton(o, q, k, k, o, lse, None, layout, causal, head_dim**-0.5)
+        o, lse = attention.forward_triton(q, k, k, layout, causal, head_dim**-0.5)
+        attention.backward_triton(o, q, k, k, o, lse, None, layout, causal, head_dim**-0.5)
 
 
 _LAUNCHES = {"rms_norm": _rms_norm_launches, "rope": _rope_launches, "attention": _all_attention_launches,

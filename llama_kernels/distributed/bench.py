@@ -37,8 +37,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ..ops._backend import resolve_backend
-from ..ops.attention import _softmax_scale
-from .ring import _attend_step, _gradient_step, ring_attention
+from ..ops._shared import resolve_softmax_scale
+from .ring import attend_step, gradient_step, ring_attention
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PASSES = ("fwd", "fwd_bwd")
@@ -78,7 +78,7 @@ def _compute_forward(q, kv_blocks, rank, world, causal, scale, layout, backend):
     o_acc = q.new_zeros((batch, seqlen, n_heads, head_dim), dtype=torch.float32)
     lse_acc = q.new_full((batch, n_heads, seqlen), float("-inf"), dtype=torch.float32)
     for step in range(world):
-        _attend_step(q, kv_blocks[step], rank, (rank - step) % world, causal, scale, layout, backend, o_acc, lse_acc)
+        attend_step(q, kv_blocks[step], rank, (rank - step) % world, causal, scale, layout, backend, o_acc, lse_acc)
     return o_acc.to(q.dtype), lse_acc
 
 
@@ -88,7 +88,7 @@ def _compute_backward(do, q, o, lse, kv_blocks, rank, world, causal, scale, layo
     dq = torch.zeros_like(q, dtype=torch.float32)
     incoming = torch.zeros_like(kv_blocks[0], dtype=torch.float32)  # stands for the accumulator received
     for step in range(world):
-        block = _gradient_step(do, q, o, lse, dlse, kv_blocks[step], rank, (rank - step) % world, causal, scale,
+        block = gradient_step(do, q, o, lse, dlse, kv_blocks[step], rank, (rank - step) % world, causal, scale,
                                layout, backend, dq)
         if step:
             block += incoming
@@ -130,7 +130,7 @@ def run_rank(args, rank: int, world: int, device: torch.device) -> dict | None:
     b, hq, hk, d = args.batch, args.n_heads, args.n_kv_heads, args.head_dim
     q, k, v, do = rand(b, s_local, hq, d), rand(b, s_local, hk, d), rand(b, s_local, hk, d), rand(b, s_local, hq, d)
     backend = resolve_backend(q, args.backend, "flash_attention")
-    scale = _softmax_scale(None, d)
+    scale = resolve_softmax_scale(None, d)
     kv_blocks = [torch.stack([k, v])] + [torch.stack([rand(b, s_local, hk, d), rand(b, s_local, hk, d)])
                                          for _ in range(world - 1)]
     ring_attention(q, k, v, causal=args.causal, layout=args.layout, backend=backend)  # checks the shapes agree once

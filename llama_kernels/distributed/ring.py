@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..ops.attention import _check_qkv, _softmax_scale
+from ..ops._shared import check_qkv, resolve_softmax_scale
 from ..ops._backend import resolve_backend
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -159,7 +159,7 @@ def _bwd_block(do, q, k, v, o, lse, dlse, causal, scale, backend):
         do_i.contiguous(), q, k, v, o_i, lse_i, dlse_i.contiguous(), None, None, 0, 0, causal, scale, backend)
 
 
-def _attend_step(q, kv, rank, src, causal, scale, layout, backend, o_acc: Tensor, lse_acc: Tensor) -> None:
+def attend_step(q, kv, rank, src, causal, scale, layout, backend, o_acc: Tensor, lse_acc: Tensor) -> None:
     """One forward step: q against kv = stack(k, v), the block that started on rank src, merged into o_acc, lse_acc."""
     plan = _plan(rank, src, q.shape[1], causal, layout)
     if plan is not None:
@@ -169,7 +169,7 @@ def _attend_step(q, kv, rank, src, causal, scale, layout, backend, o_acc: Tensor
         _merge(o_acc, lse_acc, o_i, lse_i, rows)
 
 
-def _gradient_step(do, q, o, lse, dlse, kv, rank, src, causal, scale, layout, backend, dq: Tensor) -> Tensor:
+def gradient_step(do, q, o, lse, dlse, kv, rank, src, causal, scale, layout, backend, dq: Tensor) -> Tensor:
     """One backward step: adds this block's dq into dq (fp32) and returns its fp32 stack(dk, dv)."""
     block = torch.zeros_like(kv, dtype=torch.float32)
     plan = _plan(rank, src, q.shape[1], causal, layout)
@@ -229,7 +229,7 @@ class _RingAttention(torch.autograd.Function):
         kv = torch.stack([k, v])  # one message per step; GQA: Hk heads, never expanded
         for step in range(ring.world):
             pending = ring.start(kv) if step + 1 < ring.world else None  # the next block, during this one
-            _attend_step(q, kv, ring.rank, (ring.rank - step) % ring.world, causal, scale, layout, backend,
+            attend_step(q, kv, ring.rank, (ring.rank - step) % ring.world, causal, scale, layout, backend,
                          o_acc, lse_acc)
             if pending is not None:
                 kv, requests = pending
@@ -251,7 +251,7 @@ class _RingAttention(torch.autograd.Function):
         dkv_pending = None  # the accumulator of the block this rank holds, on its way here
         for step in range(ring.world):
             pending = ring.start(kv) if step + 1 < ring.world else None
-            block = _gradient_step(do, q, o, lse, dlse, kv, ring.rank, (ring.rank - step) % ring.world, causal,
+            block = gradient_step(do, q, o, lse, dlse, kv, ring.rank, (ring.rank - step) % ring.world, causal,
                                    scale, layout, backend, dq)
             if dkv_pending is not None:
                 dkv, requests = dkv_pending
@@ -299,12 +299,12 @@ def ring_attention(
     backend: the flash attention backend of every block (None: flash_attention's default).
     Returns o (B, S / world, Hq, D), or (o, lse). Differentiable in q, k and v.
     """
-    _check_qkv(q_local, k_local, v_local, ndim=4)
+    check_qkv(q_local, k_local, v_local, ndim=4)
     _check_layout(layout)
     if k_local.shape[1] != q_local.shape[1]:
         raise ValueError(f"k_local: expected q_local's local length {q_local.shape[1]} (self-attention over one "
                          f"sharded sequence), got {k_local.shape[1]}")
-    scale = _softmax_scale(softmax_scale, q_local.shape[-1])
+    scale = resolve_softmax_scale(softmax_scale, q_local.shape[-1])
     backend = resolve_backend(q_local, backend, "flash_attention")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("ring_attention: torch.distributed is not initialized (init_process_group first)")

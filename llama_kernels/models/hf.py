@@ -57,7 +57,8 @@ import warnings
 import torch
 
 from .._checks import FLOAT_DTYPES
-from ..ops.attention import HEAD_DIMS, flash_attention
+from ..ops._shared import HEAD_DIMS
+from ..ops.attention import flash_attention
 from ..ops.rms_norm import rms_norm
 from ..ops.rope import apply_rope
 

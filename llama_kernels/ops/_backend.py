@@ -23,10 +23,11 @@ COMPILED = {
     "flash_attention": ("native",),
     "flash_attention_varlen": ("native",),
     "flash_attention_with_kvcache": ("native",),
-    # "native" here is the chunked CPU loop (torch matmuls and torch ops per chunk) until a C++ kernel lands.
     "fused_linear_cross_entropy": ("native",),
     "swiglu": (),  # CPU tensors run the reference (torch ops) until the C++ kernel lands
 }
+# Ops whose "native" path is written in torch ops (the cross-entropy's chunked loop): it needs no extension.
+NATIVE_IN_TORCH = ("fused_linear_cross_entropy",)
 _DEVICE_OF = {"native": "cpu", "cuda": "cuda"}
 
 
@@ -36,7 +37,7 @@ def resolve_backend(t: torch.Tensor, backend: str | None, op: str) -> str:
         if t.is_cuda or (_triton.INTERPRET and t.device.type == "cpu"):
             return "triton"
         if "native" in compiled and t.device.type == "cpu":
-            if _native.available("cpu"):
+            if op in NATIVE_IN_TORCH or _native.available("cpu"):
                 return "native"
             _native.notice_reference_fallback()
         return "reference"
@@ -50,7 +51,16 @@ def resolve_backend(t: torch.Tensor, backend: str | None, op: str) -> str:
                              "backends besides 'triton' and 'reference'")
         if t.device.type != _DEVICE_OF[backend]:
             raise ValueError(f"backend: {backend!r} runs {_DEVICE_OF[backend]} tensors, got {t.device} tensors")
-        if not _native.available(_DEVICE_OF[backend]):
+        if not (backend == "native" and op in NATIVE_IN_TORCH) and not _native.available(_DEVICE_OF[backend]):
             raise ValueError(f"backend: {backend!r} needs the native extension built"
                              f"{' with CUDA' if backend == 'cuda' else ''} (pip install --no-build-isolation .)")
     return backend
+
+
+def pick(backend: str, *, triton, reference, extension=None, native=None, cuda=None):
+    """The function an op body calls for ``backend`` (``resolve_backend``'s answer): every op names one per backend
+    it has, with one signature; ``extension`` serves both of the extension's backends ("native" and "cuda")."""
+    chosen = {"triton": triton, "reference": reference, "native": native or extension, "cuda": cuda or extension}
+    if chosen.get(backend) is None:  # resolve_backend refuses these first; this guards a new op's table
+        raise ValueError(f"backend: {backend!r} has no implementation of this op")
+    return chosen[backend]

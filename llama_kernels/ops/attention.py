@@ -28,8 +28,7 @@ warps its pass fails on this kernel, with 8 it leaves the loop as it is.)
 
 from __future__ import annotations
 
-import math
-import os
+import functools
 
 import torch
 import triton
@@ -38,24 +37,14 @@ from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .. import _native, reference
-from .._checks import check_same_device, check_same_dtype, check_tensor, values_readable
+from .._checks import check_same_device, check_tensor, values_readable
 from . import _triton
-from ._backend import resolve_backend
-
-INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
-LOG2E = tl.constexpr(1.4426950408889634)
-HEAD_DIMS = (64, 128)
+from ._backend import pick, resolve_backend
+from ._shared import (LOG2E, attend_blocks, check_qkv, dot_precision, finish_softmax, load_block, load_tile,
+                      resolve_softmax_scale, tile_ptrs)
 
 
-# --------------------------------------------------------------------------- shared pieces
-@triton.jit
-def _mma(x):
-    """An operand of tl.dot: the interpreter holds bf16 as raw bits, so it multiplies in fp32."""
-    if INTERPRET:
-        x = x.to(tl.float32)
-    return x
-
-
+# --------------------------------------------------------------------------- programs and sequences
 @triton.jit
 def _sequence(cu_seqlens_ptr, batch, seqlen, VARLEN: tl.constexpr):
     """(start, length) of this batch entry's sequence: from cu_seqlens when packed, else (0, seqlen)."""
@@ -80,27 +69,6 @@ def _query_block(cu_seqlens_q_ptr, cu_seqlens_k_ptr, seqlen_q, seqlen_k, n_q_hea
 
 
 @triton.jit
-def _load_tile(base_ptr, batch, start, head, rows, length, stride_b, stride_s, stride_h, HEAD_DIM: tl.constexpr):
-    """Rows `rows` of one head as a tl.dot operand; rows at or past `length` read as zeros."""
-    ptrs = _tile_ptrs(base_ptr, batch, start, head, rows, stride_b, stride_s, stride_h, HEAD_DIM)
-    return _mma(tl.load(ptrs, mask=(rows < length)[:, None], other=0.0))
-
-
-@triton.jit
-def _load_block(src, batch, start, head, first_row, length, stride_b, stride_s, stride_h,
-                HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, TMA: tl.constexpr):
-    """Rows first_row .. first_row + BLOCK of one head (of q, k, v or do) as a tl.dot operand: through a
-    (B, S, H, D) tensor descriptor when TMA (dense layouts: rows past the sequence are outside it and read as
-    zeros), else through pointers."""
-    if TMA:
-        tile = _mma(src.load([batch, first_row, head, 0]).reshape(BLOCK, HEAD_DIM))
-    else:
-        tile = _load_tile(src, batch, start, head, first_row + tl.arange(0, BLOCK), length, stride_b, stride_s,
-                          stride_h, HEAD_DIM)
-    return tile
-
-
-@triton.jit
 def _program(seqlen, n_heads, BLOCK: tl.constexpr):
     """(block, batch, head) of this program on a flat grid, blocks of one (batch, head) consecutive (they share
     its k and v in L2); one axis, because the second stops at 65,535 (batch x heads can pass it)."""
@@ -109,46 +77,7 @@ def _program(seqlen, n_heads, BLOCK: tl.constexpr):
     return tl.program_id(0) % n_blocks, batch_head // n_heads, batch_head % n_heads
 
 
-@triton.jit
-def _tile_ptrs(base_ptr, batch, start, head, rows, stride_b, stride_s, stride_h, HEAD_DIM: tl.constexpr):
-    """Pointers to rows `rows` (relative to the sequence start) of one head: [len(rows), HEAD_DIM]."""
-    # 64-bit: (start + row) * stride passes 2^31 at 100k tokens with a few batches.
-    base = base_ptr + batch.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h
-    return base + (start + rows).to(tl.int64)[:, None] * stride_s + tl.arange(0, HEAD_DIM)[None, :]
-
-
 # --------------------------------------------------------------------------- forward
-@triton.jit
-def _fwd_blocks(
-    acc, l_i, m_i, q, k_src, v_src, batch, k_start, kv_head, len_k, rows, first, last, diag, qk_scale,
-    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, TMA: tl.constexpr = False,
-):
-    """Online softmax over key blocks [first, last): unmasked blocks need no per-element test.
-    k_src and v_src are pointers, or tensor descriptors when TMA."""
-    for n in range(first, last, BLOCK_N):
-        cols = n + tl.arange(0, BLOCK_N)
-        k = _load_block(k_src, batch, k_start, kv_head, n, len_k, stride_kb, stride_ks, stride_kh, HEAD_DIM,
-                        BLOCK_N, TMA)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # log2 units
-        if MASKED:
-            visible = (cols < len_k)[None, :]
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= rows[:, None] + diag)
-            s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet: no NaN
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = _load_block(v_src, batch, k_start, kv_head, n, len_k, stride_vb, stride_vs, stride_vh, HEAD_DIM,
-                        BLOCK_N, TMA)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
-    return acc, l_i, m_i
-
-
 @triton.jit
 def _fwd_kernel(
     q_ptr, k_src, v_src, o_ptr, lse_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
@@ -166,7 +95,7 @@ def _fwd_kernel(
         return
     rows = m0 + tl.arange(0, BLOCK_M)
     q_mask = (rows < len_q)[:, None]
-    q = _load_tile(q_ptr, batch, q_start, head, rows, len_q, stride_qb, stride_qs, stride_qh, HEAD_DIM)
+    q = load_tile(q_ptr, batch, q_start, head, rows, len_q, stride_qb, stride_qs, stride_qh, HEAD_DIM)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -178,19 +107,17 @@ def _fwd_kernel(
         # Keys the block's first query sees are seen by all of its queries.
         full_blocks_end = tl.minimum(full_blocks_end, tl.maximum(m0 + diag + 1, 0) // BLOCK_N * BLOCK_N)
         last = tl.minimum(len_k, m0 + BLOCK_M + diag)
-    acc, l_i, m_i = _fwd_blocks(
+    acc, l_i, m_i = attend_blocks(
         acc, l_i, m_i, q, k_src, v_src, batch, k_start, kv_head, len_k, rows, 0, full_blocks_end, diag, qk_scale,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
         False, CAUSAL, HEAD_DIM, BLOCK_N, DOT_PRECISION, TMA)
-    acc, l_i, m_i = _fwd_blocks(
+    acc, l_i, m_i = attend_blocks(
         acc, l_i, m_i, q, k_src, v_src, batch, k_start, kv_head, len_k, rows, full_blocks_end, last, diag, qk_scale,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
         True, CAUSAL, HEAD_DIM, BLOCK_N, DOT_PRECISION, TMA)
 
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # no visible key: zeros, and an lse of -inf
-    o = acc / l_safe[:, None]
-    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) / LOG2E)
-    tl.store(_tile_ptrs(o_ptr, batch, q_start, head, rows, stride_ob, stride_os, stride_oh, HEAD_DIM),
+    o, lse = finish_softmax(acc, l_i, m_i)
+    tl.store(tile_ptrs(o_ptr, batch, q_start, head, rows, stride_ob, stride_os, stride_oh, HEAD_DIM),
              o.to(o_ptr.dtype.element_ty), mask=q_mask)
     lse_ptrs = lse_ptr + batch.to(tl.int64) * stride_lse_b + head.to(tl.int64) * stride_lse_h + q_start + rows
     tl.store(lse_ptrs, lse, mask=rows < len_q)
@@ -230,8 +157,8 @@ def _bwd_dkdv_kernel(
         return
     cols = n0 + tl.arange(0, BLOCK_N)
     kv_mask = (cols < len_k)[:, None]
-    k = _load_tile(k_ptr, batch, k_start, kv_head, cols, len_k, stride_kb, stride_ks, stride_kh, HEAD_DIM)
-    v = _load_tile(v_ptr, batch, k_start, kv_head, cols, len_k, stride_vb, stride_vs, stride_vh, HEAD_DIM)
+    k = load_tile(k_ptr, batch, k_start, kv_head, cols, len_k, stride_kb, stride_ks, stride_kh, HEAD_DIM)
+    v = load_tile(v_ptr, batch, k_start, kv_head, cols, len_k, stride_vb, stride_vs, stride_vh, HEAD_DIM)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     diag = len_k - len_q
@@ -245,9 +172,9 @@ def _bwd_dkdv_kernel(
         delta_row = delta_ptr + batch.to(tl.int64) * stride_lse_b + head.to(tl.int64) * stride_lse_h + q_start
         for m in range(first, len_q, BLOCK_M):
             rows = m + tl.arange(0, BLOCK_M)
-            q = _load_block(q_src, batch, q_start, head, m, len_q, stride_qb, stride_qs, stride_qh, HEAD_DIM,
+            q = load_block(q_src, batch, q_start, head, m, len_q, stride_qb, stride_qs, stride_qh, HEAD_DIM,
                             BLOCK_M, TMA)
-            do = _load_block(do_src, batch, q_start, head, m, len_q, stride_dob, stride_dos, stride_doh, HEAD_DIM,
+            do = load_block(do_src, batch, q_start, head, m, len_q, stride_dob, stride_dos, stride_doh, HEAD_DIM,
                              BLOCK_M, TMA)
             lse = tl.load(lse_row + rows, mask=rows < len_q, other=0.0)
             delta = tl.load(delta_row + rows, mask=rows < len_q, other=0.0)
@@ -258,9 +185,9 @@ def _bwd_dkdv_kernel(
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
 
     dk *= softmax_scale
-    tl.store(_tile_ptrs(dk_ptr, batch, k_start, kv_head, cols, stride_dkb, stride_dks, stride_dkh, HEAD_DIM),
+    tl.store(tile_ptrs(dk_ptr, batch, k_start, kv_head, cols, stride_dkb, stride_dks, stride_dkh, HEAD_DIM),
              dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(_tile_ptrs(dv_ptr, batch, k_start, kv_head, cols, stride_dvb, stride_dvs, stride_dvh, HEAD_DIM),
+    tl.store(tile_ptrs(dv_ptr, batch, k_start, kv_head, cols, stride_dvb, stride_dvs, stride_dvh, HEAD_DIM),
              dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
 
@@ -282,8 +209,8 @@ def _bwd_dq_kernel(
         return
     rows = m0 + tl.arange(0, BLOCK_M)
     q_mask = (rows < len_q)[:, None]
-    q = _load_tile(q_ptr, batch, q_start, head, rows, len_q, stride_qb, stride_qs, stride_qh, HEAD_DIM)
-    do = _load_tile(do_ptr, batch, q_start, head, rows, len_q, stride_dob, stride_dos, stride_doh, HEAD_DIM)
+    q = load_tile(q_ptr, batch, q_start, head, rows, len_q, stride_qb, stride_qs, stride_qh, HEAD_DIM)
+    do = load_tile(do_ptr, batch, q_start, head, rows, len_q, stride_dob, stride_dos, stride_doh, HEAD_DIM)
     row_offset = batch.to(tl.int64) * stride_lse_b + head.to(tl.int64) * stride_lse_h + q_start + rows
     lse = tl.load(lse_ptr + row_offset, mask=rows < len_q, other=0.0)
     delta = tl.load(delta_ptr + row_offset, mask=rows < len_q, other=0.0)
@@ -294,16 +221,16 @@ def _bwd_dq_kernel(
         last = tl.minimum(len_k, m0 + BLOCK_M + diag)
     for n in range(0, last, BLOCK_N):
         cols = n + tl.arange(0, BLOCK_N)
-        k = _load_block(k_src, batch, k_start, kv_head, n, len_k, stride_kb, stride_ks, stride_kh, HEAD_DIM,
+        k = load_block(k_src, batch, k_start, kv_head, n, len_k, stride_kb, stride_ks, stride_kh, HEAD_DIM,
                         BLOCK_N, TMA)
-        v = _load_block(v_src, batch, k_start, kv_head, n, len_k, stride_vb, stride_vs, stride_vh, HEAD_DIM,
+        v = load_block(v_src, batch, k_start, kv_head, n, len_k, stride_vb, stride_vs, stride_vh, HEAD_DIM,
                         BLOCK_N, TMA)
         p = _bwd_probabilities(q, k, lse, rows, cols, len_q, len_k, diag, qk_scale, CAUSAL, DOT_PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     dq *= softmax_scale
-    tl.store(_tile_ptrs(dq_ptr, batch, q_start, head, rows, stride_dqb, stride_dqs, stride_dqh, HEAD_DIM),
+    tl.store(tile_ptrs(dq_ptr, batch, q_start, head, rows, stride_dqb, stride_dqs, stride_dqh, HEAD_DIM),
              dq.to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
@@ -329,7 +256,7 @@ def _config(kernel: str, q: Tensor, head_dim: int) -> dict:
     return _triton.tuned_config(kernel, target, f"{head_dim}:{str(q.dtype)[6:]}", default)
 
 
-class _Layout:
+class Layout:
     """Dense (B, S, H, D) or packed (total, H, D) tensors, as the kernels see them: (batch, seq, head)."""
 
     def __init__(self, q: Tensor, k: Tensor, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int):
@@ -364,12 +291,11 @@ class _Layout:
             "seqlen_q": self.seqlen_q, "seqlen_k": self.seqlen_k, "group": self.n_q_heads // self.n_kv_heads,
             "CAUSAL": causal, "VARLEN": self.varlen, "HEAD_DIM": self.head_dim,
             "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"],
-            # fp32 inputs are multiplied exactly, not in tf32: fp32 is asked for precision
-            "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+            "DOT_PRECISION": dot_precision(dtype),
         }
 
 
-def _tma_ready(layout: _Layout, *tensors: Tensor) -> bool:
+def _tma_ready(layout: Layout, *tensors: Tensor) -> bool:
     """Whether tensor descriptors can address these tensors: a dense layout (a descriptor's rows past a packed
     sequence would be the next sequence's), 16-byte aligned bases and strides, contiguous heads."""
     return not layout.varlen and all(
@@ -377,14 +303,14 @@ def _tma_ready(layout: _Layout, *tensors: Tensor) -> bool:
         for t in tensors)
 
 
-def _sources(cfg: dict, layout: _Layout, block: int, *tensors: Tensor) -> tuple[bool, list]:
+def _sources(cfg: dict, layout: Layout, block: int, *tensors: Tensor) -> tuple[bool, list]:
     """(TMA, the kernel's sources): tensor descriptors of blocks of `block` rows when the config asks for TMA and
     the tensors allow it, else the tensors themselves (pointer loads)."""
     tma = cfg.get("TMA", False) and _tma_ready(layout, *tensors)
     return tma, [TensorDescriptor.from_tensor(t, [1, block, 1, layout.head_dim]) if tma else t for t in tensors]
 
 
-def _forward_triton(q, k, v, layout: _Layout, causal: bool, softmax_scale: float):
+def forward_triton(q, k, v, layout: Layout, causal: bool, softmax_scale: float):
     o = _triton.new_output(q.shape, q.dtype, q.device)
     lse = _triton.new_output(layout.lse_shape, torch.float32, q.device)
     cfg = _config("attention_fwd", q, layout.head_dim)
@@ -400,7 +326,7 @@ def _forward_triton(q, k, v, layout: _Layout, causal: bool, softmax_scale: float
     return o, lse
 
 
-def _backward_triton(do, q, k, v, o, lse, dlse, layout: _Layout, causal: bool, softmax_scale: float):
+def backward_triton(do, q, k, v, o, lse, dlse, layout: Layout, causal: bool, softmax_scale: float):
     # delta = rowsum(dO * O) - dlse: the row term of dS = P * (dP - delta).
     delta = layout.rows_to_lse_layout((do.float() * o.float()).sum(-1))
     if dlse is not None:
@@ -434,13 +360,13 @@ def _backward_triton(do, q, k, v, o, lse, dlse, layout: _Layout, causal: bool, s
     return dq, dk, dv
 
 
-def _sequences(layout: _Layout):
+def _sequences(layout: Layout):
     """(q slice, k slice) of each packed sequence, from cu_seqlens read on the host (the CPU paths only)."""
     cu_q, cu_k = layout.cu_q.tolist(), layout.cu_k.tolist()
     return [(slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])) for b in range(layout.batch)]
 
 
-def _forward_dense(attend, q, k, v, layout: _Layout, causal: bool, softmax_scale: float):
+def _forward_dense(attend, q, k, v, layout: Layout, causal: bool, softmax_scale: float):
     """attend(q, k, v, causal, scale) -> (o, lse) over dense tensors, once, or per packed sequence."""
     if not layout.varlen:
         return attend(q, k, v, causal, softmax_scale)
@@ -451,7 +377,7 @@ def _forward_dense(attend, q, k, v, layout: _Layout, causal: bool, softmax_scale
     return o, lse
 
 
-def _backward_dense(grads_of, do, q, k, v, o, lse, dlse, layout: _Layout, causal: bool, softmax_scale: float):
+def _backward_dense(grads_of, do, q, k, v, o, lse, dlse, layout: Layout, causal: bool, softmax_scale: float):
     """grads_of(do, q, k, v, o, lse, dlse, causal, scale) -> (dq, dk, dv) over dense tensors, once, or per packed
     sequence (lse and dlse (Hq, total) then, (B, Hq, S) per sequence)."""
     if not layout.varlen:
@@ -490,11 +416,10 @@ def _forward_op(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None,
     max_seqlen_q: int, max_seqlen_k: int, causal: bool, softmax_scale: float, backend: str,
 ) -> tuple[Tensor, Tensor]:
-    layout = _Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    if backend == "triton":
-        return _forward_triton(q, k, v, layout, causal, softmax_scale)
-    attend = _attention_native if backend == "native" else _attention_reference
-    return _forward_dense(attend, q, k, v, layout, causal, softmax_scale)
+    layout = Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    forward = pick(backend, triton=forward_triton, native=functools.partial(_forward_dense, _attention_native),
+                   reference=functools.partial(_forward_dense, _attention_reference))
+    return forward(q, k, v, layout, causal, softmax_scale)
 
 
 @torch.library.custom_op("llama_kernels::flash_attention_backward", mutates_args=())
@@ -503,16 +428,15 @@ def _backward_op(
     cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
     causal: bool, softmax_scale: float, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    layout = _Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    if backend == "triton":
-        return _backward_triton(do, q, k, v, o, lse, dlse, layout, causal, softmax_scale)
-    grads_of = _grads_native if backend == "native" else _grads_reference
-    return _backward_dense(grads_of, do, q, k, v, o, lse, dlse, layout, causal, softmax_scale)
+    layout = Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    backward = pick(backend, triton=backward_triton, native=functools.partial(_backward_dense, _grads_native),
+                    reference=functools.partial(_backward_dense, _grads_reference))
+    return backward(do, q, k, v, o, lse, dlse, layout, causal, softmax_scale)
 
 
 @_forward_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, backend):
-    layout = _Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    layout = Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return torch.empty_like(q), q.new_empty(layout.lse_shape, dtype=torch.float32)
 
 
@@ -548,35 +472,6 @@ def _autocast(q, k, v):
     return q, k, v
 
 
-def _check_qkv(q, k, v, ndim: int) -> None:
-    names = "(B, S, H, D)" if ndim == 4 else "(total, H, D)"
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t, ndim=ndim)
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name}: expected the last dimension contiguous (stride 1), got stride {t.stride(-1)}")
-    check_same_dtype(q=q, k=k, v=v)
-    check_same_device(q=q, k=k, v=v)
-    if v.shape != k.shape:
-        raise ValueError(f"v: expected k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
-    if ndim == 4 and k.shape[0] != q.shape[0]:
-        raise ValueError(f"k: expected batch size {q.shape[0]} as q's, got {k.shape[0]} (layout {names})")
-    if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"k: expected head_dim {q.shape[-1]} as q's, got {k.shape[-1]}")
-    if q.shape[-1] not in HEAD_DIMS:
-        raise ValueError(f"q: expected head_dim 64 or 128, got {q.shape[-1]}")
-    n_q_heads, n_kv_heads = q.shape[-2], k.shape[-2]
-    if n_kv_heads == 0 or n_q_heads % n_kv_heads:
-        raise ValueError(f"k: expected a head count that divides q's {n_q_heads} heads, got {n_kv_heads}")
-
-
-def _softmax_scale(softmax_scale, head_dim: int) -> float:
-    if softmax_scale is None:
-        return 1.0 / math.sqrt(head_dim)
-    if not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool) or not softmax_scale > 0:
-        raise ValueError(f"softmax_scale: expected a positive float or None, got {softmax_scale!r}")
-    return float(softmax_scale)
-
-
 def flash_attention(
     q: Tensor, k: Tensor, v: Tensor, causal: bool = True, softmax_scale: float | None = None,
     return_lse: bool = False, deterministic: bool = False, *, backend: str | None = None,
@@ -595,8 +490,8 @@ def flash_attention(
     Returns o (B, Sq, Hq, D), or (o, lse).
     """
     q, k, v = _autocast(q, k, v)
-    _check_qkv(q, k, v, ndim=4)
-    scale = _softmax_scale(softmax_scale, q.shape[-1])
+    check_qkv(q, k, v, ndim=4)
+    scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
     backend = resolve_backend(q, backend, "flash_attention")
     o, lse = torch.ops.llama_kernels.flash_attention_forward(q, k, v, None, None, 0, 0, bool(causal), scale, backend)
     return (o, lse) if return_lse else o
@@ -616,7 +511,7 @@ def flash_attention_varlen(
     lse: (Hq, total_q). Otherwise as ``flash_attention``.
     """
     q, k, v = _autocast(q, k, v)
-    _check_qkv(q, k, v, ndim=3)
+    check_qkv(q, k, v, ndim=3)
     max_seqlens = []
     for name, cu, total, max_len in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
                                      ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
@@ -635,7 +530,7 @@ def flash_attention_varlen(
             if lengths.max().item() > max_len:
                 raise ValueError(f"max_seqlen_{name[-1]}: expected at least the longest sequence "
                                  f"({lengths.max().item()}), got {max_len}")
-    scale = _softmax_scale(softmax_scale, q.shape[-1])
+    scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
     backend = resolve_backend(q, backend, "flash_attention_varlen")
     # The kernels index cu_seqlens as contiguous memory: the host checks above read the same values.
     o, lse = torch.ops.llama_kernels.flash_attention_forward(

@@ -42,7 +42,7 @@ from torch import Tensor
 from .. import reference
 from .._checks import check_same_device, check_same_dtype, check_tensor
 from . import _triton
-from ._backend import resolve_backend
+from ._backend import pick, resolve_backend
 
 REDUCTIONS = ("mean", "sum", "none")
 # The budget of one chunk's fp32 logits, per device type: big enough that the chunk's matmuls run
@@ -175,7 +175,7 @@ def _chunked(hidden, weight, target, bias, row_scale, ignore_index, label_smooth
     mm_dtype = _matmul_dtype(hidden)
     weight_mm = weight.to(mm_dtype)
     bias_f = bias.float() if bias is not None else None
-    step = _logits_to_grad_triton if backend == "triton" else _logits_to_grad_torch
+    step = pick(backend, triton=_logits_to_grad_triton, native=_logits_to_grad_torch, reference=None)
     write_grad = grad_hidden or grad_weight or grad_bias
     loss = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
     dhidden = torch.empty_like(hidden) if grad_hidden else None
@@ -230,19 +230,30 @@ def _cross_entropy_op(
     """The loss and, for "mean" and "sum", the gradients asked for (of the loss itself; empty for the others)."""
     if reduction == "none":  # the backward recomputes (see the module's docstring)
         grad_hidden = grad_weight = grad_bias = False
-    if backend == "reference":
-        loss = reference.linear_cross_entropy(hidden, weight, target, bias, ignore_index, reduction, label_smoothing)
-        grads = (None, None, None)
-        if grad_hidden or grad_weight or grad_bias:
-            grads = reference.linear_cross_entropy_backward(
-                torch.ones((), device=hidden.device), hidden, weight, target, bias, ignore_index, reduction,
-                label_smoothing)
-    else:
-        row_scale = _row_scale(target, ignore_index, reduction) if reduction != "none" else None
-        loss, *grads = _chunked(hidden, weight, target, bias, row_scale, ignore_index, label_smoothing,
-                                grad_hidden, grad_weight, grad_bias, backend)
-        loss = _reduce(loss, target, ignore_index, reduction)
+    forward = pick(backend, triton=_forward_chunked, native=_forward_chunked, reference=_forward_reference)
+    loss, *grads = forward(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
+                           grad_hidden, grad_weight, grad_bias, backend)
     return loss, *_as_outputs(grads, (grad_hidden, grad_weight, grad_bias), hidden, weight, bias)
+
+
+def _forward_chunked(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
+                     grad_hidden, grad_weight, grad_bias, backend):
+    row_scale = _row_scale(target, ignore_index, reduction) if reduction != "none" else None
+    loss, *grads = _chunked(hidden, weight, target, bias, row_scale, ignore_index, label_smoothing,
+                            grad_hidden, grad_weight, grad_bias, backend)
+    return _reduce(loss, target, ignore_index, reduction), *grads
+
+
+def _forward_reference(hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
+                       grad_hidden, grad_weight, grad_bias, backend):
+    """The logits materialized: the oracle, also as a backend."""
+    loss = reference.linear_cross_entropy(hidden, weight, target, bias, ignore_index, reduction, label_smoothing)
+    grads = (None, None, None)
+    if grad_hidden or grad_weight or grad_bias:
+        grads = reference.linear_cross_entropy_backward(
+            torch.ones((), device=hidden.device), hidden, weight, target, bias, ignore_index, reduction,
+            label_smoothing)
+    return loss, *grads
 
 
 @torch.library.custom_op("llama_kernels::fused_linear_cross_entropy_backward", mutates_args=())
@@ -251,13 +262,23 @@ def _cross_entropy_backward_op(
     label_smoothing: float, grad_hidden: bool, grad_weight: bool, grad_bias: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The gradients of reduction="none" for a per-row loss gradient: the chunks' logits recomputed."""
-    if backend == "reference":
-        grads = reference.linear_cross_entropy_backward(grad_loss, hidden, weight, target, bias, ignore_index,
-                                                        "none", label_smoothing)
-    else:
-        _, *grads = _chunked(hidden, weight, target, bias, _row_scale(target, ignore_index, "none", grad_loss),
-                             ignore_index, label_smoothing, grad_hidden, grad_weight, grad_bias, backend)
+    backward = pick(backend, triton=_backward_chunked, native=_backward_chunked, reference=_backward_reference)
+    grads = backward(grad_loss, hidden, weight, target, bias, ignore_index, label_smoothing, grad_hidden,
+                     grad_weight, grad_bias, backend)
     return _as_outputs(grads, (grad_hidden, grad_weight, grad_bias), hidden, weight, bias)
+
+
+def _backward_chunked(grad_loss, hidden, weight, target, bias, ignore_index, label_smoothing, grad_hidden,
+                      grad_weight, grad_bias, backend):
+    _, *grads = _chunked(hidden, weight, target, bias, _row_scale(target, ignore_index, "none", grad_loss),
+                         ignore_index, label_smoothing, grad_hidden, grad_weight, grad_bias, backend)
+    return grads
+
+
+def _backward_reference(grad_loss, hidden, weight, target, bias, ignore_index, label_smoothing, grad_hidden,
+                        grad_weight, grad_bias, backend):
+    return reference.linear_cross_entropy_backward(grad_loss, hidden, weight, target, bias, ignore_index, "none",
+                                                   label_smoothing)
 
 
 def _fake_grads(hidden, weight, bias, grad_hidden, grad_weight, grad_bias):

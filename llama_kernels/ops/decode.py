@@ -7,7 +7,7 @@ attends over one range for all query heads of one GQA group (so every cached
 key and value is read once per step, not once per query head), writes a
 partial output with its log-sum-exp, and a merge kernel combines the ranges by
 log-sum-exp. The attention over a range is the flash attention forward's own
-online softmax (``attention._fwd_blocks``), the group's query heads packed as
+online softmax (``_shared.attend_blocks``), the group's query heads packed as
 rows.
 
 ``flash_attention_with_kvcache`` first rotates q and the new k at their
@@ -33,9 +33,10 @@ from .._checks import (check_no_self_overlap, check_real, check_same_device, che
                        values_readable)
 from ..rope_scaling import rope_inv_freq
 from . import _triton
-from ._backend import resolve_backend
-from .attention import HEAD_DIMS, LOG2E, _fwd_blocks, _mma, _softmax_scale
-from .rope import _rope_triton
+from ._backend import pick, resolve_backend
+from ._shared import (LOG2E, attend_blocks, check_head_dim, check_inv_freq, check_kv_heads,
+                      check_last_dim_contiguous, dot_precision, finish_softmax, mma, resolve_softmax_scale)
+from .rope import rope_triton
 
 MAX_ROWS = 128  # packed (query, group member) rows per program
 
@@ -61,7 +62,7 @@ def _decode_split_kernel(
     row_mask = query < seqlen_q
     q_ptrs = (q_ptr + batch.to(tl.int64) * stride_qb + query.to(tl.int64)[:, None] * stride_qs
               + head.to(tl.int64)[:, None] * stride_qh + tl.arange(0, HEAD_DIM)[None, :])
-    q = _mma(tl.load(q_ptrs, mask=row_mask[:, None], other=0.0))
+    q = mma(tl.load(q_ptrs, mask=row_mask[:, None], other=0.0))
 
     len_k = tl.load(seqlens_k_ptr + batch)
     # A length the cache cannot hold (past its cache_slots rows, or under the min_len_k tokens just appended):
@@ -82,20 +83,19 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    acc, l_i, m_i = _fwd_blocks(
+    acc, l_i, m_i = attend_blocks(
         acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, batch, 0, kv_head, len_k, query, first, full_blocks_end, diag,
         qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
         False, CAUSAL, HEAD_DIM, BLOCK_N, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_blocks(
+    acc, l_i, m_i = attend_blocks(
         acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, batch, 0, kv_head, len_k, query, full_blocks_end, last, diag,
         qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
         True, CAUSAL, HEAD_DIM, BLOCK_N, DOT_PRECISION)
 
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # an empty range: zeros and -inf, weightless in the merge
+    o_part, lse_part = finish_softmax(acc, l_i, m_i)  # an empty range: zeros and -inf, weightless in the merge
     # Partial results, (B, Hq, Sq, num_splits, [D]) fp32: row r = (batch * Hq + head) * Sq + query.
     split_row = ((batch * n_q_heads + head).to(tl.int64) * seqlen_q + query) * num_splits + split
-    o_part = tl.where(bad_len, float("nan"), acc / l_safe[:, None])
-    lse_part = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) / LOG2E)
+    o_part = tl.where(bad_len, float("nan"), o_part)
     tl.store(o_split_ptr + split_row[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :], o_part,
              mask=row_mask[:, None])
     tl.store(lse_split_ptr + split_row, tl.where(bad_len, float("nan"), lse_part), mask=row_mask)
@@ -143,7 +143,7 @@ def _config(q: Tensor, rows: int) -> dict:
     return {**config, "BLOCK_M": block_m}
 
 
-def _decode_triton(q, k_cache, v_cache, seqlens_k, min_len_k, causal, softmax_scale, num_splits):
+def decode_triton(q, k_cache, v_cache, seqlens_k, min_len_k, causal, softmax_scale, num_splits):
     batch, seqlen_q, n_q_heads, head_dim = q.shape
     cache_len, n_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = n_q_heads // n_kv_heads
@@ -162,7 +162,7 @@ def _decode_triton(q, k_cache, v_cache, seqlens_k, min_len_k, causal, softmax_sc
         **_triton.strides("q", q, "bsh"), **_triton.strides("k", k_cache, "bsh"),
         **_triton.strides("v", v_cache, "bsh"),  # head_dim's stride is 1, checked
         CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION=dot_precision(q.dtype),
     )
     o = _triton.new_output(q.shape, q.dtype, q.device)
     lse = _triton.new_output((batch, n_q_heads, seqlen_q), torch.float32, q.device)
@@ -178,7 +178,12 @@ def _decode_triton(q, k_cache, v_cache, seqlens_k, min_len_k, causal, softmax_sc
     return o, lse
 
 
-def _decode_reference(q, k_cache, v_cache, seqlens_k, causal, softmax_scale):
+def _decode_native(q, k_cache, v_cache, seqlens_k, min_len_k, causal, softmax_scale, num_splits):
+    """The extension's C++ kernel (one pass per (batch, key/value head); the lengths are checked on the host)."""
+    return _native.ops().attention_kvcache(q, k_cache, v_cache, seqlens_k, causal, softmax_scale)
+
+
+def _decode_reference(q, k_cache, v_cache, seqlens_k, min_len_k, causal, softmax_scale, num_splits):
     o, lse = torch.empty_like(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
     for b, length in enumerate(seqlens_k.tolist()):
         o_b, lse_b = reference.attention(q[b:b + 1], k_cache[b:b + 1, :length], v_cache[b:b + 1, :length], causal,
@@ -202,7 +207,7 @@ def _kvcache_op(
         # (never outside the caches). Without RoPE the same kernel at angle zero (cos 1, sin 0) copies exactly.
         angles = inv_freq if inv_freq is not None else q.new_zeros(q.shape[-1] // 2, dtype=torch.float32)
         q_rotated = _triton.new_output(q.shape, q.dtype, q.device)
-        _rope_triton(q, k, q_rotated, k_cache, positions, 0, angles, 1.0, interleaved, False, v=v, v_out=v_cache)
+        rope_triton(q, k, q_rotated, k_cache, positions, 0, angles, 1.0, interleaved, False, v=v, v_out=v_cache)
         q = q_rotated
     else:
         if inv_freq is not None:  # rotate q, and the new k, at their positions; an empty k when there is none
@@ -216,11 +221,8 @@ def _kvcache_op(
             v_cache[batch_index, positions] = v
     appended = seqlen_q if k is not None else 0
     seqlens_k = cache_seqlens + appended
-    if backend == "triton":
-        return _decode_triton(q, k_cache, v_cache, seqlens_k, appended, causal, softmax_scale, num_splits)
-    if backend == "native":
-        return _native.ops().attention_kvcache(q, k_cache, v_cache, seqlens_k, causal, softmax_scale)
-    return _decode_reference(q, k_cache, v_cache, seqlens_k, causal, softmax_scale)
+    attend = pick(backend, triton=decode_triton, native=_decode_native, reference=_decode_reference)
+    return attend(q, k_cache, v_cache, seqlens_k, appended, causal, softmax_scale, num_splits)
 
 
 @_kvcache_op.register_fake
@@ -266,13 +268,11 @@ def flash_attention_with_kvcache(
     batch, seqlen_q, n_q_heads, head_dim = q.shape
     if seqlen_q < 1:
         raise ValueError(f"q: expected at least one query (Sq >= 1), got shape {tuple(q.shape)}")
-    if head_dim not in HEAD_DIMS:
-        raise ValueError(f"q: expected head_dim 64 or 128, got {head_dim}")
+    check_head_dim("q", head_dim)
     if k_cache.shape[0] != batch or k_cache.shape[3] != head_dim:
         raise ValueError(f"k_cache: expected (B, S_max, Hk, D) with B = {batch} and D = {head_dim}, "
                          f"got {tuple(k_cache.shape)}")
-    if k_cache.shape[2] == 0 or n_q_heads % k_cache.shape[2]:
-        raise ValueError(f"k_cache: expected a head count that divides q's {n_q_heads} heads, got {k_cache.shape[2]}")
+    check_kv_heads("k_cache", k_cache.shape[2], n_q_heads)
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"v_cache: expected k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
     if cache_seqlens.shape[0] != batch:
@@ -284,9 +284,7 @@ def flash_attention_with_kvcache(
         for name, t in (("k", k), ("v", v)):
             if tuple(t.shape) != expected:
                 raise ValueError(f"{name}: expected shape (B, Sq, Hk, D) = {expected}, got {tuple(t.shape)}")
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
-        if t is not None and t.stride(-1) != 1:
-            raise ValueError(f"{name}: expected the last dimension contiguous (stride 1), got stride {t.stride(-1)}")
+    check_last_dim_contiguous(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v)
     if k is not None:  # appended to: the caches are written
         check_no_self_overlap("k_cache", k_cache)
         check_no_self_overlap("v_cache", v_cache)
@@ -303,10 +301,7 @@ def flash_attention_with_kvcache(
     if rope_theta is not None:
         inv_freq = rope_inv_freq(head_dim, check_real("rope_theta", rope_theta, above=1), device=q.device)
     elif inv_freq is not None:
-        check_tensor("inv_freq", inv_freq, dtypes=(torch.float32, torch.float64), ndim=1)
-        if inv_freq.shape[0] != head_dim // 2:
-            raise ValueError(f"inv_freq: expected shape (D/2,) = ({head_dim // 2},), got {tuple(inv_freq.shape)}")
-        check_same_device(q=q, inv_freq=inv_freq)
+        check_inv_freq(inv_freq, head_dim, q)
     backend = resolve_backend(q, backend, "flash_attention_with_kvcache")
     # On a GPU reading cache_seqlens syncs every step (with it, batch-1 steps ran at 18-29% of the copy bandwidth
     # on an H100); the Triton kernels check it there. The reference path reads it anyway.
@@ -316,7 +311,7 @@ def flash_attention_with_kvcache(
         if lengths and (min(lengths) < 0 or max(lengths) + appended > k_cache.shape[1]):
             raise ValueError(f"cache_seqlens: expected 0 <= cache_seqlens[b] and cache_seqlens[b] + {appended} "
                              f"(new tokens) <= k_cache's S_max = {k_cache.shape[1]}, got {lengths}")
-    scale = _softmax_scale(softmax_scale, head_dim)
+    scale = resolve_softmax_scale(softmax_scale, head_dim)
     o, lse = torch.ops.llama_kernels.flash_attention_with_kvcache(
         q, k_cache, v_cache, cache_seqlens, k, v, inv_freq.contiguous() if inv_freq is not None else None,
         bool(interleaved), bool(causal), scale, num_splits, backend)

@@ -26,7 +26,8 @@ from torch import Tensor
 from .. import _native, reference
 from .._checks import check_same_device, check_tensor
 from . import _triton
-from ._backend import resolve_backend
+from ._backend import pick, resolve_backend
+from ._shared import as_rows
 
 
 # --------------------------------------------------------------------------- kernels
@@ -197,32 +198,22 @@ def _config(kernel: str, x: Tensor, n_rows: int, n_cols: int) -> dict:
     return _triton.tuned_config(kernel, target, f"{n_cols}:{str(x.dtype)[6:]}", default)
 
 
-def _as_rows(t: Tensor, n_cols: int) -> Tensor:
-    """(..., N) as a (rows, N) view with a row stride, copying only when no such view exists."""
-    if t.stride(-1) != 1:
-        t = t.contiguous()
-    try:
-        return t.view(-1, n_cols)
-    except RuntimeError:
-        return t.reshape(-1, n_cols)
-
-
 # --------------------------------------------------------------------------- launchers
 def _h_dtype(x: Tensor, residual: Tensor | None) -> torch.dtype:
     """The dtype of h = x + residual (torch's promotion: under autocast a bf16 x meets an fp32 residual stream)."""
     return torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
 
 
-def _forward_triton(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float):
+def forward_triton(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float):
     n_cols = x.shape[-1]
     h_dtype = _h_dtype(x, residual)
     y = _triton.new_output(x.shape, torch.promote_types(h_dtype, weight.dtype), x.device)
     h = _triton.new_output(x.shape, h_dtype, x.device) if residual is not None else None
     if x.numel() == 0:
         return y, h
-    x2 = _as_rows(x, n_cols)
+    x2 = as_rows(x, n_cols)
     n_rows = x2.shape[0]
-    r2 = _as_rows(residual, n_cols) if residual is not None else x2
+    r2 = as_rows(residual, n_cols) if residual is not None else x2
     h2 = h.view(-1, n_cols) if h is not None else x2  # h_ptr also gives the kernel h's dtype
     cfg = _config("rms_norm_fwd", x, n_rows, n_cols)
     _triton.launch(
@@ -236,11 +227,11 @@ def _forward_triton(x: Tensor, residual: Tensor | None, weight: Tensor, eps: flo
     return y, h
 
 
-def _backward_triton(dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor, eps: float):
+def backward_triton(dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor, eps: float):
     n_cols = h.shape[-1]
     dx = _triton.new_output(h.shape, h.dtype, h.device)
-    h2, dy2 = _as_rows(h, n_cols), _as_rows(dy, n_cols)
-    dh2 = _as_rows(dh, n_cols) if dh is not None else dy2
+    h2, dy2 = as_rows(h, n_cols), as_rows(dy, n_cols)
+    dh2 = as_rows(dh, n_cols) if dh is not None else dy2
     n_rows = h2.shape[0]
     cfg = _config("rms_norm_bwd", h, n_rows, n_cols)
     n_tiles = triton.cdiv(n_rows, cfg["BLOCK_M"])
@@ -278,35 +269,42 @@ def _forward_extension(x: Tensor, residual: Tensor | None, weight: Tensor, eps: 
     n_cols = x.shape[-1]
     if residual is not None and residual.dtype != x.dtype:
         x, residual = x.to(_h_dtype(x, residual)), residual.to(_h_dtype(x, residual))
-    rows = _as_rows(residual, n_cols) if residual is not None else None
-    y, h = _native.ops().rms_norm(_as_rows(x, n_cols), rows, _extension_weight(x, weight), eps)
+    rows = as_rows(residual, n_cols) if residual is not None else None
+    y, h = _native.ops().rms_norm(as_rows(x, n_cols), rows, _extension_weight(x, weight), eps)
     return y.view(x.shape), h.view(x.shape) if residual is not None else None
 
 
 def _backward_native(dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor, eps: float):
     n_cols = h.shape[-1]
     dx, dweight = _native.ops().rms_norm_backward(
-        _as_rows(dy, n_cols), _as_rows(dh, n_cols) if dh is not None else None, _as_rows(h, n_cols),
+        as_rows(dy, n_cols), as_rows(dh, n_cols) if dh is not None else None, as_rows(h, n_cols),
         _extension_weight(h, weight), eps)
     return dx.view(h.shape), dweight.to(weight.dtype)
+
+
+def _forward_reference(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float):
+    if residual is None:
+        return reference.rms_norm(x, weight, eps), None
+    return reference.rms_norm(x, weight, eps, residual=residual)
+
+
+def _backward_reference(dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor, eps: float):
+    return reference.rms_norm_backward(dy, h, weight, eps, dh)
+
+
+def _forward(backend: str):
+    return pick(backend, triton=forward_triton, extension=_forward_extension, reference=_forward_reference)
 
 
 # --------------------------------------------------------------------------- torch ops
 @torch.library.custom_op("llama_kernels::rms_norm", mutates_args=())
 def _rms_norm_op(x: Tensor, weight: Tensor, eps: float, backend: str) -> Tensor:
-    if backend == "reference":
-        return reference.rms_norm(x, weight, eps)
-    forward = _forward_triton if backend == "triton" else _forward_extension
-    return forward(x, None, weight, eps)[0]
+    return _forward(backend)(x, None, weight, eps)[0]
 
 
 @torch.library.custom_op("llama_kernels::rms_norm_residual", mutates_args=())
 def _rms_norm_residual_op(x: Tensor, residual: Tensor, weight: Tensor, eps: float, backend: str) -> tuple[Tensor, Tensor]:
-    if backend == "reference":
-        y, h = reference.rms_norm(x, weight, eps, residual=residual)
-        return y, h
-    forward = _forward_triton if backend == "triton" else _forward_extension
-    return forward(x, residual, weight, eps)
+    return _forward(backend)(x, residual, weight, eps)
 
 
 @torch.library.custom_op("llama_kernels::rms_norm_backward", mutates_args=())
@@ -317,11 +315,10 @@ def _rms_norm_backward_op(
         return torch.empty_like(h), torch.zeros_like(weight)
     dy = dy.contiguous()  # autograd may hand over stride-0 expanded gradients
     dh = dh.contiguous() if dh is not None else None
-    if backend == "native":
-        return _backward_native(dy, dh, h, weight, eps)
-    if backend in ("triton", "cuda"):  # the CUDA extension has forward kernels only: Triton's backward
-        return _backward_triton(dy, dh, h, weight, eps)
-    return reference.rms_norm_backward(dy, h, weight, eps, dh)
+    # The CUDA extension has forward kernels only: Triton's backward serves it.
+    backward = pick(backend, triton=backward_triton, native=_backward_native, cuda=backward_triton,
+                    reference=_backward_reference)
+    return backward(dy, dh, h, weight, eps)
 
 
 @_rms_norm_op.register_fake

@@ -30,7 +30,8 @@ from .. import _native, reference
 from .._checks import check_no_self_overlap, check_real, check_same_device, check_same_dtype, check_tensor
 from ..rope_scaling import rope_inv_freq
 from . import _triton
-from ._backend import resolve_backend
+from ._backend import pick, resolve_backend
+from ._shared import check_inv_freq, check_kv_heads
 
 TWO_PI = tl.constexpr(2 * math.pi)
 
@@ -168,7 +169,7 @@ def _config(q: Tensor, k: Tensor, interleaved: bool) -> dict:
     return {**_triton.tuned_config("rope", target, key, default), "BLOCK_HALF": block_half}
 
 
-def _rope_triton(q, k, q_out, k_out, positions, position_offset, inv_freq, attention_factor, interleaved, inverse,
+def rope_triton(q, k, q_out, k_out, positions, position_offset, inv_freq, attention_factor, interleaved, inverse,
                  v=None, v_out=None):
     """Rotate q into q_out and k into k_out. With v and v_out (decoding's append; positions required), k_out and
     v_out are caches: token (b, i) of k (rotated) and of v lands at row positions[b, i] if the cache has it."""
@@ -198,11 +199,14 @@ def _rope_triton(q, k, q_out, k_out, positions, position_offset, inv_freq, atten
     )
 
 
-def _rope_reference(q, k, positions, position_offset, inv_freq, attention_factor, interleaved, inverse):
+def _rope_reference(q, k, q_out, k_out, positions, position_offset, inv_freq, attention_factor, interleaved,
+                    inverse):
     batch, seqlen = q.shape[:2]
     pos = reference.rope_positions(positions if positions is not None else position_offset, batch, seqlen, q.device)
     # Rotating by minus the angle is rotating at minus the position: the negation is exact.
-    return reference.apply_rope(q, k, -pos if inverse else pos, inv_freq, interleaved, attention_factor)
+    q_rotated, k_rotated = reference.apply_rope(q, k, -pos if inverse else pos, inv_freq, interleaved, attention_factor)
+    q_out.copy_(q_rotated)
+    k_out.copy_(k_rotated)
 
 
 def _contiguous_heads(t: Tensor) -> Tensor:
@@ -224,17 +228,19 @@ def _rope_extension(q, k, q_out, k_out, positions, position_offset, inv_freq, at
             t.copy_(rotated)
 
 
+def _rotate(backend: str):
+    """rotate(q, k, q_out, k_out, ...): q_out, k_out may be q, k (in place)."""
+    return pick(backend, triton=rope_triton, extension=_rope_extension, reference=_rope_reference)
+
+
 # --------------------------------------------------------------------------- torch ops
 @torch.library.custom_op("llama_kernels::rope", mutates_args=())
 def _rope_op(
     q: Tensor, k: Tensor, positions: Tensor | None, position_offset: int, inv_freq: Tensor,
     attention_factor: float, interleaved: bool, inverse: bool, backend: str,
 ) -> tuple[Tensor, Tensor]:
-    if backend == "reference":
-        return _rope_reference(q, k, positions, position_offset, inv_freq, attention_factor, interleaved, inverse)
     q_out, k_out = _triton.new_output(q.shape, q.dtype, q.device), _triton.new_output(k.shape, k.dtype, k.device)
-    rotate = _rope_triton if backend == "triton" else _rope_extension
-    rotate(q, k, q_out, k_out, positions, position_offset, inv_freq, attention_factor, interleaved, inverse)
+    _rotate(backend)(q, k, q_out, k_out, positions, position_offset, inv_freq, attention_factor, interleaved, inverse)
     return q_out, k_out
 
 
@@ -243,13 +249,7 @@ def _rope_inplace_op(
     q: Tensor, k: Tensor, positions: Tensor | None, position_offset: int, inv_freq: Tensor,
     attention_factor: float, interleaved: bool, inverse: bool, backend: str,
 ) -> None:
-    if backend == "reference":
-        q_out, k_out = _rope_reference(q, k, positions, position_offset, inv_freq, attention_factor, interleaved, inverse)
-        q.copy_(q_out)
-        k.copy_(k_out)
-    else:
-        rotate = _rope_triton if backend == "triton" else _rope_extension
-        rotate(q, k, q, k, positions, position_offset, inv_freq, attention_factor, interleaved, inverse)
+    _rotate(backend)(q, k, q, k, positions, position_offset, inv_freq, attention_factor, interleaved, inverse)
 
 
 @_rope_op.register_fake
@@ -323,8 +323,7 @@ def apply_rope(
         raise ValueError(f"k: expected head_dim {head_dim} as q's, got {k.shape[3]}")
     if head_dim % 2 or head_dim == 0:
         raise ValueError(f"q: expected an even head_dim, got {head_dim}")
-    if k.shape[2] == 0 or n_q_heads % k.shape[2]:
-        raise ValueError(f"k: expected a head count that divides q's {n_q_heads} heads, got {k.shape[2]}")
+    check_kv_heads("k", k.shape[2], n_q_heads)
 
     position_offset = 0
     if isinstance(positions, bool) or not (positions is None or isinstance(positions, (int, Tensor))):
@@ -350,12 +349,9 @@ def apply_rope(
         else:
             inv_freq = _cached_inv_freq(head_dim, theta, dtype, q.device)
     else:
-        check_tensor("inv_freq", inv_freq, dtypes=(torch.float32, torch.float64), ndim=1)
-        if inv_freq.shape[0] != head_dim // 2:
-            raise ValueError(f"inv_freq: expected shape (D/2,) = ({head_dim // 2},), got {tuple(inv_freq.shape)}")
+        check_inv_freq(inv_freq, head_dim, q)
         if precise and inv_freq.dtype != torch.float64:
             raise TypeError("inv_freq: precise=True needs float64 inv_freq, e.g. rope_inv_freq(..., dtype=torch.float64)")
-        check_same_device(q=q, inv_freq=inv_freq)
     inv_freq = inv_freq.contiguous()
 
     backend = resolve_backend(q, backend, "rope")

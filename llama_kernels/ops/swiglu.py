@@ -22,8 +22,8 @@ from torch import Tensor
 from .. import reference
 from .._checks import check_same_device, check_same_dtype, check_tensor
 from . import _triton
-from ._backend import resolve_backend
-from .rms_norm import _as_rows
+from ._backend import pick, resolve_backend
+from ._shared import as_rows
 
 
 # --------------------------------------------------------------------------- kernels
@@ -82,7 +82,7 @@ def _forward_triton(gate: Tensor, up: Tensor) -> Tensor:
     y = _triton.new_output(gate.shape, gate.dtype, gate.device)
     if y.numel() == 0:
         return y
-    gate2, up2 = _as_rows(gate, n_cols), _as_rows(up, n_cols)
+    gate2, up2 = as_rows(gate, n_cols), as_rows(up, n_cols)
     cfg = _config("swiglu_fwd", gate, gate2.shape[0], n_cols)
     _triton.launch(
         _swiglu_fwd_kernel, (triton.cdiv(gate2.shape[0], cfg["BLOCK_M"]), triton.cdiv(n_cols, cfg["BLOCK_N"])),
@@ -98,7 +98,7 @@ def _backward_triton(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tens
     dup = _triton.new_output(up.shape, up.dtype, up.device)
     if dgate.numel() == 0:
         return dgate, dup
-    dy2, gate2, up2 = _as_rows(dy, n_cols), _as_rows(gate, n_cols), _as_rows(up, n_cols)
+    dy2, gate2, up2 = as_rows(dy, n_cols), as_rows(gate, n_cols), as_rows(up, n_cols)
     cfg = _config("swiglu_bwd", gate, gate2.shape[0], n_cols)
     _triton.launch(
         _swiglu_bwd_kernel, (triton.cdiv(gate2.shape[0], cfg["BLOCK_M"]), triton.cdiv(n_cols, cfg["BLOCK_N"])),
@@ -112,17 +112,13 @@ def _backward_triton(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tens
 # --------------------------------------------------------------------------- torch ops
 @torch.library.custom_op("llama_kernels::swiglu", mutates_args=())
 def _swiglu_op(gate: Tensor, up: Tensor, backend: str) -> Tensor:
-    if backend == "triton":
-        return _forward_triton(gate, up)
-    return reference.swiglu(gate, up)
+    return pick(backend, triton=_forward_triton, reference=reference.swiglu)(gate, up)
 
 
 @torch.library.custom_op("llama_kernels::swiglu_backward", mutates_args=())
 def _swiglu_backward_op(dy: Tensor, gate: Tensor, up: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     dy = dy.contiguous()  # autograd may hand over stride-0 expanded gradients
-    if backend == "triton":
-        return _backward_triton(dy, gate, up)
-    return reference.swiglu_backward(dy, gate, up)
+    return pick(backend, triton=_backward_triton, reference=reference.swiglu_backward)(dy, gate, up)
 
 
 @_swiglu_op.register_fake
