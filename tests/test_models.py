@@ -96,6 +96,42 @@ def test_gradients_match_reference(checkpointing):
         assert_close(g, grads[1][name], rtol=1e-4, atol=1e-4 * max(scale, 1e-3))
 
 
+@pytest.mark.parametrize("backend, checkpointing", [("triton", False), ("native", True)],
+                         ids=["triton", "native-activation-checkpointing"])
+def test_loss_with_targets_equals_the_cross_entropy_of_the_logits(checkpointing, backend):
+    """model(tokens, targets=...) against F.cross_entropy(model(tokens)) on the reference: the loss and every
+    gradient, -100 targets left out of the mean; the logits are never built (the output layer never runs)."""
+    if backend == "native" and not _native.available("cpu"):
+        pytest.skip("the native extension is not built")
+    model = tiny_model()
+    model.train()
+    model.activation_checkpointing = checkpointing
+    tokens = torch.randint(0, TINY.vocab_size, (2, 13))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:].clone()
+    targets[0, :5] = targets[1, -2:] = -100  # a prompt's positions, a padded tail
+    results = []
+    for backend_now, loss_of in ((backend, lambda: model(inputs, targets=targets)),
+                                 ("reference", lambda: torch.nn.functional.cross_entropy(
+                                     model(inputs).flatten(0, 1), targets.flatten()))):
+        model.backend = backend_now
+        model.zero_grad()
+        loss = loss_of()
+        loss.backward()
+        results.append((loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}))
+    (loss, grads), (want_loss, want_grads) = results
+    assert loss.shape == () and loss.dtype == torch.float32
+    assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    for name, g in grads.items():
+        scale = want_grads[name].abs().max().item()
+        assert_close(g, want_grads[name], rtol=1e-4, atol=1e-4 * max(scale, 1e-3))
+
+    built = []
+    model.output.register_forward_hook(lambda *_: built.append(True))
+    model.backend = backend
+    model(inputs, targets=targets)
+    assert not built
+
+
 def test_logits_at_positions_equal_the_full_logits():
     model = tiny_model(backend="triton")
     tokens = torch.randint(0, TINY.vocab_size, (3, 11))
@@ -248,9 +284,14 @@ def test_configs_round_trip_through_meta_and_hf_files():
         (lambda: tiny_model()(torch.ones(2, 3)), ValueError, r"^tokens: expected an integer tensor"),
         (lambda: tiny_model().generate([[1], []], max_new_tokens=2), ValueError, r"^prompts"),
         (lambda: CodeLlama(TINY, backend="cutlass"), ValueError, r"^backend"),
+        (lambda: tiny_model()(torch.ones(2, 3, dtype=torch.long), targets=torch.ones(2, 4, dtype=torch.long)),
+         ValueError, r"^targets: expected tokens' shape \(2, 3\), got \(2, 4\)"),
+        (lambda: tiny_model()(torch.ones(2, 3, dtype=torch.long), targets=torch.ones(2, 3)), TypeError, r"^targets"),
+        (lambda: tiny_model()(torch.ones(1, 3, dtype=torch.long), targets=torch.ones(1, 3, dtype=torch.long),
+                              cache=tiny_model().new_cache(1, 8)), ValueError, r"^targets: expected no cache"),
     ],
     ids=["unknown-variant", "kv-heads", "meta-vocab", "prompt-longer-than-cache", "cache-overflow", "float-tokens",
-         "empty-prompt", "backend"],
+         "empty-prompt", "backend", "targets-shape", "float-targets", "targets-with-cache"],
 )
 def test_refusals(call, error, match):
     with pytest.raises(error, match=match):

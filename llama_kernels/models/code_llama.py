@@ -1,7 +1,8 @@
 """Code Llama on this package's kernels: a drop-in ``nn.Module`` with a preallocated KV cache.
 
     model = CodeLlama.from_pretrained("CodeLlama-7b-hf", dtype=torch.bfloat16, device="cuda")
-    logits = model(tokens)                                    # (B, S, vocab): training, scoring
+    logits = model(tokens)                                    # (B, S, vocab): scoring
+    loss = model(tokens[:, :-1], targets=tokens[:, 1:])       # training: the mean loss, no logits built
     out = model.generate([prompt_a, prompt_b], max_new_tokens=64)
 
 The block is Llama 2's (Meta's ``llama/model.py``): pre-norm RMSNorm, attention with
@@ -17,6 +18,10 @@ are renamed (``checkpoint.py``). What runs where:
 - attention is ``flash_attention`` (training and prefill: O(S) memory) or, once the cache
   holds tokens, ``flash_attention_with_kvcache``, which rotates the new q and k at their
   positions, appends k and v to the cache and attends in three launches;
+- the feed-forward's activation is ``swiglu(w1 x, w3 x)``, one kernel each way;
+- with ``targets`` the output layer and the loss are ``fused_linear_cross_entropy``: the
+  (B, S, vocab) logits are never built (at 16k tokens and V = 32,016 they would be 2 GB in
+  fp32, and their gradient as much again);
 - the matrix products are torch's (cuBLAS): they are already at the card's peak.
 
 ``backend="reference"`` runs the same module through ``llama_kernels.reference`` (plain
@@ -31,11 +36,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .. import flash_attention, flash_attention_with_kvcache, rms_norm, rope_attention_factor, rope_inv_freq
+from .. import (flash_attention, flash_attention_with_kvcache, fused_linear_cross_entropy, rms_norm,
+               rope_attention_factor, rope_inv_freq, swiglu)
+from .._checks import check_tensor
 from ..distributed.ring import positions as ring_positions
 from ..distributed.ring import ring_attention
 from ..ops.rope import apply_rope
@@ -122,9 +128,12 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(config.dim, config.hidden_dim, bias=False)  # gate
         self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)  # down
         self.w3 = nn.Linear(config.dim, config.hidden_dim, bias=False)  # up
+        self.backend: str | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        # swiglu has no C++ kernel (yet): a model on the native kernels runs its CPU path, the reference.
+        backend = "reference" if self.backend == "native" else self.backend
+        return self.w2(swiglu(self.w1(x), self.w3(x), backend=backend))
 
 
 class TransformerBlock(nn.Module):
@@ -192,7 +201,7 @@ class CodeLlama(nn.Module):
             raise ValueError(f"backend: expected None, 'triton', 'native' or 'reference', got {value!r}")
         self._backend = value
         for module in self.modules():
-            if isinstance(module, (RMSNorm, Attention)):
+            if isinstance(module, (RMSNorm, Attention, FeedForward)):
                 module.backend = value
 
     def set_context_parallel(self, group=None, layout: str = "zigzag") -> None:
@@ -221,18 +230,33 @@ class CodeLlama(nn.Module):
                        v=[torch.empty(shape, dtype=dtype, device=device) for _ in self.layers],
                        seqlens=torch.zeros(batch_size, dtype=torch.int32, device=device))
 
-    def forward(self, tokens: Tensor, cache: KVCache | None = None, logits_at: Tensor | None = None) -> Tensor:
-        """Logits (B, S, vocab) of the tokens (B, S), or (B, 1, vocab) at positions ``logits_at`` (B,).
+    def forward(self, tokens: Tensor, targets: Tensor | None = None, *, cache: KVCache | None = None,
+                logits_at: Tensor | None = None) -> Tensor:
+        """Logits (B, S, vocab) of the tokens (B, S), or (B, 1, vocab) at positions ``logits_at`` (B,); with
+        ``targets``, the mean cross-entropy loss instead (an fp32 scalar).
 
+        targets: (B, S) class indices, the token each position should predict (the caller shifts:
+        ``model(tokens[:, :-1], targets=tokens[:, 1:])``), -100 where no loss is wanted. The loss is the mean
+        over the other positions (nan if there are none, as torch's), computed by
+        ``fused_linear_cross_entropy`` without building the logits.
         With a cache, the tokens follow what each sequence already holds (an empty cache: a
         prefill from position 0), and the cache is advanced by S; a forward with a cache runs without
         autograd (generation: the decode kernel writes the caches in place and has no backward).
         """
         if tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"tokens: expected an integer tensor (B, S), got {tokens.dtype} {tuple(tokens.shape)}")
+        if targets is not None:
+            check_tensor("targets", targets, dtypes=(torch.int64, torch.int32))
+            if targets.shape != tokens.shape:
+                raise ValueError(f"targets: expected tokens' shape {tuple(tokens.shape)}, got {tuple(targets.shape)}")
+            if cache is not None or logits_at is not None:
+                raise ValueError("targets: expected no cache and no logits_at with targets (the loss is training's, "
+                                 "over every position)")
+            if self.context_parallel is not None:  # a shard's mean is not the sequence's
+                raise ValueError("targets: a context-parallel model returns its shard's logits, not a loss")
         if cache is not None and torch.is_grad_enabled():  # generation: decoding writes the caches, has no backward
             with torch.no_grad():
-                return self.forward(tokens, cache, logits_at)
+                return self.forward(tokens, cache=cache, logits_at=logits_at)
         batch, seqlen = tokens.shape
         prefill = cache is not None and cache.filled == 0
         if cache is not None and self.context_parallel is not None:
@@ -261,7 +285,14 @@ class CodeLlama(nn.Module):
         if logits_at is not None:  # only the positions that are sampled: a 16k prompt's logits would be 1 GB
             index = logits_at.to(device=x.device, dtype=torch.long).view(batch, 1, 1).expand(batch, 1, x.shape[-1])
             x, residual = x.gather(1, index), residual.gather(1, index)
-        return self.output(self.norm(x, residual)[0])
+        hidden = self.norm(x, residual)[0]
+        if targets is None:
+            return self.output(hidden)
+        weight = self.output.weight
+        if torch.is_autocast_enabled(hidden.device.type):  # the op is not autocast's: cast as the Linear would be
+            dtype = torch.get_autocast_dtype(hidden.device.type)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+        return fused_linear_cross_entropy(hidden, weight, targets, backend=self.backend)
 
     def generate(self, prompts: list[list[int]] | Tensor, max_new_tokens: int, **kwargs) -> list[list[int]]:
         """New tokens for each prompt: ``generation.generate`` (temperature, top_p, stop_tokens, generator)."""
