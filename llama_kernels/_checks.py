@@ -16,12 +16,17 @@ from torch._subclasses.fake_tensor import is_fake
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """"bfloat16" for torch.bfloat16: in messages and in the tuned configs' keys."""
+    return str(dtype).removeprefix("torch.")
+
+
 def check_tensor(name: str, t, *, dtypes=FLOAT_DTYPES, ndim: int | tuple[int, ...] | None = None) -> Tensor:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if dtypes is not None and t.dtype not in dtypes:
-        expected = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
-        raise TypeError(f"{name}: expected dtype in ({expected}), got {str(t.dtype).removeprefix('torch.')}")
+        expected = ", ".join(dtype_name(d) for d in dtypes)
+        raise TypeError(f"{name}: expected dtype in ({expected}), got {dtype_name(t.dtype)}")
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else ndim
         if t.dim() not in allowed:

@@ -32,12 +32,17 @@ from dataclasses import dataclass
 
 import torch
 
+from ._checks import dtype_name
+
 # name: (compute capability, shared memory per block the card allows, bytes)
 TARGETS = {"sm80": (80, 166_912), "sm90": (90, 232_448)}
 
-HIDDEN_SIZES = (4096, 5120, 6656, 8192, 32768)  # Code Llama 7B, 13B, (LLaMA 33B), 34B, the largest claimed
-HEAD_LAYOUTS = ((32, 32, 128), (40, 40, 128), (64, 8, 128), (8, 1, 64))  # (Hq, Hk, D): 7B, 13B, 34B, MQA
-OPS = ("rms_norm", "rope", "attention", "decode")  # decode: the RoPE + cache append launch and the attention
+MODELS = ("CodeLlama-7b", "CodeLlama-13b", "CodeLlama-34b")  # their shapes come from CodeLlamaConfig
+EXTRA_WIDTHS = (6656, 32768)  # hidden sizes beyond Code Llama's: LLaMA 33B's, and the widest RMSNorm claimed
+EXTRA_HEADS = ((8, 1, 64),)  # (Hq, Hk, D) beyond Code Llama's: MQA at head_dim 64
+TOKENS = 16384
+# decode: the RoPE + cache append launch and the attention
+OPS = ("rms_norm", "rope", "attention", "decode", "swiglu", "cross_entropy")
 
 
 @dataclass
@@ -59,6 +64,20 @@ class CompileResult:
                 and (self.measured or (self.spill_bytes == 0 and (self.wgmma_found or not self.wgmma_needed))))
 
 
+def _configs():
+    from .models.config import CodeLlamaConfig
+
+    return [CodeLlamaConfig.from_name(name) for name in MODELS]
+
+
+def hidden_sizes() -> list[int]:
+    return sorted({c.dim for c in _configs()} | set(EXTRA_WIDTHS))
+
+
+def head_layouts() -> list[tuple[int, int, int]]:
+    return [(c.n_heads, c.n_kv_heads, c.head_dim) for c in _configs()] + list(EXTRA_HEADS)
+
+
 def launches(target: str, ops=OPS) -> list[tuple[str, object]]:
     """(label, LaunchRecord) for every kernel launch the ops make at Code Llama shapes."""
     from .ops import _triton
@@ -76,14 +95,15 @@ def _rms_norm_launches(target: str, meta) -> list[str]:
 
     labels = []
     for dtype in (torch.bfloat16, torch.float32):
-        for hidden in HIDDEN_SIZES:
-            x = torch.empty(16384, hidden, dtype=dtype, device=meta)
+        for hidden in hidden_sizes():
+            x = torch.empty(TOKENS, hidden, dtype=dtype, device=meta)
             w = torch.empty(hidden, dtype=dtype, device=meta)
             for residual in (None, x):
                 rms_norm.forward_triton(x, residual, w, 1e-5)
-                labels.append(f"rms_norm_fwd {hidden} {str(dtype)[6:]}{' +residual' if residual is not None else ''}")
+                with_residual = " +residual" if residual is not None else ""
+                labels.append(f"rms_norm_fwd {hidden} {dtype_name(dtype)}{with_residual}")
             rms_norm.backward_triton(x, x, x, w, 1e-5)
-            labels.append(f"rms_norm_bwd {hidden} {str(dtype)[6:]}")
+            labels.append(f"rms_norm_bwd {hidden} {dtype_name(dtype)}")
     return labels
 
 
@@ -91,16 +111,16 @@ def _rope_launches(target: str, meta) -> list[str]:
     from .ops import rope
 
     labels = []
-    for hq, hk, d in HEAD_LAYOUTS:
-        q = torch.empty(1, 16384, hq, d, dtype=torch.bfloat16, device=meta)
-        k = torch.empty(1, 16384, hk, d, dtype=torch.bfloat16, device=meta)
+    for hq, hk, d in head_layouts():
+        q = torch.empty(1, TOKENS, hq, d, dtype=torch.bfloat16, device=meta)
+        k = torch.empty(1, TOKENS, hk, d, dtype=torch.bfloat16, device=meta)
         for interleaved in (False, True):
             for inv_freq_dtype in (torch.float32, torch.float64):
-                positions = torch.empty(1, 16384, dtype=torch.int64, device=meta)
+                positions = torch.empty(1, TOKENS, dtype=torch.int64, device=meta)
                 inv_freq = torch.empty(d // 2, dtype=inv_freq_dtype, device=meta)
                 rope.rope_triton(q, k, q, k, positions, 0, inv_freq, 1.0, interleaved, False)
                 layout = "interleaved" if interleaved else "half"
-                labels.append(f"rope {hq}/{hk}/{d} {layout} {str(inv_freq_dtype)[6:]}-angles")
+                labels.append(f"rope {hq}/{hk}/{d} {layout} {dtype_name(inv_freq_dtype)}-angles")
     return labels
 
 
@@ -121,7 +141,8 @@ def _all_attention_launches(target: str, meta) -> list[str]:
 
 def _all_decode_launches(target: str, meta) -> list[str]:
     labels = []
-    for (hq, hk), seqlen_q in itertools.product(((32, 32), (64, 8)), (1, 5)):
+    layouts = [(hq, hk) for hq, hk, d in head_layouts()[:len(MODELS)] if (hq, hk) in ((32, 32), (64, 8))]
+    for (hq, hk), seqlen_q in itertools.product(layouts, (1, 5)):  # 7B's and 34B's heads
         _decode_launches(hq, hk, seqlen_q, meta)
         labels += [f"rope+append {hq}/{hk} Sq={seqlen_q}", f"decode_split {hq}/{hk} Sq={seqlen_q}",
                    f"decode_merge {hq}/{hk} Sq={seqlen_q}"]
@@ -134,7 +155,7 @@ def _decode_launches(n_q_heads: int, n_kv_heads: int, seqlen_q: int, device) -> 
 
     q = torch.empty(1, seqlen_q, n_q_heads, 128, dtype=torch.bfloat16, device=device)
     new_kv = torch.empty(1, seqlen_q, n_kv_heads, 128, dtype=torch.bfloat16, device=device)
-    cache = torch.empty(1, 16384, n_kv_heads, 128, dtype=torch.bfloat16, device=device)
+    cache = torch.empty(1, TOKENS, n_kv_heads, 128, dtype=torch.bfloat16, device=device)
     positions = torch.empty(1, seqlen_q, dtype=torch.int64, device=device)
     inv_freq = torch.empty(64, dtype=torch.float32, device=device)
     rope.rope_triton(q, new_kv, q, cache, positions, 0, inv_freq, 1.0, False, False, v=new_kv, v_out=cache)
@@ -147,20 +168,49 @@ def _attention_launches(head_dim: int, varlen: bool, causal: bool, device, tma: 
     with tma, every kernel's config asks for its TMA form."""
     from .ops import _triton, attention
 
-    tokens, shape = 16384, (16384,) if varlen else (1, 16384)
+    shape = (TOKENS,) if varlen else (1, TOKENS)
     q = torch.empty(*shape, 64, head_dim, dtype=torch.bfloat16, device=device)
     k = torch.empty(*shape, 8, head_dim, dtype=torch.bfloat16, device=device)
     cu = torch.empty(3, dtype=torch.int32, device=device) if varlen else None
-    layout = attention.Layout(q, k, cu, cu, tokens, tokens)
+    layout = attention.Layout(q, k, cu, cu, TOKENS, TOKENS)
     with contextlib.ExitStack() as configs:
-        for kernel in ("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq") if tma else ():
-            configs.enter_context(_triton.override_config(kernel, lambda default: {**default, "TMA": True}))
+        for tuning in (attention.FORWARD_TUNING, attention.DKDV_TUNING, attention.DQ_TUNING) if tma else ():
+            configs.enter_context(_triton.forced_config(tuning.kernel, lambda default: {**default, "TMA": True}))
         o, lse = attention.forward_triton(q, k, k, layout, causal, head_dim**-0.5)
         attention.backward_triton(o, q, k, k, o, lse, None, layout, causal, head_dim**-0.5)
 
 
+def _swiglu_launches(target: str, meta) -> list[str]:
+    """Forward and backward over each model's FFN width, a gate/up pair split from one fused projection."""
+    from .ops import swiglu
+
+    labels = []
+    for c in _configs():
+        gate_up = torch.empty(TOKENS, 2 * c.hidden_dim, dtype=torch.bfloat16, device=meta)
+        gate, up = gate_up.chunk(2, -1)
+        swiglu.forward_triton(gate, up)
+        swiglu.backward_triton(gate.contiguous(), gate, up)
+        labels += [f"swiglu_fwd {c.hidden_dim} bfloat16", f"swiglu_bwd {c.hidden_dim} bfloat16"]
+    return labels
+
+
+def _cross_entropy_launches(target: str, meta) -> list[str]:
+    """The step that turns a chunk of fp32 logits into loss and gradient, at each vocabulary size."""
+    from .ops import cross_entropy
+
+    labels = []
+    for vocab in sorted({c.vocab_size for c in _configs()}):
+        logits = torch.empty(2048, vocab, dtype=torch.float32, device=meta)
+        target_ids = torch.empty(2048, dtype=torch.int64, device=meta)
+        row_scale = torch.empty(2048, dtype=torch.float32, device=meta)
+        for write_grad in (True, False):
+            cross_entropy.logits_to_grad_triton(logits, target_ids, row_scale, -100, 0.0, write_grad)
+            labels.append(f"cross_entropy_step V={vocab}{' +grad' if write_grad else ''}")
+    return labels
+
+
 _LAUNCHES = {"rms_norm": _rms_norm_launches, "rope": _rope_launches, "attention": _all_attention_launches,
-             "decode": _all_decode_launches}
+             "decode": _all_decode_launches, "swiglu": _swiglu_launches, "cross_entropy": _cross_entropy_launches}
 
 
 def compile_record(record, capability: int):
@@ -205,7 +255,7 @@ def is_measured(target: str, label: str, record) -> bool:
     launched = {**record.args, "num_warps": record.num_warps, "num_stages": record.num_stages}
     return any(label.startswith(f"{kernel} ") and any(all(launched.get(k) == v for k, v in config.items())
                                                       for config in by_target.get(target, {}).values())
-               for kernel, by_target in _triton._tuned_table().items())
+               for kernel, by_target in _triton.tuned_table().items())
 
 
 def check(targets=tuple(TARGETS), ops=OPS) -> list[CompileResult]:

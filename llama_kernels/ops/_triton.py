@@ -4,9 +4,10 @@
   or "interpreter" for CPU tensors under ``TRITON_INTERPRET=1``. Configs are picked
   per target: big tiles and few programs for the interpreter (it costs ~8 ms per
   program and loop step), the measured winners in ``tuned_configs.json`` on a GPU
-  (written by ``bench/gpu_check.py``), else each op's default. ``override_config``
-  forces a config through the public ops (the sweep's candidates, the AOT check's
-  variants).
+  (written by ``bench/gpu_check.py``), else each op's default. Each kernel declares a
+  ``Tuning`` beside its defaults (its key and the sweep's candidates: ``TUNINGS``);
+  ``forced_config`` forces a config through the public ops (the sweep's candidates, the
+  AOT check's variants).
 - ``launch`` runs a kernel, or, inside ``record_launches``, only records it: the
   ahead-of-time compile check (``llama_kernels.aot``) runs the real launchers on
   meta tensors this way, so it compiles exactly what would be launched.
@@ -18,8 +19,10 @@ import contextlib
 import functools
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -40,41 +43,91 @@ def target_of(device: torch.device) -> str:
     return "interpreter"
 
 
+# The measured winners (bench/gpu_check.py writes them): {kernel: {target: {key: config}}}.
+_table_in_force: dict | None = None
+
+
 @functools.cache
-def _tuned_table() -> dict:
+def _committed_table() -> dict:
     if TUNED_CONFIGS_PATH.exists():
         return json.loads(TUNED_CONFIGS_PATH.read_text())
     return {}
 
 
-def tuned_config(kernel: str, target: str, key: str, default: dict) -> dict:
-    """The measured winner for (kernel, target, key) if the GPU check recorded one, else ``default``."""
-    return _tuned_table().get(kernel, {}).get(target, {}).get(key, default)
+def tuned_table() -> dict:
+    return _table_in_force if _table_in_force is not None else _committed_table()
 
 
 @contextlib.contextmanager
-def override_config(kernel: str, choose):
-    """Route ``tuned_config(kernel, ...)`` through choose(default); yield the (target, key, default) of each ask.
-
-    The ops look ``tuned_config`` up at every launch (as a module attribute), so this
-    forces a config through the public functions: the GPU check's sweep times its
-    candidates this way, and the ahead-of-time check compiles the variants no
-    default uses. What the ops ask for is the exact key format tuned_configs.json uses.
-    """
-    global tuned_config
-    original, asked = tuned_config, []
-
-    def hooked(name, target, key, default):
-        if name != kernel:
-            return original(name, target, key, default)
-        asked.append((target, key, default))
-        return choose(default)
-
-    tuned_config = hooked
+def tuned_table_in_force(table: dict):
+    """Launches inside use ``table``'s winners instead of the committed ones (the GPU check's benchmark, run
+    with the winners it has just measured)."""
+    global _table_in_force
+    previous, _table_in_force = _table_in_force, table
     try:
-        yield asked
+        yield
     finally:
-        tuned_config = original
+        _table_in_force = previous
+
+
+class Ask(NamedTuple):
+    """One launch's request for a config: what the GPU check's sweep needs to offer it candidates."""
+
+    target: str
+    key: str
+    fields: dict
+    default: dict
+
+
+TUNINGS: dict[str, Tuning] = {}  # by kernel name, in the order the op modules declare them
+_forced: dict[str, tuple[Callable[[dict], dict], list[Ask]]] = {}
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """A Triton kernel's launch config: the key it is measured and looked up by, and what the sweep may try.
+
+    ``kernel`` names it in tuned_configs.json; ``key`` is a format string over the fields the
+    config depends on (``"{n_cols}:{dtype}"``), which gives the table's key; ``candidates(default,
+    target, fields)`` lists the configs the GPU check's sweep times, the default first. Each op
+    declares one per kernel beside its default configs and asks it for every launch's config.
+    """
+
+    kernel: str
+    key: str
+    candidates: Callable[[dict, str, dict], list[dict]]
+
+    def __post_init__(self):
+        TUNINGS[self.kernel] = self
+
+    def config(self, target: str, default: dict, **fields) -> dict:
+        """The config a launch uses: the forced one inside ``forced_config``, else the measured winner for
+        (target, key), else ``default``."""
+        key = self.key.format(**fields)
+        if self.kernel in _forced:
+            choose, asks = _forced[self.kernel]
+            asks.append(Ask(target, key, fields, default))
+            return choose(default)
+        return tuned_table().get(self.kernel, {}).get(target, {}).get(key, default)
+
+
+@contextlib.contextmanager
+def forced_config(kernel: str, choose: Callable[[dict], dict]):
+    """Launches of ``kernel`` inside use ``choose(default)``; yields the list of their ``Ask``s.
+
+    The sweep times its candidates through the public functions this way, and the AOT check
+    compiles the variants no default uses (the TMA forms)."""
+    if kernel not in TUNINGS:
+        raise ValueError(f"kernel: expected one of {sorted(TUNINGS)}, got {kernel!r}")
+    previous, asks = _forced.get(kernel), []
+    _forced[kernel] = (choose, asks)
+    try:
+        yield asks
+    finally:
+        if previous is None:
+            del _forced[kernel]
+        else:
+            _forced[kernel] = previous
 
 
 @functools.cache

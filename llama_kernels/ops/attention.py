@@ -37,7 +37,7 @@ from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .. import _native, reference
-from .._checks import check_same_device, check_tensor, values_readable
+from .._checks import check_same_device, check_tensor, dtype_name, values_readable
 from . import _triton
 from ._backend import pick, resolve_backend
 from ._shared import (LOG2E, attend_blocks, check_qkv, dot_precision, finish_softmax, load_block, load_tile,
@@ -247,13 +247,46 @@ _DEFAULT_CONFIGS = {
 }
 
 
-def _config(kernel: str, q: Tensor, head_dim: int) -> dict:
+def _candidates(default: dict, target: str, fields: dict, forward: bool) -> list[dict]:
+    """Tiles around the default: the forward's (M 64/128 x N 32/64/128), the backward's (M 32/64 x N 32/64/128).
+    On sm_90 the kernels' TMA forms come right after the default: never measured yet, they are what a sweep cut
+    short by the budget should not miss (on sm_80 descriptors only add registers: no candidates there)."""
+    found = [default]
+    if target == "sm90":
+        # (BLOCK_M, BLOCK_N, warps, stages) that compile clean in their TMA form (python -m llama_kernels.aot)
+        tma_tiles = (((128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 3)) if forward
+                     else ((default["BLOCK_M"], default["BLOCK_N"], default["num_warps"], default["num_stages"]),
+                           (64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2)))
+        for block_m, block_n, warps, num_stages in tma_tiles:
+            config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": num_stages,
+                      "TMA": True}
+            if config not in found:
+                found.append(config)
+    for block_m in (64, 128) if forward else (32, 64):
+        for block_n in (32, 64, 128):
+            for warps in (4, 8):
+                for num_stages in (2, 3, 4) if forward else (1, 2):
+                    config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": num_stages}
+                    # 128-row tiles need 8 warps (4 spill); 4 stages of 128-column tiles overflow shared memory
+                    if (block_m == 128 and warps == 4) or (num_stages == 4 and block_n == 128) or config in found:
+                        continue
+                    found.append(config)
+    return found
+
+
+FORWARD_TUNING = _triton.Tuning("attention_fwd", "{head_dim}:{dtype}", functools.partial(_candidates, forward=True))
+DKDV_TUNING = _triton.Tuning("attention_bwd_dkdv", "{head_dim}:{dtype}", functools.partial(_candidates, forward=False))
+DQ_TUNING = _triton.Tuning("attention_bwd_dq", "{head_dim}:{dtype}", functools.partial(_candidates, forward=False))
+
+
+def _config(tuning: _triton.Tuning, q: Tensor, head_dim: int) -> dict:
     target = _triton.target_of(q.device)
     if target == "interpreter":
         return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
+    kernel = tuning.kernel
     default = next(_DEFAULT_CONFIGS[key] for key in ((kernel, target, head_dim), (kernel, target, None),
                                                      (kernel, None, None)) if key in _DEFAULT_CONFIGS)
-    return _triton.tuned_config(kernel, target, f"{head_dim}:{str(q.dtype)[6:]}", default)
+    return tuning.config(target, default, head_dim=head_dim, dtype=dtype_name(q.dtype))
 
 
 class Layout:
@@ -313,7 +346,7 @@ def _sources(cfg: dict, layout: Layout, block: int, *tensors: Tensor) -> tuple[b
 def forward_triton(q, k, v, layout: Layout, causal: bool, softmax_scale: float):
     o = _triton.new_output(q.shape, q.dtype, q.device)
     lse = _triton.new_output(layout.lse_shape, torch.float32, q.device)
-    cfg = _config("attention_fwd", q, layout.head_dim)
+    cfg = _config(FORWARD_TUNING, q, layout.head_dim)
     tma, (k_src, v_src) = _sources(cfg, layout, cfg["BLOCK_N"], k, v)
     _triton.launch(
         _fwd_kernel, (triton.cdiv(layout.seqlen_q, cfg["BLOCK_M"]) * layout.batch * layout.n_q_heads,), q.device,
@@ -340,7 +373,7 @@ def backward_triton(do, q, k, v, o, lse, dlse, layout: Layout, causal: bool, sof
         **layout.lse_strides(lse),
     )
     # Each kernel's loop streams blocks of two operands, which TMA may load: q and do for dk/dv, k and v for dq.
-    cfg = _config("attention_bwd_dkdv", q, layout.head_dim)
+    cfg = _config(DKDV_TUNING, q, layout.head_dim)
     tma, (q_src, do_src) = _sources(cfg, layout, cfg["BLOCK_M"], q, do)
     _triton.launch(
         _bwd_dkdv_kernel, (triton.cdiv(layout.seqlen_k, cfg["BLOCK_N"]) * layout.batch * layout.n_kv_heads,),
@@ -349,7 +382,7 @@ def backward_triton(do, q, k, v, o, lse, dlse, layout: Layout, causal: bool, sof
         q_src=q_src, k_ptr=k, v_ptr=v, do_src=do_src, TMA=tma,
         dk_ptr=dk, dv_ptr=dv, n_kv_heads=layout.n_kv_heads, **layout.strides("dk", dk), **layout.strides("dv", dv),
     )
-    cfg = _config("attention_bwd_dq", q, layout.head_dim)
+    cfg = _config(DQ_TUNING, q, layout.head_dim)
     tma, (k_src, v_src) = _sources(cfg, layout, cfg["BLOCK_N"], k, v)
     _triton.launch(
         _bwd_dq_kernel, (triton.cdiv(layout.seqlen_q, cfg["BLOCK_M"]) * layout.batch * layout.n_q_heads,), q.device,

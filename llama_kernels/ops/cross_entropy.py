@@ -99,18 +99,38 @@ def _logits_to_grad_kernel(
             tl.store(row_ptr + cols, dz * scale, mask=mask)
 
 
-def _logits_to_grad_triton(logits, target, row_scale, ignore_index, label_smoothing, write_grad):
+def _candidates(default: dict, target: str, fields: dict) -> list[dict]:
+    found = [default]
+    for block_v in (1024, 2048, 4096, 8192):
+        for warps in (4, 8, 16):
+            config = {"BLOCK_V": block_v, "num_warps": warps}
+            if config != default:
+                found.append(config)
+    return found
+
+
+TUNING = _triton.Tuning("cross_entropy_step", "{n_cols}:{grad}", _candidates)
+
+
+def _config(logits: Tensor, write_grad: bool) -> dict:
+    block_v = min(triton.next_power_of_2(logits.shape[1]), 4096)
+    target = _triton.target_of(logits.device)
+    if target == "interpreter":  # small enough that the tests' vocabularies take several loop steps
+        return {"BLOCK_V": min(block_v, 2048), "num_warps": 8}
+    return TUNING.config(target, {"BLOCK_V": block_v, "num_warps": 8}, n_cols=logits.shape[1],
+                         grad="grad" if write_grad else "loss")
+
+
+def logits_to_grad_triton(logits, target, row_scale, ignore_index, label_smoothing, write_grad):
     n_rows, n_cols = logits.shape
     loss = _triton.new_output((n_rows,), torch.float32, logits.device)
     lse = _triton.new_output((n_rows,), torch.float32, logits.device)
-    interpreted = _triton.target_of(logits.device) == "interpreter"
-    # The interpreter's block is small enough that the tests' vocabularies take several loop steps.
-    block_v = min(triton.next_power_of_2(n_cols), 2048 if interpreted else 4096)
+    cfg = _config(logits, write_grad)
     _triton.launch(
-        _logits_to_grad_kernel, (n_rows,), logits.device, num_warps=8,
+        _logits_to_grad_kernel, (n_rows,), logits.device, num_warps=cfg["num_warps"],
         logits_ptr=logits, target_ptr=target, row_scale_ptr=row_scale if write_grad else loss,
         loss_ptr=loss, lse_ptr=lse, n_cols=n_cols, stride_logits=logits.stride(0),
-        ignore_index=ignore_index, label_smoothing=label_smoothing, WRITE_GRAD=write_grad, BLOCK_V=block_v)
+        ignore_index=ignore_index, label_smoothing=label_smoothing, WRITE_GRAD=write_grad, BLOCK_V=cfg["BLOCK_V"])
     return loss, lse, logits
 
 
@@ -175,7 +195,7 @@ def _chunked(hidden, weight, target, bias, row_scale, ignore_index, label_smooth
     mm_dtype = _matmul_dtype(hidden)
     weight_mm = weight.to(mm_dtype)
     bias_f = bias.float() if bias is not None else None
-    step = pick(backend, triton=_logits_to_grad_triton, native=_logits_to_grad_torch, reference=None)
+    step = pick(backend, triton=logits_to_grad_triton, native=_logits_to_grad_torch, reference=None)
     write_grad = grad_hidden or grad_weight or grad_bias
     loss = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
     dhidden = torch.empty_like(hidden) if grad_hidden else None

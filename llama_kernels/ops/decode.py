@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .. import _native, reference
 from .._checks import (check_no_self_overlap, check_real, check_same_device, check_same_dtype, check_tensor,
-                       values_readable)
+                       dtype_name, values_readable)
 from ..rope_scaling import rope_inv_freq
 from . import _triton
 from ._backend import pick, resolve_backend
@@ -133,13 +133,28 @@ def _num_splits(requested: int, q: Tensor, batch: int, n_kv_heads: int, cache_le
     return max(1, min(triton.cdiv(target_programs, batch * n_kv_heads), triton.cdiv(cache_len, block_n), 128))
 
 
+def _candidates(default: dict, target: str, fields: dict) -> list[dict]:
+    found = [default]
+    for block_n in (32, 64, 128):
+        for warps in (2, 4, 8):
+            for num_stages in (1, 2, 3):
+                config = {"BLOCK_M": default["BLOCK_M"], "BLOCK_N": block_n, "num_warps": warps,
+                          "num_stages": num_stages}
+                if config not in found:
+                    found.append(config)
+    return found
+
+
+TUNING = _triton.Tuning("decode", "{head_dim}:{dtype}:{block_m}", _candidates)
+
+
 def _config(q: Tensor, rows: int) -> dict:
     block_m = min(MAX_ROWS, max(16, triton.next_power_of_2(rows)))
     target = _triton.target_of(q.device)
     if target == "interpreter":
         return {"BLOCK_M": block_m, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
     default = {"BLOCK_M": block_m, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-    config = _triton.tuned_config("decode", target, f"{q.shape[-1]}:{str(q.dtype)[6:]}:{block_m}", default)
+    config = TUNING.config(target, default, head_dim=q.shape[-1], dtype=dtype_name(q.dtype), block_m=block_m)
     return {**config, "BLOCK_M": block_m}
 
 

@@ -24,7 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _native, reference
-from .._checks import check_same_device, check_tensor
+from .._checks import check_same_device, check_tensor, dtype_name
 from . import _triton
 from ._backend import pick, resolve_backend
 from ._shared import as_rows
@@ -185,7 +185,23 @@ def _rms_norm_bwd_kernel(
 
 
 # --------------------------------------------------------------------------- configs
-def _config(kernel: str, x: Tensor, n_rows: int, n_cols: int) -> dict:
+def _candidates(default: dict, target: str, fields: dict) -> list[dict]:
+    """Tiles of whole rows (BLOCK_N = the row's power of two: chunked rows re-read memory), 8-32 elements a thread."""
+    block_n = default["BLOCK_N"]
+    found = [default]
+    for block_m in (1, 2, 4, 8, 16):
+        for warps in (4, 8, 16):
+            config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps}
+            if 8 <= block_m * block_n // (32 * warps) <= 32 and config != default:
+                found.append(config)
+    return found
+
+
+FORWARD_TUNING = _triton.Tuning("rms_norm_fwd", "{n_cols}:{dtype}", _candidates)
+BACKWARD_TUNING = _triton.Tuning("rms_norm_bwd", "{n_cols}:{dtype}", _candidates)
+
+
+def _config(tuning: _triton.Tuning, x: Tensor, n_rows: int, n_cols: int) -> dict:
     """BLOCK_N covers the row up to MAX_ROW_IN_REGISTERS; BLOCK_M rows share a program when rows are short."""
     block_n = triton.next_power_of_2(n_cols) if n_cols <= MAX_ROW_IN_REGISTERS else ROW_CHUNK
     target = _triton.target_of(x.device)
@@ -195,7 +211,7 @@ def _config(kernel: str, x: Tensor, n_rows: int, n_cols: int) -> dict:
     block_m = max(1, min(16, 2048 // block_n))
     num_warps = min(max((block_m * block_n) // 512, 4), 16)
     default = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps}
-    return _triton.tuned_config(kernel, target, f"{n_cols}:{str(x.dtype)[6:]}", default)
+    return tuning.config(target, default, n_cols=n_cols, dtype=dtype_name(x.dtype))
 
 
 # --------------------------------------------------------------------------- launchers
@@ -215,7 +231,7 @@ def forward_triton(x: Tensor, residual: Tensor | None, weight: Tensor, eps: floa
     n_rows = x2.shape[0]
     r2 = as_rows(residual, n_cols) if residual is not None else x2
     h2 = h.view(-1, n_cols) if h is not None else x2  # h_ptr also gives the kernel h's dtype
-    cfg = _config("rms_norm_fwd", x, n_rows, n_cols)
+    cfg = _config(FORWARD_TUNING, x, n_rows, n_cols)
     _triton.launch(
         _rms_norm_fwd_kernel, (triton.cdiv(n_rows, cfg["BLOCK_M"]),), x.device,
         num_warps=cfg["num_warps"],
@@ -233,7 +249,7 @@ def backward_triton(dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor, ep
     h2, dy2 = as_rows(h, n_cols), as_rows(dy, n_cols)
     dh2 = as_rows(dh, n_cols) if dh is not None else dy2
     n_rows = h2.shape[0]
-    cfg = _config("rms_norm_bwd", h, n_rows, n_cols)
+    cfg = _config(BACKWARD_TUNING, h, n_rows, n_cols)
     n_tiles = triton.cdiv(n_rows, cfg["BLOCK_M"])
     if _triton.target_of(h.device) == "interpreter":
         n_programs = min(n_tiles, 4)

@@ -27,7 +27,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _native, reference
-from .._checks import check_no_self_overlap, check_real, check_same_device, check_same_dtype, check_tensor
+from .._checks import (check_no_self_overlap, check_real, check_same_device, check_same_dtype, check_tensor,
+                       dtype_name)
 from ..rope_scaling import rope_inv_freq
 from . import _triton
 from ._backend import pick, resolve_backend
@@ -152,6 +153,23 @@ def _rope_kernel(
 
 
 # --------------------------------------------------------------------------- launcher
+def _candidates(default: dict, target: str, fields: dict) -> list[dict]:
+    """16 elements of each half-head a thread (the default's), spread over tokens and heads differently."""
+    max_heads = max(fields["n_q_heads"], fields["n_kv_heads"])
+    block_half = default.get("BLOCK_HALF", 64)
+    found = [{key: default[key] for key in ("BLOCK_S", "BLOCK_H", "num_warps")}]
+    for warps in (4, 8):
+        for block_s in (1, 2, 4, 8):
+            block_h = 16 * 32 * warps // (block_s * block_half)
+            config = {"BLOCK_S": block_s, "BLOCK_H": block_h, "num_warps": warps}
+            if 1 <= block_h <= triton.next_power_of_2(max_heads) and config not in found:
+                found.append(config)
+    return found
+
+
+TUNING = _triton.Tuning("rope", "{n_q_heads}/{n_kv_heads}/{head_dim}:{dtype}:{layout}", _candidates)
+
+
 def _config(q: Tensor, k: Tensor, interleaved: bool) -> dict:
     batch, seqlen, n_q_heads, head_dim = q.shape
     block_half = triton.next_power_of_2(head_dim // 2)
@@ -164,9 +182,9 @@ def _config(q: Tensor, k: Tensor, interleaved: bool) -> dict:
     block_s = 2
     default = {"BLOCK_S": block_s, "BLOCK_H": min(block_h_all, max(1, 2048 // (block_s * block_half))),
                "BLOCK_HALF": block_half, "num_warps": 4}
-    layout = "interleaved" if interleaved else "half"
-    key = f"{n_q_heads}/{k.shape[2]}/{head_dim}:{str(q.dtype)[6:]}:{layout}"
-    return {**_triton.tuned_config("rope", target, key, default), "BLOCK_HALF": block_half}
+    config = TUNING.config(target, default, n_q_heads=n_q_heads, n_kv_heads=k.shape[2], head_dim=head_dim,
+                           dtype=dtype_name(q.dtype), layout="interleaved" if interleaved else "half")
+    return {**config, "BLOCK_HALF": block_half}
 
 
 def rope_triton(q, k, q_out, k_out, positions, position_offset, inv_freq, attention_factor, interleaved, inverse,

@@ -20,7 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import reference
-from .._checks import check_same_device, check_same_dtype, check_tensor
+from .._checks import check_same_device, check_same_dtype, check_tensor, dtype_name
 from . import _triton
 from ._backend import pick, resolve_backend
 from ._shared import as_rows
@@ -63,7 +63,22 @@ def _swiglu_bwd_kernel(dy_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, n_rows, n_c
 
 
 # --------------------------------------------------------------------------- configs and launchers
-def _config(kernel: str, t: Tensor, n_rows: int, n_cols: int) -> dict:
+def _candidates(default: dict, target: str, fields: dict) -> list[dict]:
+    """The default's columns, 1-16 rows a program, 4 or 8 warps: 4-32 elements a thread."""
+    found = [default]
+    for block_m in (1, 2, 4, 8, 16):
+        for warps in (4, 8):
+            config = {"BLOCK_M": block_m, "BLOCK_N": default["BLOCK_N"], "num_warps": warps}
+            if 4 <= block_m * default["BLOCK_N"] // (32 * warps) <= 32 and config != default:
+                found.append(config)
+    return found
+
+
+FORWARD_TUNING = _triton.Tuning("swiglu_fwd", "{n_cols}:{dtype}", _candidates)
+BACKWARD_TUNING = _triton.Tuning("swiglu_bwd", "{n_cols}:{dtype}", _candidates)
+
+
+def _config(tuning: _triton.Tuning, t: Tensor, n_rows: int, n_cols: int) -> dict:
     """Tiles of BLOCK_M rows x BLOCK_N columns: big and few under the interpreter (~8 ms a program), about
     2048 elements a program on a GPU, 8 warps (with 4 the bf16 backward spills on sm_80)."""
     target = _triton.target_of(t.device)
@@ -73,17 +88,17 @@ def _config(kernel: str, t: Tensor, n_rows: int, n_cols: int) -> dict:
         return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4}
     block_n = min(triton.next_power_of_2(n_cols), 1024)
     default = {"BLOCK_M": max(1, 2048 // block_n), "BLOCK_N": block_n, "num_warps": 8}
-    return _triton.tuned_config(kernel, target, f"{n_cols}:{str(t.dtype)[6:]}", default)
+    return tuning.config(target, default, n_cols=n_cols, dtype=dtype_name(t.dtype))
 
 
 
-def _forward_triton(gate: Tensor, up: Tensor) -> Tensor:
+def forward_triton(gate: Tensor, up: Tensor) -> Tensor:
     n_cols = gate.shape[-1]
     y = _triton.new_output(gate.shape, gate.dtype, gate.device)
     if y.numel() == 0:
         return y
     gate2, up2 = as_rows(gate, n_cols), as_rows(up, n_cols)
-    cfg = _config("swiglu_fwd", gate, gate2.shape[0], n_cols)
+    cfg = _config(FORWARD_TUNING, gate, gate2.shape[0], n_cols)
     _triton.launch(
         _swiglu_fwd_kernel, (triton.cdiv(gate2.shape[0], cfg["BLOCK_M"]), triton.cdiv(n_cols, cfg["BLOCK_N"])),
         gate.device, num_warps=cfg["num_warps"],
@@ -92,14 +107,14 @@ def _forward_triton(gate: Tensor, up: Tensor) -> Tensor:
     return y
 
 
-def _backward_triton(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+def backward_triton(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     n_cols = gate.shape[-1]
     dgate = _triton.new_output(gate.shape, gate.dtype, gate.device)
     dup = _triton.new_output(up.shape, up.dtype, up.device)
     if dgate.numel() == 0:
         return dgate, dup
     dy2, gate2, up2 = as_rows(dy, n_cols), as_rows(gate, n_cols), as_rows(up, n_cols)
-    cfg = _config("swiglu_bwd", gate, gate2.shape[0], n_cols)
+    cfg = _config(BACKWARD_TUNING, gate, gate2.shape[0], n_cols)
     _triton.launch(
         _swiglu_bwd_kernel, (triton.cdiv(gate2.shape[0], cfg["BLOCK_M"]), triton.cdiv(n_cols, cfg["BLOCK_N"])),
         gate.device, num_warps=cfg["num_warps"],
@@ -112,13 +127,13 @@ def _backward_triton(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tens
 # --------------------------------------------------------------------------- torch ops
 @torch.library.custom_op("llama_kernels::swiglu", mutates_args=())
 def _swiglu_op(gate: Tensor, up: Tensor, backend: str) -> Tensor:
-    return pick(backend, triton=_forward_triton, reference=reference.swiglu)(gate, up)
+    return pick(backend, triton=forward_triton, reference=reference.swiglu)(gate, up)
 
 
 @torch.library.custom_op("llama_kernels::swiglu_backward", mutates_args=())
 def _swiglu_backward_op(dy: Tensor, gate: Tensor, up: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     dy = dy.contiguous()  # autograd may hand over stride-0 expanded gradients
-    return pick(backend, triton=_backward_triton, reference=reference.swiglu_backward)(dy, gate, up)
+    return pick(backend, triton=backward_triton, reference=reference.swiglu_backward)(dy, gate, up)
 
 
 @_swiglu_op.register_fake
