@@ -35,17 +35,22 @@ import torch._functorch.config  # a submodule torch does not import until someth
 import llama_kernels as lk
 from llama_kernels import _native
 
+from ..models.config import CodeLlamaConfig
 from .harness import default_device
 
 DTYPE = torch.bfloat16
 ELEMENT = DTYPE.itemsize  # bytes
 EPS = 1e-5
-THETA = 1e6  # Code Llama's RoPE base
 
-HIDDEN = {"7B": 4096, "13B": 5120, "34B": 8192}
-HEADS = {"7B": (32, 32, 128), "13B": (40, 40, 128), "34B": (64, 8, 128)}  # (Hq, Hk, head_dim)
-FFN = {"7B": 11008, "13B": 13824, "34B": 22016}  # the SwiGLU width (Meta's rule at multiple_of 256)
-VOCAB = 32016  # Code Llama's vocabulary (32,000 + the infilling tokens)
+
+@functools.cache
+def model_config(model: str) -> CodeLlamaConfig:
+    """The shapes of a Code Llama size ("7B", "13B", "34B"): CodeLlamaConfig's table."""
+    return CodeLlamaConfig.from_name(f"CodeLlama-{model.lower()}")
+
+
+THETA = model_config("7B").rope_theta  # every Code Llama's RoPE base
+VOCAB = model_config("7B").vocab_size  # 32,016: the loss is timed over it at every width
 
 
 class Unavailable(Exception):
@@ -63,17 +68,22 @@ class Shape:
 
     @property
     def hidden(self) -> int:
-        return self.width or HIDDEN[self.model]
+        return self.width or model_config(self.model).dim
 
     @property
     def heads(self) -> tuple[int, int, int]:
-        return HEADS[self.model]
+        c = model_config(self.model)
+        return c.n_heads, c.n_kv_heads, c.head_dim
+
+    @property
+    def ffn(self) -> int:
+        return model_config(self.model).hidden_dim
 
     def as_dict(self, op: str) -> dict:
         if op == "rms_norm":
             return {"model": self.model, "tokens": self.tokens, "hidden": self.hidden}
         if op == "swiglu":
-            return {"model": self.model, "tokens": self.tokens, "ffn": FFN[self.model]}
+            return {"model": self.model, "tokens": self.tokens, "ffn": self.ffn}
         if op == "cross_entropy":
             return {"model": self.model, "tokens": self.tokens, "hidden": self.hidden, "vocab": VOCAB,
                     "reduced": self.width is not None}
@@ -85,7 +95,7 @@ class Shape:
         if op == "rms_norm":
             return f"{self.model} T={self.tokens} H={self.hidden}"
         if op == "swiglu":
-            return f"{self.model} T={self.tokens} F={FFN[self.model]}"
+            return f"{self.model} T={self.tokens} F={self.ffn}"
         if op == "cross_entropy":
             return f"{self.model} N={self.tokens} H={self.hidden}{' (reduced)' if self.width else ''} V={VOCAB}"
         hq, hk, d = self.heads
@@ -414,8 +424,8 @@ SWIGLU_PROVIDERS = {
 
 
 def _swiglu_inputs(shape: Shape, device) -> dict:
-    gate, up = _randn(shape.tokens, 2 * FFN[shape.model], device=device).chunk(2, -1)
-    return {"gate": gate, "up": up, "dy": _randn(shape.tokens, FFN[shape.model], device=device)}
+    gate, up = _randn(shape.tokens, 2 * shape.ffn, device=device).chunk(2, -1)
+    return {"gate": gate, "up": up, "dy": _randn(shape.tokens, shape.ffn, device=device)}
 
 
 def _swiglu_forward(provider, inputs, device):
@@ -591,10 +601,10 @@ CASES = (
     Case("decode", "decode", "decoding step over a KV cache (Sq = 1; shape S = cached tokens)",
          _decode_inputs, _decode_bytes, _decode_build, DECODE_PROVIDERS),
     Case("swiglu", "swiglu", "SwiGLU forward: silu(gate) * up, the halves of one fused projection",
-         _swiglu_inputs, lambda s: 3 * s.tokens * FFN[s.model] * ELEMENT,  # gate, up read; y written
+         _swiglu_inputs, lambda s: 3 * s.tokens * s.ffn * ELEMENT,  # gate, up read; y written
          _swiglu_forward, tuple(SWIGLU_PROVIDERS)),
     Case("swiglu_bwd", "swiglu", "SwiGLU backward (dgate, dup)",
-         _swiglu_inputs, lambda s: 5 * s.tokens * FFN[s.model] * ELEMENT,  # dy, gate, up read; dgate, dup written
+         _swiglu_inputs, lambda s: 5 * s.tokens * s.ffn * ELEMENT,  # dy, gate, up read; dgate, dup written
          _swiglu_backward, tuple(SWIGLU_PROVIDERS)),
     Case("cross_entropy", "cross_entropy", "linear cross-entropy forward + backward (dhidden, dweight), mean loss",
          _cross_entropy_inputs, None, _cross_entropy_forward_backward, tuple(CROSS_ENTROPY_PROVIDERS),
