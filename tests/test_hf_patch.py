@@ -30,8 +30,13 @@ TINY = dict(hidden_size=256, intermediate_size=256, num_attention_heads=4, num_k
 LAYERS = TINY["num_hidden_layers"]
 # fp32, measured: logits (|logits| < 2) within 6e-7 of stock, gradients within 1e-7.
 TOL = dict(atol=1e-4, rtol=1e-4)
-PATCHED = [(modeling_llama.LlamaRMSNorm, "forward"), (modeling_llama.LlamaDecoderLayer, "forward"),
-           (modeling_llama.LlamaRotaryEmbedding, "forward"), (modeling_llama, "apply_rotary_pos_emb")]
+# What each of patch_hf_llama's switches replaces (attention: registry entries, below).
+REPLACED = {"rms_norm": [(modeling_llama.LlamaRMSNorm, "forward"), (modeling_llama.LlamaDecoderLayer, "forward")],
+            "rope": [(modeling_llama.LlamaRotaryEmbedding, "forward"), (modeling_llama, "apply_rotary_pos_emb")],
+            "attention": [],
+            "swiglu": [(modeling_llama.LlamaMLP, "forward")],
+            "cross_entropy": [(modeling_llama.LlamaForCausalLM, "forward")]}
+PATCHED = [place for places in REPLACED.values() for place in places]
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +59,7 @@ def calls(monkeypatch):
             return kernel(*args, **kwargs)
         return spy
 
-    for name in ("rms_norm", "apply_rope", "flash_attention"):
+    for name in ("rms_norm", "apply_rope", "flash_attention", "swiglu", "fused_linear_cross_entropy"):
         monkeypatch.setattr(hf, name, counting(name, getattr(hf, name)))
     return counts
 
@@ -145,6 +150,70 @@ def test_training_gradients_match(calls):
     for (name, want), got in zip(stock.named_parameters(), model.parameters(), strict=True):
         assert got.grad is not None, name
         torch.testing.assert_close(got.grad, want.grad, **TOL, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("num_items, checkpointing", [(False, False), (True, True)],
+                         ids=["mean", "num_items_in_batch-gradient-checkpointing"])
+def test_training_loss_with_labels_matches(calls, num_items, checkpointing):
+    """model(ids, labels=...) in training: HF's shifted loss through the fused op (the logits never built, None),
+    -100 labels left out, divided by num_items_in_batch where given (gradient accumulation's)."""
+    stock, model = twin_models()
+    ids = torch.randint(1, TINY["vocab_size"], (2, 19))
+    labels = ids.clone()
+    labels[0, :6] = labels[1, -3:] = -100  # a prompt, a padded tail
+    extra = {"num_items_in_batch": torch.tensor(2 * 19 + 5)} if num_items else {}  # the whole accumulated batch's
+    outputs = []
+    for m in (stock, model):
+        if m is model:
+            hf.patch_hf_llama(model)
+        if checkpointing:
+            getattr(m, "activation_checkpointing_enable", m.gradient_checkpointing_enable)()  # renamed in 5.x
+        out = m.train()(ids, labels=labels, **extra)
+        out.loss.backward()
+        outputs.append(out)
+    (want, got) = outputs
+    assert got.logits is None and calls["fused_linear_cross_entropy"] == 1
+    assert calls["swiglu"] == LAYERS
+    torch.testing.assert_close(got.loss, want.loss, atol=1e-5, rtol=1e-5)
+    for (name, want_p), got_p in zip(stock.named_parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(got_p.grad, want_p.grad, **TOL, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_eval_mode_and_calls_without_labels_run_the_original_head(calls):
+    stock, model = twin_models()
+    ids = torch.randint(1, TINY["vocab_size"], (1, 7))
+    with torch.no_grad():
+        want = stock(ids, labels=ids)
+        hf.patch_hf_llama(model)
+        got = model(ids, labels=ids)  # eval mode
+        no_labels = model.train()(ids)
+    torch.testing.assert_close(got.logits, want.logits, **TOL)
+    torch.testing.assert_close(got.loss, want.loss, **TOL)
+    assert no_labels.loss is None and no_labels.logits.shape == (1, 7, TINY["vocab_size"])
+    assert calls["fused_linear_cross_entropy"] == 0
+
+
+@pytest.mark.parametrize("piece", list(REPLACED))
+def test_a_switch_off_leaves_its_piece_unpatched(piece):
+    originals = {place: vars(place[0])[place[1]] for place in PATCHED}
+    model = LlamaForCausalLM(LlamaConfig(**TINY))
+    implementation = model.config._attn_implementation
+    hf.patch_hf_llama(model, **{piece: False})
+    for other, places in REPLACED.items():
+        for owner, name in places:
+            assert (vars(owner)[name] is originals[owner, name]) == (other == piece), (other, name)
+    assert all(("llama_kernels" in registry) == (piece != "attention") for registry in REGISTRIES)
+    assert (model.config._attn_implementation == implementation) == (piece == "attention")
+    hf.patch_hf_llama(model)  # a second call patches what is left
+    assert all(vars(owner)[name] is not originals[owner, name] for owner, name in PATCHED)
+    hf.unpatch_hf_llama()
+    assert all(vars(owner)[name] is originals[owner, name] for owner, name in PATCHED)
+
+
+def test_a_switch_that_is_not_a_bool_is_refused():
+    with pytest.raises(TypeError, match=r"^swiglu: expected True or False, got 'no'"):
+        hf.patch_hf_llama(swiglu="no")
+    assert not any("llama_kernels" in registry for registry in REGISTRIES)
 
 
 def test_compiled_model_matches(calls):

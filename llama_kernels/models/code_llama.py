@@ -49,6 +49,16 @@ from ..rope_scaling import rope_type
 from .config import CodeLlamaConfig
 
 
+def as_autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The tensors in autocast's dtype where autocast is on for their device, as it casts an ``nn.Linear``'s
+    operands: the loss's op is not one autocast knows."""
+    device = next(t for t in tensors if t is not None).device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
 @dataclass
 class KVCache:
     """Per-layer key and value caches (B, max_seq_len, Hk, D) and the tokens each sequence holds.
@@ -288,10 +298,7 @@ class CodeLlama(nn.Module):
         hidden = self.norm(x, residual)[0]
         if targets is None:
             return self.output(hidden)
-        weight = self.output.weight
-        if torch.is_autocast_enabled(hidden.device.type):  # the op is not autocast's: cast as the Linear would be
-            dtype = torch.get_autocast_dtype(hidden.device.type)
-            hidden, weight = hidden.to(dtype), weight.to(dtype)
+        hidden, weight = as_autocast(hidden, self.output.weight)
         return fused_linear_cross_entropy(hidden, weight, targets, backend=self.backend)
 
     def generate(self, prompts: list[list[int]] | Tensor, max_new_tokens: int, **kwargs) -> list[list[int]]:

@@ -2,15 +2,17 @@
 
     model = LlamaForCausalLM.from_pretrained("codellama/CodeLlama-7b-hf", torch_dtype=torch.bfloat16)
     lk.patch_hf_llama(model)    # patches the classes, switches this model to attn_implementation="llama_kernels"
+    lk.patch_hf_llama(model, cross_entropy=False)  # per-op switches, as Liger's apply_liger_kernel_to_llama
     other = LlamaForCausalLM.from_pretrained(..., attn_implementation="llama_kernels")  # once patched
     lk.unpatch_hf_llama()       # every original back
 
 Supported: transformers 4.50 to 5.x. Classes and functions of
 ``transformers.models.llama.modeling_llama`` are patched, not instances, so a model
-built before the call and one built after both run the kernels:
+built before the call and one built after both run the kernels. Each piece has its switch
+(``rms_norm``, ``rope``, ``attention``, ``swiglu``, ``cross_entropy``; all on by default), and a
+piece switched off is left as transformers has it:
 
-- ``LlamaRMSNorm.forward``: ``rms_norm``.
-- ``LlamaDecoderLayer.forward``: the same layer with the residual add before
+- ``rms_norm``: ``LlamaRMSNorm.forward`` runs ``rms_norm``, and ``LlamaDecoderLayer.forward`` the same layer with the residual add before
   ``post_attention_layernorm`` fused into that norm (``rms_norm(attn_out, w, eps,
   residual=h)`` writes the sum and its norm in one kernel). Its arguments are bound
   to the installed forward's signature and passed on to the attention module as the
@@ -19,7 +21,7 @@ built before the call and one built after both run the kernels:
   ``output_attentions`` (4.53 and before), else the tensor. The fusion reads the norm's
   weight directly, so a norm that is not a plain ``LlamaRMSNorm`` or has hooks
   (accelerate's offloading wraps forward) is called as the original calls it.
-- RoPE: ``LlamaRotaryEmbedding.forward`` still returns HF's cos/sin tables (anything
+- ``rope``: ``LlamaRotaryEmbedding.forward`` still returns HF's cos/sin tables (anything
   else that reads them is unaffected) and tags the cos tensor with what it was
   computed from: the position ids, the module's ``inv_freq`` as it stands after the
   call (dynamic and longrope recompute it per call), and ``attention_scaling``. The
@@ -30,7 +32,7 @@ built before the call and one built after both run the kernels:
   takes HF's formula; torch.compile (fullgraph too) traces the tag. The attention
   module is not patched for this: it never sees the rotary module (that lives on
   ``LlamaModel``) and its body differs between versions.
-- Attention: ``"llama_kernels"`` is registered with transformers' attention
+- ``attention``: ``"llama_kernels"`` is registered with transformers' attention
   interface, and (4.53+) its mask interface, so ``attn_implementation="llama_kernels"``
   runs ``flash_attention(q, k, v, causal=True)`` on k and v as the cache returns them
   (GQA heads not repeated; causal is bottom-right aligned, which is right when
@@ -41,10 +43,19 @@ built before the call and one built after both run the kernels:
   runs the kernel (one host sync per layer to check it; not under torch.compile);
   any other mask, dropout in training, and head dims other than 64 and 128 go to
   transformers' ``sdpa_attention_forward`` with the mask, never ignoring padding.
+- ``swiglu``: ``LlamaMLP.forward`` runs ``down_proj(swiglu(gate_proj(x), up_proj(x)))`` where
+  the activation is SiLU (``hidden_act`` "silu"), the original otherwise.
+- ``cross_entropy``: ``LlamaForCausalLM.forward`` in training mode with ``labels`` computes
+  HF's loss (labels shifted by one, -100 ignored; ``shift_labels`` if given; the sum over
+  ``num_items_in_batch`` where the Trainer passes it for gradient accumulation, else the mean)
+  by ``fused_linear_cross_entropy`` on the last hidden states and ``lm_head``: the logits are
+  never built and come back as None (as Liger's). The model itself runs with the arguments the
+  original would give it. Eval mode, calls without labels, a ``logits_to_keep`` other than 0
+  and an ``lm_head`` that is not a plain ``nn.Linear`` run the original.
 
 Dtypes the kernels do not take (float64): each patched piece runs transformers' own code
 for them (attention: ``sdpa_attention_forward``), said once per dtype by a warning.
-Autocast needs nothing here: ``rms_norm`` promotes a bf16 sublayer output and an fp32
+Autocast: the loss casts ``lm_head``'s operands to autocast's dtype, as the Linear's would be; ``rms_norm`` promotes a bf16 sublayer output and an fp32
 residual stream as the unpatched add does, and RoPE and attention see the projections' dtype.
 """
 
@@ -60,33 +71,45 @@ from .._checks import FLOAT_DTYPES
 from ..ops._shared import HEAD_DIMS
 from ..ops.attention import flash_attention
 from ..ops.rms_norm import rms_norm
+from ..ops.cross_entropy import fused_linear_cross_entropy
 from ..ops.rope import apply_rope
+from ..ops.swiglu import swiglu
+from .code_llama import as_autocast
 
 IMPLEMENTATION = "llama_kernels"
 SUPPORTED = "transformers 4.50 to 5.x (>= 4.50, < 6)"
 _ANGLES = "_llama_kernels_rope_angles"  # the tag the patched rotary embedding puts on its cos table
 _CACHE_ARGUMENTS = ("past_key_value", "past_key_values", "cache")  # the cache argument's names, oldest first
 _MISSING = object()
+PIECES = ("rms_norm", "rope", "attention", "swiglu", "cross_entropy")  # patch_hf_llama's switches
+IGNORE_INDEX = -100  # transformers' ForCausalLMLoss
 
 _undo: list = []  # what patch_hf_llama changed, as callables that restore it, in order of change
+_patched: set = set()  # the pieces patched
 _warned: set = set()  # the dtypes already told to run transformers' own code
 
 
-def patch_hf_llama(model=None):
-    """Run transformers' Llama classes on the kernels; if ``model`` is given, switch its attention to them.
+def patch_hf_llama(model=None, *, rms_norm: bool = True, rope: bool = True, attention: bool = True,
+                   swiglu: bool = True, cross_entropy: bool = True):
+    """Run transformers' Llama classes on the kernels, the pieces switched on; if ``model`` is given and
+    ``attention`` is on, switch its attention to them.
 
-    Idempotent: a second call patches nothing more (it still switches ``model``).
+    Idempotent: a second call patches only the pieces not patched yet (it never unpatches one: that is
+    ``unpatch_hf_llama``'s), and still switches ``model``.
     Returns ``model``. Raises RuntimeError on a transformers version outside 4.50 to 5.x, and TypeError
-    (patching nothing) for a ``model`` that is not a transformers Llama model.
+    (patching nothing) for a ``model`` that is not a transformers Llama model or a switch that is not a bool.
     """
+    switches = dict(rms_norm=rms_norm, rope=rope, attention=attention, swiglu=swiglu, cross_entropy=cross_entropy)
+    for name, value in switches.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name}: expected True or False, got {value!r}")
     modules = _import_transformers()
     llama_model = modules[0].LlamaPreTrainedModel
     if model is not None and not isinstance(model, llama_model):
         raise TypeError(f"model: expected a transformers Llama model (a {llama_model.__name__}, e.g. "
                         f"LlamaForCausalLM) or None, got {type(model).__name__}")
-    if not _undo:
-        _patch(*modules)
-    if model is not None:
+    _patch(*modules, pieces=[piece for piece in PIECES if switches[piece] and piece not in _patched])
+    if model is not None and attention:
         config = model.config
         previous = config._attn_implementation_internal
         config._attn_implementation_internal = IMPLEMENTATION
@@ -99,6 +122,7 @@ def unpatch_hf_llama() -> None:
     attention implementation of the models it switched."""
     while _undo:
         _undo.pop()()
+    _patched.clear()
 
 
 def _import_transformers():
@@ -115,7 +139,8 @@ def _import_transformers():
 
         for owner, name in ((modeling_llama.LlamaRMSNorm, "forward"), (modeling_llama.LlamaDecoderLayer, "forward"),
                             (modeling_llama.LlamaRotaryEmbedding, "forward"), (modeling_llama, "apply_rotary_pos_emb"),
-                            (modeling_utils, "ALL_ATTENTION_FUNCTIONS")):
+                            (modeling_utils, "ALL_ATTENTION_FUNCTIONS"), (modeling_llama.LlamaMLP, "forward"),
+                            (modeling_llama.LlamaForCausalLM, "forward")):
             if name not in vars(owner):
                 raise AttributeError(f"{owner.__name__}.{name}")
     except (ImportError, AttributeError) as error:
@@ -127,7 +152,7 @@ def _import_transformers():
     return modeling_llama, modeling_utils, masking_utils
 
 
-def _patch(modeling_llama, modeling_utils, masking_utils) -> None:
+def _patch(modeling_llama, modeling_utils, masking_utils, pieces: list[str]) -> None:
     def replace(owner, name, make):
         original = vars(owner)[name]
         setattr(owner, name, make(original))
@@ -145,17 +170,25 @@ def _patch(modeling_llama, modeling_utils, masking_utils) -> None:
 
         _undo.append(restore)
 
-    replace(modeling_llama.LlamaRMSNorm, "forward", _rms_norm_forward)
-    replace(modeling_llama.LlamaDecoderLayer, "forward",
-            functools.partial(_decoder_forward, norm_class=modeling_llama.LlamaRMSNorm))
-    replace(modeling_llama.LlamaRotaryEmbedding, "forward", _rotary_forward)
-    replace(modeling_llama, "apply_rotary_pos_emb", _apply_rotary_pos_emb)
-    # 4.50: a dict. Later, AttentionInterface / AttentionMaskInterface objects whose class-wide mapping
-    # (what their register() writes, and what the models read) has no unregister.
-    attention = modeling_utils.ALL_ATTENTION_FUNCTIONS
-    register(getattr(attention, "_global_mapping", attention), _attention)
-    if masking_utils is not None:
-        register(masking_utils.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, _mask)
+    if "rms_norm" in pieces:
+        replace(modeling_llama.LlamaRMSNorm, "forward", _rms_norm_forward)
+        replace(modeling_llama.LlamaDecoderLayer, "forward",
+                functools.partial(_decoder_forward, norm_class=modeling_llama.LlamaRMSNorm))
+    if "rope" in pieces:
+        replace(modeling_llama.LlamaRotaryEmbedding, "forward", _rotary_forward)
+        replace(modeling_llama, "apply_rotary_pos_emb", _apply_rotary_pos_emb)
+    if "attention" in pieces:
+        # 4.50: a dict. Later, AttentionInterface / AttentionMaskInterface objects whose class-wide mapping
+        # (what their register() writes, and what the models read) has no unregister.
+        attention = modeling_utils.ALL_ATTENTION_FUNCTIONS
+        register(getattr(attention, "_global_mapping", attention), _attention)
+        if masking_utils is not None:
+            register(masking_utils.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, _mask)
+    if "swiglu" in pieces:
+        replace(modeling_llama.LlamaMLP, "forward", _mlp_forward)
+    if "cross_entropy" in pieces:
+        replace(modeling_llama.LlamaForCausalLM, "forward", _causal_lm_forward)
+    _patched.update(pieces)
 
 
 # --------------------------------------------------------------------------- replacements
@@ -169,25 +202,35 @@ def _rms_norm_forward(original):
     return forward
 
 
-def _decoder_forward(original, norm_class):
+def _binder(original, skip: int):
+    """``bind(args, kwargs)``: a call's arguments by name as ``original`` takes them, its first ``skip``
+    parameters (self, ...) left out, the others' defaults filled in, an older name of the cache argument
+    renamed (as the originals' deprecate_kwarg decorators do). By hand, not by Signature.bind: torch.compile
+    traces it (fullgraph too)."""
     parameters = inspect.signature(original).parameters  # the undecorated forward's: inspect follows __wrapped__
-    # (self, hidden_states, the named arguments passed on to the attention module, **kwargs)
-    names = [name for name, p in parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD][2:]
+    names = [name for name, p in parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD][skip:]
     defaults = {name: parameters[name].default for name in names
                 if parameters[name].default is not inspect.Parameter.empty}
     cache_argument = next(name for name in _CACHE_ARGUMENTS if name in parameters)
-    returns_tuple = "output_attentions" in parameters
+
+    def bind(args: tuple, kwargs: dict) -> dict:
+        if len(args) > len(names):
+            raise TypeError(f"forward() takes {len(names) + skip} positional arguments but {len(args) + skip} "
+                            f"were given")
+        kwargs = {cache_argument if name in _CACHE_ARGUMENTS else name: value for name, value in kwargs.items()}
+        return {**defaults, **dict(zip(names, args)), **kwargs}
+
+    return bind
+
+
+def _decoder_forward(original, norm_class):
+    # (self, hidden_states, the named arguments passed on to the attention module, **kwargs)
+    bind = _binder(original, skip=2)
+    returns_tuple = "output_attentions" in inspect.signature(original).parameters
 
     @functools.wraps(original)
     def forward(self, hidden_states, *args, **kwargs):
-        # Bound by hand, not by Signature.bind: torch.compile traces this (fullgraph too).
-        if len(args) > len(names):
-            raise TypeError(f"forward() takes {len(names) + 2} positional arguments but {len(args) + 2} were given")
-        # An older name of the cache argument is renamed, as the originals' deprecate_kwarg decorators do.
-        for name in _CACHE_ARGUMENTS:
-            if name != cache_argument and name in kwargs:
-                kwargs.setdefault(cache_argument, kwargs.pop(name))
-        arguments = {**defaults, **dict(zip(names, args)), **kwargs}
+        arguments = bind(args, kwargs)
         residual = hidden_states
         attn_output, attn_weights = self.self_attn(hidden_states=self.input_layernorm(residual), **arguments)
 
@@ -208,6 +251,59 @@ def _decoder_forward(original, norm_class):
         return (hidden_states, attn_weights) if arguments["output_attentions"] else (hidden_states,)
 
     return forward
+
+
+def _mlp_forward(original):
+    @functools.wraps(original)
+    def forward(self, x):
+        if self.config.hidden_act != "silu" or not _kernels_take("LlamaMLP", x):
+            return original(self, x)
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+    return forward
+
+
+def _causal_lm_forward(original):
+    bind = _binder(original, skip=1)
+    parameters = inspect.signature(original).parameters
+    keep_argument = "logits_to_keep" if "logits_to_keep" in parameters else "num_logits_to_keep"  # 4.50's name
+
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        arguments = bind(args, kwargs)
+        labels, keep = arguments.pop("labels", None), arguments.pop(keep_argument, 0)
+        head = self.lm_head
+        if (labels is None or not self.training or not (isinstance(keep, int) and keep == 0)
+                or type(head) is not torch.nn.Linear or not _kernels_take("LlamaForCausalLM's loss", head.weight)):
+            return original(self, *args, **kwargs)
+        return_dict = arguments.pop("return_dict", None)
+        outputs = self.model(**arguments)  # num_items_in_batch and shift_labels too, as the original passes them
+        loss = _causal_lm_loss(outputs[0], head, labels, arguments.get("num_items_in_batch"),
+                               arguments.get("shift_labels"))
+        if isinstance(outputs, tuple):  # 4.50 with return_dict=False
+            return (loss, *outputs[1:])
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        result = CausalLMOutputWithPast(loss=loss, logits=None,
+                                        **{name: value for name, value in outputs.items() if name != "last_hidden_state"})
+        return result if (self.config.return_dict if return_dict is None else return_dict) else result.to_tuple()
+
+    return forward
+
+
+def _causal_lm_loss(hidden, head, labels, num_items_in_batch, shift_labels):
+    """transformers' ForCausalLMLoss through the fused op: each position predicts the next label."""
+    if shift_labels is None:
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    hidden, weight, bias = as_autocast(hidden, head.weight, head.bias)
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = fused_linear_cross_entropy(hidden, weight, shift_labels.to(hidden.device), bias,
+                                      ignore_index=IGNORE_INDEX, reduction=reduction)
+    if num_items_in_batch is None:
+        return loss
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch
 
 
 def _rotary_forward(original):
@@ -265,8 +361,8 @@ def _kernels_take(piece: str, *tensors) -> bool:
     if refused not in _warned:
         _warned.add(refused)
         warnings.warn(f"patch_hf_llama: the kernels do not take {refused} (met first in {piece}); every patched "
-                      f"piece (RMSNorm, the decoder layer's fused add and norm, RoPE, attention) runs transformers' "
-                      f"own code for it", stacklevel=3)
+                      f"piece (RMSNorm, the decoder layer's fused add and norm, RoPE, attention, SwiGLU, the loss) "
+                      f"runs transformers' own code for it", stacklevel=3)
     return False
 
 
