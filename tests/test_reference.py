@@ -1,4 +1,5 @@
-"""The oracle against float64 computations written out independently."""
+"""The oracle against float64 computations written out independently (on --device: the oracle judges the kernels
+there)."""
 
 import math
 
@@ -18,8 +19,9 @@ def rms_norm_f64(x, w, eps):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("rows,hidden", [(1, 7), (7, 5120), (113, 1023)])
-def test_rms_norm_against_float64(dtype, rows, hidden):
-    x, w, r = randn(rows, hidden, dtype=dtype), randn(hidden, dtype=dtype), randn(rows, hidden, dtype=dtype)
+def test_rms_norm_against_float64(device, dtype, rows, hidden):
+    x, w = randn(rows, hidden, dtype=dtype, device=device), randn(hidden, dtype=dtype, device=device)
+    r = randn(rows, hidden, dtype=dtype, device=device)
     y, h = ref.rms_norm(x, w, 1e-5, residual=r)
     assert torch.equal(h, x + r)
     expected = rms_norm_f64(h, w, 1e-5)
@@ -29,19 +31,21 @@ def test_rms_norm_against_float64(dtype, rows, hidden):
     assert y.dtype == dtype
 
 
-def test_rms_norm_promotes_like_meta():
-    x, w = randn(3, 64, dtype=torch.bfloat16), randn(64)
+def test_rms_norm_promotes_like_meta(device):
+    x, w = randn(3, 64, dtype=torch.bfloat16, device=device), randn(64, device=device)
     y = ref.rms_norm(x, w)
     assert y.dtype == torch.float32  # Meta's `output * self.weight` with an fp32 weight
-    expected = rms_norm_f64(x, torch.ones(64), 1e-5).to(torch.bfloat16).double() * w.double()
+    expected = rms_norm_f64(x, torch.ones(64, device=device), 1e-5).to(torch.bfloat16).double() * w.double()
     torch.testing.assert_close(y.double(), expected, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_dh", [False, True])
-def test_rms_norm_backward_is_the_gradient_of_rms_norm(dtype, with_dh):
-    h, w = randn(2, 7, 640, dtype=dtype).requires_grad_(), (1 + 0.1 * randn(640)).to(dtype).requires_grad_()
-    dy, dh = randn(2, 7, 640, dtype=dtype), randn(2, 7, 640, dtype=dtype) if with_dh else None
+def test_rms_norm_backward_is_the_gradient_of_rms_norm(device, dtype, with_dh):
+    h = randn(2, 7, 640, dtype=dtype, device=device).requires_grad_()
+    w = (1 + 0.1 * randn(640, device=device)).to(dtype).requires_grad_()
+    dy = randn(2, 7, 640, dtype=dtype, device=device)
+    dh = randn(2, 7, 640, dtype=dtype, device=device) if with_dh else None
     y = ref.rms_norm(h, w, 1e-5)
     loss = (y * dy).sum() + ((h * dh).sum() if with_dh else 0)
     want = torch.autograd.grad(loss, (h, w))
@@ -55,7 +59,8 @@ def test_rms_norm_backward_is_the_gradient_of_rms_norm(dtype, with_dh):
 # --------------------------------------------------------------------------- RoPE
 def exact_angles(positions, head_dim, theta):
     """position * theta^(-2i/D) in float64: (B, S, D/2)."""
-    inv_freq = torch.tensor([theta ** (-2 * i / head_dim) for i in range(head_dim // 2)], dtype=torch.float64)
+    inv_freq = torch.tensor([theta ** (-2 * i / head_dim) for i in range(head_dim // 2)], dtype=torch.float64,
+                            device=positions.device)
     return positions.double()[:, :, None] * inv_freq
 
 
@@ -75,10 +80,10 @@ def rope_f64(x, angle, interleaved):
 
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_against_float64(interleaved, dtype):
-    q, k = randn(2, 17, 8, 64, dtype=dtype), randn(2, 17, 2, 64, dtype=dtype)
-    positions = torch.randint(0, 100_000, (2, 17))
-    inv_freq = lk.rope_inv_freq(64, 1e6)
+def test_rope_against_float64(device, interleaved, dtype):
+    q, k = randn(2, 17, 8, 64, dtype=dtype, device=device), randn(2, 17, 2, 64, dtype=dtype, device=device)
+    positions = torch.randint(0, 100_000, (2, 17), device=device)
+    inv_freq = lk.rope_inv_freq(64, 1e6, device=device)
     # The fp32 angle is the rounded product: within an ulp of it (plus inv_freq's own rounding).
     angle = ref.rope_angles(positions, inv_freq)
     exact = exact_angles(positions, 64, 1e6)
@@ -91,40 +96,44 @@ def test_rope_against_float64(interleaved, dtype):
         torch.testing.assert_close(out.double(), rope_f64(x, angle, interleaved), rtol=rtol, atol=atol)
 
 
-def test_rope_layouts_are_a_permutation_of_each_other():
+def test_rope_layouts_are_a_permutation_of_each_other(device):
     """Meta's interleaved pairs are HF's half-split pairs after the HF conversion's permutation."""
-    q, k = randn(1, 9, 4, 128), randn(1, 9, 4, 128)
+    q, k = randn(1, 9, 4, 128, device=device), randn(1, 9, 4, 128, device=device)
     to_half = torch.cat((torch.arange(0, 128, 2), torch.arange(1, 128, 2)))  # (x0, x2, ..., x1, x3, ...)
-    a = ref.apply_rope(q, k, None, lk.rope_inv_freq(128), interleaved=True)
-    b = ref.apply_rope(q[..., to_half], k[..., to_half], None, lk.rope_inv_freq(128), interleaved=False)
+    inv_freq = lk.rope_inv_freq(128, device=device)
+    a = ref.apply_rope(q, k, None, inv_freq, interleaved=True)
+    b = ref.apply_rope(q[..., to_half], k[..., to_half], None, inv_freq, interleaved=False)
     torch.testing.assert_close(a[0][..., to_half], b[0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(a[1][..., to_half], b[1], rtol=1e-6, atol=1e-6)
 
 
-def test_rope_position_forms_agree():
-    q, k = randn(2, 5, 2, 16), randn(2, 5, 2, 16)
-    f = lk.rope_inv_freq(16)
-    explicit = torch.arange(7, 12).expand(2, 5)
+def test_rope_position_forms_agree(device):
+    q, k = randn(2, 5, 2, 16, device=device), randn(2, 5, 2, 16, device=device)
+    f = lk.rope_inv_freq(16, device=device)
+    explicit = torch.arange(7, 12, device=device).expand(2, 5)
     by_offset = ref.apply_rope(q, k, 7, f)
-    for positions in (explicit, torch.arange(7, 12)):
+    for positions in (explicit, torch.arange(7, 12, device=device)):
         for a, b in zip(ref.apply_rope(q, k, positions, f), by_offset):
             assert torch.equal(a, b)
 
 
-def test_rope_fp32_angle_error_at_long_context_is_as_documented():
+def test_rope_fp32_angle_error_at_long_context_is_as_documented(device):
     """Meta's and HF's fp32 angles drift at 100k positions; float64 inv_freq removes the drift."""
-    q, k = randn(1, 64, 4, 128), randn(1, 64, 1, 128)
-    positions = torch.randint(90_000, 100_001, (1, 64))
+    q, k = randn(1, 64, 4, 128, device=device), randn(1, 64, 1, 128, device=device)
+    positions = torch.randint(90_000, 100_001, (1, 64), device=device)
     exact = rope_f64(q, exact_angles(positions, 128, 1e6), False)
-    err32 = (ref.apply_rope(q, k, positions, lk.rope_inv_freq(128, 1e6))[0].double() - exact).abs().max()
-    err64 = (ref.apply_rope(q, k, positions, lk.rope_inv_freq(128, 1e6, dtype=torch.float64))[0].double() - exact).abs().max()
+    errors = {}
+    for dtype in (torch.float32, torch.float64):
+        inv_freq = lk.rope_inv_freq(128, 1e6, dtype=dtype, device=device)
+        errors[dtype] = (ref.apply_rope(q, k, positions, inv_freq)[0].double() - exact).abs().max()
+    err32, err64 = errors[torch.float32], errors[torch.float64]
     assert 1e-3 < err32 < 3e-2, err32  # the issue measured up to 2e-2 on unit-normal q
     assert err64 < 5e-6, err64
 
 
-def test_rope_attention_factor_scales_the_rotation():
-    q, k = randn(1, 3, 2, 32), randn(1, 3, 2, 32)
-    f = lk.rope_inv_freq(32)
+def test_rope_attention_factor_scales_the_rotation(device):
+    q, k = randn(1, 3, 2, 32, device=device), randn(1, 3, 2, 32, device=device)
+    f = lk.rope_inv_freq(32, device=device)
     for interleaved in (False, True):
         plain = ref.apply_rope(q, k, None, f, interleaved)
         scaled = ref.apply_rope(q, k, None, f, interleaved, attention_factor=1.25)
@@ -187,7 +196,7 @@ def attention_f64(q, k, v, causal, scale):
     batch, sq, hq, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
     out = torch.zeros_like(q)
-    lse = torch.full((batch, hq, sq), -math.inf, dtype=torch.float64)
+    lse = torch.full((batch, hq, sq), -math.inf, dtype=torch.float64, device=q.device)
     for b in range(batch):
         for h in range(hq):
             kv = h // (hq // hk)
@@ -205,8 +214,9 @@ def attention_f64(q, k, v, causal, scale):
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("sq,sk", [(5, 5), (3, 7), (7, 3)])
 @pytest.mark.parametrize("hq,hk", [(4, 4), (4, 2), (4, 1)])
-def test_attention_against_float64(causal, sq, sk, hq, hk):
-    q, k, v = randn(2, sq, hq, 16), randn(2, sk, hk, 16), randn(2, sk, hk, 16)
+def test_attention_against_float64(device, causal, sq, sk, hq, hk):
+    q = randn(2, sq, hq, 16, device=device)
+    k, v = randn(2, sk, hk, 16, device=device), randn(2, sk, hk, 16, device=device)
     out, lse = ref.attention(q, k, v, causal=causal, return_lse=True)
     exp_out, exp_lse = attention_f64(q, k, v, causal, 16**-0.5)
     torch.testing.assert_close(out.double(), exp_out, rtol=1e-5, atol=1e-5)
@@ -219,9 +229,10 @@ def test_attention_against_float64(causal, sq, sk, hq, hk):
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("sq,sk", [(5, 5), (3, 7), (7, 3)])
-def test_attention_backward_is_the_gradient_of_attention(causal, sq, sk):
-    q = randn(2, sq, 4, 16).double().requires_grad_()
-    k, v = randn(2, sk, 2, 16).double().requires_grad_(), randn(2, sk, 2, 16).double().requires_grad_()
+def test_attention_backward_is_the_gradient_of_attention(device, causal, sq, sk):
+    q = randn(2, sq, 4, 16, device=device).double().requires_grad_()
+    k = randn(2, sk, 2, 16, device=device).double().requires_grad_()
+    v = randn(2, sk, 2, 16, device=device).double().requires_grad_()
     out, lse = ref.attention(q, k, v, causal=causal, return_lse=True)
     do, dlse = torch.randn_like(out), torch.randn_like(lse)
     seen = torch.isfinite(lse)  # rows that see no key have no lse gradient (autograd would give NaN)
