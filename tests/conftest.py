@@ -2,6 +2,8 @@
 
     pytest tests                  # CPU: the Triton kernels through Triton's interpreter, the C++ kernels
     pytest tests --device cuda    # the card: the Triton kernels compiled, the extension's CUDA kernels if built
+    pytest tests --device cuda --extension-library LIB -m extension   # the extension's kernels only, from a
+                                  # library built apart (bench/gpu_check.py builds one on the card)
 
 TRITON_INTERPRET is read when @triton.jit runs, i.e. when llama_kernels is imported: it is set (CPU
 only) in pytest_configure, after the options are parsed and before any test module is imported. So
@@ -24,6 +26,8 @@ import torch
 def pytest_addoption(parser):
     parser.addoption("--device", choices=("cpu", "cuda"), default="cpu",
                      help="where the op tests build their tensors (default cpu: the Triton interpreter)")
+    parser.addoption("--extension-library", metavar="PATH",
+                     help="load the extension from this library (torch.ops.load_library) before collecting")
 
 
 def pytest_configure(config):
@@ -32,6 +36,8 @@ def pytest_configure(config):
         os.environ.setdefault("TRITON_INTERPRET", "1")
     elif os.environ.get("TRITON_INTERPRET") == "1":
         raise pytest.UsageError("--device cuda: unset TRITON_INTERPRET (the kernels must be compiled for the card)")
+    if config.getoption("--extension-library"):
+        torch.ops.load_library(config.getoption("--extension-library"))
     import utils  # tests/ is on sys.path (this file's folder); utils imports llama_kernels lazily
 
     utils.DEVICE = torch.device(device)

@@ -17,8 +17,8 @@ from llama_kernels import cli
 from llama_kernels.bench import model, report
 
 REPO = Path(__file__).resolve().parent.parent
-MEMORY_BOUND = {"rms_norm", "rms_norm_residual", "rms_norm_bwd", "rms_norm_fwd_bwd", "rope", "rope_bwd", "decode",
-                "swiglu", "swiglu_bwd"}
+MEMORY_BOUND = {"rms_norm", "rms_norm_residual", "rms_norm_bwd", "rms_norm_fwd_bwd", "rope", "rope_bwd",
+                "rope_interleaved", "decode", "swiglu", "swiglu_bwd"}
 ATTENTION = {"attention", "attention_causal", "attention_bwd", "attention_bwd_causal"}
 MATMUL_BOUND = ATTENTION | {"cross_entropy"}
 
@@ -38,7 +38,8 @@ def test_quick_benchmark_prints_the_table_and_writes_json_and_png(tmp_path):
     # No progress line for a provider that cannot run here; one line lists them with the reason.
     progress = [line for line in proc.stderr.splitlines() if line.startswith("[")]
     assert not any(line.endswith((" liger", " sdpa_cudnn")) for line in progress)
-    assert "skipped: liger (Liger-Kernel needs CUDA), " in proc.stderr
+    skipped = next(line for line in proc.stderr.splitlines() if line.startswith("skipped: "))
+    assert "liger (Liger-Kernel needs CUDA), " in skipped and "ours_cuda (the extension's CUDA kernels" in skipped
 
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["quick"] and result["device"]["kind"] == "cpu" and "CPU FIGURES" in result["device"]["notice"]
@@ -53,7 +54,8 @@ def test_quick_benchmark_prints_the_table_and_writes_json_and_png(tmp_path):
         assert ours["unit"] == unit and ours["ceiling"] == ceiling
         assert ours["rate"] > 0 and ours[work] > 0 and ours["floor_ms"] > 0 and ours["fraction_of_ceiling"] > 0
         assert other["ours_speedup"] == pytest.approx(other["median_ms"] / ours["median_ms"])
-        cuda_only = "sdpa_cudnn" if case in ATTENTION | {"decode"} else "liger"
+        cuda_only = ("sdpa_cudnn" if case in ATTENTION | {"decode"} else "ours_cuda" if case.startswith(("rms", "rope"))
+                     else "liger")
         assert rows[(case, cuda_only)]["status"] == "skipped"
     assert not any(provider in ("compile", "flex") for _, provider in rows)  # --quick leaves compiling peers out
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -110,10 +112,18 @@ def test_gpu_check_benchmark_plan_covers_every_op():
     from llama_kernels.bench import cases
 
     items = cases.matrix(gpu_check.BENCH_OPS, torch.device("cpu"), False, with_compile=False,
-                         shapes=gpu_check.BENCH_SHAPES)
+                         shapes=cases.CHECK_SHAPES)
     op_cases = [op for op in gpu_check.BENCH_OPS if op != "model"]  # the model is no case: the runner runs it
     assert list(dict.fromkeys(item.case.op for item in items)) == op_cases  # in that order
-    assert "model" in gpu_check.BENCH_OPS and isinstance(gpu_check.BENCH_SHAPES["model"], model.ModelShapes)
+    assert "model" in gpu_check.BENCH_OPS and isinstance(model.CHECK_SHAPES, model.ModelShapes)
+
+
+def test_the_sweep_times_every_op_with_a_tuned_kernel():
+    """The sweep's workloads are the benchmark's cases: every op whose kernels declare a Tuning has cases there."""
+    from llama_kernels.bench import cases, sweep
+
+    items = cases.matrix(sweep.SWEEP_OPS, torch.device("cpu"), False, with_compile=False, shapes=cases.SWEEP_SHAPES)
+    assert {item.case.op for item in items} == set(sweep.SWEEP_OPS)
 
 
 @pytest.fixture(scope="module")

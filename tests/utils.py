@@ -49,13 +49,14 @@ def extension_backends(op: str, device_type: str | None = None) -> list:
     """The extension's backend for ``op`` on ``device_type`` (default DEVICE's): "native" on CPU, "cuda" on the card
     (RMSNorm and RoPE only), as pytest params skipped where it is not built; [] where it has no kernel of ``op``."""
     from llama_kernels import _native
-    from llama_kernels.ops._backend import _DEVICE_OF, COMPILED
+    from llama_kernels.ops._backend import COMPILED, DEVICE_OF
 
     device_type = device_type or DEVICE.type
     built = _native.available(device_type)
-    return [pytest.param(backend, marks=pytest.mark.skipif(not built, reason=f"the extension is not built with "
-                                                           f"{backend} kernels (make test builds the native ones)"))
-            for backend in COMPILED[op] if _DEVICE_OF[backend] == device_type]
+    skip = pytest.mark.skipif(not built, reason=f"the extension is not built with {device_type} kernels (make test "
+                              "builds the native ones)")
+    return [pytest.param(backend, marks=(skip, pytest.mark.extension))
+            for backend in COMPILED[op] if DEVICE_OF[backend] == device_type]
 
 
 def kernel_backends(op: str, device_type: str | None = None) -> list:

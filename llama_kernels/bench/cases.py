@@ -121,6 +121,23 @@ CPU_SHAPES = {  # 2 cores: the whole run stays under two minutes
     # 6 N H V at H = 4096 is ~6 TFLOP a call: H reduced to 256 on 2 cores (said in the label)
     "cross_entropy": (Shape("7B", 8192, width=256),),
 }
+# The GPU check's launch-config sweep: the shapes each kind of op is tuned at (16k tokens, decoding over 64k
+# cached ones; a tuned config's key does not depend on the token count).
+SWEEP_SHAPES = {
+    "memory": (Shape("7B", 16384), Shape("13B", 16384), Shape("34B", 16384)),
+    "attention": (Shape("34B", 16384),),
+    "decode": (Shape("34B", 65536), Shape("7B", 65536)),
+    "cross_entropy": (Shape("7B", 16384), Shape("34B", 16384)),
+}
+# The GPU check's benchmark: the key shapes only, to fit its budget (llama-kernels bench runs them all): 16k
+# tokens of the 7B and 34B layouts, and 100k tokens for the memory-bound ops (a 100k-token attention backward
+# takes 1.5 s a call).
+CHECK_SHAPES = {
+    "memory": (Shape("7B", 16384), Shape("34B", 16384), Shape("34B", 100_000)),
+    "attention": (Shape("7B", 16384), Shape("34B", 16384)),
+    "decode": (Shape("7B", 16384), Shape("34B", 65536), Shape("34B", 100_000, 8)),
+    "cross_entropy": (Shape("7B", 16384), Shape("34B", 16384)),
+}
 QUICK_SHAPES = {"memory": (Shape("7B", 256),), "attention": (Shape("34B", 128),), "decode": (Shape("34B", 256),),
                 "cross_entropy": (Shape("7B", 256, width=128),)}
 
@@ -180,6 +197,17 @@ def _rms_ours(device):
     return lambda x, w, residual=None: lk.rms_norm(x, w, EPS, residual=residual, backend=backend)
 
 
+def _need_cuda_extension(device) -> None:
+    if device.type != "cuda" or not _native.available("cuda"):
+        raise Unavailable("the extension's CUDA kernels are not built here (bench/gpu_check.py builds them on a card)")
+
+
+def _rms_cuda_extension(device):
+    """The extension's hand-written CUDA kernels (``backend="cuda"``: forward only, Triton's backward)."""
+    _need_cuda_extension(device)
+    return lambda x, w, residual=None: lk.rms_norm(x, w, EPS, residual=residual, backend="cuda")
+
+
 def _rms_torch(device):
     return _separate_add(lambda x, w: torch.nn.functional.rms_norm(x, (x.shape[-1],), w, EPS))
 
@@ -204,6 +232,7 @@ def _rms_liger(device):
 
 RMS_NORM_PROVIDERS = {
     "ours": _rms_ours,
+    "ours_cuda": _rms_cuda_extension,
     "eager": lambda device: hf_rms_norm,
     "compile": lambda device: _compile(hf_rms_norm),
     "torch.rms_norm": _rms_torch,
@@ -239,6 +268,11 @@ def hf_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2):
 def _rope_ours(inputs, device):
     backend = ours_backend(device)
     return lambda q, k: lk.apply_rope(q, k, theta=THETA, backend=backend)
+
+
+def _rope_cuda_extension(inputs, device):
+    _need_cuda_extension(device)
+    return lambda q, k: lk.apply_rope(q, k, theta=THETA, backend="cuda")
 
 
 def _hf_tables(inputs):
@@ -282,11 +316,51 @@ def _rope_flash_attn(inputs, device):
 
 ROPE_PROVIDERS = {
     "ours": _rope_ours,
+    "ours_cuda": _rope_cuda_extension,
     "eager": _rope_eager,
     "compile": _rope_compile,
     "liger": _rope_liger,
     "flash_attn": _rope_flash_attn,
 }
+
+
+# Meta's layout (interleaved pairs): what the model runs on Meta's checkpoints, against Meta's own code.
+def meta_freqs_cis(positions, head_dim: int):
+    """Meta's precompute_freqs_cis at these positions: (S, D/2) complex64, made once per forward."""
+    inv_freq = 1.0 / (THETA ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    angles = torch.outer(positions[0].float(), inv_freq)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def meta_apply_rotary_emb(q, k, freqs_cis):
+    """Meta's apply_rotary_emb: pairs as complex numbers, multiplied in fp32, cast back."""
+    def rotate(x):
+        pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(pairs * freqs_cis[None, :, None, :]).flatten(3).type_as(x)
+    return rotate(q), rotate(k)
+
+
+def _rope_interleaved_ours(inputs, device, backend=None):
+    backend = backend or ours_backend(device)
+    return lambda q, k: lk.apply_rope(q, k, theta=THETA, interleaved=True, backend=backend)
+
+
+def _rope_interleaved_cuda_extension(inputs, device):
+    _need_cuda_extension(device)
+    return _rope_interleaved_ours(inputs, device, backend="cuda")
+
+
+def _rope_meta(compiled: bool):
+    def build(inputs, device):
+        freqs_cis = meta_freqs_cis(inputs["positions"], inputs["q"].shape[-1])
+        rotate = _compile(meta_apply_rotary_emb) if compiled else meta_apply_rotary_emb
+        return lambda q, k: rotate(q, k, freqs_cis)
+    return build
+
+
+# "eager" and "compile" here are Meta's apply_rotary_emb (HF has no interleaved form).
+ROPE_INTERLEAVED_PROVIDERS = {"ours": _rope_interleaved_ours, "ours_cuda": _rope_interleaved_cuda_extension,
+                              "eager": _rope_meta(False), "compile": _rope_meta(True)}
 
 
 # --------------------------------------------------------------------------- attention providers
@@ -559,8 +633,8 @@ def _rope_inputs(shape: Shape, device) -> dict:
             "positions": torch.arange(s, device=device)[None]}
 
 
-def _rope_forward(provider, inputs, device):
-    rope = ROPE_PROVIDERS[provider](inputs, device)
+def _rope_forward(provider, inputs, device, providers=ROPE_PROVIDERS):
+    rope = providers[provider](inputs, device)
     q, k = inputs["q"], inputs["k"]
     return lambda: rope(q, k)
 
@@ -593,6 +667,9 @@ CASES = (
          _rope_inputs, _rope_bytes, _rope_forward, tuple(ROPE_PROVIDERS)),
     Case("rope_bwd", "rope", "RoPE backward: dq, dk from the gradients of the rotated q, k",
          _rope_inputs, _rope_bytes, _rope_backward, tuple(ROPE_PROVIDERS)),
+    Case("rope_interleaved", "rope", "RoPE forward on q and k (Meta's interleaved layout)",
+         _rope_inputs, _rope_bytes, functools.partial(_rope_forward, providers=ROPE_INTERLEAVED_PROVIDERS),
+         tuple(ROPE_INTERLEAVED_PROVIDERS)),
     *(Case(f"attention{'_bwd' if backward else ''}{'_causal' if causal else ''}", "attention",
            f"attention {'backward (dq, dk, dv)' if backward else 'forward'}{', causal' if causal else ''}",
            _attention_inputs, None, _attention_build(causal, backward), tuple(ATTENTION_PROVIDERS),

@@ -138,7 +138,8 @@ def table(card_gb: float = 80, rank: int = 16) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m llama_kernels.bench.memory_plan", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m llama_kernels.bench.memory_plan",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--card-gb", type=float, default=80)
     parser.add_argument("--lora-rank", type=int, default=16)
     args = parser.parse_args(argv)

@@ -39,6 +39,24 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def ours_lines(rows: list[dict], ceilings: dict) -> list[str]:
+    """One line per "ours" row: time, rate, fraction of the ceiling and the speed-up over each peer (a summary)."""
+    copy, matmul = ceilings["copy"], ceilings["matmul"]
+    lines = [f"bench: copy ceiling {copy['gbps']:.0f} GB/s, matmul {matmul['tflops']:.0f} TFLOP/s ({matmul['dtype']})",
+             f"  {'case':20} {'shape':30} {'ours ms':>9} {'rate':>14} {'of ceiling':>17}  "
+             "ours' speed-up over each peer"]
+    for row in (r for r in rows if r["provider"] == "ours"):
+        if row["status"] != "ok":
+            lines.append(f"  {row['case']:20} {row['shape_label']:30} {row['status']}: {row['reason']}")
+            continue
+        peers = [r for r in rows if r["case"] == row["case"] and r["shape_label"] == row["shape_label"]
+                 and r["provider"] != "ours" and r["status"] == "ok" and r.get("ours_speedup")]
+        speedups = " ".join(f"{p['provider']} {p['ours_speedup']:.2f}x" for p in peers)
+        lines.append(f"  {row['case']:20} {row['shape_label']:30} {row['median_ms']:9.4f} {row['rate']:6.0f} "
+                     f"{row['unit']:7} {row['fraction_of_ceiling']:8.0%} of {row['ceiling']:6}  {speedups}")
+    return lines
+
+
 def _figures(row: dict) -> str:
     if row["status"] != "ok":
         return f"{row['status']}: {row['reason']}"

@@ -28,7 +28,7 @@ COMPILED = {
 }
 # Ops whose "native" path is written in torch ops (the cross-entropy's chunked loop): it needs no extension.
 NATIVE_IN_TORCH = ("fused_linear_cross_entropy",)
-_DEVICE_OF = {"native": "cpu", "cuda": "cuda"}
+DEVICE_OF = {"native": "cpu", "cuda": "cuda"}
 
 
 def resolve_backend(t: torch.Tensor, backend: str | None, op: str) -> str:
@@ -45,13 +45,13 @@ def resolve_backend(t: torch.Tensor, backend: str | None, op: str) -> str:
         raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
     if backend == "triton" and not (t.is_cuda or _triton.INTERPRET):
         raise ValueError(f"backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {t.device} tensors")
-    if backend in _DEVICE_OF:
+    if backend in DEVICE_OF:
         if backend not in compiled:
             raise ValueError(f"backend: {backend!r} does not implement {op}; it has {compiled or 'no'} compiled "
                              "backends besides 'triton' and 'reference'")
-        if t.device.type != _DEVICE_OF[backend]:
-            raise ValueError(f"backend: {backend!r} runs {_DEVICE_OF[backend]} tensors, got {t.device} tensors")
-        if not (backend == "native" and op in NATIVE_IN_TORCH) and not _native.available(_DEVICE_OF[backend]):
+        if t.device.type != DEVICE_OF[backend]:
+            raise ValueError(f"backend: {backend!r} runs {DEVICE_OF[backend]} tensors, got {t.device} tensors")
+        if not (backend == "native" and op in NATIVE_IN_TORCH) and not _native.available(DEVICE_OF[backend]):
             raise ValueError(f"backend: {backend!r} needs the native extension built"
                              f"{' with CUDA' if backend == 'cuda' else ''} (pip install --no-build-isolation .)")
     return backend
