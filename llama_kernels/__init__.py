@@ -12,8 +12,10 @@
     lk.patch_hf_llama()                              # or: transformers' Llama on these kernels
 
 Each function is a torch.library op (torch.compile traces it) with autograd.
-CUDA tensors run the Triton kernels; CPU tensors run ``llama_kernels.reference``
-(or the Triton kernels under ``TRITON_INTERPRET=1``).
+CUDA tensors run the Triton kernels; CPU tensors run the extension's C++ kernels
+(``llama_kernels._C``, built by ``pip install --no-build-isolation .``), or
+``llama_kernels.reference`` where it is not built (said once), or the Triton kernels
+through Triton's interpreter under ``TRITON_INTERPRET=1``. ``backend=`` forces one.
 """
 
 from . import reference

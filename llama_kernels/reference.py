@@ -27,8 +27,9 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5, residual: Tensor | No
     """Meta's ``RMSNorm.forward``: normalize in fp32, cast to x's dtype, then scale.
 
     With ``residual``, first forms the new residual stream ``h = x + residual``
-    (in x's dtype, as ``h = x + self.attention(...)`` does in Meta's block) and
-    returns ``(rms_norm(h), h)``.
+    (in torch's promotion of the two dtypes, as ``h = x + self.attention(...)`` does in
+    Meta's block: x's dtype when they share it, fp32 for a bf16 x on an fp32 residual
+    stream under autocast) and returns ``(rms_norm(h), h)``; y is then in h's dtype.
     """
     if residual is not None:
         x = x + residual
