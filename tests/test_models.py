@@ -346,3 +346,19 @@ def test_validate_prints_its_report(variant, capsys):
     for line in ("layer 0 ", "layer 1 ", "logits ", "next-token predictions agree at 100.0%",
                  "greedy generation: the same 4 tokens"):
         assert line in report, report
+
+
+def test_model_backends_are_the_ops_backends():
+    """Any of the ops' backends (or None) is a model's; an op without kernels of the extension's backend runs the
+    reference in their place on the CPU and Triton on the card."""
+    from llama_kernels.ops._backend import BACKENDS, for_op
+
+    model = tiny_model()
+    for backend in (None, *BACKENDS):
+        model.backend = backend
+        assert model.layers[0].feed_forward.backend == backend
+    with pytest.raises(ValueError, match="backend: expected None or one of"):
+        model.backend = "cuDNN"
+    assert for_op("native", "swiglu") == "reference" and for_op("cuda", "flash_attention") == "triton"
+    assert for_op("native", "rms_norm") == "native" and for_op("cuda", "rope") == "cuda"
+    assert for_op("triton", "swiglu") == "triton" and for_op(None, "swiglu") is None

@@ -44,6 +44,7 @@ from .. import (flash_attention, flash_attention_with_kvcache, fused_linear_cros
 from .._checks import check_tensor
 from ..distributed.ring import positions as ring_positions
 from ..distributed.ring import ring_attention
+from ..ops._backend import BACKENDS, for_op
 from ..ops.rope import apply_rope
 from ..rope_scaling import rope_type
 from .config import CodeLlamaConfig
@@ -87,8 +88,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(RMSNorm(x + residual) * weight, x + residual): the sum is the next residual."""
         if residual is None:
-            return rms_norm(x, self.weight, self.eps, backend=self.backend), x
-        return rms_norm(x, self.weight, self.eps, residual=residual, backend=self.backend)
+            return rms_norm(x, self.weight, self.eps, backend=for_op(self.backend, "rms_norm")), x
+        return rms_norm(x, self.weight, self.eps, residual=residual, backend=for_op(self.backend, "rms_norm"))
 
 
 class Attention(nn.Module):
@@ -114,11 +115,13 @@ class Attention(nn.Module):
         if ring is not None:
             group, layout, positions = ring
             q, k = apply_rope(q, k, positions, inv_freq=inv_freq, interleaved=self.rope_interleaved,
-                              backend=self.backend)
-            o = ring_attention(q, k, v, group, causal=True, layout=layout, backend=self.backend)
+                              backend=for_op(self.backend, "rope"))
+            o = ring_attention(q, k, v, group, causal=True, layout=layout,
+                               backend=for_op(self.backend, "flash_attention"))
         elif cache is None or prefill:
-            q, k = apply_rope(q, k, inv_freq=inv_freq, interleaved=self.rope_interleaved, backend=self.backend)
-            o = flash_attention(q, k, v, causal=True, backend=self.backend)
+            q, k = apply_rope(q, k, inv_freq=inv_freq, interleaved=self.rope_interleaved,
+                              backend=for_op(self.backend, "rope"))
+            o = flash_attention(q, k, v, causal=True, backend=for_op(self.backend, "flash_attention"))
             if cache is not None:
                 k_cache, v_cache, _ = cache
                 k_cache[:, :seqlen] = k
@@ -128,7 +131,8 @@ class Attention(nn.Module):
             # Under autocast the projections' dtype need not be the cache's (one made outside it): the cache's rules.
             q, k, v = (t.to(k_cache.dtype) for t in (q, k, v))
             o = flash_attention_with_kvcache(q, k_cache, v_cache, seqlens, k=k, v=v, inv_freq=inv_freq,
-                                             interleaved=self.rope_interleaved, causal=True, backend=self.backend)
+                                             interleaved=self.rope_interleaved, causal=True,
+                                             backend=for_op(self.backend, "flash_attention_with_kvcache"))
         return self.wo(o.reshape(batch, seqlen, self.n_heads * self.head_dim))
 
 
@@ -141,9 +145,7 @@ class FeedForward(nn.Module):
         self.backend: str | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        # swiglu has no C++ kernel (yet): a model on the native kernels runs its CPU path, the reference.
-        backend = "reference" if self.backend == "native" else self.backend
-        return self.w2(swiglu(self.w1(x), self.w3(x), backend=backend))
+        return self.w2(swiglu(self.w1(x), self.w3(x), backend=for_op(self.backend, "swiglu")))
 
 
 class TransformerBlock(nn.Module):
@@ -205,10 +207,11 @@ class CodeLlama(nn.Module):
 
     @backend.setter
     def backend(self, value: str | None) -> None:
-        """Which kernels every op of the model runs: None (each op's choice), "triton", "native" (the C++ CPU
-        kernels) or "reference"."""
-        if value not in (None, "triton", "native", "reference"):
-            raise ValueError(f"backend: expected None, 'triton', 'native' or 'reference', got {value!r}")
+        """Which kernels every op of the model runs: None (each op's choice), or one of ``ops._backend.BACKENDS``
+        ("native": the C++ CPU kernels, "cuda": the extension's CUDA kernels; an op without kernels of theirs
+        runs the reference or Triton instead: ``_backend.for_op``)."""
+        if value is not None and value not in BACKENDS:
+            raise ValueError(f"backend: expected None or one of {BACKENDS}, got {value!r}")
         self._backend = value
         for module in self.modules():
             if isinstance(module, (RMSNorm, Attention, FeedForward)):
@@ -299,7 +302,8 @@ class CodeLlama(nn.Module):
         if targets is None:
             return self.output(hidden)
         hidden, weight = as_autocast(hidden, self.output.weight)
-        return fused_linear_cross_entropy(hidden, weight, targets, backend=self.backend)
+        return fused_linear_cross_entropy(hidden, weight, targets,
+                                          backend=for_op(self.backend, "fused_linear_cross_entropy"))
 
     def generate(self, prompts: list[list[int]] | Tensor, max_new_tokens: int, **kwargs) -> list[list[int]]:
         """New tokens for each prompt: ``generation.generate`` (temperature, top_p, stop_tokens, generator)."""

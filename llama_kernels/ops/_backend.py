@@ -64,3 +64,14 @@ def pick(backend: str, *, triton, reference, extension=None, native=None, cuda=N
     if chosen.get(backend) is None:  # resolve_backend refuses these first; this guards a new op's table
         raise ValueError(f"backend: {backend!r} has no implementation of this op")
     return chosen[backend]
+
+
+# A model asked to run one of the extension's backends runs it where the op has its kernels, this elsewhere.
+_IN_PLACE_OF_THE_EXTENSION = {"native": "reference", "cuda": "triton"}
+
+
+def for_op(backend: str | None, op: str) -> str | None:
+    """The backend ``op`` runs in a model set to ``backend`` (any of BACKENDS, or None: each op's default)."""
+    if backend in _IN_PLACE_OF_THE_EXTENSION and backend not in COMPILED[op]:
+        return _IN_PLACE_OF_THE_EXTENSION[backend]
+    return backend
