@@ -24,6 +24,7 @@ The same cases feed ``llama-kernels bench``, the pytest-benchmark suites in
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 from dataclasses import dataclass
@@ -577,6 +578,9 @@ class Case:
     build: Callable[[str, dict, torch.device], Callable[[], object]]  # (provider, inputs, device) -> timed fn
     providers: tuple[str, ...]
     flops: Callable[[Shape], float] | None = None
+    # Its CPU rows measure their peak memory in a fresh process (``harness.cpu_peak_memory_bytes``, from
+    # ``fresh_step``): a few seconds a row, spent where the memory is the point.
+    cpu_peak: bool = False
 
 
 def _randn(*shape, device):
@@ -685,11 +689,11 @@ CASES = (
          _swiglu_backward, tuple(SWIGLU_PROVIDERS)),
     Case("cross_entropy", "cross_entropy", "linear cross-entropy forward + backward (dhidden, dweight), mean loss",
          _cross_entropy_inputs, None, _cross_entropy_forward_backward, tuple(CROSS_ENTROPY_PROVIDERS),
-         flops=_cross_entropy_flops),
+         flops=_cross_entropy_flops, cpu_peak=True),
 )
-# What --ops selects. "model" is the Code Llama layer stack of ``model.py``, not a case: ``matrix`` finds no case for
-# it, and the runner measures it on its own.
-OPS = ("rms_norm", "rope", "attention", "decode", "swiglu", "cross_entropy", "model")
+# What --ops selects. "model" and "train" are the Code Llama layer stack of ``model.py`` and ``train.py``, not cases:
+# ``matrix`` finds no case for them, and the runner measures them on their own.
+OPS = ("rms_norm", "rope", "attention", "decode", "swiglu", "cross_entropy", "model", "train")
 
 
 COMPILED_PROVIDERS = ("compile", "flex")  # their warm-ups take seconds: left out of --quick
@@ -729,6 +733,14 @@ def matrix(ops, device: torch.device, quick: bool = False, with_compile: bool = 
         for shape in shapes_for(case.op, device, quick, shapes)
         for provider in case.providers if with_compile or provider not in COMPILED_PROVIDERS
     ]
+
+
+def fresh_step(case_name: str, shape: Shape, provider: str) -> contextlib.nullcontext:
+    """One CPU row's timed function built from nothing, its inputs included, as the context
+    ``harness.cpu_peak_memory_bytes`` runs in a fresh process (a module-level function of picklable arguments)."""
+    case = next(case for case in CASES if case.name == case_name)
+    device = torch.device("cpu")
+    return contextlib.nullcontext(case.build(provider, case.make_inputs(shape, device), device))
 
 
 def suite_items(op: str) -> list[Item]:

@@ -8,17 +8,25 @@
   at best: a large device-to-device copy (bandwidth: every op here is memory
   bound, so its floor is bytes / copy bandwidth) and a large matmul (FLOP/s,
   for context).
+- ``peak_memory_bytes`` measures what one call allocates on top of what is resident: on a
+  GPU from the caching allocator's peak statistics; on a CPU (which keeps none) as the peak
+  resident memory of the call in a fresh process, for the rows that give it a ``setup``.
 - ``device_info`` says what the figures were measured on.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import ctypes
+import gc
+import multiprocessing
 import os
 import platform
 import statistics
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Callable, ContextManager
 
 import torch
 import triton
@@ -99,13 +107,15 @@ def measure(fn, device: torch.device, plan: TimingPlan = FULL) -> Timing:
     return Timing(statistics.median(times), min(times), max(times), len(times), first_call_ms)
 
 
-def peak_memory_bytes(fn, device: torch.device) -> int | None:
+def peak_memory_bytes(fn, device: torch.device, setup: Callable[[], ContextManager] | None = None) -> int | None:
     """Memory one call allocates on top of what is already resident (outputs, temporaries, saved activations).
 
-    GPU only: the CPU allocator keeps no such statistics, so CPU rows say n/a.
+    GPU: ``fn``'s call, from the allocator's statistics. CPU: the CPU allocator keeps none, so ``setup``
+    (picklable; it builds the inputs, and its context yields the function to measure) runs in a fresh process
+    (``cpu_peak_memory_bytes``); without one, or off Linux, None (the row says n/a).
     """
     if device.type != "cuda":
-        return None
+        return cpu_peak_memory_bytes(setup) if setup is not None else None
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -113,6 +123,47 @@ def peak_memory_bytes(fn, device: torch.device) -> int | None:
     torch.cuda.synchronize(device)
     del result
     return torch.cuda.max_memory_allocated(device) - before
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def cpu_peak_memory_bytes(setup: Callable[[], ContextManager]) -> int | None:
+    """The peak resident memory one call of the function ``with setup() as fn`` yields adds, in a fresh process.
+
+    In a process of its own (multiprocessing's spawn, so nothing of this one is resident there),
+    ``setup()`` builds the inputs and enters what the function needs (a patch); it runs once to warm up (lazy
+    initializations and compiled code are not the call's), then Linux's peak-RSS mark is reset
+    (``/proc/self/clear_refs``) and the figure is the peak RSS over a second call (VmHWM) minus the
+    RSS before it (VmRSS). glibc's mmap threshold is pinned at 64 KiB there, so that every freed
+    buffer goes back to the system at once and RSS follows what is allocated (with its sliding
+    default, freed memory stays resident and is reused unseen). Page granularity (4 KiB); None where
+    /proc/self/clear_refs is missing (not Linux).
+    """
+    if not os.path.exists("/proc/self/clear_refs"):
+        return None
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_peak_in_this_process, setup).result()
+
+
+def _peak_in_this_process(setup) -> int:
+    ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+    with setup() as fn:
+        fn()
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        before = _status_bytes("VmRSS")
+        result = fn()
+        peak = _status_bytes("VmHWM")
+        del result
+    return peak - before
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024  # kB
 
 
 # --------------------------------------------------------------------------- ceilings

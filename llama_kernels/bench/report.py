@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import model
+from . import model, train
 
 
 def _columns(unit: str, ceiling: str) -> str:
@@ -21,7 +21,8 @@ def format_table(result: dict) -> str:
         f"ceilings: copy {copy['gbps']:.1f} GB/s ({copy['tensor_bytes'] / 2**20:.0f} MiB copy_); "
         f"matmul {matmul['tflops']:.2f} TFLOP/s ({matmul['dtype']} {matmul['n']}^3)",
         f"dtype {result['dtype']}; times are medians; 'ours x' = provider time / ours' time; floor = bytes / copy "
-        "bandwidth (FLOPs / matmul peak for attention); peak = memory one call allocates (GPU only)",
+        "bandwidth (FLOPs / matmul peak for attention); peak = memory one call allocates (GPU: the allocator's peak; "
+        "CPU, cross_entropy only: the call's peak resident memory in a fresh process)",
     ]
     if "notice" in device:
         lines.append(device["notice"])
@@ -36,6 +37,8 @@ def format_table(result: dict) -> str:
             lines.append(f"{shape:28} {row['provider']:15} {_figures(row)}")
     if "model" in result:
         lines += ["", *model.format_section(result["model"])]
+    if "train" in result:
+        lines += ["", *train.format_section(result["train"])]
     return "\n".join(lines)
 
 

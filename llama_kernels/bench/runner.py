@@ -6,7 +6,8 @@ ops, TFLOP/s for attention), its fraction of the ceiling measured in the same ru
 (the copy bandwidth, the matmul peak), the floor time, ours' speed-up against the
 row's provider and the extra memory one call allocates. With "model" in the ops, the
 model section (``model``: a Code Llama 7B layer stack against Hugging Face's model,
-prefill and decode) runs first, so that a deadline cuts op rows rather than it.
+prefill and decode) runs first, so that a deadline cuts op rows rather than it; then, with
+"train", the training section (``train``: one forward + backward step of that stack).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from . import model, report
-from .cases import CASES, OPS, Unavailable, figures, matrix
+from . import model, report, train
+from .cases import CASES, OPS, Unavailable, figures, fresh_step, matrix
 from .harness import FULL, QUICK, default_device, device_info, measure, measure_ceilings, peak_memory_bytes
 
 
@@ -30,7 +31,7 @@ def run_benchmark(ops=OPS, quick: bool = False, device: torch.device | None = No
                   model_layers: int | None = None) -> dict:
     """All measurements as one JSON-ready dict. ``deadline`` (time.monotonic()) skips what is left once passed;
     ``shapes`` ({"memory": ..., "attention": ..., "decode": ..., "model": model.ModelShapes}) replaces the
-    device's shape lists; ``model_layers`` the model section's layer count."""
+    device's shape lists; ``model_layers`` the model and train sections' layer count."""
     device = device or default_device()
     plan = QUICK if quick else FULL
     info = device_info(device)  # its CPU notice is printed once, with the table
@@ -41,6 +42,11 @@ def run_benchmark(ops=OPS, quick: bool = False, device: torch.device | None = No
         model_section = model.run_model_benchmark(device, quick, ceilings, deadline, progress, layers=model_layers,
                                                   shapes=(shapes or {}).get("model"))
         for _, group in itertools.groupby(model_section["rows"], key=lambda row: row["label"]):
+            _add_speedups(list(group))
+    train_section = None
+    if "train" in ops:
+        train_section = train.run_train_benchmark(device, quick, deadline, progress, layers=model_layers)
+        for _, group in itertools.groupby(train_section["rows"], key=lambda row: row["label"]):
             _add_speedups(list(group))
     # "model" has no case: the matrix holds the op cases only
     items = matrix(ops, device, quick, with_compile=not quick, shapes=shapes)  # compile warm-ups take seconds each
@@ -74,6 +80,8 @@ def run_benchmark(ops=OPS, quick: bool = False, device: torch.device | None = No
     }
     if model_section is not None:
         result["model"] = model_section
+    if train_section is not None:
+        result["train"] = train_section
     return result
 
 
@@ -89,7 +97,8 @@ def _measure_item(item, inputs, device, plan, ceilings: dict, deadline: float | 
         fn = case.build(item.provider, inputs, device)
         announce()
         timing = measure(fn, device, plan)
-        peak = peak_memory_bytes(fn, device)
+        setup = functools.partial(fresh_step, case.name, shape, item.provider) if case.cpu_peak else None
+        peak = peak_memory_bytes(fn, device, setup)
     except Unavailable as e:
         return {**row, "status": "skipped", "reason": str(e)}
     except Exception as e:  # one failing provider (a peer's version, out of memory) is a row, not the end of the run
@@ -132,7 +141,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ops", type=_ops, default=OPS, help=f"comma-separated ops to run (default: {','.join(OPS)})")
     parser.add_argument("--no-plot", action="store_true", help="do not write bench.png")
     parser.add_argument("--model-layers", type=_positive, default=None,
-                        help=f"layers of the Code Llama 7B stack in the model section (default: {model.GPU_LAYERS} on a "
+                        help=f"layers of the Code Llama 7B stack in the model and train sections (default: {model.GPU_LAYERS} on a "
                              f"GPU; {model.REDUCED_LAYERS} of the reduced model on a CPU and with --quick)")
 
 
@@ -143,7 +152,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     print(table)
     for line in report.write_outputs(result, args.out, table, plot=not args.no_plot):
         print(line)
-    rows = result["rows"] + result.get("model", {}).get("rows", [])
+    rows = result["rows"] + result.get("model", {}).get("rows", []) + result.get("train", {}).get("rows", [])
     failed = [r for r in rows if r["provider"] == "ours" and r["status"] == "error"]
     return 1 if failed else 0
 
