@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 
 from llama_kernels import _native, flash_attention, reference
 from llama_kernels.distributed import positions, ring_attention, shard, unshard, unshard_shards
-from llama_kernels.distributed.ring import _plan
+from llama_kernels.distributed.ring import step_plan
 
 SPAWN_TIMEOUT_S = 120  # each spawn's bound; the workers' gloo collectives time out at 60 s
 
@@ -186,7 +186,7 @@ def test_zigzag_balanced_and_exact():
             for step in range(world):
                 src = (rank - step) % world
                 pos_k = positions(seqlen_local, src, world, "zigzag")
-                plan = _plan(rank, src, seqlen_local, True, "zigzag")
+                plan = step_plan(rank, src, seqlen_local, True, "zigzag")
                 if plan is None:
                     continue
                 rows, cols, block_causal = plan

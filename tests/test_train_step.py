@@ -29,6 +29,13 @@ def test_train_section_measures_every_provider_at_its_lengths(monkeypatch):
     # its backend, and test_hf_patch holds the patched loss to stock transformers'.
     providers = tuple(p for p in train.PROVIDERS if p != "hf_patched")
     monkeypatch.setattr(train, "PROVIDERS", providers)
+    # The fresh process per row (a spawned interpreter importing torch and transformers, the models built again)
+    # is the peak-memory test's above; here each row's setup is built and stepped in this process instead.
+    def peak_here(step, device, setup):
+        with setup() as fresh:
+            fresh()
+        return 1
+    monkeypatch.setattr(train, "peak_memory_bytes", peak_here)
     result = train.run_train_benchmark(torch.device("cpu"), quick=True, layers=1)
     rows = {(r["tokens"], r["provider"]): r for r in result["rows"]}
     assert set(rows) == {(tokens, provider) for tokens in train.QUICK_TOKENS for provider in providers}

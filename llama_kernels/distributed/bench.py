@@ -10,7 +10,7 @@ on CPU); otherwise it spawns ``--world`` local CPU processes over gloo (a file r
 
 Per rank it times ``ring_attention`` (the forward; with ``--backward`` also forward plus
 backward) on random local shards, and "compute": the identical sequence of per-step
-flash attention blocks (the ring's own ``_plan``) and log-sum-exp merges (and, backward, the
+flash attention blocks (the ring's own ``step_plan``) and log-sum-exp merges (and, backward, the
 block gradients and accumulations) on locally generated key/value blocks of the same
 shapes, with no send or receive. Each figure is the median of ``--reps`` after one warm-up,
 a barrier before and after each timed call (CUDA-synchronized on GPU). Overlap efficiency

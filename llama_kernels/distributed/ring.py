@@ -125,7 +125,7 @@ def positions(seqlen_local: int, rank: int, world_size: int, layout: str = "zigz
 
 
 # --------------------------------------------------------------------------- the blocks
-def _plan(rank: int, src: int, seqlen: int, causal: bool, layout: str):
+def step_plan(rank: int, src: int, seqlen: int, causal: bool, layout: str):
     """(q rows, k rows, causal) of the block rank attends with src's keys, or None (nothing visible)."""
     everything = slice(0, seqlen)
     if not causal:
@@ -161,7 +161,7 @@ def _bwd_block(do, q, k, v, o, lse, dlse, causal, scale, backend):
 
 def attend_step(q, kv, rank, src, causal, scale, layout, backend, o_acc: Tensor, lse_acc: Tensor) -> None:
     """One forward step: q against kv = stack(k, v), the block that started on rank src, merged into o_acc, lse_acc."""
-    plan = _plan(rank, src, q.shape[1], causal, layout)
+    plan = step_plan(rank, src, q.shape[1], causal, layout)
     if plan is not None:
         rows, cols, block_causal = plan
         o_i, lse_i = _fwd_block(q[:, rows].contiguous(), kv[0][:, cols].contiguous(), kv[1][:, cols].contiguous(),
@@ -172,7 +172,7 @@ def attend_step(q, kv, rank, src, causal, scale, layout, backend, o_acc: Tensor,
 def gradient_step(do, q, o, lse, dlse, kv, rank, src, causal, scale, layout, backend, dq: Tensor) -> Tensor:
     """One backward step: adds this block's dq into dq (fp32) and returns its fp32 stack(dk, dv)."""
     block = torch.zeros_like(kv, dtype=torch.float32)
-    plan = _plan(rank, src, q.shape[1], causal, layout)
+    plan = step_plan(rank, src, q.shape[1], causal, layout)
     if plan is not None:
         rows, cols, block_causal = plan
         dq_i, dk_i, dv_i = _bwd_block(
