@@ -17,6 +17,8 @@ TORCH_LIBRARY(llama_kernels_C, m) {
   m.def(
       "attention_backward(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor? dlse, bool causal, "
       "float softmax_scale) -> (Tensor dq, Tensor dk, Tensor dv)");
+  m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
+  m.def("swiglu_backward(Tensor dy, Tensor gate, Tensor up) -> (Tensor dgate, Tensor dup)");
 }
 
 TORCH_LIBRARY_IMPL(llama_kernels_C, CPU, m) {
@@ -26,6 +28,8 @@ TORCH_LIBRARY_IMPL(llama_kernels_C, CPU, m) {
   m.impl("attention", &llama_kernels::attention_cpu);
   m.impl("attention_kvcache", &llama_kernels::attention_kvcache_cpu);
   m.impl("attention_backward", &llama_kernels::attention_backward_cpu);
+  m.impl("swiglu", &llama_kernels::swiglu_cpu);
+  m.impl("swiglu_backward", &llama_kernels::swiglu_backward_cpu);
 }
 
 #ifdef LLAMA_KERNELS_WITH_CUDA

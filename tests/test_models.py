@@ -359,6 +359,6 @@ def test_model_backends_are_the_ops_backends():
         assert model.layers[0].feed_forward.backend == backend
     with pytest.raises(ValueError, match="backend: expected None or one of"):
         model.backend = "cuDNN"
-    assert for_op("native", "swiglu") == "reference" and for_op("cuda", "flash_attention") == "triton"
+    assert for_op("native", "swiglu") == "native" and for_op("cuda", "flash_attention") == "triton"
     assert for_op("native", "rms_norm") == "native" and for_op("cuda", "rope") == "cuda"
     assert for_op("triton", "swiglu") == "triton" and for_op(None, "swiglu") is None

@@ -1,13 +1,15 @@
-"""SwiGLU against float64, forward and gradients, on the Triton kernels (interpreted) and the CPU path."""
+"""SwiGLU against float64, forward and gradients, on the Triton kernels (interpreted), the C++ kernels and the
+reference."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import llama_kernels as lk
-from utils import assert_close, randn
+from llama_kernels import _native, reference
+from utils import assert_close, kernel_backends, randn
 
-BACKENDS = ["triton", "reference"]  # CPU tensors run the reference until the C++ kernel lands
+BACKENDS = [*kernel_backends("swiglu", "cpu"), "reference"]
 
 
 def float64_swiglu_and_grads(gate, up, dy):
@@ -85,8 +87,39 @@ def test_refusals():
         (TypeError, "up: expected a torch.Tensor", lambda: lk.swiglu(x, 1.0)),
         (ValueError, "up: expected device", lambda: lk.swiglu(x, x.to("meta"))),
         (ValueError, "gate: expected at least 1 dimension", lambda: lk.swiglu(x[0, 0], x[0, 0])),
-        (ValueError, "backend: 'native' does not implement swiglu", lambda: lk.swiglu(x, x, backend="native")),
     ]
     for error, message, fn in cases:
         with pytest.raises(error, match=message):
+            fn()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", kernel_backends("swiglu", "cpu")[1:])
+def test_native_matches_the_reference(backend, dtype):
+    """The same fp32 expressions, rounded once; only e^x differs (the kernel's polynomial, torch's Sleef), by an ulp
+    of fp32 at most: in bf16 and fp16 a result differs only where that ulp crosses a rounding boundary, by one ulp.
+    Gates over [-30, 30] reach both tails, the halves of a fused projection the row stride."""
+    gate, up = (randn(113, 2 * 1000, scale=10.0).clamp(-30, 30).to(dtype)).chunk(2, -1)
+    dy = randn(113, 1000, dtype=dtype)
+    got = (lk.swiglu(gate, up, backend=backend), *torch.ops.llama_kernels.swiglu_backward(dy, gate, up, backend))
+    want = (reference.swiglu(gate, up), *reference.swiglu_backward(dy, gate, up))
+    for actual, expected in zip(got, want):
+        assert_close(actual, expected, ulps=1)
+        if dtype != torch.float32:
+            assert (actual != expected).float().mean() < 1e-3, "more than rare rounding-boundary differences"
+
+
+@pytest.mark.extension
+@pytest.mark.skipif(not _native.available("cpu"), reason="the native extension is not built")
+def test_native_op_refuses_what_would_read_out_of_bounds():
+    x = randn(4, 8)
+    cases = [
+        ("swiglu: up: expected shape \\[4, 8\\]", lambda: _native.ops().swiglu(x, x[:, :7])),
+        ("swiglu: up: expected dtype Float", lambda: _native.ops().swiglu(x, x.half())),
+        ("swiglu: gate: expected a contiguous last dim", lambda: _native.ops().swiglu(x.T, x.T)),
+        ("swiglu: gate: expected dtype float32, bfloat16 or float16", lambda: _native.ops().swiglu(x.long(), x)),
+        ("swiglu_backward: dy: expected 2 dims", lambda: _native.ops().swiglu_backward(x[0], x, x)),
+    ]
+    for message, fn in cases:
+        with pytest.raises(RuntimeError, match=message):
             fn()

@@ -108,6 +108,19 @@ inline void convert(const float* __restrict src, T* __restrict dst, int64_t n) {
 
 inline void convert(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
 
+// Rows staged through float arrays a chunk at a time, so that every conversion is an array conversion (F16C for
+// fp16, below) and the arithmetic is plain float loops. Chunks are a few vectors: called with the constant kChunk,
+// each loop over a chunk compiles to a few vector instructions, and the arrays stay in L1 (or registers).
+constexpr int64_t kChunk = 64;
+
+// f(start, width) over the chunks of [0, n): full chunks with a constant width, then the remainder.
+template <typename F>
+inline void for_each_chunk(int64_t n, F f) {
+  int64_t start = 0;
+  for (; start + kChunk <= n; start += kChunk) f(start, kChunk);
+  if (start < n) f(start, n - start);
+}
+
 #if defined(__F16C__)
 #if defined(__AVX512F__)
 // The AVX-512 loops use the zero-masking intrinsics with every lane set: the compiler emits the plain instruction,

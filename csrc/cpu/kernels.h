@@ -51,4 +51,21 @@ void rope(const RopeOperand<T>& q, const RopeOperand<T>& k, const int64_t* posit
 
 // ============================================================================ end of RMSNorm and RoPE
 
+// ============================================================================ SwiGLU
+
+// Rows of n elements, the elements of a row contiguous, row i of each operand at its pointer + i * its row stride
+// (gate and up may be the two halves of one fused projection's rows). y = silu(gate) * up, silu(g) = g / (1 + e^-g).
+// Instantiated for T in {float, bf16, fp16}.
+template <typename T>
+void swiglu(const T* gate, int64_t gate_row_stride, const T* up, int64_t up_row_stride, T* y, int64_t y_row_stride,
+            int64_t rows, int64_t n);
+
+// Gradients of swiglu for dy, with s = sigmoid(gate): dgate = dy * up * s * (1 + gate * (1 - s)), dup = dy * gate * s.
+template <typename T>
+void swiglu_backward(const T* dy, int64_t dy_row_stride, const T* gate, int64_t gate_row_stride, const T* up,
+                     int64_t up_row_stride, T* dgate, int64_t dgate_row_stride, T* dup, int64_t dup_row_stride,
+                     int64_t rows, int64_t n);
+
+// ============================================================================ end of SwiGLU
+
 }  // namespace llama_kernels::cpu

@@ -115,20 +115,10 @@ void rms_norm_fused(const T* x, int64_t x_row_stride, const T* residual, int64_t
   }
 }
 
-// fp16 rows are staged through float arrays, a chunk of the row at a time, so that every conversion is an array
-// conversion (dtypes.h: F16C, one instruction per vector) and the arithmetic is plain float loops. In the fused
-// loops above an fp16 conversion is the portable bit-level one, about a dozen instructions per vector: the forward
-// ran at a fifth of bf16's speed. Chunks are a few vectors: called with the constant kChunk, each loop over a chunk
-// compiles to a few vector instructions, and the arrays stay in L1 (or registers).
-constexpr int64_t kChunk = 64;
-
-// f(start, width) over the chunks of [0, n): full chunks with a constant width, then the remainder.
-template <typename F>
-inline void for_each_chunk(int64_t n, F f) {
-  int64_t start = 0;
-  for (; start + kChunk <= n; start += kChunk) f(start, kChunk);
-  if (start < n) f(start, n - start);
-}
+// fp16 rows are staged through float arrays, a chunk of the row at a time (dtypes.h's for_each_chunk), so that every
+// conversion is an array conversion (dtypes.h: F16C, one instruction per vector) and the arithmetic is plain float
+// loops. In the fused loops above an fp16 conversion is the portable bit-level one, about a dozen instructions per
+// vector: the forward ran at a fifth of bf16's speed.
 
 template <typename W>
 void rms_norm_staged(const fp16* x, int64_t x_row_stride, const fp16* residual, int64_t residual_row_stride,

@@ -1,5 +1,5 @@
-// Tests of the CPU RMSNorm and RoPE kernels (csrc/cpu/kernels.h) against plain double-precision loops, and of the
-// dtypes.h conversions against every bf16 and fp16 bit pattern. No torch. Exit code 1 on any failure.
+// Tests of the CPU RMSNorm, RoPE and SwiGLU kernels (csrc/cpu/kernels.h) against plain double-precision loops, and
+// of the dtypes.h conversions against every bf16 and fp16 bit pattern. No torch. Exit code 1 on any failure.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -316,6 +316,78 @@ void test_rope_cases() {
   }
 }
 
+// ---------------------------------------------------------------------------- SwiGLU
+// One ulp of T, relative (fp32: eight, the float math's own error): the kernels compute in float, within a few
+// float ulps of the exact value, and round once.
+template <typename T>
+double swiglu_tolerance() {
+  if constexpr (std::is_same_v<T, float>) return 1e-6;
+  if constexpr (std::is_same_v<T, bf16>) return 1.0 / 128;
+  return 1.0 / 1024;
+}
+
+// The magnitude below which the tolerance is absolute (tolerance times this): fp16's smallest normal value (an ulp
+// is fixed below it); else 1e-30: where e^-g overflows float (g < -88.7) the float formula, torch's as well, gives
+// 0 for an exact |g| e^g under 4e-37.
+template <typename T>
+double swiglu_floor() {
+  return std::is_same_v<T, fp16> ? 0x1p-14 : 1e-30;
+}
+
+// gate, up and dy as the rows of fused (rows, 2n + pad) projections: gate the first half, up the second, rows
+// strided; outputs strided by pad too, whose padding must stay unwritten. extremes: gate's first elements are
+// +-100, +-89 (e^89 overflows float), +-20 and nan.
+template <typename T>
+void test_swiglu(int64_t rows, int64_t n, int64_t pad, bool extremes) {
+  const int64_t stride = 2 * n + pad, out_stride = n + pad;
+  auto gate_up = random_values<T>(rows * stride, 3.0);
+  const auto dy = random_values<T>(rows * stride, 1.0);
+  const float extreme_values[] = {-100.0f, 100.0f, -89.0f, 89.0f, -20.0f, 20.0f, NAN};
+  if (extremes) {
+    for (int64_t i = 0; i < std::min<int64_t>(n, 7); ++i) gate_up[i] = from_float<T>(extreme_values[i]);
+  }
+  const T* gate = gate_up.data();
+  const T* up = gate_up.data() + n;
+  const T sentinel = from_float<T>(12345.0f);
+  std::vector<T> y(rows * out_stride, sentinel), dgate(rows * out_stride, sentinel), dup(rows * out_stride, sentinel);
+  swiglu<T>(gate, stride, up, stride, y.data(), out_stride, rows, n);
+  swiglu_backward<T>(dy.data(), stride, gate, stride, up, stride, dgate.data(), out_stride, dup.data(), out_stride,
+                     rows, n);
+  const double tol = swiglu_tolerance<T>();
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t i = 0; i < n; ++i) {
+      const double g = to_float(gate[r * stride + i]), u = to_float(up[r * stride + i]);
+      const double d = to_float(dy[r * stride + i]);
+      const double s = 1.0 / (1.0 + std::exp(-g));
+      const double want[3] = {g * s * u, d * u * s * (1.0 + g * (1.0 - s)), d * g * s};
+      // Scales: swiglu_floor, and for dgate the magnitude of its terms, as 1 + g (1 - s) cancels near g = -1.28.
+      const double tiny = swiglu_floor<T>();
+      const double scales[3] = {tiny, std::max(tiny, std::fabs(d * u * s) * (1.0 + std::fabs(g * (1.0 - s)))), tiny};
+      const float got[3] = {to_float(y[r * out_stride + i]), to_float(dgate[r * out_stride + i]),
+                            to_float(dup[r * out_stride + i])};
+      const char* names[3] = {"y", "dgate", "dup"};
+      for (int k = 0; k < 3; ++k) {
+        const bool ok = std::isnan(g) ? std::isnan(got[k])
+                                      : std::fabs(got[k] - want[k]) <= tol * std::max(std::fabs(want[k]), scales[k]);
+        CHECK(ok, "swiglu %s %s rows=%lld n=%lld pad=%lld (%lld,%lld) g=%g: %g vs %g", names[k], name_of<T>(),
+              (long long)rows, (long long)n, (long long)pad, (long long)r, (long long)i, g, got[k], want[k]);
+      }
+    }
+    for (int64_t i = n; i < out_stride; ++i) {  // the padding between rows is not written
+      CHECK(same_bits(y[r * out_stride + i], sentinel) && same_bits(dgate[r * out_stride + i], sentinel) &&
+                same_bits(dup[r * out_stride + i], sentinel),
+            "swiglu %s wrote padding", name_of<T>());
+    }
+  }
+}
+
+template <typename T>
+void test_swiglu_sizes() {
+  for (int64_t rows : {1, 7, 113}) {
+    for (int64_t n : {1, 13, 11008}) test_swiglu<T>(rows, n, rows == 7 ? 0 : 3, n > 1);
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -337,6 +409,10 @@ int main() {
   test_rope_cases<bf16, double>();
   test_rope_cases<fp16, float>();
   test_rope_cases<fp16, double>();
+
+  test_swiglu_sizes<float>();
+  test_swiglu_sizes<bf16>();
+  test_swiglu_sizes<fp16>();
 
   if (failures != 0) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);

@@ -1,5 +1,5 @@
-// The torch ops rms_norm_cpu, rms_norm_backward_cpu and rope_cpu (contracts in ops.h): the memory checks
-// (glue.h), allocation, dtype dispatch, then the raw-pointer kernels of csrc/cpu.
+// The torch ops rms_norm_cpu, rms_norm_backward_cpu, rope_cpu, swiglu_cpu and swiglu_backward_cpu (contracts in
+// ops.h): the memory checks (glue.h), allocation, dtype dispatch, then the raw-pointer kernels of csrc/cpu.
 #include "cpu/kernels.h"
 #include "torch/glue.h"
 #include "torch/ops.h"
@@ -30,6 +30,19 @@ void dispatch_norm_types(const char* op, const char* x_name, at::ScalarType x_dt
       f(T{}, T{});
     }
   });
+}
+
+// The operands of swiglu and its backward: CPU tensors (rows, n) with a contiguous last dim, the first one's shape
+// and storage dtype.
+void check_swiglu(const char* op, std::initializer_list<std::pair<const char*, const at::Tensor&>> operands) {
+  const at::Tensor& first = operands.begin()->second;
+  check_storage_dtype(op, operands.begin()->first, first);
+  for (const auto& [name, t] : operands) {
+    check_device(op, name, t, kCpu);
+    check_dtype(op, name, t, first.scalar_type());
+    check_layout(op, name, t, 2, "(rows, n)");
+    check_shape(op, name, t, first.sizes());
+  }
 }
 
 template <typename T>
@@ -102,6 +115,34 @@ void rope_cpu(at::Tensor& q_out, at::Tensor& k_out, const at::Tensor& q, const a
       run(data_of<const float>(inv_freq));
     }
   });
+}
+
+at::Tensor swiglu_cpu(const at::Tensor& gate, const at::Tensor& up) {
+  constexpr const char* op = "swiglu";
+  check_swiglu(op, {{"gate", gate}, {"up", up}});
+  const int64_t rows = gate.size(0), n = gate.size(1);
+  at::Tensor y = at::empty({rows, n}, gate.options());
+  dispatch_storage_type<bf16, fp16>(gate.scalar_type(), op, "gate", [&](auto tag) {
+    using T = decltype(tag);
+    cpu::swiglu<T>(data_of<const T>(gate), gate.stride(0), data_of<const T>(up), up.stride(0), data_of<T>(y), n, rows,
+                   n);
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> swiglu_backward_cpu(const at::Tensor& dy, const at::Tensor& gate,
+                                                       const at::Tensor& up) {
+  constexpr const char* op = "swiglu_backward";
+  check_swiglu(op, {{"gate", gate}, {"up", up}, {"dy", dy}});
+  const int64_t rows = gate.size(0), n = gate.size(1);
+  at::Tensor dgate = at::empty({rows, n}, gate.options());
+  at::Tensor dup = at::empty({rows, n}, gate.options());
+  dispatch_storage_type<bf16, fp16>(gate.scalar_type(), op, "gate", [&](auto tag) {
+    using T = decltype(tag);
+    cpu::swiglu_backward<T>(data_of<const T>(dy), dy.stride(0), data_of<const T>(gate), gate.stride(0),
+                            data_of<const T>(up), up.stride(0), data_of<T>(dgate), n, data_of<T>(dup), n, rows, n);
+  });
+  return {dgate, dup};
 }
 
 }  // namespace llama_kernels

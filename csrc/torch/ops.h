@@ -32,6 +32,13 @@ void rope_cpu(at::Tensor& q_out, at::Tensor& k_out, const at::Tensor& q, const a
               const at::Tensor& positions, const at::Tensor& inv_freq, double attention_factor, bool interleaved,
               bool inverse);
 
+// SwiGLU, gate and up (rows, n) of one dtype with the last dim contiguous (any row stride: the halves of one fused
+// projection): y = silu(gate) * up, silu(g) = g / (1 + exp(-g)), in gate's dtype. The backward, for dy (rows, n):
+// (dgate, dup) = (dy * up * s * (1 + gate * (1 - s)), dy * gate * s) with s = sigmoid(gate). Outputs contiguous.
+at::Tensor swiglu_cpu(const at::Tensor& gate, const at::Tensor& up);
+std::tuple<at::Tensor, at::Tensor> swiglu_backward_cpu(const at::Tensor& dy, const at::Tensor& gate,
+                                                       const at::Tensor& up);
+
 // Attention, q (B, Sq, Hq, D), k and v (B, Sk, Hk, D), last dim contiguous, Hq a multiple of Hk, GQA without
 // expanding k and v. Causal is bottom-right (query i sees keys j <= i + Sk - Sq). Returns o (B, Sq, Hq, D) in q's
 // dtype and lse (B, Hq, Sq) fp32 (natural log; -inf and zero output for a query that sees no key). O(S) memory:

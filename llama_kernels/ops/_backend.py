@@ -24,7 +24,7 @@ COMPILED = {
     "flash_attention_varlen": ("native",),
     "flash_attention_with_kvcache": ("native",),
     "fused_linear_cross_entropy": ("native",),
-    "swiglu": (),  # CPU tensors run the reference (torch ops) until the C++ kernel lands
+    "swiglu": ("native",),
 }
 # Ops whose "native" path is written in torch ops (the cross-entropy's chunked loop): it needs no extension.
 NATIVE_IN_TORCH = ("fused_linear_cross_entropy",)

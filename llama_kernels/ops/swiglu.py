@@ -8,8 +8,8 @@ kernel: the forward reads gate and up and writes y; the backward reads dy, gate 
 writes dgate and dup, the floor for each.
 
 gate and up may be strided: the halves of one fused projection (``gate, up = gu.chunk(2, -1)``)
-are read in place through their row stride. CPU tensors run the reference (torch ops) until the
-C++ kernel lands.
+are read in place through their row stride. CPU tensors run the C++ kernels of the native
+extension (csrc/cpu/swiglu.cpp, the same math), or the reference where it is not built.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import reference
+from .. import _native, reference
 from .._checks import check_same_device, check_same_dtype, check_tensor, dtype_name
 from . import _triton
 from ._backend import pick, resolve_backend
@@ -124,16 +124,35 @@ def backward_triton(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tenso
     return dgate, dup
 
 
+# --------------------------------------------------------------------------- the C++ kernels
+def forward_native(gate: Tensor, up: Tensor) -> Tensor:
+    """The C++ kernel over the (rows, N) views (the halves of a fused projection are such views: no copy)."""
+    if gate.numel() == 0:  # no (rows, N) view of an empty tensor to hand over; nothing to compute
+        return torch.empty_like(gate, memory_format=torch.contiguous_format)
+    n_cols = gate.shape[-1]
+    return _native.ops().swiglu(as_rows(gate, n_cols), as_rows(up, n_cols)).view(gate.shape)
+
+
+def backward_native(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    if gate.numel() == 0:
+        return (torch.empty_like(gate, memory_format=torch.contiguous_format),
+                torch.empty_like(up, memory_format=torch.contiguous_format))
+    n_cols = gate.shape[-1]
+    dgate, dup = _native.ops().swiglu_backward(as_rows(dy, n_cols), as_rows(gate, n_cols), as_rows(up, n_cols))
+    return dgate.view(gate.shape), dup.view(up.shape)
+
+
 # --------------------------------------------------------------------------- torch ops
 @torch.library.custom_op("llama_kernels::swiglu", mutates_args=())
 def _swiglu_op(gate: Tensor, up: Tensor, backend: str) -> Tensor:
-    return pick(backend, triton=forward_triton, reference=reference.swiglu)(gate, up)
+    return pick(backend, triton=forward_triton, native=forward_native, reference=reference.swiglu)(gate, up)
 
 
 @torch.library.custom_op("llama_kernels::swiglu_backward", mutates_args=())
 def _swiglu_backward_op(dy: Tensor, gate: Tensor, up: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     dy = dy.contiguous()  # autograd may hand over stride-0 expanded gradients
-    return pick(backend, triton=backward_triton, reference=reference.swiglu_backward)(dy, gate, up)
+    backward = pick(backend, triton=backward_triton, native=backward_native, reference=reference.swiglu_backward)
+    return backward(dy, gate, up)
 
 
 @_swiglu_op.register_fake
@@ -168,8 +187,8 @@ def swiglu(gate: Tensor, up: Tensor, *, backend: str | None = None) -> Tensor:
     gate, up: the same shape and dtype (fp16, bf16 or fp32), any shape; strided views are read in
         place, e.g. the halves of one fused gate/up projection, ``gate, up = gu.chunk(2, -1)``.
     Returns a contiguous tensor of gate's shape and dtype. Differentiable in both.
-    backend: None picks Triton for CUDA tensors and the reference (torch ops) for CPU tensors;
-        "triton" or "reference" force one.
+    backend: None picks Triton for CUDA tensors and the C++ kernel for CPU tensors (the reference,
+        torch ops, without the extension); "triton", "native" or "reference" force one.
     """
     check_tensor("gate", gate)
     check_tensor("up", up)
