@@ -490,8 +490,7 @@ def _swiglu_liger(device):
 
 
 SWIGLU_PROVIDERS = {
-    # On a CPU: the reference (torch ops), SwiGLU's CPU path until its C++ kernel lands.
-    "ours": lambda device: functools.partial(lk.swiglu, backend="reference" if device.type == "cpu" else None),
+    "ours": lambda device: functools.partial(lk.swiglu, backend=ours_backend(device)),
     "eager": lambda device: _silu_mul,
     "compile": lambda device: _compile(_silu_mul),
     "liger": _swiglu_liger,
