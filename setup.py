@@ -60,7 +60,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["llama_kernels", "llama_kernels.*"]),
-    package_data={"llama_kernels.ops": ["tuned_configs.json"]},
+    package_data={"llama_kernels.ops": ["tuned_configs.json", "attention_choice.json"]},
     install_requires=["torch>=2.4", "triton>=3.2"],
     extras_require={
         # the model's checkpoints (safetensors), tokenizer (sentencepiece) and Hugging Face patch (transformers)

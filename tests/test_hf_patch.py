@@ -274,3 +274,71 @@ def test_unsupported_transformers_version(monkeypatch, version):
     with pytest.raises(RuntimeError, match=rf"4\.50 to 5\.x.*transformers {version} is installed"):
         hf.patch_hf_llama()
     assert all(vars(owner)[name] is old for (owner, name), old in zip(PATCHED, originals))
+
+
+# --------------------------------------------------------------------------- the attention choice
+@pytest.fixture
+def sdpa_calls(monkeypatch):
+    """How often the patched attention handed a call to transformers' sdpa_attention_forward."""
+    from transformers.integrations import sdpa_attention
+
+    counts = collections.Counter()
+    original = sdpa_attention.sdpa_attention_forward
+
+    def spy(*args, **kwargs):
+        counts["sdpa"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", spy)
+    return counts
+
+
+def test_attention_sdpa_gives_what_ours_gives(calls, sdpa_calls):
+    """Prefill logits, greedy decoding over the cache and a training step's gradients, each choice forced."""
+    _, model = twin_models()
+    ids = torch.randint(1, TINY["vocab_size"], (2, 19))
+    generate = dict(attention_mask=torch.ones_like(ids[:, :7]), max_new_tokens=4, do_sample=False)
+    results = {}
+    for choice in ("llama_kernels", "sdpa"):
+        hf.patch_hf_llama(model, attention=choice)
+        model.zero_grad()
+        F.cross_entropy(model.train()(ids).logits.flatten(0, 1), ids.roll(-1, 1).flatten()).backward()
+        results[choice] = (logits(model.eval(), ids), model.generate(ids[:, :7], **generate),
+                           [p.grad.clone() for p in model.parameters()])
+        ours, sdpa = calls["flash_attention"], sdpa_calls["sdpa"]
+        runs = (2 + 4) * LAYERS  # the training and eval forwards, generate's prompt and its 3 decoding steps
+        assert (ours, sdpa) == ((0, runs) if choice == "sdpa" else (runs, 0)), choice
+        calls.clear()
+        sdpa_calls.clear()
+    (want_logits, want_ids, want_grads), (got_logits, got_ids, got_grads) = results["llama_kernels"], results["sdpa"]
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got_ids, want_ids)
+    for want, got in zip(want_grads, got_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_auto_is_ours_on_the_cpu_and_sdpa_on_sm90_said_once_per_phase(calls, sdpa_calls, monkeypatch):
+    from llama_kernels.ops import attention_choice
+
+    _, model = twin_models()
+    ids = torch.randint(1, TINY["vocab_size"], (1, 7))
+    generate = dict(attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)
+    hf.patch_hf_llama(model, attention="auto")
+    model.generate(ids, **generate)
+    assert calls["flash_attention"] == 2 * LAYERS and sdpa_calls["sdpa"] == 0
+    monkeypatch.setattr(attention_choice, "target_of", lambda device: "sm90")
+    monkeypatch.setattr(attention_choice, "_warned", set())
+    with pytest.warns(UserWarning) as told:
+        model.generate(ids, **generate)
+        model.generate(ids, **generate)
+    messages = [str(w.message) for w in told if "attention='auto'" in str(w.message)]
+    assert len(messages) == 2 and "the forward on sm90" in messages[0] and "the decode on sm90" in messages[1]
+    assert sdpa_calls["sdpa"] == 4 * LAYERS and calls["flash_attention"] == 2 * LAYERS
+
+
+@pytest.mark.parametrize("value, error", [("fast", ValueError), (1, TypeError), (None, TypeError)])
+def test_an_unknown_attention_choice_is_refused(value, error):
+    with pytest.raises(error, match=r"^attention: expected True, False or one of \('auto', 'llama_kernels', 'sdpa'\), "
+                                    rf"got {value!r}"):
+        hf.patch_hf_llama(attention=value)
+    assert not any("llama_kernels" in registry for registry in REGISTRIES)

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .. import (flash_attention, flash_attention_with_kvcache, fused_linear_cross_entropy, rms_norm,
@@ -45,9 +46,12 @@ from .._checks import check_tensor
 from ..distributed.ring import positions as ring_positions
 from ..distributed.ring import ring_attention
 from ..ops._backend import BACKENDS, for_op
+from ..ops.attention_choice import attention_for, check_choice, phase_of
 from ..ops.rope import apply_rope
 from ..rope_scaling import rope_type
 from .config import CodeLlamaConfig
+
+_SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 def as_autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -102,17 +106,22 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
         self.rope_interleaved = rope_interleaved
         self.backend: str | None = None
+        self.attention = "auto"  # CodeLlama.attention sets it
 
-    def forward(self, x: Tensor, inv_freq: Tensor, cache: tuple[Tensor, Tensor, Tensor] | None,
+    def forward(self, x: Tensor, inv_freq: Tensor, cache: tuple[Tensor, Tensor, Tensor, int] | None,
                 prefill: bool, ring: tuple | None = None) -> Tensor:
-        """x (B, S, dim). cache: this layer's (k_cache, v_cache) and the shared seqlens; prefill: the cache is
-        empty, so the S tokens attend among themselves and are then written to it. ring: (process group, layout,
-        global positions) when x is this rank's shard of the sequence (context parallelism)."""
+        """x (B, S, dim). cache: this layer's (k_cache, v_cache), the shared seqlens and the host's bound of them
+        (KVCache.filled); prefill: the cache is empty, so the S tokens attend among themselves and are then written
+        to it. ring: (process group, layout, global positions) when x is this rank's shard of the sequence (context
+        parallelism: ring_attention, whatever ``attention`` says)."""
         batch, seqlen, _ = x.shape
         q = self.wq(x).view(batch, seqlen, self.n_heads, self.head_dim)
         k = self.wk(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)
-        if ring is not None:
+        phase = phase_of(cache is not None and not prefill, x, self.wq.weight)
+        if ring is None and attention_for(self.attention, x.device, phase) == "sdpa":
+            o = self._sdpa(q, k, v, inv_freq, cache, prefill)
+        elif ring is not None:
             group, layout, positions = ring
             q, k = apply_rope(q, k, positions, inv_freq=inv_freq, interleaved=self.rope_interleaved,
                               backend=for_op(self.backend, "rope"))
@@ -123,17 +132,57 @@ class Attention(nn.Module):
                               backend=for_op(self.backend, "rope"))
             o = flash_attention(q, k, v, causal=True, backend=for_op(self.backend, "flash_attention"))
             if cache is not None:
-                k_cache, v_cache, _ = cache
-                k_cache[:, :seqlen] = k
-                v_cache[:, :seqlen] = v
+                self._write_prefill(cache, k, v)
         else:
-            k_cache, v_cache, seqlens = cache
+            k_cache, v_cache, seqlens, _ = cache
             # Under autocast the projections' dtype need not be the cache's (one made outside it): the cache's rules.
             q, k, v = (t.to(k_cache.dtype) for t in (q, k, v))
             o = flash_attention_with_kvcache(q, k_cache, v_cache, seqlens, k=k, v=v, inv_freq=inv_freq,
                                              interleaved=self.rope_interleaved, causal=True,
                                              backend=for_op(self.backend, "flash_attention_with_kvcache"))
         return self.wo(o.reshape(batch, seqlen, self.n_heads * self.head_dim))
+
+    @staticmethod
+    def _write_prefill(cache: tuple, k: Tensor, v: Tensor) -> None:
+        k_cache, v_cache, _, _ = cache
+        k_cache[:, :k.shape[1]] = k
+        v_cache[:, :v.shape[1]] = v
+
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, inv_freq: Tensor, cache: tuple | None, prefill: bool) -> Tensor:
+        """torch's scaled_dot_product_attention, causal, (B, S, H, D) in and out, the cache written as the
+        kernels' paths write it. Decoding (a cache holding tokens): the new k and v are rotated at each sequence's positions and written into it first, and the queries attend over
+        its first ``filled + S`` keys, query i of sequence b seeing keys j <= seqlens[b] + i (bottom-right causal,
+        per sequence: batched prompts end at different positions)."""
+        seqlen = q.shape[1]
+        if cache is None or prefill:
+            q, k = apply_rope(q, k, inv_freq=inv_freq, interleaved=self.rope_interleaved,
+                              backend=for_op(self.backend, "rope"))
+            if cache is not None:
+                self._write_prefill(cache, k, v)
+            return _sdpa_bshd(q, k, v, is_causal=True)
+        k_cache, v_cache, seqlens, filled = cache
+        q, k, v = (t.to(k_cache.dtype) for t in (q, k, v))  # as the decode kernel: the cache's dtype
+        positions = seqlens[:, None].long() + torch.arange(seqlen, device=q.device)  # (B, S)
+        q, k = apply_rope(q, k, positions, inv_freq=inv_freq, interleaved=self.rope_interleaved,
+                          backend=for_op(self.backend, "rope"))
+        rows = torch.arange(q.shape[0], device=q.device)[:, None]
+        k_cache[rows, positions], v_cache[rows, positions] = k, v
+        length = filled + seqlen
+        visible = torch.arange(length, device=q.device) <= positions[:, :, None]  # (B, S, length)
+        return _sdpa_bshd(q, k_cache[:, :length], v_cache[:, :length], mask=visible[:, None])
+
+
+def _sdpa_bshd(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = False, mask: Tensor | None = None) -> Tensor:
+    """F.scaled_dot_product_attention on (B, S, H, D) tensors (it takes (B, H, S, D): transposed views), GQA's
+    shared key/value heads through enable_gqa (torch 2.5+), repeated before."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if _SDPA_HAS_GQA:
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+    else:
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+    return o.transpose(1, 2)
 
 
 class FeedForward(nn.Module):
@@ -166,7 +215,8 @@ class TransformerBlock(nn.Module):
 
 
 class CodeLlama(nn.Module):
-    def __init__(self, config: CodeLlamaConfig, *, rope_interleaved: bool = False, backend: str | None = None):
+    def __init__(self, config: CodeLlamaConfig, *, rope_interleaved: bool = False, backend: str | None = None,
+                 attention: str = "auto"):
         super().__init__()
         if not isinstance(config, CodeLlamaConfig):
             raise TypeError(f"config: expected a CodeLlamaConfig, got {type(config).__name__}")
@@ -185,6 +235,7 @@ class CodeLlama(nn.Module):
         self.activation_checkpointing = False
         self.context_parallel: tuple | None = None  # (process group, layout) when the sequence is sharded
         self.backend = backend
+        self.attention = attention
 
     def inv_freq(self, device: torch.device) -> Tensor:
         """RoPE's inverse frequencies, fp32 on ``device``. Not a buffer: ``model.to(torch.bfloat16)`` would round
@@ -216,6 +267,21 @@ class CodeLlama(nn.Module):
         for module in self.modules():
             if isinstance(module, (RMSNorm, Attention, FeedForward)):
                 module.backend = value
+
+    @property
+    def attention(self) -> str:
+        return self._attention
+
+    @attention.setter
+    def attention(self, value: str) -> None:
+        """Whose attention the layers run (``ops.attention_choice``): "auto" (SDPA for a phase where the card's
+        measurements say it beats ours, said once by a warning; ours elsewhere and on the CPU), "llama_kernels"
+        (ours always) or "sdpa" (F.scaled_dot_product_attention always). Context parallelism runs ring_attention
+        whatever it says."""
+        self._attention = check_choice("attention", value)
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.attention = value
 
     def set_context_parallel(self, group=None, layout: str = "zigzag") -> None:
         """Shard the sequence over the ranks of ``group`` (the default group when None): each rank's forward then
@@ -287,7 +353,7 @@ class CodeLlama(nn.Module):
             ring = (group, layout, ring_positions(seqlen, dist.get_rank(group), dist.get_world_size(group), layout,
                                                   device=tokens.device))
         for i, layer in enumerate(self.layers):
-            layer_cache = (cache.k[i], cache.v[i], cache.seqlens) if cache is not None else None
+            layer_cache = (cache.k[i], cache.v[i], cache.seqlens, cache.filled) if cache is not None else None
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x, residual = checkpoint(layer, x, residual, inv_freq, layer_cache, prefill, ring, use_reentrant=False)
             else:

@@ -69,6 +69,7 @@ import torch
 
 from .._checks import FLOAT_DTYPES
 from ..ops._shared import HEAD_DIMS
+from ..ops.attention_choice import attention_for, check_choice, phase_of
 from ..ops.attention import flash_attention
 from ..ops.rms_norm import rms_norm
 from ..ops.cross_entropy import fused_linear_cross_entropy
@@ -81,6 +82,7 @@ SUPPORTED = "transformers 4.50 to 5.x (>= 4.50, < 6)"
 _ANGLES = "_llama_kernels_rope_angles"  # the tag the patched rotary embedding puts on its cos table
 _CACHE_ARGUMENTS = ("past_key_value", "past_key_values", "cache")  # the cache argument's names, oldest first
 _MISSING = object()
+_CHOICE = "_llama_kernels_attention"  # the attention choice patch_hf_llama puts on each attention module of a model
 PIECES = ("rms_norm", "rope", "attention", "swiglu", "cross_entropy")  # patch_hf_llama's switches
 IGNORE_INDEX = -100  # transformers' ForCausalLMLoss
 
@@ -89,17 +91,25 @@ _patched: set = set()  # the pieces patched
 _warned: set = set()  # the dtypes already told to run transformers' own code
 
 
-def patch_hf_llama(model=None, *, rms_norm: bool = True, rope: bool = True, attention: bool = True,
+def patch_hf_llama(model=None, *, rms_norm: bool = True, rope: bool = True, attention: bool | str = True,
                    swiglu: bool = True, cross_entropy: bool = True):
     """Run transformers' Llama classes on the kernels, the pieces switched on; if ``model`` is given and
     ``attention`` is on, switch its attention to them.
+
+    attention: True or "auto" (ours, or transformers' sdpa_attention_forward for a phase where the card's
+    measurements say SDPA beats ours: ``ops.attention_choice``, said once by a warning), "llama_kernels" (ours
+    always), "sdpa" (transformers' sdpa always), False (transformers' attention left as it is). The choice is
+    ``model``'s; a model switched later by ``attn_implementation="llama_kernels"`` gets "auto".
 
     Idempotent: a second call patches only the pieces not patched yet (it never unpatches one: that is
     ``unpatch_hf_llama``'s), and still switches ``model``.
     Returns ``model``. Raises RuntimeError on a transformers version outside 4.50 to 5.x, and TypeError
     (patching nothing) for a ``model`` that is not a transformers Llama model or a switch that is not a bool.
     """
-    switches = dict(rms_norm=rms_norm, rope=rope, attention=attention, swiglu=swiglu, cross_entropy=cross_entropy)
+    choice = check_choice("attention", attention, also=(True, False))
+    choice = "auto" if choice is True else choice
+    switches = dict(rms_norm=rms_norm, rope=rope, attention=attention is not False, swiglu=swiglu,
+                    cross_entropy=cross_entropy)
     for name, value in switches.items():
         if not isinstance(value, bool):
             raise TypeError(f"{name}: expected True or False, got {value!r}")
@@ -109,12 +119,18 @@ def patch_hf_llama(model=None, *, rms_norm: bool = True, rope: bool = True, atte
         raise TypeError(f"model: expected a transformers Llama model (a {llama_model.__name__}, e.g. "
                         f"LlamaForCausalLM) or None, got {type(model).__name__}")
     _patch(*modules, pieces=[piece for piece in PIECES if switches[piece] and piece not in _patched])
-    if model is not None and attention:
-        config = model.config
-        previous = config._attn_implementation_internal
-        config._attn_implementation_internal = IMPLEMENTATION
-        _undo.append(lambda: setattr(config, "_attn_implementation_internal", previous))
+    if model is not None and switches["attention"]:
+        _set_undoably(model.config, "_attn_implementation_internal", IMPLEMENTATION)
+        for module in model.modules():
+            if isinstance(module, modules[0].LlamaAttention):
+                _set_undoably(module, _CHOICE, choice)
     return model
+
+
+def _set_undoably(owner, name: str, value) -> None:
+    previous = getattr(owner, name, _MISSING)
+    setattr(owner, name, value)
+    _undo.append(lambda: delattr(owner, name) if previous is _MISSING else setattr(owner, name, previous))
 
 
 def unpatch_hf_llama() -> None:
@@ -334,9 +350,12 @@ def _apply_rotary_pos_emb(original):
 
 
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    """transformers' attention interface: q, k, v (B, H, S, D) in; (output (B, S, H, D), None) out."""
+    """transformers' attention interface: q, k, v (B, H, S, D) in; (output (B, S, H, D), None) out. Decoding is a
+    call with fewer queries than keys (the cache's keys before them)."""
+    phase = phase_of(query.shape[2] < key.shape[2], query, key, value)
     # A mask is read on the host to see whether it is the causal one: a compiled graph cannot, it takes sdpa.
-    if (dropout or query.shape[-1] not in HEAD_DIMS or not _kernels_take("attention", query, key, value)
+    if (attention_for(getattr(module, _CHOICE, "auto"), query.device, phase) == "sdpa"
+            or dropout or query.shape[-1] not in HEAD_DIMS or not _kernels_take("attention", query, key, value)
             or (attention_mask is not None and (torch.compiler.is_compiling()
                                                 or not _is_causal_mask(attention_mask, query.shape[2], key.shape[2])))):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
