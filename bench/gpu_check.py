@@ -18,7 +18,9 @@
 
 Files in OUTDIR: gpu_check.log (all output but the tests'), tests.log and tests.xml (pytest's output
 and junit report), gpu_check.json (every figure, count and failure), tuned_configs.json (copy it to
-llama_kernels/ops/ to use the winners), bench.json / bench.txt / bench.png, summary.txt.
+llama_kernels/ops/ to use the winners), attention_choice.json (the committed attention table with this card's
+entry from the benchmark: SDPA for a phase where its best backend beat ours; copy it to llama_kernels/ops/ too),
+bench.json / bench.txt / bench.png, summary.txt.
 
 A part that fails is recorded and the run goes on; the exit status is 1 if
 anything failed, 2 without a CUDA device. Each part has its share of the time budget
@@ -47,7 +49,7 @@ import torch  # noqa: E402
 import gpu_extension  # noqa: E402  (bench/, beside this file)
 from llama_kernels.bench import harness, model, report, run_benchmark, sweep  # noqa: E402
 from llama_kernels.bench.cases import CHECK_SHAPES  # noqa: E402
-from llama_kernels.ops import _triton  # noqa: E402
+from llama_kernels.ops import _triton, attention_choice  # noqa: E402
 
 DEVICE = torch.device("cuda")
 # The model runs first (the runner puts it before the op cases); attention last: the slowest per shape.
@@ -171,6 +173,16 @@ def benchmark(rec: Recorder, out_dir: Path, winners: dict, deadline: float) -> N
             rec.fail(f"{what}: skipped, time budget spent")
     rec.results["bench_rows"] = result["rows"]
     rec.results["bench_model"] = result.get("model")
+    propose_attention_choice(rec, out_dir, result["rows"])
+
+
+def propose_attention_choice(rec: Recorder, out_dir: Path, rows: list[dict]) -> None:
+    """OUTDIR/attention_choice.json: the committed table, this card's entry replaced by what its rows say."""
+    device, target = rec.results["device"], _triton.target_of(DEVICE)
+    entry = attention_choice.proposed_entry(rows, f"{device.get('name')}, {device['date']}, gpu_check")
+    table = {**attention_choice.attention_table(), target: entry} if entry else attention_choice.attention_table()
+    (out_dir / "attention_choice.json").write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    rec.results["attention_choice"] = {target: entry}
 
 
 # --------------------------------------------------------------------------- 3. summary
@@ -193,6 +205,10 @@ def summary(rec: Recorder, device: dict) -> str:
         lines += report.ours_lines(rec.results["bench_rows"], rec.results["bench"]["ceilings"])
     if rec.results.get("bench_model"):
         lines += [f"  {line}" for line in model.format_section(rec.results["bench_model"])]
+    for target, entry in rec.results.get("attention_choice", {}).items():
+        phases = ", ".join(f"{phase} {entry[phase]}" for phase in attention_choice.PHASES if phase in entry)
+        lines.append(f"attention choice proposed for {target} (ours vs SDPA's best backend per phase): "
+                     f"{phases or 'nothing measured'}; OUTDIR/attention_choice.json, copy it to llama_kernels/ops/")
     durations = ", ".join(f"{k} {v:.0f}s" for k, v in rec.results["durations_s"].items())
     lines.append(f"durations: {durations}")
     lines.append("FAILURES:" if rec.failures else "no failures")

@@ -6,14 +6,18 @@ table entry says so, saying so once per phase.
 """
 
 import collections
+import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from llama_kernels.bench import model as model_bench
+from llama_kernels.bench import train as train_bench
 from llama_kernels.models import CodeLlama, code_llama
-from llama_kernels.ops import attention_choice
+from llama_kernels.ops import _triton, attention_choice
 from test_models import TINY, tiny_model
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # fp32: the two compute the same softmax(q k^T) v
@@ -142,3 +146,31 @@ def test_the_proposed_entry_is_sdpa_where_its_best_backend_beats_ours_at_a_shape
     assert attention_choice.proposed_entry(rows, "card, date") == {
         "forward": "sdpa", "backward": "llama_kernels", "measured": "card, date"}
     assert attention_choice.proposed_entry([], "card") == {}
+
+
+def test_the_benchmarks_say_which_attention_ran():
+    models, cpu = model_bench.Models(TINY, tiny_model(), hf=None), torch.device("cpu")
+    assert [model_bench.attention_ran(provider, models, cpu, "forward") for provider in train_bench.PROVIDERS] == [
+        "llama_kernels", "sdpa", "llama_kernels", "sdpa"]  # ours, hf_sdpa, hf_patched (auto: ours on a CPU), Liger
+    models.ours.attention = "sdpa"
+    assert model_bench.attention_ran("ours", models, cpu, "decode") == "sdpa"
+    timed = dict(status="ok", median_ms=1.0, tokens_per_s=1.0, floor_ms=1.0, peak_mem_bytes=None, attention="sdpa")
+    model_row = dict(timed, phase="prefill", label="prefill S=8", provider="ours")
+    train_row = dict(timed, tokens=8, label="S=8", provider="ours")
+    assert model_bench.format_section({"title": "t", "rows": [model_row]})[-1].split()[-1] == "sdpa"
+    assert train_bench.format_section({"title": "t", "rows": [train_row]})[-1].split()[-1] == "sdpa"
+
+
+def test_gpu_check_proposes_the_table_with_the_cards_entry(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "bench"))
+    import gpu_check
+    monkeypatch.setattr(_triton, "target_of", lambda device: "sm100")
+    rec = gpu_check.Recorder()
+    rec.results["device"] = {"name": "B200", "date": "2027-01-01", "torch": "t", "triton": "t"}
+    rows = [dict(case="decode", shape_label="a", provider=provider, median_ms=ms, status="ok")
+            for provider, ms in (("ours", 1.0), ("sdpa_flash", 2.0))]
+    gpu_check.propose_attention_choice(rec, tmp_path, rows)
+    table = json.loads((tmp_path / "attention_choice.json").read_text())
+    assert table == {**attention_choice.attention_table(),
+                     "sm100": {"decode": "llama_kernels", "measured": "B200, 2027-01-01, gpu_check"}}
+    assert "attention choice proposed for sm100" in gpu_check.summary(rec, rec.results["device"])

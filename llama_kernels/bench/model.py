@@ -46,6 +46,7 @@ import torch
 
 from ..models import CodeLlama, CodeLlamaConfig
 from ..models.checkpoint import hf_to_meta_name
+from ..ops.attention_choice import attention_for
 from .cases import DTYPE, Unavailable, ours_backend
 from .harness import FULL, QUICK, measure, peak_memory_bytes
 
@@ -268,6 +269,15 @@ def _hf_patched(hf: torch.nn.Module) -> Iterator[None]:
         unpatch_hf_llama()  # the patch is class-wide: hf_sdpa's rows must see the original classes
 
 
+def attention_ran(provider: str, models: Models, device: torch.device, phase: str) -> str:
+    """Whose attention a provider ran for ``phase`` ("forward", "backward", "decode"): "sdpa" for transformers'
+    own ("hf_sdpa", and "hf_liger": Liger leaves attention as it is), else the model's choice (the patch's
+    default "auto" for "hf_patched") on this card: ``ops.attention_choice``."""
+    if provider in ("hf_sdpa", "hf_liger"):
+        return "sdpa"
+    return attention_for(models.ours.attention if provider == "ours" else "auto", device, phase)
+
+
 # --------------------------------------------------------------------------- the run
 def run_model_benchmark(device: torch.device, quick: bool, ceilings: dict, deadline: float | None = None,
                         progress=sys.stderr, layers: int | None = None, shapes: ModelShapes | None = None) -> dict:
@@ -321,8 +331,9 @@ def _measure(item: ModelItem, models: Models, device: torch.device, plan, ceilin
         return {**row, "status": "skipped", "reason": str(e)}
     except Exception as e:  # a peer's version, out of memory: a row, not the end of the run
         return {**row, "status": "error", "reason": _reason(e)}
+    phase = "forward" if item.phase == "prefill" else "decode"
     return {**row, "status": "ok", **timing.as_dict(), **figures(item, models.config, timing.median_ms, ceilings),
-            "cache_bytes": work.cache_bytes,
+            "attention": attention_ran(item.provider, models, device, phase), "cache_bytes": work.cache_bytes,
             "peak_mem_bytes": None if call_peak is None else work.cache_bytes + call_peak}
 
 
@@ -345,7 +356,9 @@ def format_section(model: dict) -> list[str]:
         "each step)",
         "floor = FLOPs / matmul ceiling (prefill), weights + KV cache read once / copy ceiling (decode); peak = KV "
         "cache held before the call + what the call allocates (GPU only; the shared weights left out)",
-        f"{'phase':20} {'provider':12} {'median ms':>10} {'rate':>14} {'floor ms':>9} {'ours x':>7} {'peak MiB':>9}",
+        "attention: whose attention ran (llama_kernels: ours; sdpa: torch's, where the card's table picks it)",
+        f"{'phase':20} {'provider':12} {'median ms':>10} {'rate':>14} {'floor ms':>9} {'ours x':>7} {'peak MiB':>9} "
+        f"{'attention':13}",
     ]
     previous = None
     for row in model["rows"]:
@@ -361,4 +374,4 @@ def _figures(row: dict) -> str:
     rate = f"{row['tokens_per_s']:.0f} tok/s" if row["phase"] == "prefill" else f"{row['ms_per_token']:.3f} ms/tok"
     speedup = "-" if row["provider"] == "ours" or row.get("ours_speedup") is None else f"{row['ours_speedup']:.2f}x"
     peak = "n/a" if row["peak_mem_bytes"] is None else f"{row['peak_mem_bytes'] / 2**20:.0f}"
-    return f"{row['median_ms']:10.3f} {rate:>14} {row['floor_ms']:9.3f} {speedup:>7} {peak:>9}"
+    return f"{row['median_ms']:10.3f} {rate:>14} {row['floor_ms']:9.3f} {speedup:>7} {peak:>9} {row['attention']:13}"

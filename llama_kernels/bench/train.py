@@ -162,7 +162,8 @@ def _measure(item: TrainItem, models: model.Models, device: torch.device, plan, 
     except Exception as e:  # a peer's version, out of memory: a row, not the end of the run
         return {**row, "status": "error", "reason": model._reason(e)}
     return {**row, "status": "ok", **timing.as_dict(),
-            "tokens_per_s": model.BATCH * item.tokens / (timing.median_ms * 1e-3), "peak_mem_bytes": peak}
+            "tokens_per_s": model.BATCH * item.tokens / (timing.median_ms * 1e-3), "peak_mem_bytes": peak,
+            "attention": model.attention_ran(item.provider, models, device, "backward")}
 
 
 # --------------------------------------------------------------------------- the table
@@ -172,7 +173,8 @@ def format_section(train: dict) -> list[str]:
         "one step: forward, loss over the tokens' next-token targets, backward (gradients set to None after it); "
         "peak = what the step allocates on top of the weights (GPU: the allocator's peak; CPU: the step's peak "
         "resident memory in a fresh process, above its resident memory before the step)",
-        f"{'length':20} {'provider':12} {'median ms':>10} {'tok/s':>10} {'ours x':>7} {'peak MiB':>9}",
+        f"{'length':20} {'provider':12} {'median ms':>10} {'tok/s':>10} {'ours x':>7} {'peak MiB':>9} "
+        f"{'attention':13}",
     ]
     previous = None
     for row in train["rows"]:
@@ -184,5 +186,5 @@ def format_section(train: dict) -> list[str]:
         speedup = "-" if row["provider"] == "ours" or row.get("ours_speedup") is None else f"{row['ours_speedup']:.2f}x"
         peak = "n/a" if row["peak_mem_bytes"] is None else f"{row['peak_mem_bytes'] / 2**20:.0f}"
         lines.append(f"{label:20} {row['provider']:12} {row['median_ms']:10.1f} {row['tokens_per_s']:10.0f} "
-                     f"{speedup:>7} {peak:>9}")
+                     f"{speedup:>7} {peak:>9} {row['attention']:13}")
     return lines

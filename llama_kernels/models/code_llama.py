@@ -118,10 +118,10 @@ class Attention(nn.Module):
         q = self.wq(x).view(batch, seqlen, self.n_heads, self.head_dim)
         k = self.wk(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)
-        phase = phase_of(cache is not None and not prefill, x, self.wq.weight)
-        if ring is None and attention_for(self.attention, x.device, phase) == "sdpa":
-            o = self._sdpa(q, k, v, inv_freq, cache, prefill)
-        elif ring is not None:
+        # The choice is asked only where it applies (it may warn): context parallelism always runs ring_attention.
+        sdpa = ring is None and attention_for(self.attention, x.device,
+                                              phase_of(cache is not None and not prefill, x, self.wq.weight)) == "sdpa"
+        if ring is not None:
             group, layout, positions = ring
             q, k = apply_rope(q, k, positions, inv_freq=inv_freq, interleaved=self.rope_interleaved,
                               backend=for_op(self.backend, "rope"))
@@ -130,44 +130,38 @@ class Attention(nn.Module):
         elif cache is None or prefill:
             q, k = apply_rope(q, k, inv_freq=inv_freq, interleaved=self.rope_interleaved,
                               backend=for_op(self.backend, "rope"))
-            o = flash_attention(q, k, v, causal=True, backend=for_op(self.backend, "flash_attention"))
+            if sdpa:
+                o = _sdpa_bshd(q, k, v, is_causal=True)
+            else:
+                o = flash_attention(q, k, v, causal=True, backend=for_op(self.backend, "flash_attention"))
             if cache is not None:
-                self._write_prefill(cache, k, v)
+                k_cache, v_cache, _, _ = cache
+                k_cache[:, :seqlen] = k
+                v_cache[:, :seqlen] = v
         else:
-            k_cache, v_cache, seqlens, _ = cache
+            k_cache, v_cache, seqlens, filled = cache
             # Under autocast the projections' dtype need not be the cache's (one made outside it): the cache's rules.
             q, k, v = (t.to(k_cache.dtype) for t in (q, k, v))
-            o = flash_attention_with_kvcache(q, k_cache, v_cache, seqlens, k=k, v=v, inv_freq=inv_freq,
-                                             interleaved=self.rope_interleaved, causal=True,
-                                             backend=for_op(self.backend, "flash_attention_with_kvcache"))
+            if sdpa:
+                o = self._sdpa_decode(q, k, v, inv_freq, k_cache, v_cache, seqlens, filled)
+            else:
+                o = flash_attention_with_kvcache(q, k_cache, v_cache, seqlens, k=k, v=v, inv_freq=inv_freq,
+                                                 interleaved=self.rope_interleaved, causal=True,
+                                                 backend=for_op(self.backend, "flash_attention_with_kvcache"))
         return self.wo(o.reshape(batch, seqlen, self.n_heads * self.head_dim))
 
-    @staticmethod
-    def _write_prefill(cache: tuple, k: Tensor, v: Tensor) -> None:
-        k_cache, v_cache, _, _ = cache
-        k_cache[:, :k.shape[1]] = k
-        v_cache[:, :v.shape[1]] = v
-
-    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, inv_freq: Tensor, cache: tuple | None, prefill: bool) -> Tensor:
-        """torch's scaled_dot_product_attention, causal, (B, S, H, D) in and out, the cache written as the
-        kernels' paths write it. Decoding (a cache holding tokens): the new k and v are rotated at each sequence's positions and written into it first, and the queries attend over
-        its first ``filled + S`` keys, query i of sequence b seeing keys j <= seqlens[b] + i (bottom-right causal,
-        per sequence: batched prompts end at different positions)."""
-        seqlen = q.shape[1]
-        if cache is None or prefill:
-            q, k = apply_rope(q, k, inv_freq=inv_freq, interleaved=self.rope_interleaved,
-                              backend=for_op(self.backend, "rope"))
-            if cache is not None:
-                self._write_prefill(cache, k, v)
-            return _sdpa_bshd(q, k, v, is_causal=True)
-        k_cache, v_cache, seqlens, filled = cache
-        q, k, v = (t.to(k_cache.dtype) for t in (q, k, v))  # as the decode kernel: the cache's dtype
-        positions = seqlens[:, None].long() + torch.arange(seqlen, device=q.device)  # (B, S)
+    def _sdpa_decode(self, q: Tensor, k: Tensor, v: Tensor, inv_freq: Tensor, k_cache: Tensor, v_cache: Tensor,
+                     seqlens: Tensor, filled: int) -> Tensor:
+        """What flash_attention_with_kvcache does, on torch's SDPA: the new k and v rotated at each sequence's
+        positions and written into the caches first, then the queries over their first ``filled + S`` keys, query
+        i of sequence b seeing keys j <= seqlens[b] + i (bottom-right causal per sequence: batched prompts end at
+        different positions)."""
+        positions = seqlens[:, None].long() + torch.arange(q.shape[1], device=q.device)  # (B, S)
         q, k = apply_rope(q, k, positions, inv_freq=inv_freq, interleaved=self.rope_interleaved,
                           backend=for_op(self.backend, "rope"))
-        rows = torch.arange(q.shape[0], device=q.device)[:, None]
-        k_cache[rows, positions], v_cache[rows, positions] = k, v
-        length = filled + seqlen
+        sequences = torch.arange(q.shape[0], device=q.device)[:, None]
+        k_cache[sequences, positions], v_cache[sequences, positions] = k, v
+        length = filled + q.shape[1]
         visible = torch.arange(length, device=q.device) <= positions[:, :, None]  # (B, S, length)
         return _sdpa_bshd(q, k_cache[:, :length], v_cache[:, :length], mask=visible[:, None])
 
