@@ -342,3 +342,19 @@ def test_an_unknown_attention_choice_is_refused(value, error):
                                     rf"got {value!r}"):
         hf.patch_hf_llama(attention=value)
     assert not any("llama_kernels" in registry for registry in REGISTRIES)
+
+
+def test_attention_auto_on_sm90_compiles_with_fullgraph(sdpa_calls, monkeypatch):
+    """A compiled graph cannot warn: the choice is traced, the warning left to eager calls."""
+    from llama_kernels.ops import attention_choice
+
+    monkeypatch.setattr(attention_choice, "target_of", lambda device: "sm90")
+    monkeypatch.setattr(attention_choice, "_warned", set())  # nothing told yet: the compiled call would warn
+    stock, model = twin_models()
+    ids = torch.randint(1, TINY["vocab_size"], (2, 11))
+    expected = logits(stock, ids)
+    hf.patch_hf_llama(model)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    torch.testing.assert_close(logits(compiled, ids), expected, **TOL)
+    torch.compiler.reset()
+    assert sdpa_calls["sdpa"] == LAYERS

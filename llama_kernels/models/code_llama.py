@@ -17,7 +17,9 @@ are renamed (``checkpoint.py``). What runs where:
   Face's permuted weights), so no weight is permuted at load time;
 - attention is ``flash_attention`` (training and prefill: O(S) memory) or, once the cache
   holds tokens, ``flash_attention_with_kvcache``, which rotates the new q and k at their
-  positions, appends k and v to the cache and attends in three launches;
+  positions, appends k and v to the cache and attends in three launches; or torch's SDPA
+  for a phase where the card's measurements say it is faster (``attention``: "auto",
+  "llama_kernels", "sdpa"; ``ops.attention_choice``);
 - the feed-forward's activation is ``swiglu(w1 x, w3 x)``, one kernel each way;
 - with ``targets`` the output layer and the loss are ``fused_linear_cross_entropy``: the
   (B, S, vocab) logits are never built (at 16k tokens and V = 32,016 they would be 2 GB in
@@ -379,7 +381,7 @@ class CodeLlama(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = torch.bfloat16, device=None,
-                        backend: str | None = None) -> CodeLlama:
+                        backend: str | None = None, attention: str = "auto") -> CodeLlama:
         """Meta's (params.json + consolidated.NN.pth) or Hugging Face's (config.json + safetensors / .bin)
         checkpoint directory. The weights are read one tensor at a time into a model built on the meta
         device, so no second copy exists; RoPE runs in the checkpoint's pair layout."""
@@ -387,6 +389,6 @@ class CodeLlama(nn.Module):
 
         loaded = load_checkpoint(path, dtype=dtype, device=device or "cpu")
         with torch.device("meta"):
-            model = cls(loaded.config, rope_interleaved=loaded.interleaved, backend=backend)
+            model = cls(loaded.config, rope_interleaved=loaded.interleaved, backend=backend, attention=attention)
         model.load_state_dict(loaded.state_dict, strict=True, assign=True)
         return model

@@ -42,7 +42,10 @@ piece switched off is left as transformers has it:
   additive mask itself. A mask that is exactly the bottom-right causal pattern still
   runs the kernel (one host sync per layer to check it; not under torch.compile);
   any other mask, dropout in training, and head dims other than 64 and 128 go to
-  transformers' ``sdpa_attention_forward`` with the mask, never ignoring padding.
+  transformers' ``sdpa_attention_forward`` with the mask, never ignoring padding. So does
+  every call where the model's choice (``attention="auto"``, the default, or ``"sdpa"``;
+  ``ops.attention_choice``) picks SDPA for the card and phase: decoding (fewer queries than
+  keys), training (gradients recorded: the backward's entry), else the forward.
 - ``swiglu``: ``LlamaMLP.forward`` runs ``down_proj(swiglu(gate_proj(x), up_proj(x)))`` where
   the activation is SiLU (``hidden_act`` "silu"), the original otherwise.
 - ``cross_entropy``: ``LlamaForCausalLM.forward`` in training mode with ``labels`` computes

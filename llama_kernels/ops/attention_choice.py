@@ -62,7 +62,8 @@ def attention_for(choice: str, device: torch.device, phase: str) -> str:
     target = target_of(device)
     entry = attention_table().get(target, {})
     chosen = entry.get(phase, "llama_kernels")
-    if chosen == "sdpa" and (target, phase) not in _warned:
+    # A compiled graph cannot warn (fullgraph refuses it): an eager call says it.
+    if chosen == "sdpa" and (target, phase) not in _warned and not torch.compiler.is_compiling():
         _warned.add((target, phase))
         warnings.warn(f"llama_kernels: attention='auto' runs torch's SDPA for the {phase} on {target}, where it "
                       f"measured faster than ours ({entry.get('measured', 'attention_choice.json')}); "
