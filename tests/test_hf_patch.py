@@ -216,8 +216,15 @@ def test_a_switch_that_is_not_a_bool_is_refused():
     assert not any("llama_kernels" in registry for registry in REGISTRIES)
 
 
-def test_compiled_model_matches(calls):
-    """torch.compile with fullgraph=True traces the patched model, the tag on the RoPE table included."""
+@pytest.mark.parametrize("sm90", [False, True], ids=["cpu", "sm90-auto-sdpa"])
+def test_compiled_model_matches(calls, sdpa_calls, monkeypatch, sm90):
+    """torch.compile with fullgraph=True traces the patched model, the tag on the RoPE table included; on a
+    (faked) sm90 the attention choice too (SDPA: a compiled graph cannot warn, that is left to eager calls)."""
+    if sm90:
+        from llama_kernels.ops import attention_choice
+
+        monkeypatch.setattr(attention_choice, "target_of", lambda device: "sm90")
+        monkeypatch.setattr(attention_choice, "_warned", set())  # nothing told yet: the compiled call would warn
     stock, model = twin_models()
     ids = torch.randint(1, TINY["vocab_size"], (2, 19))
     expected = logits(stock, ids)
@@ -227,6 +234,8 @@ def test_compiled_model_matches(calls):
     torch.compiler.reset()
     # Attention too where transformers skips the causal mask when compiling (5.x); else sdpa takes the mask.
     assert (calls["rms_norm"], calls["fused"], calls["apply_rope"]) == (2 * LAYERS + 1, LAYERS, LAYERS)
+    if sm90:
+        assert sdpa_calls["sdpa"] == LAYERS and calls["flash_attention"] == 0
 
 
 def test_models_built_before_and_after_the_patch_use_the_kernels(calls):
@@ -343,18 +352,3 @@ def test_an_unknown_attention_choice_is_refused(value, error):
         hf.patch_hf_llama(attention=value)
     assert not any("llama_kernels" in registry for registry in REGISTRIES)
 
-
-def test_attention_auto_on_sm90_compiles_with_fullgraph(sdpa_calls, monkeypatch):
-    """A compiled graph cannot warn: the choice is traced, the warning left to eager calls."""
-    from llama_kernels.ops import attention_choice
-
-    monkeypatch.setattr(attention_choice, "target_of", lambda device: "sm90")
-    monkeypatch.setattr(attention_choice, "_warned", set())  # nothing told yet: the compiled call would warn
-    stock, model = twin_models()
-    ids = torch.randint(1, TINY["vocab_size"], (2, 11))
-    expected = logits(stock, ids)
-    hf.patch_hf_llama(model)
-    compiled = torch.compile(model, backend="eager", fullgraph=True)
-    torch.testing.assert_close(logits(compiled, ids), expected, **TOL)
-    torch.compiler.reset()
-    assert sdpa_calls["sdpa"] == LAYERS
