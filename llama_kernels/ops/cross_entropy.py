@@ -24,8 +24,11 @@ is what the materialized path does; the kernel between them is a memory-bound pa
 - Memory: the chunk's fp32 logits, C x V x 4 bytes (on a GPU plus dz's 16-bit copy for the
   matmuls, C x V x 2; on the CPU twice C x V x 4, see the step), C from ``chunk_rows``
   (a fixed budget per device, ``LOGITS_CHUNK_BYTES``), besides the gradients themselves (dW's
-  fp32 accumulator, V x H x 4 bytes when weight is 16-bit). Nothing of size N x V. On the CPU the matmuls run in fp32
-  (torch has no 16-bit matmul with fp32 output there): a 16-bit weight is upcast once per call.
+  fp32 accumulator, V x H x 4 bytes when weight is 16-bit). Nothing of size N x V. On the CPU the matmuls take
+  fp32 operands (torch has no 16-bit matmul with fp32 output there): a 16-bit weight is upcast once per call. For
+  bf16 inputs, dz is rounded to bf16 as on a GPU and the fp32 matmuls run through oneDNN's bf16 kernels
+  (``_bf16_products``): every operand is a bf16 value, so the products are exact and the result is the GPU's
+  (fp32 accumulation and output) at 3-4x the speed of fp32 products.
 - Deterministic: chunks in a fixed order, no atomics, each sum in one place.
 - A target outside [0, V) that is not ignore_index is refused on the CPU. On a GPU it is not
   checked on the host (that would sync), nor inside torch.compile (no data-dependent branch):
@@ -33,6 +36,8 @@ is what the materialized path does; the kernel between them is a memory-bound pa
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
@@ -168,6 +173,27 @@ def _matmul_dtype(t: Tensor) -> torch.dtype:
     return t.dtype if t.is_cuda else torch.float32
 
 
+def _bf16_products(hidden: Tensor, weight: Tensor) -> contextlib.AbstractContextManager[bool]:
+    """Whether the CPU's fp32 matmuls of bf16 values may run on bf16 hardware; while so, they do.
+    The setting is the process's (torch has no per-call one): restored on the way out."""
+    matmul = torch.backends.mkldnn.matmul
+    usable = (hidden.device.type == "cpu" and hidden.dtype == weight.dtype == torch.bfloat16
+              and hasattr(matmul, "fp32_precision") and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if not usable:
+        return contextlib.nullcontext(False)
+    return _fp32_precision_bf16(matmul)
+
+
+@contextlib.contextmanager
+def _fp32_precision_bf16(matmul):
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "bf16"
+    try:
+        yield True
+    finally:
+        matmul.fp32_precision = before
+
+
 def _mm(a: Tensor, b: Tensor, accumulate: Tensor | None = None) -> Tensor:
     """a @ b in fp32 (16-bit operands: fp32 accumulation and output); with ``accumulate``, added into it."""
     if a.dtype == torch.float32:
@@ -202,23 +228,27 @@ def _chunked(hidden, weight, target, bias, row_scale, ignore_index, label_smooth
     dweight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_weight else None
     dbias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if grad_bias else None
     size = chunk_rows(n_rows, vocab, hidden.device)
-    for start in range(0, n_rows, size):
-        rows = slice(start, min(start + size, n_rows))
-        h = hidden[rows].to(mm_dtype)
-        logits = _mm(h, weight_mm.T)
-        if bias_f is not None:
-            logits += bias_f
-        loss[rows], _, dz = step(logits, target[rows], row_scale[rows] if write_grad else None, ignore_index,
-                                 label_smoothing, write_grad)
-        if not write_grad:
-            continue
-        if grad_bias:
-            dbias += dz.sum(0)
-        dz = dz.to(mm_dtype)  # fp32 on the CPU; rounded to the input dtype for the GPU's matmuls
-        if grad_hidden:
-            dhidden[rows] = _mm(dz, weight_mm)
-        if grad_weight:
-            _mm(dz.T, h, accumulate=dweight)
+    with _bf16_products(hidden, weight) as bf16_products:
+        # dz's operand: rounded to the input dtype for the GPU's matmuls and the CPU's bf16 products
+        dz_dtype = hidden.dtype if hidden.is_cuda or bf16_products else torch.float32
+        weight_dz = weight_mm if dz_dtype == mm_dtype else weight
+        for start in range(0, n_rows, size):
+            rows = slice(start, min(start + size, n_rows))
+            h = hidden[rows].to(mm_dtype)
+            logits = _mm(h, weight_mm.T)
+            if bias_f is not None:
+                logits += bias_f
+            loss[rows], _, dz = step(logits, target[rows], row_scale[rows] if write_grad else None, ignore_index,
+                                     label_smoothing, write_grad)
+            if not write_grad:
+                continue
+            if grad_bias:
+                dbias += dz.sum(0)
+            dz = dz.to(dz_dtype)
+            if grad_hidden:  # rounded to hidden's dtype once, from fp32 accumulation, whichever the output's dtype
+                dhidden[rows] = torch.mm(dz, weight_dz)
+            if grad_weight:
+                _mm(dz.to(mm_dtype).T, h, accumulate=dweight)
     return loss, dhidden, dweight, dbias
 
 
