@@ -4,6 +4,7 @@ Both run in subprocesses without TRITON_INTERPRET (which this suite's conftest s
 the benchmark measures what a user gets, not the interpreter.
 """
 
+import argparse
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from llama_kernels import cli
-from llama_kernels.bench import model, report
+from llama_kernels.bench import add_arguments, model, report
 
 REPO = Path(__file__).resolve().parent.parent
 MEMORY_BOUND = {"rms_norm", "rms_norm_residual", "rms_norm_bwd", "rms_norm_fwd_bwd", "rope", "rope_bwd",
@@ -94,6 +95,16 @@ def test_cli_refuses_unknown_ops(capsys):
         cli.main(["bench", "--ops", "rms_norm,softmax"])
     assert exit_info.value.code == 2
     assert "expected a comma-separated subset of rms_norm,rope" in capsys.readouterr().err
+
+
+def test_cli_train_tokens_takes_positive_lengths(capsys):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args(["--train-tokens", "16384, 32768"]).train_tokens == (16384, 32768)
+    assert parser.parse_args([]).train_tokens is None  # the device's lengths
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--train-tokens", "4096,0"])
+    assert "expected a positive integer, got '0'" in capsys.readouterr().err
 
 
 def test_gpu_check_without_a_gpu_says_so(tmp_path):

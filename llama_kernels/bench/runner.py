@@ -28,10 +28,11 @@ from .harness import FULL, QUICK, default_device, device_info, measure, measure_
 
 def run_benchmark(ops=OPS, quick: bool = False, device: torch.device | None = None,
                   deadline: float | None = None, progress=sys.stderr, shapes: dict | None = None,
-                  model_layers: int | None = None) -> dict:
+                  model_layers: int | None = None, train_tokens: tuple[int, ...] | None = None) -> dict:
     """All measurements as one JSON-ready dict. ``deadline`` (time.monotonic()) skips what is left once passed;
     ``shapes`` ({"memory": ..., "attention": ..., "decode": ..., "model": model.ModelShapes}) replaces the
-    device's shape lists; ``model_layers`` the model and train sections' layer count."""
+    device's shape lists; ``model_layers`` the model and train sections' layer count; ``train_tokens`` the train
+    section's sequence lengths."""
     device = device or default_device()
     plan = QUICK if quick else FULL
     info = device_info(device)  # its CPU notice is printed once, with the table
@@ -45,7 +46,8 @@ def run_benchmark(ops=OPS, quick: bool = False, device: torch.device | None = No
             _add_speedups(list(group))
     train_section = None
     if "train" in ops:
-        train_section = train.run_train_benchmark(device, quick, deadline, progress, layers=model_layers)
+        train_section = train.run_train_benchmark(device, quick, deadline, progress, layers=model_layers,
+                                                  lengths=train_tokens)
         for _, group in itertools.groupby(train_section["rows"], key=lambda row: row["label"]):
             _add_speedups(list(group))
     # "model" has no case: the matrix holds the op cases only
@@ -133,6 +135,10 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _lengths(text: str) -> tuple[int, ...]:
+    return tuple(_positive(part.strip()) for part in text.split(","))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="one small shape per case, few repetitions, no torch.compile peer (a few seconds)")
@@ -143,11 +149,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-layers", type=_positive, default=None,
                         help=f"layers of the Code Llama 7B stack in the model and train sections (default: {model.GPU_LAYERS} on a "
                              f"GPU; {model.REDUCED_LAYERS} of the reduced model on a CPU and with --quick)")
+    parser.add_argument("--train-tokens", type=_lengths, default=None,
+                        help=f"comma-separated sequence lengths of the train section (default: "
+                             f"{','.join(map(str, train.GPU_TOKENS))} on a GPU, "
+                             f"{','.join(map(str, train.REDUCED_TOKENS))} on a CPU)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run, print the table, write the files. Exit status 1 if one of ours' measurements failed."""
-    result = run_benchmark(ops=args.ops, quick=args.quick, model_layers=args.model_layers)
+    result = run_benchmark(ops=args.ops, quick=args.quick, model_layers=args.model_layers,
+                           train_tokens=args.train_tokens)
     table = report.format_table(result)
     print(table)
     for line in report.write_outputs(result, args.out, table, plot=not args.no_plot):

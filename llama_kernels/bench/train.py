@@ -38,10 +38,10 @@ from .harness import FULL, QUICK, measure, peak_memory_bytes
 
 PROVIDERS = ("ours", "hf_sdpa", "hf_patched", "hf_liger")
 GPU_TOKENS = (4096, 16384, 32768, 65536, 100_000)
-# The CPU: the model section's reduced stack (dim 1024, 2 layers) at 1k tokens only: a step takes 1.5 to 4 s on
-# 2 cores (4k would take 10 s, 16k a minute), and each provider runs it three times for its time and twice more
-# for its memory, in a fresh process. --quick: 256 tokens.
-REDUCED_TOKENS = (1024,)
+# The CPU: the model section's reduced stack (dim 1024, 2 layers) at 1k and 4k tokens: a step takes about 1.5 and
+# 8 s on 2 cores (16k about a minute: --train-tokens 16384), and each provider runs it three times for its time and
+# twice more for its memory, in a fresh process. --quick: 256 tokens.
+REDUCED_TOKENS = (1024, 4096)
 QUICK_TOKENS = (256,)
 # A step at 100k tokens on 8 layers takes seconds on an H100: do_bench's default window would time it once. On a
 # CPU the step is timed once after its two warm-up calls.
@@ -115,11 +115,12 @@ def fresh_step(config, item: TrainItem) -> contextlib.AbstractContextManager[Cal
 
 # --------------------------------------------------------------------------- the run
 def run_train_benchmark(device: torch.device, quick: bool, deadline: float | None = None, progress=sys.stderr,
-                        layers: int | None = None) -> dict:
-    """The train section of the benchmark's result: what was measured and one row per item, length by length."""
+                        layers: int | None = None, lengths: tuple[int, ...] | None = None) -> dict:
+    """The train section of the benchmark's result: what was measured and one row per item, length by length
+    (``lengths``: the sequence lengths, by default the device's)."""
     reduced = quick or device.type != "cuda"
     config = model.model_config(reduced, layers)
-    lengths = QUICK_TOKENS if quick else REDUCED_TOKENS if reduced else GPU_TOKENS
+    lengths = lengths or (QUICK_TOKENS if quick else REDUCED_TOKENS if reduced else GPU_TOKENS)
     plan = QUICK if quick else TRAIN_PLAN
     print(f"[train] building {model.describe(config)}", file=progress, flush=True)
     todo = items(lengths)
