@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -44,7 +45,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import (flash_attention, flash_attention_with_kvcache, fused_linear_cross_entropy, rms_norm,
                rope_attention_factor, rope_inv_freq, swiglu)
-from .._checks import check_tensor
+from .._checks import check_positive_int, check_tensor
 from ..distributed.ring import positions as ring_positions
 from ..distributed.ring import ring_attention
 from ..ops._backend import BACKENDS, for_op
@@ -52,6 +53,7 @@ from ..ops.attention_choice import attention_for, check_choice, phase_of
 from ..ops.rope import apply_rope
 from ..rope_scaling import rope_type
 from .config import CodeLlamaConfig
+from .paged_cache import BLOCK_SIZES, PagedKVCache
 
 _SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
 
@@ -78,10 +80,36 @@ class KVCache:
     v: list[Tensor]
     seqlens: Tensor
     filled: int = 0
+    block_table = None  # contiguous: each sequence's row of k[i] is its cache (``PagedKVCache`` has a table)
 
     @property
     def max_seq_len(self) -> int:
         return self.k[0].shape[1]
+
+    def reserve(self, tokens: int) -> None:
+        """Before a forward of ``tokens`` new tokens per sequence: refused if they would overflow the cache."""
+        if self.filled + tokens > self.max_seq_len:
+            raise ValueError(f"tokens: {tokens} more tokens after {self.filled} would overflow the cache of "
+                             f"{self.max_seq_len}; make a longer one with new_cache(batch, max_seq_len)")
+
+    def advance(self, tokens: int) -> None:
+        """After a forward: the host's bound follows ``seqlens``, which the forward advanced on the device."""
+        self.filled += tokens
+
+    def truncate(self, lengths: list[int]) -> None:
+        """Each sequence back to ``lengths[b]`` tokens (``filled`` stays their bound): the next tokens overwrite
+        what followed, as after a padded prefill."""
+        self.seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
+
+
+class LayerCache(NamedTuple):
+    """What one layer's attention reads of a cache: its (k, v) caches or pools, and what all layers share."""
+
+    k: Tensor
+    v: Tensor
+    seqlens: Tensor
+    filled: int  # the host's bound of seqlens
+    block_table: Tensor | None  # a PagedKVCache's; None for a contiguous KVCache
 
 
 class RMSNorm(nn.Module):
@@ -110,19 +138,21 @@ class Attention(nn.Module):
         self.backend: str | None = None
         self.attention = "auto"  # CodeLlama.attention sets it
 
-    def forward(self, x: Tensor, inv_freq: Tensor, cache: tuple[Tensor, Tensor, Tensor, int] | None,
-                prefill: bool, ring: tuple | None = None) -> Tensor:
-        """x (B, S, dim). cache: this layer's (k_cache, v_cache), the shared seqlens and the host's bound of them
-        (KVCache.filled); prefill: the cache is empty, so the S tokens attend among themselves and are then written
-        to it. ring: (process group, layout, global positions) when x is this rank's shard of the sequence (context
-        parallelism: ring_attention, whatever ``attention`` says)."""
+    def forward(self, x: Tensor, inv_freq: Tensor, cache: LayerCache | None, prefill: bool,
+                ring: tuple | None = None) -> Tensor:
+        """x (B, S, dim). cache: this layer's part of a KVCache or PagedKVCache; prefill: the (contiguous) cache is
+        empty, so the S tokens attend among themselves and are then written to it. ring: (process group, layout,
+        global positions) when x is this rank's shard of the sequence (context parallelism: ring_attention,
+        whatever ``attention`` says)."""
         batch, seqlen, _ = x.shape
         q = self.wq(x).view(batch, seqlen, self.n_heads, self.head_dim)
         k = self.wk(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)
-        # The choice is asked only where it applies (it may warn): context parallelism always runs ring_attention.
-        sdpa = ring is None and attention_for(self.attention, x.device,
-                                              phase_of(cache is not None and not prefill, x, self.wq.weight)) == "sdpa"
+        paged = cache is not None and cache.block_table is not None
+        # The choice is asked only where it applies (it may warn): context parallelism always runs ring_attention,
+        # and a paged cache ours (SDPA has no paged form: it would gather every page each step).
+        sdpa = ring is None and not paged and attention_for(
+            self.attention, x.device, phase_of(cache is not None and not prefill, x, self.wq.weight)) == "sdpa"
         if ring is not None:
             group, layout, positions = ring
             q, k = apply_rope(q, k, positions, inv_freq=inv_freq, interleaved=self.rope_interleaved,
@@ -137,35 +167,33 @@ class Attention(nn.Module):
             else:
                 o = flash_attention(q, k, v, causal=True, backend=for_op(self.backend, "flash_attention"))
             if cache is not None:
-                k_cache, v_cache, _, _ = cache
-                k_cache[:, :seqlen] = k
-                v_cache[:, :seqlen] = v
+                cache.k[:, :seqlen] = k
+                cache.v[:, :seqlen] = v
         else:
-            k_cache, v_cache, seqlens, filled = cache
             # Under autocast the projections' dtype need not be the cache's (one made outside it): the cache's rules.
-            q, k, v = (t.to(k_cache.dtype) for t in (q, k, v))
+            q, k, v = (t.to(cache.k.dtype) for t in (q, k, v))
             if sdpa:
-                o = self._sdpa_decode(q, k, v, inv_freq, k_cache, v_cache, seqlens, filled)
+                o = self._sdpa_decode(q, k, v, inv_freq, cache)
             else:
-                o = flash_attention_with_kvcache(q, k_cache, v_cache, seqlens, k=k, v=v, inv_freq=inv_freq,
-                                                 interleaved=self.rope_interleaved, causal=True,
+                pages = {"block_table": cache.block_table} if paged else {}
+                o = flash_attention_with_kvcache(q, cache.k, cache.v, cache.seqlens, k=k, v=v, inv_freq=inv_freq,
+                                                 interleaved=self.rope_interleaved, causal=True, **pages,
                                                  backend=for_op(self.backend, "flash_attention_with_kvcache"))
         return self.wo(o.reshape(batch, seqlen, self.n_heads * self.head_dim))
 
-    def _sdpa_decode(self, q: Tensor, k: Tensor, v: Tensor, inv_freq: Tensor, k_cache: Tensor, v_cache: Tensor,
-                     seqlens: Tensor, filled: int) -> Tensor:
-        """What flash_attention_with_kvcache does, on torch's SDPA: the new k and v rotated at each sequence's
-        positions and written into the caches first, then the queries over their first ``filled + S`` keys, query
-        i of sequence b seeing keys j <= seqlens[b] + i (bottom-right causal per sequence: batched prompts end at
-        different positions)."""
-        positions = seqlens[:, None].long() + torch.arange(q.shape[1], device=q.device)  # (B, S)
+    def _sdpa_decode(self, q: Tensor, k: Tensor, v: Tensor, inv_freq: Tensor, cache: LayerCache) -> Tensor:
+        """What flash_attention_with_kvcache does, on torch's SDPA (contiguous caches): the new k and v rotated at
+        each sequence's positions and written into the caches first, then the queries over their first
+        ``filled + S`` keys, query i of sequence b seeing keys j <= seqlens[b] + i (bottom-right causal per
+        sequence: batched prompts end at different positions)."""
+        positions = cache.seqlens[:, None].long() + torch.arange(q.shape[1], device=q.device)  # (B, S)
         q, k = apply_rope(q, k, positions, inv_freq=inv_freq, interleaved=self.rope_interleaved,
                           backend=for_op(self.backend, "rope"))
         sequences = torch.arange(q.shape[0], device=q.device)[:, None]
-        k_cache[sequences, positions], v_cache[sequences, positions] = k, v
-        length = filled + q.shape[1]
+        cache.k[sequences, positions], cache.v[sequences, positions] = k, v
+        length = cache.filled + q.shape[1]
         visible = torch.arange(length, device=q.device) <= positions[:, :, None]  # (B, S, length)
-        return _sdpa_bshd(q, k_cache[:, :length], v_cache[:, :length], mask=visible[:, None])
+        return _sdpa_bshd(q, cache.k[:, :length], cache.v[:, :length], mask=visible[:, None])
 
 
 def _sdpa_bshd(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = False, mask: Tensor | None = None) -> Tensor:
@@ -297,15 +325,31 @@ class CodeLlama(nn.Module):
     def new_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
         """An empty cache for ``batch_size`` sequences of up to ``max_seq_len`` tokens, in the model's dtype (under
         autocast, autocast's: the dtype the projections then give)."""
-        c, weight = self.config, self.output.weight
-        device = weight.device
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight.dtype
-        shape = (batch_size, max_seq_len, c.n_kv_heads, c.head_dim)
-        return KVCache(k=[torch.empty(shape, dtype=dtype, device=device) for _ in self.layers],
-                       v=[torch.empty(shape, dtype=dtype, device=device) for _ in self.layers],
-                       seqlens=torch.zeros(batch_size, dtype=torch.int32, device=device))
+        k, v = self._cache_tensors((batch_size, max_seq_len))
+        return KVCache(k=k, v=v, seqlens=torch.zeros(batch_size, dtype=torch.int32, device=k[0].device))
 
-    def forward(self, tokens: Tensor, targets: Tensor | None = None, *, cache: KVCache | None = None,
+    def new_paged_cache(self, num_blocks: int, block_size: int = 16, *, max_batch_size: int = 64,
+                        max_seq_len: int | None = None) -> PagedKVCache:
+        """An empty paged cache: per layer a pool of ``num_blocks`` blocks of ``block_size`` tokens (a power of two,
+        16 to 256), in the dtype ``new_cache`` takes. Batches of up to ``max_batch_size`` sequences of up to
+        ``max_seq_len`` tokens (by default the model's ``config.max_seq_len``) each."""
+        check_positive_int("num_blocks", num_blocks)
+        if block_size not in BLOCK_SIZES:
+            raise ValueError(f"block_size: expected a power of two from 16 to 256, got {block_size!r}")
+        max_seq_len = check_positive_int("max_seq_len", max_seq_len or self.config.max_seq_len)
+        k, v = self._cache_tensors((num_blocks, block_size))
+        return PagedKVCache(k, v, max_batch_size=max_batch_size, max_blocks_per_seq=-(-max_seq_len // block_size))
+
+    def _cache_tensors(self, leading: tuple[int, int]) -> tuple[list[Tensor], list[Tensor]]:
+        """Per layer an uninitialized k and v of shape (*leading, Hk, D) in the model's (or autocast's) dtype."""
+        device = self.output.weight.device
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else \
+            self.output.weight.dtype
+        shape = (*leading, self.config.n_kv_heads, self.config.head_dim)
+        return ([torch.empty(shape, dtype=dtype, device=device) for _ in self.layers],
+                [torch.empty(shape, dtype=dtype, device=device) for _ in self.layers])
+
+    def forward(self, tokens: Tensor, targets: Tensor | None = None, *, cache: KVCache | PagedKVCache | None = None,
                 logits_at: Tensor | None = None) -> Tensor:
         """Logits (B, S, vocab) of the tokens (B, S), or (B, 1, vocab) at positions ``logits_at`` (B,); with
         ``targets``, the mean cross-entropy loss instead (an fp32 scalar).
@@ -314,9 +358,10 @@ class CodeLlama(nn.Module):
         ``model(tokens[:, :-1], targets=tokens[:, 1:])``), -100 where no loss is wanted. The loss is the mean
         over the other positions (nan if there are none, as torch's), computed by
         ``fused_linear_cross_entropy`` without building the logits.
-        With a cache, the tokens follow what each sequence already holds (an empty cache: a
-        prefill from position 0), and the cache is advanced by S; a forward with a cache runs without
-        autograd (generation: the decode kernel writes the caches in place and has no backward).
+        With a cache (a ``KVCache``, or a ``PagedKVCache`` over its ``set_batch``), the tokens follow what each
+        sequence already holds (an empty cache: a prefill from position 0), and the cache is advanced by S; a
+        forward with a cache runs without autograd (generation: the decode kernel writes the caches in place and
+        has no backward).
         """
         if tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"tokens: expected an integer tensor (B, S), got {tokens.dtype} {tuple(tokens.shape)}")
@@ -329,19 +374,30 @@ class CodeLlama(nn.Module):
                                  "over every position)")
             if self.context_parallel is not None:  # a shard's mean is not the sequence's
                 raise ValueError("targets: a context-parallel model returns its shard's logits, not a loss")
-        if cache is not None and torch.is_grad_enabled():  # generation: decoding writes the caches, has no backward
-            with torch.no_grad():
-                return self.forward(tokens, cache=cache, logits_at=logits_at)
-        batch, seqlen = tokens.shape
-        prefill = cache is not None and cache.filled == 0
-        if cache is not None and self.context_parallel is not None:
+        if cache is None:
+            return self._run(tokens, targets, None, logits_at)
+        if self.context_parallel is not None:
             raise ValueError("cache: a context-parallel model has no KV cache (training and scoring only)")
-        if cache is not None:
-            if cache.seqlens.shape[0] != batch:
-                raise ValueError(f"cache: expected one for {batch} sequences, got {cache.seqlens.shape[0]}")
-            if cache.filled + seqlen > cache.max_seq_len:
-                raise ValueError(f"tokens: {seqlen} more tokens after {cache.filled} would overflow the cache of "
-                                 f"{cache.max_seq_len}; make a longer one with new_cache(batch, max_seq_len)")
+        if cache.seqlens.shape[0] != tokens.shape[0]:
+            raise ValueError(f"cache: expected one for {tokens.shape[0]} sequences, got {cache.seqlens.shape[0]}")
+        cache.reserve(tokens.shape[1])  # an overflow refused, or pages taken, before anything is written
+        with torch.no_grad():  # generation: decoding writes the caches, has no backward
+            logits = self.cached_pass(tokens, cache, logits_at)
+        cache.advance(tokens.shape[1])
+        return logits
+
+    def cached_pass(self, tokens: Tensor, cache: KVCache | PagedKVCache, logits_at: Tensor | None = None) -> Tensor:
+        """The device's part of a forward over a cache, no checks: the tokens appended and attended, ``cache.seqlens``
+        advanced on the device, the logits. The caller does the host's part around it (``cache.reserve(S)`` before,
+        ``cache.advance(S)`` after), as ``forward`` does; ``generation.DecodeStep`` captures this in a CUDA graph,
+        so nothing in it may read the device or change the host's state."""
+        return self._run(tokens, None, cache, logits_at)
+
+    def _run(self, tokens: Tensor, targets: Tensor | None, cache, logits_at: Tensor | None) -> Tensor:
+        batch, seqlen = tokens.shape
+        # A contiguous cache's first forward is a prefill by flash_attention; a paged cache always appends through
+        # the KV-cache kernel (which writes into the pages).
+        prefill = cache is not None and cache.block_table is None and cache.filled == 0
         x, residual, inv_freq = self.tok_embeddings(tokens), None, self.inv_freq(tokens.device)
         ring = None
         if self.context_parallel is not None:  # tokens are this rank's shard: their global positions, once
@@ -349,14 +405,14 @@ class CodeLlama(nn.Module):
             ring = (group, layout, ring_positions(seqlen, dist.get_rank(group), dist.get_world_size(group), layout,
                                                   device=tokens.device))
         for i, layer in enumerate(self.layers):
-            layer_cache = (cache.k[i], cache.v[i], cache.seqlens, cache.filled) if cache is not None else None
+            layer_cache = None if cache is None else LayerCache(cache.k[i], cache.v[i], cache.seqlens, cache.filled,
+                                                                cache.block_table)
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x, residual = checkpoint(layer, x, residual, inv_freq, layer_cache, prefill, ring, use_reentrant=False)
             else:
                 x, residual = layer(x, residual, inv_freq, layer_cache, prefill, ring)
         if cache is not None:
             cache.seqlens.add_(seqlen)
-            cache.filled += seqlen
         if logits_at is not None:  # only the positions that are sampled: a 16k prompt's logits would be 1 GB
             index = logits_at.to(device=x.device, dtype=torch.long).view(batch, 1, 1).expand(batch, 1, x.shape[-1])
             x, residual = x.gather(1, index), residual.gather(1, index)
