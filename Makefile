@@ -50,8 +50,8 @@ test: $(VENV)/.extension test-newer-triton cmake-check
 
 # What a newer triton can break: the tests that run the Triton kernels (under the interpreter). The model, patch,
 # checkpoint, CLI and benchmark tests run on the pinned triton only.
-TRITON_TESTS := $(addprefix tests/test_,rms_norm.py rope.py attention.py decode.py swiglu.py cross_entropy.py \
-                  inputs.py properties.py compile.py)
+TRITON_TESTS := $(addprefix tests/test_,rms_norm.py rope.py attention.py decode.py decode_paged.py swiglu.py \
+                  cross_entropy.py inputs.py properties.py compile.py)
 test-newer-triton: $(NEWER_VENV)/.installed $(VENV)/.extension
 	$(NEWER_VENV)/bin/python -m pytest -q $(TRITON_TESTS)
 

@@ -113,7 +113,7 @@ def apply_rope(
 def _rotate_interleaved(x: Tensor, angles: Tensor, attention_factor: float) -> Tensor:
     cdtype = _compute_dtype(x.dtype)
     freqs_cis = torch.polar(torch.full_like(angles, attention_factor), angles)
-    x_complex = torch.view_as_complex(x.to(cdtype).reshape(*x.shape[:-1], -1, 2).contiguous())
+    x_complex = torch.view_as_complex(x.to(cdtype).reshape(*x.shape[:-1], x.shape[-1] // 2, 2).contiguous())
     out = torch.view_as_real(x_complex * freqs_cis.to(x_complex.dtype)).flatten(-2)
     return out.type_as(x)
 
@@ -214,6 +214,17 @@ def attention_backward(
         return t.reshape(batch, n_kv_heads, group, seqlen_k, head_dim).sum(2).transpose(1, 2)
 
     return dq.transpose(1, 2).to(q.dtype), per_kv_head(dk).to(k.dtype), per_kv_head(dv).to(v.dtype)
+
+
+def gather_pages(pool: Tensor, block_table_row: Tensor, length: int) -> Tensor:
+    """The first ``length`` positions of one sequence of a paged KV cache, as one contiguous (length, Hk, D) tensor.
+
+    pool: (num_blocks, block_size, Hk, D); block_table_row: the sequence's block indices. Position p lives at
+    ``pool[block_table_row[p // block_size], p % block_size]`` (FlashAttention-2's layout); entries past the
+    sequence's ceil(length / block_size) blocks are not read.
+    """
+    blocks = block_table_row[:-(-length // pool.shape[1])].long()
+    return pool[blocks].flatten(0, 1)[:length]
 
 
 # --------------------------------------------------------------------------- linear cross-entropy

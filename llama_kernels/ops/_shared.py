@@ -56,12 +56,27 @@ def load_tile(base_ptr, batch, start, head, rows, length, stride_b, stride_s, st
 
 @triton.jit
 def load_block(src, batch, start, head, first_row, length, stride_b, stride_s, stride_h,
-               HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, TMA: tl.constexpr):
+               HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, TMA: tl.constexpr,
+               block_table=None, PAGE_SIZE: tl.constexpr = 0):
     """Rows first_row .. first_row + BLOCK of one head (of q, k, v or do) as a tl.dot operand: through a
     (B, S, H, D) tensor descriptor when TMA (dense layouts: rows past the sequence are outside it and read as
-    zeros), else through pointers."""
+    zeros), else through pointers. PAGE_SIZE > 0: src is a pool of pages (stride_b the page stride) and row p
+    is row p % PAGE_SIZE of page block_table[p // PAGE_SIZE] (block_table: the sequence's row of the table;
+    first_row is a multiple of BLOCK, so a block within one page needs one entry)."""
     if TMA:
         tile = mma(src.load([batch, first_row, head, 0]).reshape(BLOCK, HEAD_DIM))
+    elif PAGE_SIZE > 0:
+        rows = first_row + tl.arange(0, BLOCK)
+        if PAGE_SIZE >= BLOCK:
+            page = tl.load(block_table + first_row // PAGE_SIZE)
+            tile = load_tile(src, page, -(first_row // PAGE_SIZE * PAGE_SIZE), head, rows, length, stride_b,
+                             stride_s, stride_h, HEAD_DIM)
+        else:  # a page per row, never an entry past the sequence's pages
+            in_sequence = rows < length
+            pages = tl.load(block_table + rows // PAGE_SIZE, mask=in_sequence, other=0).to(tl.int64)
+            ptrs = (src + pages[:, None] * stride_b + head.to(tl.int64) * stride_h
+                    + (rows % PAGE_SIZE).to(tl.int64)[:, None] * stride_s + tl.arange(0, HEAD_DIM)[None, :])
+            tile = mma(tl.load(ptrs, mask=in_sequence[:, None], other=0.0))
     else:
         tile = load_tile(src, batch, start, head, first_row + tl.arange(0, BLOCK), length, stride_b, stride_s,
                          stride_h, HEAD_DIM)
@@ -73,14 +88,15 @@ def attend_blocks(
     acc, l_i, m_i, q, k_src, v_src, batch, k_start, kv_head, len_k, rows, first, last, diag, qk_scale,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, TMA: tl.constexpr = False,
+    DOT_PRECISION: tl.constexpr, TMA: tl.constexpr = False, block_table=None, PAGE_SIZE: tl.constexpr = 0,
 ):
     """Online softmax over key blocks [first, last): unmasked blocks need no per-element test.
-    k_src and v_src are pointers, or tensor descriptors when TMA."""
+    k_src and v_src are pointers, or tensor descriptors when TMA, or pools of pages when PAGE_SIZE > 0
+    (see load_block)."""
     for n in range(first, last, BLOCK_N):
         cols = n + tl.arange(0, BLOCK_N)
         k = load_block(k_src, batch, k_start, kv_head, n, len_k, stride_kb, stride_ks, stride_kh, HEAD_DIM,
-                       BLOCK_N, TMA)
+                       BLOCK_N, TMA, block_table, PAGE_SIZE)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # log2 units
         if MASKED:
             visible = (cols < len_k)[None, :]
@@ -93,7 +109,7 @@ def attend_blocks(
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = load_block(v_src, batch, k_start, kv_head, n, len_k, stride_vb, stride_vs, stride_vh, HEAD_DIM,
-                       BLOCK_N, TMA)
+                       BLOCK_N, TMA, block_table, PAGE_SIZE)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i

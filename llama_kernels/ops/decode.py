@@ -39,17 +39,20 @@ from ._shared import (LOG2E, attend_blocks, check_head_dim, check_inv_freq, chec
 from .rope import rope_triton
 
 MAX_ROWS = 128  # packed (query, group member) rows per program
+PAGES_PER_CHECK = 128  # block table entries a split checks at a time (a paged cache)
 
 
 # --------------------------------------------------------------------------- kernels
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, seqlens_k_ptr, o_split_ptr, lse_split_ptr,
-    seqlen_q, n_q_heads, n_kv_heads, group, num_splits, qk_scale, cache_slots, min_len_k,
+    q_ptr, k_cache_ptr, v_cache_ptr, seqlens_k_ptr, o_split_ptr, lse_split_ptr, block_table_ptr,
+    seqlen_q, n_q_heads, n_kv_heads, group, num_splits, qk_scale, cache_slots, min_len_k, stride_table_b, n_pages,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_PAGES: tl.constexpr,
 ):
+    # PAGE_SIZE > 0: the caches are pools of n_pages pages (stride_kb, stride_vb: a page's stride) and position p
+    # of the sequence is row p % PAGE_SIZE of page block_table[batch, p // PAGE_SIZE].
     # Flat grid: the split fastest, then the block of packed rows, then (batch, key/value head).
     split = tl.program_id(0) % num_splits
     rest = tl.program_id(0) // num_splits
@@ -74,6 +77,17 @@ def _decode_split_kernel(
     split_size = tl.cdiv(tl.cdiv(len_k, num_splits), BLOCK_N) * BLOCK_N
     first = split * split_size
     last = tl.minimum(len_k, first + split_size)
+    table_row = block_table_ptr + batch.to(tl.int64) * stride_table_b
+    if PAGE_SIZE > 0:
+        # A page outside the pool: read nothing, NaN for the split (so for the sequence, through the merge).
+        first_page, end_page = first // PAGE_SIZE, tl.cdiv(last, PAGE_SIZE)
+        outside = tl.zeros([BLOCK_PAGES], dtype=tl.int32)
+        for p in range(first_page, end_page, BLOCK_PAGES):
+            entries = p + tl.arange(0, BLOCK_PAGES)
+            page = tl.load(table_row + entries, mask=entries < end_page, other=0)
+            outside = tl.maximum(outside, ((page < 0) | (page >= n_pages)).to(tl.int32))
+        bad_len = bad_len | (tl.max(outside, axis=0) > 0)
+        last = tl.where(bad_len, first, last)
     diag = len_k - seqlen_q  # bottom-right: query i sees keys j <= i + diag
     full_blocks_end = last // BLOCK_N * BLOCK_N
     if CAUSAL:  # keys query 0 sees are seen by every query
@@ -86,11 +100,11 @@ def _decode_split_kernel(
     acc, l_i, m_i = attend_blocks(
         acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, batch, 0, kv_head, len_k, query, first, full_blocks_end, diag,
         qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-        False, CAUSAL, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+        False, CAUSAL, HEAD_DIM, BLOCK_N, DOT_PRECISION, False, table_row, PAGE_SIZE)
     acc, l_i, m_i = attend_blocks(
         acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, batch, 0, kv_head, len_k, query, full_blocks_end, last, diag,
         qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-        True, CAUSAL, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+        True, CAUSAL, HEAD_DIM, BLOCK_N, DOT_PRECISION, False, table_row, PAGE_SIZE)
 
     o_part, lse_part = finish_softmax(acc, l_i, m_i)  # an empty range: zeros and -inf, weightless in the merge
     # Partial results, (B, Hq, Sq, num_splits, [D]) fp32: row r = (batch * Hq + head) * Sq + query.
@@ -158,9 +172,11 @@ def _config(q: Tensor, rows: int) -> dict:
     return {**config, "BLOCK_M": block_m}
 
 
-def decode_triton(q, k_cache, v_cache, seqlens_k, min_len_k, causal, softmax_scale, num_splits):
+def decode_triton(q, k_cache, v_cache, seqlens_k, min_len_k, causal, softmax_scale, num_splits, block_table=None):
     batch, seqlen_q, n_q_heads, head_dim = q.shape
-    cache_len, n_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    page_size = k_cache.shape[1] if block_table is not None else 0
+    cache_len = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)  # per sequence
+    n_kv_heads = k_cache.shape[2]
     group = n_q_heads // n_kv_heads
     cfg = _config(q, seqlen_q * group)
     num_splits = _num_splits(num_splits, q, batch, n_kv_heads, cache_len, cfg["BLOCK_N"])
@@ -172,12 +188,14 @@ def decode_triton(q, k_cache, v_cache, seqlens_k, min_len_k, causal, softmax_sca
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         q_ptr=q, k_cache_ptr=k_cache, v_cache_ptr=v_cache, seqlens_k_ptr=seqlens_k,
         o_split_ptr=o_split, lse_split_ptr=lse_split,
+        block_table_ptr=block_table if block_table is not None else seqlens_k,
         seqlen_q=seqlen_q, n_q_heads=n_q_heads, n_kv_heads=n_kv_heads, group=group, num_splits=num_splits,
         qk_scale=softmax_scale * LOG2E.value, cache_slots=cache_len, min_len_k=min_len_k,
+        stride_table_b=block_table.stride(0) if block_table is not None else 0, n_pages=k_cache.shape[0],
         **_triton.strides("q", q, "bsh"), **_triton.strides("k", k_cache, "bsh"),
         **_triton.strides("v", v_cache, "bsh"),  # head_dim's stride is 1, checked
         CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        DOT_PRECISION=dot_precision(q.dtype),
+        DOT_PRECISION=dot_precision(q.dtype), PAGE_SIZE=page_size, BLOCK_PAGES=PAGES_PER_CHECK,
     )
     o = _triton.new_output(q.shape, q.dtype, q.device)
     lse = _triton.new_output((batch, n_q_heads, seqlen_q), torch.float32, q.device)
@@ -193,16 +211,20 @@ def decode_triton(q, k_cache, v_cache, seqlens_k, min_len_k, causal, softmax_sca
     return o, lse
 
 
-def _decode_native(q, k_cache, v_cache, seqlens_k, min_len_k, causal, softmax_scale, num_splits):
-    """The extension's C++ kernel (one pass per (batch, key/value head); the lengths are checked on the host)."""
-    return _native.ops().attention_kvcache(q, k_cache, v_cache, seqlens_k, causal, softmax_scale)
+def _decode_native(q, k_cache, v_cache, seqlens_k, min_len_k, causal, softmax_scale, num_splits, block_table=None):
+    """The extension's C++ kernel (one pass per (batch, key/value head); lengths and pages checked on the host)."""
+    return _native.ops().attention_kvcache(q, k_cache, v_cache, seqlens_k, causal, softmax_scale, block_table)
 
 
-def _decode_reference(q, k_cache, v_cache, seqlens_k, min_len_k, causal, softmax_scale, num_splits):
+def _decode_reference(q, k_cache, v_cache, seqlens_k, min_len_k, causal, softmax_scale, num_splits,
+                      block_table=None):
     o, lse = torch.empty_like(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
     for b, length in enumerate(seqlens_k.tolist()):
-        o_b, lse_b = reference.attention(q[b:b + 1], k_cache[b:b + 1, :length], v_cache[b:b + 1, :length], causal,
-                                         softmax_scale, return_lse=True)
+        if block_table is None:
+            k_b, v_b = k_cache[b, :length], v_cache[b, :length]
+        else:
+            k_b, v_b = (reference.gather_pages(pool, block_table[b], length) for pool in (k_cache, v_cache))
+        o_b, lse_b = reference.attention(q[b:b + 1], k_b[None], v_b[None], causal, softmax_scale, return_lse=True)
         o[b], lse[b] = o_b[0], lse_b[0]
     return o, lse
 
@@ -212,6 +234,7 @@ def _decode_reference(q, k_cache, v_cache, seqlens_k, min_len_k, causal, softmax
 def _kvcache_op(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, k: Tensor | None, v: Tensor | None,
     inv_freq: Tensor | None, interleaved: bool, causal: bool, softmax_scale: float, num_splits: int, backend: str,
+    block_table: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     batch, seqlen_q = q.shape[:2]
     if batch == 0:  # nothing to attend (and no split count for no programs)
@@ -222,7 +245,8 @@ def _kvcache_op(
         # (never outside the caches). Without RoPE the same kernel at angle zero (cos 1, sin 0) copies exactly.
         angles = inv_freq if inv_freq is not None else q.new_zeros(q.shape[-1] // 2, dtype=torch.float32)
         q_rotated = _triton.new_output(q.shape, q.dtype, q.device)
-        rope_triton(q, k, q_rotated, k_cache, positions, 0, angles, 1.0, interleaved, False, v=v, v_out=v_cache)
+        rope_triton(q, k, q_rotated, k_cache, positions, 0, angles, 1.0, interleaved, False, v=v, v_out=v_cache,
+                    block_table=block_table)
         q = q_rotated
     else:
         if inv_freq is not None:  # rotate q, and the new k, at their positions; an empty k when there is none
@@ -230,32 +254,75 @@ def _kvcache_op(
             q, k_new = torch.ops.llama_kernels.rope(q, k_new, positions, 0, inv_freq, 1.0, interleaved, False,
                                                     backend)
             k = k_new if k is not None else None
-        if k is not None:
-            batch_index = torch.arange(batch, device=q.device)[:, None].expand(batch, seqlen_q)
-            k_cache[batch_index, positions] = k
-            v_cache[batch_index, positions] = v
+        if k is not None:  # the (batch entry or page, row) of each new token
+            if block_table is None:
+                slots = torch.arange(batch, device=q.device)[:, None].expand(batch, seqlen_q), positions
+            else:
+                page_size = k_cache.shape[1]
+                slots = block_table.gather(1, positions // page_size).long(), positions % page_size
+            k_cache[slots] = k
+            v_cache[slots] = v
     appended = seqlen_q if k is not None else 0
     seqlens_k = cache_seqlens + appended
     attend = pick(backend, triton=decode_triton, native=_decode_native, reference=_decode_reference)
-    return attend(q, k_cache, v_cache, seqlens_k, appended, causal, softmax_scale, num_splits)
+    return attend(q, k_cache, v_cache, seqlens_k, appended, causal, softmax_scale, num_splits, block_table)
 
 
 @_kvcache_op.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, k, v, inv_freq, interleaved, causal, softmax_scale, num_splits, backend):
+def _(q, k_cache, v_cache, cache_seqlens, k, v, inv_freq, interleaved, causal, softmax_scale, num_splits, backend,
+      block_table=None):
     return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------- public function
+PAGE_SIZES = tuple(2**i for i in range(4, 9))  # 16 .. 256
+
+
+def _check_block_table_shape(block_table: Tensor, k_cache: Tensor, batch: int, head_dim: int) -> None:
+    if block_table.shape[0] != batch or block_table.shape[1] < 1:
+        raise ValueError(f"block_table: expected shape (B, max_blocks_per_seq) with B = {batch} and at least one "
+                         f"block, got {tuple(block_table.shape)}")
+    num_blocks, block_size = k_cache.shape[:2]
+    if num_blocks < 1 or block_size not in PAGE_SIZES or k_cache.shape[3] != head_dim:
+        raise ValueError(f"k_cache: expected a pool (num_blocks, block_size, Hk, D) with a block table: num_blocks "
+                         f">= 1, block_size in {PAGE_SIZES} and D = {head_dim}, got {tuple(k_cache.shape)}")
+
+
+def _check_block_table_entries(block_table: Tensor, cache_seqlens: Tensor, appended: int, k_cache: Tensor) -> None:
+    """On the host: each sequence's table holds its pages, and those (no other entry) lie in the pool."""
+    num_blocks, block_size = k_cache.shape[:2]
+    if (cache_seqlens < 0).any():
+        raise ValueError(f"cache_seqlens: expected values >= 0, got {cache_seqlens.tolist()}")
+    used = (cache_seqlens.long() + appended + block_size - 1) // block_size  # (B,) pages per sequence
+    too_short = (used > block_table.shape[1]).nonzero()
+    if len(too_short):
+        b = int(too_short[0])
+        raise ValueError(f"block_table: expected at least {int(used[b])} blocks for sequence {b} (cache_seqlens[{b}] "
+                         f"= {int(cache_seqlens[b])} plus {appended} new tokens in blocks of {block_size}), got "
+                         f"{block_table.shape[1]} per sequence")
+    in_use = torch.arange(block_table.shape[1], device=block_table.device) < used[:, None]
+    outside = (in_use & ((block_table < 0) | (block_table >= num_blocks))).nonzero()
+    if len(outside):
+        b, i = outside[0].tolist()
+        raise ValueError(f"block_table: expected the blocks of each sequence's positions in [0, {num_blocks}) (the "
+                         f"pool's blocks), got block_table[{b}, {i}] = {int(block_table[b, i])}")
+
+
 def flash_attention_with_kvcache(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, k: Tensor | None = None,
     v: Tensor | None = None, rope_theta: float | None = None, inv_freq: Tensor | None = None,
     interleaved: bool = False, causal: bool = True, softmax_scale: float | None = None, num_splits: int = 0,
-    return_lse: bool = False, *, backend: str | None = None,
+    return_lse: bool = False, *, backend: str | None = None, block_table: Tensor | None = None,
 ):
     """Attention of new queries over a KV cache, appending new keys and values first (flash-attn's API).
 
     q: (B, Sq, Hq, D), Sq >= 1 (1 to decode; more for chunked prefill or speculative tokens).
     k_cache, v_cache: (B, S_max, Hk, D), preallocated; Hq a multiple of Hk; D 64 or 128.
+    block_table: a paged cache (FlashAttention-2's layout): int32 (B, max_blocks_per_seq), and k_cache, v_cache
+        pools (num_blocks, block_size, Hk, D), block_size a power of two from 16 to 256; position p of sequence b
+        lives at [block_table[b, p // block_size], p % block_size], and S_max below is max_blocks_per_seq *
+        block_size. Entries past a sequence's ceil((cache_seqlens[b] + new tokens) / block_size) blocks are
+        never read (pad with anything). Sequences may share pages they read; two appending into one slot race.
     cache_seqlens: int32 (B,), the tokens already cached per sequence (they may differ; 0 is fine).
     k, v: (B, Sq, Hk, D) new keys and values, written into the caches at cache_seqlens[b]... in place.
     rope_theta or inv_freq: if given, q and the new k are rotated at positions cache_seqlens[b] + i
@@ -268,10 +335,12 @@ def flash_attention_with_kvcache(
     (there is no backward, and the caches are written in place). The caller advances cache_seqlens.
     Autocast: no autocast rule and no casts (a cast cache would be a copy, and the append would be
     lost): q, the caches and k, v must share one dtype, e.g. caches allocated in the autocast dtype.
-    cache_seqlens outside 0 <= cache_seqlens[b] <= S_max - (Sq if appending else 0): on the CPU,
-    and with backend="reference", a ValueError (reading cache_seqlens costs nothing there); on a GPU
-    the kernels check it without a host sync, write nothing outside the caches and return NaN in
-    that sequence's o and lse.
+    cache_seqlens outside 0 <= cache_seqlens[b] <= S_max - (Sq if appending else 0), or a block table
+    entry that a sequence uses outside [0, num_blocks): on the CPU, and with backend="reference", a
+    ValueError naming cache_seqlens, or block_table (a table too short for cache_seqlens[b] plus the new
+    tokens, an entry outside the pool), before anything is written (reading them costs nothing there); on a
+    GPU the kernels check them without a host sync, write nothing outside the caches (the pool) and return
+    NaN in that sequence's o and lse (its new tokens may still land in the slots that are valid).
     """
     check_tensor("q", q, ndim=4)
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
@@ -279,14 +348,19 @@ def flash_attention_with_kvcache(
             check_tensor(name, t, ndim=4)
     check_tensor("cache_seqlens", cache_seqlens, dtypes=(torch.int32,), ndim=1)
     check_same_dtype(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v)
-    check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, k=k, v=v)
+    if block_table is not None:
+        check_tensor("block_table", block_table, dtypes=(torch.int32,), ndim=2)
+    check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, k=k, v=v,
+                      block_table=block_table)
     batch, seqlen_q, n_q_heads, head_dim = q.shape
     if seqlen_q < 1:
         raise ValueError(f"q: expected at least one query (Sq >= 1), got shape {tuple(q.shape)}")
     check_head_dim("q", head_dim)
-    if k_cache.shape[0] != batch or k_cache.shape[3] != head_dim:
+    if block_table is None and (k_cache.shape[0] != batch or k_cache.shape[3] != head_dim):
         raise ValueError(f"k_cache: expected (B, S_max, Hk, D) with B = {batch} and D = {head_dim}, "
                          f"got {tuple(k_cache.shape)}")
+    if block_table is not None:
+        _check_block_table_shape(block_table, k_cache, batch, head_dim)
     check_kv_heads("k_cache", k_cache.shape[2], n_q_heads)
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"v_cache: expected k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
@@ -320,14 +394,17 @@ def flash_attention_with_kvcache(
     backend = resolve_backend(q, backend, "flash_attention_with_kvcache")
     # On a GPU reading cache_seqlens syncs every step (with it, batch-1 steps ran at 18-29% of the copy bandwidth
     # on an H100); the Triton kernels check it there. The reference path reads it anyway.
-    if values_readable(cache_seqlens) and (not q.is_cuda or backend == "reference"):
+    tables = (cache_seqlens,) if block_table is None else (cache_seqlens, block_table)
+    if values_readable(*tables) and (not q.is_cuda or backend == "reference"):
         appended = seqlen_q if k is not None else 0
-        lengths = cache_seqlens.tolist()
-        if lengths and (min(lengths) < 0 or max(lengths) + appended > k_cache.shape[1]):
+        if block_table is not None:
+            _check_block_table_entries(block_table, cache_seqlens, appended, k_cache)
+        elif batch and (cache_seqlens.min() < 0 or cache_seqlens.max() + appended > k_cache.shape[1]):
             raise ValueError(f"cache_seqlens: expected 0 <= cache_seqlens[b] and cache_seqlens[b] + {appended} "
-                             f"(new tokens) <= k_cache's S_max = {k_cache.shape[1]}, got {lengths}")
+                             f"(new tokens) <= k_cache's S_max = {k_cache.shape[1]}, got {cache_seqlens.tolist()}")
     scale = resolve_softmax_scale(softmax_scale, head_dim)
     o, lse = torch.ops.llama_kernels.flash_attention_with_kvcache(
         q, k_cache, v_cache, cache_seqlens, k, v, inv_freq.contiguous() if inv_freq is not None else None,
-        bool(interleaved), bool(causal), scale, num_splits, backend)
+        bool(interleaved), bool(causal), scale, num_splits, backend,
+        block_table.contiguous() if block_table is not None else None)
     return (o, lse) if return_lse else o

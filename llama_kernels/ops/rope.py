@@ -105,11 +105,15 @@ def _rope_kernel(
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_vob, stride_vos, stride_voh, stride_vod,
     stride_pos_b, stride_pos_s, position_offset, attention_factor, cache_slots,
+    block_table_ptr, stride_table_b, n_pages,
     HAS_POSITIONS: tl.constexpr, INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr, APPEND_KV: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, PAGE_SIZE: tl.constexpr,
 ):
     """Rotate q and k. APPEND_KV (decoding): the rotated k, and v unrotated, go into caches at their positions;
-    a position outside the cache's cache_slots rows is not written (the decode kernel reports that row as NaN)."""
+    a position outside the cache's cache_slots rows is not written (the decode kernel reports that row as NaN).
+    PAGE_SIZE > 0: the caches are pools of n_pages pages and position p goes to row p % PAGE_SIZE of page
+    block_table[batch, p // PAGE_SIZE] (cache_slots: the table's pages times PAGE_SIZE); an entry outside the
+    pool is not written to."""
     # One flat grid axis (the second axis stops at 65,535, too few for large batches).
     token_blocks = tl.cdiv(seqlen, BLOCK_S)
     batch = (tl.program_id(0) // token_blocks).to(tl.int64)
@@ -137,17 +141,21 @@ def _rope_kernel(
         token_mask, n_q_heads, half_dim, stride_qh, stride_qd, stride_qoh, stride_qod, cos, sin,
         INTERLEAVED, BLOCK_S, BLOCK_H, BLOCK_HALF,
     )
-    out_tokens, out_mask = tokens, token_mask
+    out_rows, out_tokens, out_mask = batch, tokens, token_mask  # out_rows: the batch entry, or the page
     if APPEND_KV:  # a cache's slot is the token's position
         out_tokens, out_mask = pos.to(tl.int64), token_mask & (pos >= 0) & (pos < cache_slots)
+        if PAGE_SIZE > 0:
+            page = tl.load(block_table_ptr + batch * stride_table_b + out_tokens // PAGE_SIZE, mask=out_mask, other=-1)
+            out_mask = out_mask & (page >= 0) & (page < n_pages)
+            out_rows, out_tokens = page.to(tl.int64), out_tokens % PAGE_SIZE
     _rotate_heads(
-        k_ptr, k_out_ptr, batch * stride_kb + tokens * stride_ks, batch * stride_kob + out_tokens * stride_kos,
+        k_ptr, k_out_ptr, batch * stride_kb + tokens * stride_ks, out_rows * stride_kob + out_tokens * stride_kos,
         out_mask, n_k_heads, half_dim, stride_kh, stride_kd, stride_koh, stride_kod, cos, sin,
         INTERLEAVED, BLOCK_S, BLOCK_H, BLOCK_HALF,
     )
     if APPEND_KV:
         _copy_heads(
-            v_ptr, v_out_ptr, batch * stride_vb + tokens * stride_vs, batch * stride_vob + out_tokens * stride_vos,
+            v_ptr, v_out_ptr, batch * stride_vb + tokens * stride_vs, out_rows * stride_vob + out_tokens * stride_vos,
             out_mask, n_k_heads, 2 * half_dim, stride_vh, stride_vd, stride_voh, stride_vod, BLOCK_H, 2 * BLOCK_HALF,
         )
 
@@ -188,9 +196,11 @@ def _config(q: Tensor, k: Tensor, interleaved: bool) -> dict:
 
 
 def rope_triton(q, k, q_out, k_out, positions, position_offset, inv_freq, attention_factor, interleaved, inverse,
-                 v=None, v_out=None):
+                 v=None, v_out=None, block_table=None):
     """Rotate q into q_out and k into k_out. With v and v_out (decoding's append; positions required), k_out and
-    v_out are caches: token (b, i) of k (rotated) and of v lands at row positions[b, i] if the cache has it."""
+    v_out are caches: token (b, i) of k (rotated) and of v lands at row positions[b, i] if the cache has it; with
+    a block_table (B, pages per sequence) they are pools of pages (num_pages, page_size, Hk, D) and the row is
+    row positions[b, i] % page_size of page block_table[b, positions[b, i] // page_size]."""
     batch, seqlen, n_q_heads, head_dim = q.shape
     if q.numel() == 0 and k.numel() == 0:
         return
@@ -211,9 +221,12 @@ def rope_triton(q, k, q_out, k_out, positions, position_offset, inv_freq, attent
         **_triton.strides("v", v if v is not None else k), **_triton.strides("vo", v_out if v_out is not None else k_out),
         stride_pos_b=stride_pos_b, stride_pos_s=stride_pos_s,
         position_offset=position_offset, attention_factor=attention_factor,
-        cache_slots=k_out.shape[1] if v is not None else 0,
+        cache_slots=(k_out.shape[1] * (block_table.shape[1] if block_table is not None else 1)) if v is not None else 0,
+        block_table_ptr=block_table if block_table is not None else inv_freq,
+        stride_table_b=block_table.stride(0) if block_table is not None else 0, n_pages=k_out.shape[0],
         HAS_POSITIONS=positions is not None, INTERLEAVED=interleaved, INVERSE=inverse, APPEND_KV=v is not None,
         BLOCK_S=cfg["BLOCK_S"], BLOCK_H=cfg["BLOCK_H"], BLOCK_HALF=cfg["BLOCK_HALF"],
+        PAGE_SIZE=k_out.shape[1] if block_table is not None else 0,
     )
 
 
