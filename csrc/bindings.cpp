@@ -13,7 +13,7 @@ TORCH_LIBRARY(llama_kernels_C, m) {
   m.def("attention(Tensor q, Tensor k, Tensor v, bool causal, float softmax_scale) -> (Tensor, Tensor)");
   m.def(
       "attention_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens_k, bool causal, "
-      "float softmax_scale) -> (Tensor, Tensor)");
+      "float softmax_scale, Tensor? block_table=None) -> (Tensor, Tensor)");
   m.def(
       "attention_backward(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor? dlse, bool causal, "
       "float softmax_scale) -> (Tensor dq, Tensor dk, Tensor dv)");

@@ -122,10 +122,17 @@ struct TileArgs {
   int64_t batch_index, kv_head, q_begin, q_count;
 };
 
+// The offset of key position p of sequence b (its kv head left out) in a cache: contiguous, or paged.
+inline int64_t key_offset(HeadStrides strides, int64_t b, int64_t p, const KvPages* pages) {
+  if (pages == nullptr) return b * strides.batch + p * strides.token;
+  const int64_t page = pages->block_table[b * pages->max_blocks_per_seq + p / pages->block_size];
+  return page * strides.batch + (p % pages->block_size) * strides.token;
+}
+
 template <typename T>
 void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k_strides, const T* v,
                     HeadStrides v_strides, T* o, HeadStrides o_strides, float* lse, const int32_t* seqlens_k,
-                    const AttentionProblem& problem, const TileArgs& tile, Workspace& ws) {
+                    const KvPages* pages, const AttentionProblem& problem, const TileArgs& tile, Workspace& ws) {
   const int64_t group = problem.n_q_heads / problem.n_kv_heads;
   const int64_t head_dim = problem.head_dim;
   const int64_t rows = tile.q_count * group;
@@ -161,13 +168,16 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
   }
   std::fill(ws.acc.get(), ws.acc.get() + rows * row_stride, 0.0f);
 
-  const T* k_head = k + tile.batch_index * k_strides.batch + tile.kv_head * k_strides.head;
-  const T* v_head = v + tile.batch_index * v_strides.batch + tile.kv_head * v_strides.head;
+  const T* k_head = k + tile.kv_head * k_strides.head;
+  const T* v_head = v + tile.kv_head * v_strides.head;
   for (int64_t key_begin = 0; key_begin < key_end; key_begin += kKeyBlock) {
     const int64_t n_keys = std::min(kKeyBlock, key_end - key_begin);
     for (int64_t j = 0; j < n_keys; ++j) {
-      convert(k_head + (key_begin + j) * k_strides.token, ws.k_block.get() + j * row_stride, head_dim);
-      convert(v_head + (key_begin + j) * v_strides.token, ws.v_block.get() + j * row_stride, head_dim);
+      const int64_t key = key_begin + j;
+      convert(k_head + key_offset(k_strides, tile.batch_index, key, pages), ws.k_block.get() + j * row_stride,
+              head_dim);
+      convert(v_head + key_offset(v_strides, tile.batch_index, key, pages), ws.v_block.get() + j * row_stride,
+              head_dim);
     }
 
     if (narrow) {
@@ -239,7 +249,7 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
 template <typename T>
 void attention_forward(const T* q, HeadStrides q_strides, const T* k, HeadStrides k_strides, const T* v,
                        HeadStrides v_strides, T* o, HeadStrides o_strides, float* lse, const int32_t* seqlens_k,
-                       const AttentionProblem& problem) {
+                       const AttentionProblem& problem, const KvPages* pages) {
   const int64_t group = problem.n_q_heads / problem.n_kv_heads;
   const int64_t queries_per_tile = std::max<int64_t>(1, kTargetTileRows / group);
   const int64_t n_q_blocks = (problem.seqlen_q + queries_per_tile - 1) / queries_per_tile;
@@ -255,7 +265,8 @@ void attention_forward(const T* q, HeadStrides q_strides, const T* k, HeadStride
         for (int64_t block_from_end = 0; block_from_end < n_q_blocks; ++block_from_end) {
           const int64_t q_begin = (n_q_blocks - 1 - block_from_end) * queries_per_tile;
           const TileArgs tile{b, kv_head, q_begin, std::min(queries_per_tile, problem.seqlen_q - q_begin)};
-          attention_tile(q, q_strides, k, k_strides, v, v_strides, o, o_strides, lse, seqlens_k, problem, tile, ws);
+          attention_tile(q, q_strides, k, k_strides, v, v_strides, o, o_strides, lse, seqlens_k, pages, problem,
+                         tile, ws);
         }
       }
     }
@@ -264,7 +275,7 @@ void attention_forward(const T* q, HeadStrides q_strides, const T* k, HeadStride
 
 #define LLAMA_KERNELS_INSTANTIATE_FORWARD(T)                                                                 \
   template void attention_forward<T>(const T*, HeadStrides, const T*, HeadStrides, const T*, HeadStrides, T*,   \
-                                     HeadStrides, float*, const int32_t*, const AttentionProblem&);
+                                     HeadStrides, float*, const int32_t*, const AttentionProblem&, const KvPages*);
 LLAMA_KERNELS_INSTANTIATE_FORWARD(float)
 LLAMA_KERNELS_INSTANTIATE_FORWARD(bf16)
 LLAMA_KERNELS_INSTANTIATE_FORWARD(fp16)

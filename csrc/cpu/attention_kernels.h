@@ -24,19 +24,32 @@ struct AttentionProblem {
   float softmax_scale;
 };
 
+// A paged KV cache (FlashAttention-2's layout): k and v are pools of pages (num_pages, block_size, n_kv_heads,
+// head_dim), their strides' batch field the page stride, and position p of sequence b is row p % block_size of
+// page block_table[b * max_blocks_per_seq + p / block_size]. Every entry a sequence reaches must be a page of the
+// pools (the caller checks: the kernel reads the pages it is given).
+struct KvPages {
+  const int32_t* block_table;
+  int64_t max_blocks_per_seq;
+  int64_t block_size;
+};
+
 // o (batch, seqlen_q, n_q_heads, head_dim) = softmax(scale * q k^T) v per (batch, query head), with
 // lse (batch, n_q_heads, seqlen_q) contiguous fp32. seqlens_k is null for plain attention; otherwise it holds
 // batch int32 lengths, 0 <= seqlens_k[b] <= seqlen_k, and sequence b attends over its first seqlens_k[b] keys
-// only (the causal alignment then uses seqlens_k[b] in place of seqlen_k). Parallel over (batch, kv head,
-// query block) with OpenMP; memory beyond o and lse is a few small per-thread buffers.
+// only (the causal alignment then uses seqlens_k[b] in place of seqlen_k). pages (with seqlens_k; seqlen_k is then
+// max_blocks_per_seq * block_size) reads k and v as a paged cache; null: (batch, seqlen_k, n_kv_heads, head_dim).
+// Parallel over (batch, kv head, query block) with OpenMP; memory beyond o and lse is a few small per-thread
+// buffers.
 template <typename T>
 void attention_forward(const T* q, HeadStrides q_strides, const T* k, HeadStrides k_strides, const T* v,
                        HeadStrides v_strides, T* o, HeadStrides o_strides, float* lse, const int32_t* seqlens_k,
-                       const AttentionProblem& problem);
+                       const AttentionProblem& problem, const KvPages* pages = nullptr);
 
 #define LLAMA_KERNELS_DECLARE_FORWARD(T)                                                                    \
   extern template void attention_forward<T>(const T*, HeadStrides, const T*, HeadStrides, const T*, HeadStrides, \
-                                            T*, HeadStrides, float*, const int32_t*, const AttentionProblem&);
+                                            T*, HeadStrides, float*, const int32_t*, const AttentionProblem&,    \
+                                            const KvPages*);
 LLAMA_KERNELS_DECLARE_FORWARD(float)
 LLAMA_KERNELS_DECLARE_FORWARD(bf16)
 LLAMA_KERNELS_DECLARE_FORWARD(fp16)

@@ -1,13 +1,16 @@
 // Checks llama_kernels::cpu::attention_forward against a naive double-precision attention computed here from the
 // same stored inputs: lengths equal and unequal, causal or not, GQA groups 1, 4 and 8, head dims 64 and 128 (and a
-// few others), fp32, bf16 and fp16, a kv cache with ragged lengths including 0, and non-contiguous layouts. And
+// few others), fp32, bf16 and fp16, a kv cache with ragged lengths including 0 (contiguous, or paged: pages of 16,
+// 64 and 256 positions in a shuffled pool beside a NaN page nobody owns), and non-contiguous layouts. And
 // attention_backward against the double-precision gradients of that attention, with and without a dlse, at lengths
 // that span several of its blocks (partial ones, causal rows that see no key).
 // Prints each failing case (its first wrong element) and exits nonzero if any failed.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <limits>
+#include <numeric>
 #include <random>
 #include <string>
 #include <type_traits>
@@ -54,13 +57,16 @@ struct Case {
   int64_t batch, seqlen_q, seqlen_k, n_q_heads, n_kv_heads, head_dim;
   bool causal, strided;
   std::vector<int32_t> seqlens_k;  // empty: plain attention
+  int64_t block_size = 0;  // with seqlens_k: a paged cache of seqlen_k / block_size pages per sequence; 0: contiguous
 };
 
 std::string describe(const Case& c, const char* dtype) {
   char buf[256];
-  std::snprintf(buf, sizeof buf, "%s B=%lld Sq=%lld Sk=%lld Hq=%lld Hk=%lld D=%lld causal=%d strided=%d cache=%d",
+  std::snprintf(buf, sizeof buf,
+                "%s B=%lld Sq=%lld Sk=%lld Hq=%lld Hk=%lld D=%lld causal=%d strided=%d cache=%d block_size=%lld",
                 dtype, (long long)c.batch, (long long)c.seqlen_q, (long long)c.seqlen_k, (long long)c.n_q_heads,
-                (long long)c.n_kv_heads, (long long)c.head_dim, c.causal, c.strided, !c.seqlens_k.empty());
+                (long long)c.n_kv_heads, (long long)c.head_dim, c.causal, c.strided, !c.seqlens_k.empty(),
+                (long long)c.block_size);
   return buf;
 }
 
@@ -96,8 +102,32 @@ bool run_case(const Case& c, std::mt19937& rng) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
   const AttentionProblem problem{c.batch, c.seqlen_q, c.seqlen_k, c.n_q_heads, c.n_kv_heads, c.head_dim, c.causal,
                                  scale};
-  attention_forward<T>(q.data.data(), q.strides, k.data.data(), k.strides, v.data.data(), v.strides, o.data.data(),
-                       o.strides, lse.data(), c.seqlens_k.empty() ? nullptr : c.seqlens_k.data(), problem);
+  if (c.block_size > 0) {
+    // The same keys and values in a pool of pages in a shuffled order, with one more page (NaN) nobody owns.
+    const int64_t max_blocks = c.seqlen_k / c.block_size, n_pages = c.batch * max_blocks + 1;
+    BshTensor<T> k_pool(n_pages, c.block_size, c.n_kv_heads, c.head_dim, c.strided);
+    BshTensor<T> v_pool(n_pages, c.block_size, c.n_kv_heads, c.head_dim, c.strided);
+    for (T& x : k_pool.data) x = from_float<T>(std::numeric_limits<float>::quiet_NaN());
+    for (T& x : v_pool.data) x = from_float<T>(std::numeric_limits<float>::quiet_NaN());
+    std::vector<int32_t> block_table(static_cast<size_t>(c.batch * max_blocks));
+    std::iota(block_table.begin(), block_table.end(), 0);
+    std::shuffle(block_table.begin(), block_table.end(), rng);
+    for (int64_t b = 0; b < c.batch; ++b) {
+      for (int64_t p = 0; p < c.seqlen_k; ++p) {
+        const int64_t page = block_table[b * max_blocks + p / c.block_size], row = p % c.block_size;
+        for (int64_t h = 0; h < c.n_kv_heads; ++h) {
+          std::copy_n(k.at(b, p, h), c.head_dim, k_pool.at(page, row, h));
+          std::copy_n(v.at(b, p, h), c.head_dim, v_pool.at(page, row, h));
+        }
+      }
+    }
+    const KvPages pages{block_table.data(), max_blocks, c.block_size};
+    attention_forward<T>(q.data.data(), q.strides, k_pool.data.data(), k_pool.strides, v_pool.data.data(),
+                         v_pool.strides, o.data.data(), o.strides, lse.data(), c.seqlens_k.data(), problem, &pages);
+  } else {
+    attention_forward<T>(q.data.data(), q.strides, k.data.data(), k.strides, v.data.data(), v.strides, o.data.data(),
+                         o.strides, lse.data(), c.seqlens_k.empty() ? nullptr : c.seqlens_k.data(), problem);
+  }
 
   const int64_t group = c.n_q_heads / c.n_kv_heads;
   std::vector<double> scores(static_cast<size_t>(c.seqlen_k)), out(static_cast<size_t>(c.head_dim));
@@ -292,6 +322,18 @@ int main() {
         const Case c{5, seqlen_q, 300, 8, 2, 128, causal, strided, {0, 1, 113, 300, 5}};
         check(run_case<float>(c, rng));
         check(run_case<bf16>(c, rng));
+      }
+    }
+  }
+  // A paged cache: pages of 16, 64 and 256 positions, ragged lengths 0, 1, ending on a page (64, 256) and not.
+  for (int64_t block_size : {16, 64, 256}) {
+    for (int64_t seqlen_q : {1, 7}) {
+      for (const auto& h : heads) {
+        const bool causal = h[1] != 2, strided = (block_size + seqlen_q) % 2 == 0;
+        const Case c{5, seqlen_q, 256, h[0], h[1], h[1] == 1 ? 64 : 128, causal, strided, {0, 1, 113, 256, 64},
+                     block_size};
+        check(run_case<float>(c, rng));
+        if (h[1] == 2) check(run_case<bf16>(c, rng));
       }
     }
   }

@@ -46,10 +46,14 @@ std::tuple<at::Tensor, at::Tensor> swiglu_backward_cpu(const at::Tensor& dy, con
 std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  bool causal, double softmax_scale);
 // Decoding over a cache: q (B, Sq, Hq, D) against k_cache, v_cache (B, S_max, Hk, D), of which sequence b holds
-// seqlens_k[b] (int32) tokens; causal bottom-right within those. Returns (o, lse) as attention_cpu.
+// seqlens_k[b] (int32) tokens; causal bottom-right within those. Returns (o, lse) as attention_cpu. With a
+// block_table (B, max_blocks_per_seq) int32 the caches are pools of pages (num_pages, block_size, Hk, D) and
+// position p of sequence b is row p % block_size of page block_table[b, p / block_size] (S_max: max_blocks_per_seq
+// * block_size); the pages a sequence's seqlens_k[b] tokens reach must be in the pool (checked).
 std::tuple<at::Tensor, at::Tensor> attention_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_cache,
                                                          const at::Tensor& v_cache, const at::Tensor& seqlens_k,
-                                                         bool causal, double softmax_scale);
+                                                         bool causal, double softmax_scale,
+                                                         const std::optional<at::Tensor>& block_table);
 
 // The gradients of attention_cpu's (o, lse) for do (like q) and dlse (like lse, optional), given q, k, v and the
 // forward's o and lse: (dq, dk, dv) in the dtypes and shapes of q, k, v, contiguous. O(S) memory, deterministic.
