@@ -109,9 +109,10 @@ GPU_SHAPES = {
     # 16k tokens per batch below 16k-token sequences, as flash-attn's benchmarks do
     "attention": tuple(Shape(model, s, max(1, 16384 // s)) for model in ("7B", "34B")
                        for s in (4096, 16384, 32768, 65536, 100_000)),
-    # one decoding step: `tokens` is the cache length
+    # one decoding step: `tokens` is the cache length; batch 32 at 16k (a serving batch; 100k would not fit twice,
+    # contiguous and paged, beside the 7B's heads)
     "decode": tuple(Shape(model, s, batch) for model in ("7B", "34B") for batch in (1, 8)
-                    for s in (4096, 16384, 65536, 100_000)),
+                    for s in (4096, 16384, 65536, 100_000)) + (Shape("7B", 16384, 32), Shape("34B", 16384, 32)),
     # the loss over N tokens: H = 4096 (7B) and 8192 (34B)
     "cross_entropy": tuple(Shape(model, n) for model in ("7B", "34B") for n in (4096, 16384, 65536)),
 }
@@ -451,8 +452,12 @@ def _attention_flops(causal: bool, backward: bool):
 
 # --------------------------------------------------------------------------- decoding
 # One step: a query per sequence over `tokens` cached keys and values. The peers are the attention
-# providers over the same (B, 1, Hq, D) query and (B, L, Hk, D) caches, without masks.
-DECODE_PROVIDERS = ("ours", "flash_attention", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "flex", "flash_attn")
+# providers over the same (B, 1, Hq, D) query and (B, L, Hk, D) caches, without masks; and, over a paged cache
+# (the same keys and values in pages of 16 or 256 positions, shuffled in one pool: `_pages`), ours,
+# flash-attn's flash_attn_with_kvcache with a block table (pages of 256: it needs multiples of 256) and
+# FlashInfer's paged decode (pages of 16).
+DECODE_PROVIDERS = ("ours", "ours_paged16", "ours_paged256", "flash_attention", "sdpa_flash", "sdpa_efficient",
+                    "sdpa_cudnn", "flex", "flash_attn", "flash_attn_paged256", "flashinfer_paged16")
 
 
 def _decode_inputs(shape: Shape, device) -> dict:
@@ -463,11 +468,66 @@ def _decode_inputs(shape: Shape, device) -> dict:
             "cache_seqlens": torch.full((b,), length, dtype=torch.int32, device=device)}
 
 
+def _pages(inputs: dict, block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(k_pool, v_pool, block_table): the caches' positions in pages of block_size, in a random order in one pool
+    (what a serving pool looks like after sequences came and went)."""
+    k_cache, v_cache = inputs["k"], inputs["v"]
+    batch, length, hk, d = k_cache.shape
+    per_sequence = -(-length // block_size)
+    block_table = torch.randperm(batch * per_sequence, device=k_cache.device).view(batch, per_sequence).int()
+
+    def pool(cache):
+        padded = torch.nn.functional.pad(cache, (0, 0, 0, 0, 0, per_sequence * block_size - length))
+        pages = torch.empty(batch * per_sequence, block_size, hk, d, dtype=cache.dtype, device=cache.device)
+        pages[block_table.flatten().long()] = padded.view(-1, block_size, hk, d)
+        return pages
+
+    return pool(k_cache), pool(v_cache), block_table
+
+
+def _ours_paged(q, k_pool, v_pool, seqlens, block_table, device):
+    backend = ours_backend(device)
+    return lambda: lk.flash_attention_with_kvcache(q, k_pool, v_pool, seqlens, backend=backend,
+                                                   block_table=block_table)
+
+
+def _flash_attn_paged(q, k_pool, v_pool, seqlens, block_table, device):
+    flash_attn_with_kvcache = _import("flash_attn", "flash_attn_with_kvcache")
+    return lambda: flash_attn_with_kvcache(q, k_pool, v_pool, cache_seqlens=seqlens, block_table=block_table)
+
+
+def _flashinfer_paged(q, k_pool, v_pool, seqlens, block_table, device):
+    wrapper_class = _import("flashinfer", "BatchDecodeWithPagedKVCacheWrapper")
+    batch, _, hq, d = q.shape
+    block_size = k_pool.shape[1]
+    # FlashInfer's table is CSR: each sequence's pages in a row of indices, and its last page's filled length.
+    indptr = torch.arange(batch + 1, dtype=torch.int32, device=device) * block_table.shape[1]
+    last_page_len = (seqlens - 1) % block_size + 1
+    wrapper = wrapper_class(torch.empty(128 * 2**20, dtype=torch.uint8, device=device), "NHD")
+    try:
+        wrapper.plan(indptr, block_table.flatten(), last_page_len, hq, k_pool.shape[2], d, block_size,
+                     q_data_type=q.dtype, kv_data_type=k_pool.dtype)
+    except TypeError as e:  # an older release's signature
+        raise Unavailable(f"flashinfer's BatchDecodeWithPagedKVCacheWrapper.plan: {e}") from None
+    q_rows = q[:, 0]  # (B, Hq, D): one query per sequence
+    return lambda: wrapper.run(q_rows, (k_pool, v_pool))
+
+
+# "<name>_paged<block size>" providers: (q, k_pool, v_pool, cache_seqlens, block_table, device) -> timed fn
+PAGED_DECODE = {"ours": _ours_paged, "flash_attn": _flash_attn_paged, "flashinfer": _flashinfer_paged}
+
+
 def _decode_build(provider, inputs, device):
-    q, k_cache, v_cache = inputs["q"], inputs["k"], inputs["v"]
+    q, k_cache, v_cache, seqlens = inputs["q"], inputs["k"], inputs["v"], inputs["cache_seqlens"]
     if provider == "ours":
-        backend, seqlens = ours_backend(device), inputs["cache_seqlens"]
+        backend = ours_backend(device)
         return lambda: lk.flash_attention_with_kvcache(q, k_cache, v_cache, seqlens, backend=backend)
+    if "_paged" in provider:
+        name, block_size = provider.split("_paged")
+        if name != "ours" and device.type != "cuda":
+            raise Unavailable(f"{provider} needs CUDA")
+        k_pool, v_pool, block_table = _pages(inputs, int(block_size))
+        return PAGED_DECODE[name](q, k_pool, v_pool, seqlens, block_table, device)
     attn = ATTENTION_PROVIDERS["ours" if provider == "flash_attention" else provider](inputs, device, False)
     return lambda: attn(q, k_cache, v_cache)
 
