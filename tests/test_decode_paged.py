@@ -13,6 +13,8 @@ Sizes are kept small for the interpreter (~8 ms per program and loop step): batc
 
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 import llama_kernels as lk
 from llama_kernels import reference as ref
@@ -242,3 +244,27 @@ def test_fullgraph_compile_over_pages(device):
     assert torch.equal(kp_c.nan_to_num(), kp_e.nan_to_num()) and torch.equal(vp_c.nan_to_num(), vp_e.nan_to_num())
     want_o, *_ = expected(q, k_cache, v_cache, cache_seqlens, k, v, lk.rope_inv_freq(64, 1e4, device=device), False)
     check_attention_out(o_c / 2, want_o)
+
+
+# --------------------------------------------------------------------------- property
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(data=st.data(), batch=st.integers(1, 2), block_size=st.sampled_from([16, 32, 64, 128, 256]),
+       sq=st.sampled_from([1, 5]), append=st.booleans(), n_kv=st.integers(1, 2), group=st.sampled_from([1, 4]),
+       rope=st.sampled_from([None, "theta", "theta-interleaved"]), num_splits=st.sampled_from([0, 1, 3]),
+       dtype=st.sampled_from([F32, BF16]))
+def test_any_paged_shape(device, data, batch, block_size, sq, append, n_kv, group, rope, num_splits, dtype):
+    """Paged equals contiguous, bit for bit, for any page size, lengths (a page's end included) and split count."""
+    max_blocks = data.draw(st.integers(1, max(1, 320 // block_size)), label="max_blocks")
+    top = max_blocks * block_size - (sq if append else 0)
+    assume(top >= 0)
+    lengths = st.one_of(st.integers(0, top), st.sampled_from([n * block_size - (sq if append else 0)
+                                                             for n in range(1, max_blocks + 1)]))
+    seqlens = data.draw(st.lists(lengths.filter(lambda n: 0 <= n <= top), min_size=batch, max_size=batch),
+                        label="cache_seqlens")
+    q, k_cache, v_cache, cache_seqlens, k, v = make_inputs(batch, max_blocks * block_size, n_kv * group, n_kv, 64,
+                                                           dtype, seqlens, sq, append, device)
+    block_table, num_blocks = page_layout(seqlens, sq if append else 0, block_size, max_blocks, device)
+    kwargs, _, _ = rope_kwargs(rope, 64, device)
+    (o_c, lse_c), (o_p, lse_p) = run_paged(q, k_cache, v_cache, cache_seqlens, k, v, block_table, num_blocks,
+                                           "triton", num_splits, kwargs)
+    assert torch.equal(o_p, o_c) and torch.equal(lse_p, lse_c), "paged and contiguous results differ"
