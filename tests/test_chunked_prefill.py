@@ -19,8 +19,21 @@ def padded_prompts(lengths, device="cpu"):
     return tokens
 
 
+def new_cache(model, kind: str, batch: int):
+    """A contiguous cache of 32 slots a sequence, or a paged one (blocks of 16) whose batch is ``batch`` new
+    sequences: their blocks are taken in turns as they grow, so their tables interleave."""
+    if kind == "contiguous":
+        return model.new_cache(batch, 32)
+    cache = model.new_paged_cache(2 * batch, 16, max_batch_size=batch, max_seq_len=32)
+    cache.set_batch([cache.allocate() for _ in range(batch)])
+    return cache
+
+
 def filled_positions(cache, lengths):
     """Every layer's cached k and v at each sequence's own positions (the padding's slots are not compared)."""
+    if cache.block_table is not None:  # a paged cache: each sequence's pages, in order
+        return [t[cache.block_table[b, :2].long()].flatten(0, 1)[:length]
+                for t in cache.k + cache.v for b, length in enumerate(lengths)]
     return [t[b, :length] for t in cache.k + cache.v for b, length in enumerate(lengths)]
 
 
@@ -55,16 +68,18 @@ def test_generation_with_a_small_prefill_chunk_gives_the_same_tokens():
     assert model.generate(prompts, max_new_tokens=5, prefill_chunk=3) == model.generate(prompts, max_new_tokens=5)
 
 
-def test_decode_step_equals_the_forward(device):
+@pytest.mark.parametrize("kind", ["contiguous", "paged"])
+def test_decode_step_equals_the_forward(device, kind):
     """The static-buffer step generate replays (on --device cuda: captured at its first call, then replayed) gives
-    the logits and the cache contents of plain forwards, step after step, the lengths advanced on the device."""
+    the logits and the cache contents of plain forwards, step after step, the lengths advanced on the device
+    (six: the 11-token prompt's cross into its second page)."""
     # On the CPU the reference (the step's machinery is under test; the kernels' Sq = 1 path has its own tests)
     model = tiny_model(backend=None if device.type == "cuda" else "reference", attention="llama_kernels").to(device)
     tokens = padded_prompts(PROMPT_LENGTHS, device)
-    steps = torch.randint(0, TINY.vocab_size, (3, len(PROMPT_LENGTHS)), device=device)
+    steps = torch.randint(0, TINY.vocab_size, (6, len(PROMPT_LENGTHS)), device=device)
     runs = []
     for stepped in (False, True):
-        cache = model.new_cache(len(PROMPT_LENGTHS), 16)
+        cache = new_cache(model, kind, len(PROMPT_LENGTHS))
         with torch.inference_mode():
             prefill(model, tokens, PROMPT_LENGTHS, cache)
             step = DecodeStep(model, cache, capture=True) if stepped else lambda t: model(t[:, None], cache=cache)
@@ -77,12 +92,13 @@ def test_decode_step_equals_the_forward(device):
         assert_close(got, want, rtol=1e-4, atol=1e-4)
     after = [n + len(steps) for n in PROMPT_LENGTHS]
     assert step_cache.seqlens.tolist() == forward_cache.seqlens.tolist() == after
-    assert step_cache.filled == forward_cache.filled
+    assert step_cache.filled == forward_cache.filled == max(after)
     for got, want in zip(filled_positions(step_cache, after), filled_positions(forward_cache, after)):
         assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_fullgraph_compile_traces_a_decode_step_with_the_cache_mutation():
+@pytest.mark.parametrize("kind", ["contiguous", "paged"])
+def test_fullgraph_compile_traces_a_decode_step_with_the_cache_mutation(kind):
     """torch.compile(fullgraph=True) of one decode step of the whole model (the step DecodeStep captures): no graph
     break, the logits and the appended k/v as eager's, the lengths advanced once."""
     torch._dynamo.reset()
@@ -91,7 +107,7 @@ def test_fullgraph_compile_traces_a_decode_step_with_the_cache_mutation():
     compiled = torch.compile(model.cached_pass, backend="aot_eager", fullgraph=True)
     runs = []
     for step in (model.cached_pass, compiled):
-        cache = model.new_cache(len(PROMPT_LENGTHS), 16)
+        cache = new_cache(model, kind, len(PROMPT_LENGTHS))
         with torch.inference_mode():
             prefill(model, tokens, PROMPT_LENGTHS, cache)
             cache.reserve(1)

@@ -175,9 +175,9 @@ class Attention(nn.Module):
             if sdpa:
                 o = self._sdpa_decode(q, k, v, inv_freq, cache)
             else:
-                pages = {"block_table": cache.block_table} if paged else {}
                 o = flash_attention_with_kvcache(q, cache.k, cache.v, cache.seqlens, k=k, v=v, inv_freq=inv_freq,
-                                                 interleaved=self.rope_interleaved, causal=True, **pages,
+                                                 interleaved=self.rope_interleaved, causal=True,
+                                                 block_table=cache.block_table,
                                                  backend=for_op(self.backend, "flash_attention_with_kvcache"))
         return self.wo(o.reshape(batch, seqlen, self.n_heads * self.head_dim))
 
