@@ -65,8 +65,12 @@ def test_quick_benchmark_prints_the_table_and_writes_json_and_png(tmp_path):
     assert "model: Code Llama 7B, 2 of 32 layers, reduced" in (tmp_path / "bench.txt").read_text()
     assert result["model"]["reduced"] and result["model"]["config"]["n_layers"] == 2
     model_rows = {(r["label"], r["provider"]): r for r in result["model"]["rows"]}
-    assert set(model_rows) == {(label, provider) for label in ("prefill S=256", "decode ctx=1024")
-                               for provider in model.PROVIDERS}
+    assert set(model_rows) == {(label, provider) for label, phase in (("prefill S=256", "prefill"),
+                                                                      ("decode ctx=1024", "decode"))
+                               for provider in model.PROVIDERS + model.VARIANTS[phase]}
+    assert model_rows[("decode ctx=1024", "ours_graph")]["status"] == "skipped"  # CUDA graphs: CUDA only
+    assert all(model_rows[key]["status"] == "ok" for key in (("prefill S=256", "ours_chunked"),
+                                                             ("decode ctx=1024", "ours_paged")))
     for label, rate in (("prefill S=256", "tokens_per_s"), ("decode ctx=1024", "ms_per_token")):
         ours, hf = model_rows[(label, "ours")], model_rows[(label, "hf_sdpa")]
         assert ours["status"] == hf["status"] == "ok", (ours, hf)
@@ -152,7 +156,7 @@ def test_model_benchmark_runs_the_same_weights_in_ours_and_hf(small_models):
     torch.testing.assert_close(logits["ours"], logits["hf_sdpa"], atol=3e-2, rtol=3e-2)
 
 
-@pytest.mark.parametrize("provider", ["ours", "hf_sdpa"])
+@pytest.mark.parametrize("provider", ["ours", "ours_paged", "hf_sdpa"])
 def test_model_decode_steps_all_see_the_same_context(small_models, provider):
     """Each timed step starts from ctx cached tokens: a cache that kept the previous step's token would change
     the next step's logits."""

@@ -11,6 +11,17 @@ ours' tensors, assigned with ``load_state_dict(assign=True)``: one copy in memor
 - ``hf_patched``: that same model after ``llama_kernels.models.hf.patch_hf_llama`` (skipped, with
   the reason, where the patch is missing or refuses; unpatched again after each of its rows).
 
+and three variants of ours, each against ours' plain row of its phase:
+
+- ``ours_chunked`` (prefill): the prompt prefilled ``prefill_chunk`` tokens at a time
+  (``generation.prefill``; the default chunk on a GPU, S / 4 on the CPU's reduced lengths): its
+  peak memory and tokens/s against the one-shot prefill;
+- ``ours_graph`` (decode): the step ``generate`` replays, captured in a CUDA graph
+  (``generation.DecodeStep``; ours' attention, SDPA's decode is not captured); on the CPU a
+  skipped row that says why;
+- ``ours_paged`` (decode): the same step over a ``PagedKVCache`` of 16-token pages holding the ctx
+  tokens (the smallest pages, the most table reads), eagerly as ``ours``.
+
 Two phases, batch 1, under ``torch.inference_mode()``:
 
 - prefill of S tokens: one forward that fills a fresh KV cache, as a generation's first step
@@ -39,6 +50,7 @@ import inspect
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
@@ -46,11 +58,15 @@ import torch
 
 from ..models import CodeLlama, CodeLlamaConfig
 from ..models.checkpoint import hf_to_meta_name
+from ..models.generation import PREFILL_CHUNK, DecodeStep, prefill
 from ..ops.attention_choice import attention_for
 from .cases import DTYPE, Unavailable, ours_backend
 from .harness import FULL, QUICK, measure, peak_memory_bytes
 
 PROVIDERS = ("ours", "hf_sdpa", "hf_patched")
+VARIANTS = {"prefill": ("ours_chunked",), "decode": ("ours_graph", "ours_paged")}  # ours, another way (above)
+PAGE_SIZE = 16  # ours_paged's pages
+CPU_CHUNKS = 4  # ours_chunked on the CPU's reduced lengths: S / 4 tokens a chunk (the default chunk is 4096)
 BATCH = 1
 DECODE_HEADROOM = 8  # ours' cache holds ctx + this many slots, as a generation's cache has room for new tokens
 FULL_MODEL = CodeLlamaConfig.from_name("CodeLlama-7b")
@@ -96,9 +112,11 @@ class ModelItem:
 
 
 def items(shapes: ModelShapes) -> list[ModelItem]:
-    """Length by length, every provider: the rows of one length are compared with each other."""
+    """Length by length, every provider and the phase's variants: the rows of one length are compared with each
+    other."""
     points = [("prefill", s) for s in shapes.prefill] + [("decode", ctx) for ctx in shapes.decode]
-    return [ModelItem(phase, tokens, provider) for phase, tokens in points for provider in PROVIDERS]
+    return [ModelItem(phase, tokens, provider) for phase, tokens in points
+            for provider in PROVIDERS + VARIANTS[phase]]
 
 
 def model_config(reduced: bool, layers: int | None = None) -> CodeLlamaConfig:
@@ -174,6 +192,10 @@ def workload(item: ModelItem, models: Models, device: torch.device) -> Iterator[
     if item.provider == "ours":
         yield (_ours_prefill if prefill else _ours_decode)(models, item.tokens, device)
         return
+    if item.provider in OURS_VARIANTS:
+        with OURS_VARIANTS[item.provider](models, item.tokens, device) as work:
+            yield work
+        return
     if models.hf is None:
         raise Unavailable(models.hf_missing)
     with _hf_patched(models.hf) if item.provider == "hf_patched" else contextlib.nullcontext():
@@ -199,9 +221,7 @@ def _ours_prefill(models: Models, length: int, device: torch.device) -> Workload
 
 def _ours_decode(models: Models, ctx: int, device: torch.device) -> Workload:
     model, token = models.ours, _tokens(models.config, 1, device)
-    cache = model.new_cache(BATCH, ctx + DECODE_HEADROOM)
-    for t in cache.k + cache.v:
-        t.normal_()
+    cache = _filled_cache(model, ctx)
 
     @torch.inference_mode()
     def step():
@@ -210,6 +230,78 @@ def _ours_decode(models: Models, ctx: int, device: torch.device) -> Workload:
         return model(token, cache=cache)
 
     return Workload(step, cache_bytes=sum(t.nbytes for t in cache.k + cache.v))
+
+
+def _filled_cache(model: CodeLlama, ctx: int):
+    """A contiguous cache of ctx + DECODE_HEADROOM slots, random values."""
+    cache = model.new_cache(BATCH, ctx + DECODE_HEADROOM)
+    for t in cache.k + cache.v:
+        t.normal_()
+    return cache
+
+
+@contextlib.contextmanager
+def _ours_chunked_prefill(models: Models, length: int, device: torch.device) -> Iterator[Workload]:
+    model, tokens = models.ours, _tokens(models.config, length, device)
+    chunk = PREFILL_CHUNK if device.type == "cuda" else max(1, length // CPU_CHUNKS)
+
+    @torch.inference_mode()
+    def chunked():
+        return prefill(model, tokens, [length] * BATCH, model.new_cache(BATCH, length), chunk)
+
+    yield Workload(chunked, cache_bytes=0)
+
+
+@contextlib.contextmanager
+def _ours_captured_decode(models: Models, ctx: int, device: torch.device) -> Iterator[Workload]:
+    """The CUDA graph's replay: a first call runs eagerly and captures (an error if it could not), the timed ones
+    replay."""
+    if device.type != "cuda":
+        raise Unavailable("CUDA graphs need a CUDA device (on the CPU generate runs the same step eagerly: ours)")
+    model, token = models.ours, _tokens(models.config, 1, device)[:, 0]
+    cache, chosen = _filled_cache(model, ctx), model.attention
+    model.attention = "llama_kernels"  # SDPA's decode follows the cache's length: never captured
+    try:
+        step = DecodeStep(model, cache, capture=True)
+
+        @torch.inference_mode()
+        def replay():
+            cache.seqlens.fill_(ctx)
+            cache.filled = ctx
+            return step(token)
+
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            replay()
+        if step.graph is None:  # the row would time eager steps under the captured name
+            why = "; ".join(str(w.message) for w in said) or "generate's warning, given earlier, says why"
+            raise RuntimeError(f"the decode step was not captured: {why}")
+        yield Workload(replay, cache_bytes=sum(t.nbytes for t in cache.k + cache.v))
+    finally:
+        model.attention = chosen
+
+
+@contextlib.contextmanager
+def _ours_paged_decode(models: Models, ctx: int, device: torch.device) -> Iterator[Workload]:
+    model, token = models.ours, _tokens(models.config, 1, device)
+    cache = model.new_paged_cache(-(-(ctx + DECODE_HEADROOM) // PAGE_SIZE), PAGE_SIZE, max_batch_size=BATCH,
+                                  max_seq_len=ctx + DECODE_HEADROOM)
+    cache.set_batch([cache.allocate() for _ in range(BATCH)])
+    cache.reserve(ctx + DECODE_HEADROOM)  # the pages a prefill of ctx tokens and the new tokens take
+    cache.advance(ctx)  # held: their values random (below), as _filled_cache's
+    for t in cache.k + cache.v:
+        t.normal_()
+
+    @torch.inference_mode()
+    def step():
+        cache.truncate([ctx] * BATCH)
+        return model(token, cache=cache)
+
+    yield Workload(step, cache_bytes=sum(t.nbytes for t in cache.k + cache.v))
+
+
+OURS_VARIANTS = {"ours_chunked": _ours_chunked_prefill, "ours_graph": _ours_captured_decode,
+                 "ours_paged": _ours_paged_decode}
 
 
 def _hf_keywords(hf: torch.nn.Module) -> tuple[str, str]:
@@ -275,6 +367,8 @@ def attention_ran(provider: str, models: Models, device: torch.device, phase: st
     default "auto" for "hf_patched") on this card: ``ops.attention_choice``."""
     if provider in ("hf_sdpa", "hf_liger"):
         return "sdpa"
+    if provider in ("ours_graph", "ours_paged"):  # captured: ours forced; paged: SDPA has no pages
+        return "llama_kernels"
     return attention_for(models.ours.attention if provider == "ours" else "auto", device, phase)
 
 
@@ -356,7 +450,9 @@ def format_section(model: dict) -> list[str]:
         "each step)",
         "floor = FLOPs / matmul ceiling (prefill), weights + KV cache read once / copy ceiling (decode); peak = KV "
         "cache held before the call + what the call allocates (GPU only; the shared weights left out)",
-        "attention: whose attention ran (llama_kernels: ours; sdpa: torch's, where the card's table picks it)",
+        "attention: whose attention ran (llama_kernels: ours; sdpa: torch's, where the card's table picks it); "
+        "ours_chunked: the prefill chunk by chunk; ours_graph: the decode step replayed from a CUDA graph; "
+        "ours_paged: over 16-token pages; ours x: the row's time / ours' (under 1: faster than ours)",
         f"{'phase':20} {'provider':12} {'median ms':>10} {'rate':>14} {'floor ms':>9} {'ours x':>7} {'peak MiB':>9} "
         f"{'attention':13}",
     ]
