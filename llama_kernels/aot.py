@@ -136,6 +136,9 @@ def _all_attention_launches(target: str, meta) -> list[str]:
                     _attention_launches(head_dim, varlen, causal, meta, tma=True)
                     labels += [f"attention_fwd {kind} TMA", f"attention_bwd_dkdv {kind} TMA",
                                f"attention_bwd_dq {kind} TMA"]
+                if not varlen:  # deterministic=False's candidate: dq by atomic adds in the dk/dv pass
+                    _attention_launches(head_dim, varlen, causal, meta, atomic_dq=True)
+                    labels += [f"attention_fwd {kind}", f"attention_bwd_any_order {kind} atomic dq"]
     return labels
 
 
@@ -163,9 +166,11 @@ def _decode_launches(n_q_heads: int, n_kv_heads: int, seqlen_q: int, device) -> 
     decode.decode_triton(q, cache, cache, seqlens, seqlen_q, True, 128**-0.5, 0)
 
 
-def _attention_launches(head_dim: int, varlen: bool, causal: bool, device, tma: bool = False) -> None:
+def _attention_launches(head_dim: int, varlen: bool, causal: bool, device, tma: bool = False,
+                        atomic_dq: bool = False) -> None:
     """Forward and backward at Code Llama 34B's layout (64 query heads, 8 key/value heads), bf16, 16k tokens;
-    with tma, every kernel's config asks for its TMA form."""
+    with tma, every kernel's config asks for its TMA form; with atomic_dq, the backward is deterministic=False's
+    with ATOMIC_DQ."""
     from .ops import _triton, attention
 
     shape = (TOKENS,) if varlen else (1, TOKENS)
@@ -176,8 +181,12 @@ def _attention_launches(head_dim: int, varlen: bool, causal: bool, device, tma: 
     with contextlib.ExitStack() as configs:
         for tuning in (attention.FORWARD_TUNING, attention.DKDV_TUNING, attention.DQ_TUNING) if tma else ():
             configs.enter_context(_triton.forced_config(tuning.kernel, lambda default: {**default, "TMA": True}))
+        if atomic_dq:
+            atomic = attention.atomic_dq_config(_triton.target_of(device), head_dim)
+            configs.enter_context(_triton.forced_config(attention.ANY_ORDER_TUNING.kernel, lambda default: atomic))
         o, lse = attention.forward_triton(q, k, k, layout, causal, head_dim**-0.5)
-        attention.backward_triton(o, q, k, k, o, lse, None, layout, causal, head_dim**-0.5)
+        attention.backward_triton(o, q, k, k, o, lse, None, layout, causal, head_dim**-0.5,
+                                  deterministic=not atomic_dq)
 
 
 def _swiglu_launches(target: str, meta) -> list[str]:

@@ -151,7 +151,8 @@ def test_kernels_through_tensor_descriptors(device, monkeypatch, causal):
         pytest.skip("tensor descriptors (TMA) need sm_90 or newer")
 
     config = attention._config
-    monkeypatch.setattr(attention, "_config", lambda kernel, q, head_dim: {**config(kernel, q, head_dim), "TMA": True})
+    monkeypatch.setattr(attention, "_config",
+                        lambda kernel, q, head_dim, **kw: {**config(kernel, q, head_dim, **kw), "TMA": True})
     described = []
     monkeypatch.setattr(attention.TensorDescriptor, "from_tensor", staticmethod(
         lambda t, block, make=attention.TensorDescriptor.from_tensor: described.append(t.shape) or make(t, block)))
@@ -356,21 +357,20 @@ def test_varlen_matches_reference_per_sequence(device, backend, causal, dtype):
 
 
 # --------------------------------------------------------------------------- determinism
-@pytest.mark.parametrize("deterministic", [True, False])
 @pytest.mark.parametrize("layout", ["dense", "varlen"])
-def test_backward_is_bit_identical_across_runs(device, layout, deterministic):
+def test_backward_is_bit_identical_across_runs(device, layout):
     """dk and dv sum over the 4 query heads of a group and over query blocks: the same bits every run."""
     if layout == "dense":
         q, k, v = make_qkv(1, 150, 150, 8, 2, 64, device=device)
 
         def fn(a, b, c):
-            return lk.flash_attention(a, b, c, deterministic=deterministic, backend="triton")
+            return lk.flash_attention(a, b, c, deterministic=True, backend="triton")
     else:
         q, k, v, cu_q, cu_k = varlen_inputs(F32, device=device)
 
         def fn(a, b, c):
             return lk.flash_attention_varlen(a, b, c, cu_q, cu_k, max(SEQLENS_Q), max(SEQLENS_K),
-                                             deterministic=deterministic, backend="triton")
+                                             deterministic=True, backend="triton")
     do = randn(*q.shape, device=device)
     runs = [grads(fn, (q, k, v), do)[1] for _ in range(3)]
     for run in runs[1:]:
@@ -379,6 +379,41 @@ def test_backward_is_bit_identical_across_runs(device, layout, deterministic):
 
 
 # --------------------------------------------------------------------------- torch.compile
+@pytest.fixture
+def atomic_dq():
+    """deterministic=False's backward forced to sum dq by atomic adds in the dk/dv pass; yields the launches' asks."""
+    from llama_kernels.ops import _triton, attention
+
+    with _triton.forced_config(attention.ANY_ORDER_TUNING.kernel, lambda default: {**default, "ATOMIC_DQ": True}) as asks:
+        yield asks
+
+
+@pytest.mark.parametrize("case", [(1, 70, 130, 8, 2, 64, True, BF16), (1, 100, 40, 8, 1, 128, True, F32),
+                                  (2, 40, 40, 4, 4, 64, False, F32)], ids=shape_id)
+def test_atomic_dq_backward_matches_reference(device, atomic_dq, case):
+    """Partial blocks, GQA groups of 4 and 8, rows that see no key (Sq > Sk, causal), Sq != Sk."""
+    batch, sq, sk, hq, hk, d, causal, dtype = case
+    q, k, v = make_qkv(batch, sq, sk, hq, hk, d, dtype, device=device)
+    do = randn(*q.shape, dtype=dtype, device=device)
+    _, got = grads(lambda a, b, c: lk.flash_attention(a, b, c, causal=causal, backend="triton"), (q, k, v), do)
+    assert [ask.default["ATOMIC_DQ"] for ask in atomic_dq] == [False]  # off unless a measured table chose it
+    check_grads(got, ideal_grads(lambda a, b, c: ref.attention(a, b, c, causal), (q, k, v), do), dtype)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_atomic_dq_packed_and_never_when_deterministic(device, atomic_dq, deterministic):
+    lengths_q, lengths_k = [17, 40, 3], [30, 7, 0]  # rows that see no key; a sequence with none at all
+    cu_q, cu_k = cu_seqlens(lengths_q, device), cu_seqlens(lengths_k, device)
+    q, k, v = (randn(sum(n), h, 64, dtype=BF16, device=device) for n, h in ((lengths_q, 4), (lengths_k, 2),
+                                                                            (lengths_k, 2)))
+    do = randn(*q.shape, dtype=BF16, device=device)
+    _, got = grads(lambda a, b, c: lk.flash_attention_varlen(a, b, c, cu_q, cu_k, 40, 30, deterministic=deterministic,
+                                                             backend="triton"), (q, k, v), do)
+    assert len(atomic_dq) == (0 if deterministic else 1)
+    want = ideal_grads(lambda a, b, c: varlen_reference(a, b, c, cu_q.tolist(), cu_k.tolist(), True), (q, k, v), do)
+    check_grads(got, want, BF16)
+
+
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_fullgraph_compile_forward_and_backward(device, backend):
     torch._dynamo.reset()

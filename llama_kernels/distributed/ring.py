@@ -141,14 +141,14 @@ def step_plan(rank: int, src: int, seqlen: int, causal: bool, layout: str):
 
 
 def _fwd_block(q, k, v, causal, scale, backend):
-    return torch.ops.llama_kernels.flash_attention_forward(q, k, v, None, None, 0, 0, causal, scale, backend)
+    return torch.ops.llama_kernels.flash_attention_forward(q, k, v, None, None, 0, 0, causal, scale, True, backend)
 
 
 def _bwd_block(do, q, k, v, o, lse, dlse, causal, scale, backend):
     """(dq, dk, dv) of one block given the merged o and lse and their gradients (see the module's docstring)."""
     if backend == "triton":  # the kernels read P = exp(s - lse) and delta = rowsum(do o) - dlse as given
         return torch.ops.llama_kernels.flash_attention_backward(
-            do, q, k, v, o, lse, dlse, None, None, 0, 0, causal, scale, backend)
+            do, q, k, v, o, lse, dlse, None, None, 0, 0, causal, scale, True, backend)
     o_i, lse_i = _fwd_block(q, k, v, causal, scale, backend)
     w = torch.exp(lse_i - lse).nan_to_num_(0.0)  # (B, H, S); -inf - -inf: a row seeing nothing at all
     w_rows = w.transpose(1, 2)[..., None]  # (B, S, H, 1)
@@ -156,7 +156,8 @@ def _bwd_block(do, q, k, v, o, lse, dlse, causal, scale, backend):
     do_i = (do_f * w_rows).to(do.dtype)
     dlse_i = w * ((do_f * (o_i.float() - o.float())).sum(-1).transpose(1, 2) + dlse)
     return torch.ops.llama_kernels.flash_attention_backward(
-        do_i.contiguous(), q, k, v, o_i, lse_i, dlse_i.contiguous(), None, None, 0, 0, causal, scale, backend)
+        do_i.contiguous(), q, k, v, o_i, lse_i, dlse_i.contiguous(), None, None, 0, 0, causal, scale, True,
+        backend)
 
 
 def attend_step(q, kv, rank, src, causal, scale, layout, backend, o_acc: Tensor, lse_acc: Tensor) -> None:

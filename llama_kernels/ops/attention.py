@@ -10,6 +10,11 @@ Exact softmax attention in O(N) memory (FlashAttention-2's schedule):
   every query head of its GQA group, so the group's reduction happens in
   registers: no atomics, no expanded k/v, and the result is deterministic by
   construction; dq by a program per query block. P is recomputed from the lse.
+  That is seven block products where five suffice: with ``deterministic=False``
+  a config may ask for ATOMIC_DQ, the dk/dv pass then adding each key block's
+  share of dq into an fp32 buffer by atomic adds (FlashAttention-2's schedule;
+  the order of the adds, so the last bits of dq, vary between runs). Off unless
+  the GPU check measured it faster (ops/tuned_configs.json).
 Causal masking is bottom-right aligned (query i sees keys j <= i + Sk - Sq, as in
 flash-attn >= 2.1); a query that sees no key gets zeros and an lse of -inf.
 
@@ -139,16 +144,18 @@ def _bwd_probabilities(q, k, lse, rows, cols, len_q, len_k, diag, qk_scale,
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    q_src, k_ptr, v_ptr, do_src, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
+    q_src, k_ptr, v_ptr, do_src, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_acc_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     seqlen_q, seqlen_k, n_kv_heads, group, softmax_scale, qk_scale,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
-    stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
-    stride_lse_b, stride_lse_h,
+    stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_dq_accb, stride_dq_accs,
+    stride_dq_acch, stride_lse_b, stride_lse_h,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
 ):
-    """dk, dv of a key block; q_src and do_src are pointers, or tensor descriptors when TMA."""
+    """dk, dv of a key block; q_src and do_src are pointers, or tensor descriptors when TMA. With ATOMIC_DQ, also
+    this key block's share of dq, added into the fp32 dq_acc (zeroed by the caller)."""
     block, batch, kv_head = _program(seqlen_k, n_kv_heads, BLOCK_N)
     q_start, len_q = _sequence(cu_seqlens_q_ptr, batch, seqlen_q, VARLEN)
     k_start, len_k = _sequence(cu_seqlens_k_ptr, batch, seqlen_k, VARLEN)
@@ -183,6 +190,10 @@ def _bwd_dkdv_kernel(
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+            if ATOMIC_DQ:
+                dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION) * softmax_scale
+                tl.atomic_add(tile_ptrs(dq_acc_ptr, batch, q_start, head, rows, stride_dq_accb, stride_dq_accs,
+                                        stride_dq_acch, HEAD_DIM), dq, mask=(rows < len_q)[:, None])
 
     dk *= softmax_scale
     tl.store(tile_ptrs(dk_ptr, batch, k_start, kv_head, cols, stride_dkb, stride_dks, stride_dkh, HEAD_DIM),
@@ -279,14 +290,42 @@ DKDV_TUNING = _triton.Tuning("attention_bwd_dkdv", "{head_dim}:{dtype}", functoo
 DQ_TUNING = _triton.Tuning("attention_bwd_dq", "{head_dim}:{dtype}", functools.partial(_candidates, forward=False))
 
 
-def _config(tuning: _triton.Tuning, q: Tensor, head_dim: int) -> dict:
+def atomic_dq_config(target: str, head_dim: int) -> dict:
+    """The atomic-dq pass's first candidate: the dk/dv pass's default tile, which compiles without spills with
+    the extra fp32 dq tile in registers on sm_80 and sm_90 at D 64 and 128 (the measured sm_90 tile, 64x64 with 4
+    warps and 2 stages, spills 1 KB with it)."""
+    return {**_default_config(DKDV_TUNING.kernel, target, head_dim), "ATOMIC_DQ": True}
+
+
+def _any_order_candidates(default: dict, target: str, fields: dict) -> list[dict]:
+    """The default (DKDV_TUNING's config, ATOMIC_DQ off), the spill-free atomic tile, then the dk/dv pass's tiles
+    each without and with ATOMIC_DQ: the atomic schedule early in a sweep cut short by its budget."""
+    tiles = _candidates({k: v for k, v in default.items() if k != "ATOMIC_DQ"}, target, fields, forward=False)
+    found = [default, atomic_dq_config(target, fields["head_dim"])]
+    for config in ({**tile, "ATOMIC_DQ": atomic} for tile in tiles for atomic in (False, True)):
+        if config not in found:
+            found.append(config)
+    return found
+
+
+# deterministic=False: the dk/dv pass's config, ATOMIC_DQ included; its default is DKDV_TUNING's with ATOMIC_DQ off.
+ANY_ORDER_TUNING = _triton.Tuning("attention_bwd_any_order", "{head_dim}:{dtype}", _any_order_candidates)
+
+
+def _config(tuning: _triton.Tuning, q: Tensor, head_dim: int, default: dict | None = None) -> dict:
+    """The launch config: ``default``, else the table's default for (kernel, target, head_dim); measured winners
+    and forced configs (tests, the sweep) replace it. Under the interpreter the default is one small tile."""
     target = _triton.target_of(q.device)
+    if default is None:
+        default = _default_config(tuning.kernel, target, head_dim)
+    return tuning.config(target, default, head_dim=head_dim, dtype=dtype_name(q.dtype))
+
+
+def _default_config(kernel: str, target: str, head_dim: int) -> dict:
     if target == "interpreter":
         return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
-    kernel = tuning.kernel
-    default = next(_DEFAULT_CONFIGS[key] for key in ((kernel, target, head_dim), (kernel, target, None),
-                                                     (kernel, None, None)) if key in _DEFAULT_CONFIGS)
-    return tuning.config(target, default, head_dim=head_dim, dtype=dtype_name(q.dtype))
+    return next(_DEFAULT_CONFIGS[key] for key in ((kernel, target, head_dim), (kernel, target, None),
+                                                  (kernel, None, None)) if key in _DEFAULT_CONFIGS)
 
 
 class Layout:
@@ -359,12 +398,12 @@ def forward_triton(q, k, v, layout: Layout, causal: bool, softmax_scale: float):
     return o, lse
 
 
-def backward_triton(do, q, k, v, o, lse, dlse, layout: Layout, causal: bool, softmax_scale: float):
+def backward_triton(do, q, k, v, o, lse, dlse, layout: Layout, causal: bool, softmax_scale: float,
+                    deterministic: bool = True):
     # delta = rowsum(dO * O) - dlse: the row term of dS = P * (dP - delta).
     delta = layout.rows_to_lse_layout((do.float() * o.float()).sum(-1))
     if dlse is not None:
         delta -= dlse
-    dq = _triton.new_output(q.shape, q.dtype, q.device)
     dk = _triton.new_output(k.shape, k.dtype, k.device)
     dv = _triton.new_output(v.shape, v.dtype, v.device)
     shared = dict(
@@ -374,14 +413,23 @@ def backward_triton(do, q, k, v, o, lse, dlse, layout: Layout, causal: bool, sof
     )
     # Each kernel's loop streams blocks of two operands, which TMA may load: q and do for dk/dv, k and v for dq.
     cfg = _config(DKDV_TUNING, q, layout.head_dim)
+    if not deterministic:
+        cfg = _config(ANY_ORDER_TUNING, q, layout.head_dim, default={**cfg, "ATOMIC_DQ": False})
+    atomic_dq = cfg.get("ATOMIC_DQ", False)
+    # dq's fp32 sum of the key blocks' shares with ATOMIC_DQ; otherwise dq itself, written by its own pass
+    dq = (torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic_dq
+          else _triton.new_output(q.shape, q.dtype, q.device))
     tma, (q_src, do_src) = _sources(cfg, layout, cfg["BLOCK_M"], q, do)
     _triton.launch(
         _bwd_dkdv_kernel, (triton.cdiv(layout.seqlen_k, cfg["BLOCK_N"]) * layout.batch * layout.n_kv_heads,),
         q.device,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **shared, **layout.common(causal, q.dtype, cfg),
-        q_src=q_src, k_ptr=k, v_ptr=v, do_src=do_src, TMA=tma,
+        q_src=q_src, k_ptr=k, v_ptr=v, do_src=do_src, TMA=tma, ATOMIC_DQ=atomic_dq, dq_acc_ptr=dq,
+        **layout.strides("dq_acc", dq),
         dk_ptr=dk, dv_ptr=dv, n_kv_heads=layout.n_kv_heads, **layout.strides("dk", dk), **layout.strides("dv", dv),
     )
+    if atomic_dq:
+        return dq.to(q.dtype), dk, dv
     cfg = _config(DQ_TUNING, q, layout.head_dim)
     tma, (k_src, v_src) = _sources(cfg, layout, cfg["BLOCK_N"], k, v)
     _triton.launch(
@@ -447,8 +495,9 @@ def _grads_native(do, q, k, v, o, lse, dlse, causal: bool, softmax_scale: float)
 @torch.library.custom_op("llama_kernels::flash_attention_forward", mutates_args=())
 def _forward_op(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None,
-    max_seqlen_q: int, max_seqlen_k: int, causal: bool, softmax_scale: float, backend: str,
+    max_seqlen_q: int, max_seqlen_k: int, causal: bool, softmax_scale: float, deterministic: bool, backend: str,
 ) -> tuple[Tensor, Tensor]:
+    """deterministic is the backward's (saved for it)."""
     layout = Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     forward = pick(backend, triton=forward_triton, native=functools.partial(_forward_dense, _attention_native),
                    reference=functools.partial(_forward_dense, _attention_reference))
@@ -459,23 +508,26 @@ def _forward_op(
 def _backward_op(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, dlse: Tensor | None,
     cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
-    causal: bool, softmax_scale: float, backend: str,
+    causal: bool, softmax_scale: float, deterministic: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """deterministic=False lets the Triton backward add dq's shares in any order; the CPU paths have one order."""
     layout = Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    backward = pick(backend, triton=backward_triton, native=functools.partial(_backward_dense, _grads_native),
-                    reference=functools.partial(_backward_dense, _grads_reference))
-    return backward(do, q, k, v, o, lse, dlse, layout, causal, softmax_scale)
+    if backend == "triton":
+        return backward_triton(do, q, k, v, o, lse, dlse, layout, causal, softmax_scale, deterministic)
+    grads_of = pick(backend, triton=None, native=_grads_native, reference=_grads_reference)
+    return _backward_dense(grads_of, do, q, k, v, o, lse, dlse, layout, causal, softmax_scale)
 
 
 @_forward_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, backend):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, deterministic,
+      backend):
     layout = Layout(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return torch.empty_like(q), q.new_empty(layout.lse_shape, dtype=torch.float32)
 
 
 @_backward_op.register_fake
 def _(do, q, k, v, o, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
-      backend):
+      deterministic, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -488,7 +540,7 @@ def _backward(ctx, do, dlse):
     q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
     dq, dk, dv = torch.ops.llama_kernels.flash_attention_backward(
         do.contiguous(), q, k, v, o, lse, dlse.contiguous(), cu_seqlens_q, cu_seqlens_k, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -517,8 +569,9 @@ def flash_attention(
         a query that sees no key gets zeros (and an lse of -inf).
     softmax_scale: defaults to 1 / sqrt(D).
     return_lse: also return the log-sum-exp (B, Hq, Sq), fp32, natural log (differentiable).
-    deterministic: accepted for flash-attn compatibility; the backward is always deterministic
-        (no atomics: each key block's GQA group is reduced by one program).
+    deterministic: True: the backward gives the same bits every run (no atomics). False (flash-attn's
+        default): on a GPU whose measured table chose it, dq is summed by fp32 atomic adds in the dk/dv pass
+        (fewer products, the last bits of dq varying between runs); elsewhere the same as True.
     Autocast: q, k and v are cast to the autocast dtype (as SDPA is); o has it, lse stays fp32.
     Returns o (B, Sq, Hq, D), or (o, lse).
     """
@@ -526,7 +579,8 @@ def flash_attention(
     check_qkv(q, k, v, ndim=4)
     scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
     backend = resolve_backend(q, backend, "flash_attention")
-    o, lse = torch.ops.llama_kernels.flash_attention_forward(q, k, v, None, None, 0, 0, bool(causal), scale, backend)
+    o, lse = torch.ops.llama_kernels.flash_attention_forward(q, k, v, None, None, 0, 0, bool(causal), scale,
+                                                             bool(deterministic), backend)
     return (o, lse) if return_lse else o
 
 
@@ -567,5 +621,6 @@ def flash_attention_varlen(
     backend = resolve_backend(q, backend, "flash_attention_varlen")
     # The kernels index cu_seqlens as contiguous memory: the host checks above read the same values.
     o, lse = torch.ops.llama_kernels.flash_attention_forward(
-        q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), *max_seqlens, bool(causal), scale, backend)
+        q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), *max_seqlens, bool(causal), scale,
+        bool(deterministic), backend)
     return (o, lse) if return_lse else o
