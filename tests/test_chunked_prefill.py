@@ -1,6 +1,8 @@
 """Chunked prefill against one-shot prefill, and the decode step generate captures (CUDA graph on --device cuda,
 the same static-buffer step eagerly on the CPU) against the plain forward; torch.compile traces that step whole."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -120,3 +122,21 @@ def test_fullgraph_compile_traces_a_decode_step_with_the_cache_mutation(kind):
     assert traced_cache.seqlens.tolist() == after
     for got, want in zip(filled_positions(traced_cache, after), filled_positions(eager_cache, after)):
         assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_step_that_cannot_be_captured_runs_eagerly_said_once(device):
+    """SDPA's decode (its shapes follow the cache's length) is not captured: on CUDA a warning, once however many
+    generations; on the CPU nothing to say (graphs are CUDA's). Either way the same tokens as ours."""
+    from llama_kernels.models import generation
+
+    generation._noticed.clear()
+    backend = None if device.type == "cuda" else "reference"
+    model = tiny_model(backend=backend, attention="sdpa").to(device)
+    prompts = [[int(t) for t in torch.randint(0, TINY.vocab_size, (n,))] for n in PROMPT_LENGTHS]
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        outs = [model.generate(prompts, max_new_tokens=4) for _ in range(2)]
+    notices = [w for w in said if "without a CUDA graph" in str(w.message)]
+    assert len(notices) == (1 if device.type == "cuda" else 0)
+    model.attention = "llama_kernels"
+    assert outs[0] == outs[1] == model.generate(prompts, max_new_tokens=4)

@@ -144,15 +144,16 @@ def test_sequences_join_and_leave_a_running_batch():
 def test_greedy_generation_is_identical_over_paged_and_contiguous_caches():
     """Ragged prompts (one ending on a page's end, the others crossing into a new page as they decode) in a pool
     another sequence also holds blocks of: the same tokens as over a contiguous cache, and every block lent for
-    the call back in the pool afterwards, the other sequence's untouched."""
+    the call back in the pool afterwards, the other sequence's untouched and its batch restored."""
     model = tiny_model(backend="reference")
     prompts = [torch.randint(0, TINY.vocab_size, (n,)).tolist() for n in (14, BLOCK, 3)]
     contiguous = model.generate(prompts, max_new_tokens=6)
     cache = model.new_paged_cache(8, BLOCK, max_batch_size=4)
     other = cache.allocate(20)
+    cache.set_batch([other])
     for pool_ in cache.k + cache.v:
         pool_[cache.blocks(other)] = -3.0
     assert model.generate(prompts, max_new_tokens=6, cache=cache) == contiguous
-    assert cache.sequences == [other] and cache.free_blocks == 6 and cache.batch == []
+    assert cache.sequences == [other] and cache.free_blocks == 6 and cache.batch == [other]
     for pool_ in cache.k + cache.v:
         assert bool((pool_[cache.blocks(other)] == -3.0).all())

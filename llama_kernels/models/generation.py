@@ -48,7 +48,7 @@ def generate(model, prompts: list[list[int]] | Tensor, max_new_tokens: int, *, t
     cache: a ``PagedKVCache`` (``model.new_paged_cache``) to generate over instead of a contiguous cache made for
     this call. A cache argument rather than a ``paged=True`` switch: the pool's size is the caller's memory budget
     (a server sizes one pool for all its requests and keeps it across calls); the prompts join it as new sequences
-    and leave it (their blocks freed) when the call returns.
+    and leave it (their blocks freed) when the call returns, the pool's batch (``set_batch``) as it was.
     prefill_chunk: prompts are prefilled this many tokens at a time (``PREFILL_CHUNK``: the activations of one
     chunk, not of the whole prompt).
     cuda_graph: on CUDA, each decode step of the whole model is captured once in a CUDA graph and replayed
@@ -85,7 +85,7 @@ def generate(model, prompts: list[list[int]] | Tensor, max_new_tokens: int, *, t
         cache = model.new_cache(len(prompts), max_seq_len)
         return _decode(model, cache, prefill(model, tokens.to(device), lengths, cache, prefill_chunk),
                        max_new_tokens, temperature, top_p, stop_tokens, generator, cuda_graph)
-    sequences = []
+    sequences, callers_batch = [], cache.batch
     try:
         logits = []
         for prompt in prompts:  # each joins the pool alone: its pages hold its own tokens, no padding
@@ -95,8 +95,8 @@ def generate(model, prompts: list[list[int]] | Tensor, max_new_tokens: int, *, t
         cache.set_batch(sequences)
         return _decode(model, cache, torch.cat(logits), max_new_tokens, temperature, top_p, stop_tokens, generator,
                        cuda_graph)
-    finally:  # the sequences leave the pool, whatever happened
-        cache.set_batch([seq for seq in cache.batch if seq not in sequences])
+    finally:  # the sequences leave the pool, whatever happened; the caller's batch is as it was
+        cache.set_batch(callers_batch)
         for seq in sequences:
             cache.free(seq)
 
