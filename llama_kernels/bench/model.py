@@ -71,8 +71,9 @@ BATCH = 1
 DECODE_HEADROOM = 8  # ours' cache holds ctx + this many slots, as a generation's cache has room for new tokens
 FULL_MODEL = CodeLlamaConfig.from_name("CodeLlama-7b")
 # 8 of 32 layers on an 80 GB H100: the shared weights take 2.1 GB (0.4 GB a layer, 0.5 GB for the embedding and
-# the output), and one provider's cache at a time 12.8 GB at 100k tokens (1.6 GB a layer) or 8 GB at a 64k
-# prefill, plus its activations. 32 layers would hold 51 GB of cache at 100k and take four times as long.
+# the output), and one provider's cache at a time 12.8 GB at 100k tokens (1.6 GB a layer), plus its activations
+# (a one-shot 100k prefill: ~7 GB for the MLP's gate, up and product in one layer; ours_chunked one chunk's).
+# 32 layers would hold 51 GB of cache at 100k and take four times as long.
 GPU_LAYERS = 8
 # The CPU (and --quick): the 7B's heads of 128 and plain multi-head attention, 8 of them (dim 1024), 2 layers,
 # so that the whole section takes a few seconds on 2 cores.
@@ -89,7 +90,7 @@ class ModelShapes:
     decode: tuple[int, ...]  # tokens in the cache before the step (ctx)
 
 
-GPU_SHAPES = ModelShapes(prefill=(4096, 16384, 65536), decode=(16384, 100_000))
+GPU_SHAPES = ModelShapes(prefill=(4096, 16384, 65536, 100_000), decode=(16384, 100_000))
 REDUCED_SHAPES = ModelShapes(prefill=(256,), decode=(1024,))
 # The GPU check's benchmark: the targets' two lengths only (prefill at 16k, decode at 100k; 15-25 s on an H100).
 CHECK_SHAPES = ModelShapes(prefill=(16384,), decode=(100_000,))
