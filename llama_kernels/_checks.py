@@ -21,12 +21,14 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def check_tensor(name: str, t, *, dtypes=FLOAT_DTYPES, ndim: int | tuple[int, ...] | None = None) -> Tensor:
+def check_tensor(name: str, t, *, dtypes=FLOAT_DTYPES, ndim: int | tuple[int, ...] | None = None,
+                 dtype_error: type[Exception] = TypeError) -> Tensor:
+    """A tensor of one of ``dtypes`` with ``ndim`` dimensions; a wrong dtype raises ``dtype_error``."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if dtypes is not None and t.dtype not in dtypes:
         expected = ", ".join(dtype_name(d) for d in dtypes)
-        raise TypeError(f"{name}: expected dtype in ({expected}), got {dtype_name(t.dtype)}")
+        raise dtype_error(f"{name}: expected dtype in ({expected}), got {dtype_name(t.dtype)}")
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else ndim
         if t.dim() not in allowed:

@@ -147,9 +147,13 @@ def _call(**overrides):
     "make_kwargs,error,match",
     [
         (lambda: _call(), None, None),  # the baseline is accepted (the -1 and 99 padding is never read)
-        (lambda: _call(block_table=torch.tensor([[4, 1, -1], [5, -1, 99]])), TypeError, r"^block_table: expected"),
-        (lambda: _call(block_table=torch.tensor([[4.0, 1.0], [5.0, 0.0]])), TypeError, r"^block_table: expected"),
+        (lambda: _call(block_table=torch.tensor([[4, 1, -1], [5, -1, 99]])), ValueError,
+         r"^block_table: expected dtype in \(int32\), got int64"),
+        (lambda: _call(block_table=torch.tensor([[4.0, 1.0], [5.0, 0.0]])), ValueError,
+         r"^block_table: expected dtype in \(int32\), got float32"),
         (lambda: _call(block_table=torch.tensor([4, 1, 5], dtype=I32)), ValueError, r"^block_table: expected"),
+        (lambda: _call(block_table=torch.tensor([[[4, 1]], [[5, 0]]], dtype=I32)), ValueError,
+         r"^block_table: expected"),
         (lambda: _call(block_table=torch.tensor([[4, 1, 0]], dtype=I32)), ValueError, r"^block_table: expected"),
         (lambda: _call(block_table=torch.zeros(2, 0, dtype=I32)), ValueError, r"^block_table: expected"),
         # 13 + 3 = 16 fits sequence 1's one block; 14 + 3 needs a second one: -1
@@ -168,7 +172,7 @@ def _call(**overrides):
         (lambda: _call(k_cache=randn(6, 512, 2, 64), v_cache=randn(6, 512, 2, 64)), ValueError,
          r"^k_cache: expected"),
     ],
-    ids=["ok", "int64", "float", "1-d", "batch", "no-blocks", "too-short-for-append", "index-past-pool",
+    ids=["ok", "int64", "float", "1-d", "3-d", "batch", "no-blocks", "too-short-for-append", "index-past-pool",
          "index-negative", "too-short-for-capacity", "seqlens-negative", "block-size-24", "block-size-8",
          "block-size-512"],
 )
@@ -187,26 +191,30 @@ def test_bad_block_table_is_refused_before_any_write(backend, make_kwargs, error
 
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the merge kernel meets the NaN rows
-def test_kernels_guard_bad_tables(device):
+@pytest.mark.parametrize("table_width", [3, 2], ids=["index-past-pool", "table-too-short"])
+def test_kernels_guard_bad_tables(device, table_width):
     """On a GPU the wrapper reads neither cache_seqlens nor the table (a host sync per step): the kernels must write
     nothing outside the pool and give NaN for the sequences whose pages are bad, the right answer for the others.
     Called through the torch op, which skips the wrapper's host-side checks. The pool is a view inside a larger
     buffer whose first and last pages are what entries -1 and num_blocks would address."""
-    seqlens = [20, 13, 5, 40]  # Sq 3, blocks of 16, 3 per sequence
-    q, _, _, cache_seqlens, k, v = make_inputs(4, 48, 4, 2, 64, F32, seqlens, 3, True, device)
+    seqlens = [20, 13, 5, 40, 5]  # Sq 3, blocks of 16
+    q, _, _, cache_seqlens, k, v = make_inputs(5, 48, 4, 2, 64, F32, seqlens, 3, True, device)
     num_blocks = 8
     block_table = torch.tensor([[4, 1, -1],  # fine (20 + 3 in two blocks)
                                 [5, -1, 0],  # 13 + 3 = 16: one block, fine
                                 [-1, 2, 3],  # its only page is outside the pool
-                                [6, 7, 8]],  # its third page is past the pool (40 + 3 needs three)
-                               dtype=I32, device=device)
+                                # 40 + 3 needs three pages: the third is past the pool, or (two columns) the table
+                                # ends before it, and the next row's first entry must not be taken for it
+                                [6, 7, 8],
+                                [3, -1, -1]],  # fine (5 + 3 in one block)
+                               dtype=I32, device=device)[:, :table_width].contiguous()
     k_big, v_big = randn(num_blocks + 2, 16, 2, 64, device=device), randn(num_blocks + 2, 16, 2, 64, device=device)
     k_before, v_before = k_big.clone(), v_big.clone()
     k_pool, v_pool = k_big[1:-1], v_big[1:-1]
     inv_freq = lk.rope_inv_freq(64, 1e4, device=device)
     o, lse = torch.ops.llama_kernels.flash_attention_with_kvcache(
         q, k_pool, v_pool, cache_seqlens, k, v, inv_freq, False, True, 64**-0.5, 0, "triton", block_table)
-    good, bad = [0, 1], [2, 3]
+    good, bad = [0, 1, 4], [2, 3]
     assert o[bad].isnan().all() and lse[bad].isnan().all()
     assert torch.equal(k_big[[0, -1]], k_before[[0, -1]]) and torch.equal(v_big[[0, -1]], v_before[[0, -1]]), \
         "a page outside the pool was written"
@@ -217,7 +225,7 @@ def test_kernels_guard_bad_tables(device):
         block_table=block_table[good], backend="reference")
     check_attention_out(o[good], want_o)
     check_lse(lse[good], want_lse)
-    touched_by_good, untouched = [4, 1, 5], [0, 2, 3, 6, 7]
+    touched_by_good, untouched = [4, 1, 5, 3], [0, 2, 6, 7]
     for pool, want, before in ((k_pool, k_ref, k_before), (v_pool, v_ref, v_before)):
         torch.testing.assert_close(pool[touched_by_good], want[touched_by_good], rtol=1e-6, atol=1e-6)
         assert torch.equal(pool[untouched], before[1:-1][untouched]), "a bad sequence wrote outside its valid slots"

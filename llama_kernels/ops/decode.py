@@ -167,7 +167,8 @@ def _config(q: Tensor, rows: int) -> dict:
     target = _triton.target_of(q.device)
     if target == "interpreter":
         return {"BLOCK_M": block_m, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
-    default = {"BLOCK_M": block_m, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+    # 64 rows and more: 8 warps, or the paged form's registers spill on sm_80
+    default = {"BLOCK_M": block_m, "BLOCK_N": 64, "num_warps": 4 if block_m < 64 else 8, "num_stages": 2}
     config = TUNING.config(target, default, head_dim=q.shape[-1], dtype=dtype_name(q.dtype), block_m=block_m)
     return {**config, "BLOCK_M": block_m}
 
@@ -323,6 +324,7 @@ def flash_attention_with_kvcache(
         lives at [block_table[b, p // block_size], p % block_size], and S_max below is max_blocks_per_seq *
         block_size. Entries past a sequence's ceil((cache_seqlens[b] + new tokens) / block_size) blocks are
         never read (pad with anything). Sequences may share pages they read; two appending into one slot race.
+        A table of another dtype or shape is a ValueError naming block_table on every device.
     cache_seqlens: int32 (B,), the tokens already cached per sequence (they may differ; 0 is fine).
     k, v: (B, Sq, Hk, D) new keys and values, written into the caches at cache_seqlens[b]... in place.
     rope_theta or inv_freq: if given, q and the new k are rotated at positions cache_seqlens[b] + i
@@ -348,8 +350,8 @@ def flash_attention_with_kvcache(
             check_tensor(name, t, ndim=4)
     check_tensor("cache_seqlens", cache_seqlens, dtypes=(torch.int32,), ndim=1)
     check_same_dtype(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v)
-    if block_table is not None:
-        check_tensor("block_table", block_table, dtypes=(torch.int32,), ndim=2)
+    if block_table is not None:  # any fault of a table (dtype, shape, entries): a ValueError, one exception to catch
+        check_tensor("block_table", block_table, dtypes=(torch.int32,), ndim=2, dtype_error=ValueError)
     check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, k=k, v=v,
                       block_table=block_table)
     batch, seqlen_q, n_q_heads, head_dim = q.shape
