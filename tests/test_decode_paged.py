@@ -82,6 +82,10 @@ CASES = [
     ("b16-sq1-no-rope-8/1-d64-bf16", 2, 16, 4, 8, 1, 64, BF16, [15, 40], 1, True, None, 0),
     ("b64-sq5-8/2-d64-fp32-inv_freq-interleaved-splits7", 1, 64, 5, 8, 2, 64, F32, [250], 5, True,
      "inv_freq-interleaved", 7),
+] + [
+    # Every GQA ratio x head_dim x dtype, at a decode step of one sequence: 31 + 1 ends its second page.
+    (f"step-8/{hk}-d{d}-{str(dtype)[6:]}", 1, 16, 2, 8, hk, d, dtype, [31], 1, True, "theta", 0)
+    for hk in (8, 2, 1) for d in (64, 128) for dtype in (F32, BF16)
 ]
 
 
