@@ -47,6 +47,30 @@ def test_blocks_are_lent_as_sequences_grow_and_returned_when_they_leave():
     assert cache.seqlens.tolist() == [0, 17]
 
 
+def test_extend_lends_blocks_after_what_a_sequence_holds():
+    """extend counts from the tokens a sequence holds, not from its blocks' room; a sequence in the batch gets the
+    new blocks in its table row at once, one outside it when set_batch writes its row."""
+    cache = pool()
+    a, b = cache.allocate(), cache.allocate(5)  # a: no block; b: one block, 0 tokens held
+    cache.set_batch([b, a])
+    cache.extend(a, 0)
+    assert cache.blocks(a) == [] and cache.free_blocks == 5
+    cache.extend(b, 16)  # 0 + 16 fills b's one block exactly: nothing new
+    assert len(cache.blocks(b)) == 1 and cache.free_blocks == 5
+    cache.extend(a, 17)
+    assert len(cache.blocks(a)) == 2 and cache.block_table[1, :2].tolist() == cache.blocks(a)
+    cache.reserve(3)
+    cache.advance(3)
+    cache.extend(b, 14)  # 3 + 14 = 17: a second block
+    assert len(cache.blocks(b)) == 2 and cache.block_table[0, :2].tolist() == cache.blocks(b)
+    c = cache.allocate()
+    cache.extend(c, 1)  # not in the batch: its row is written when it joins
+    assert cache.block_table.shape[0] == 2
+    cache.set_batch([c, b])
+    assert cache.block_table[0, :1].tolist() == cache.blocks(c) and cache.seqlens.tolist() == [0, 3]
+    assert sorted(cache.blocks(a) + cache.blocks(b) + cache.blocks(c)) == list(range(5)) and cache.free_blocks == 1
+
+
 @pytest.mark.parametrize(
     "call, match",
     [
