@@ -14,8 +14,8 @@ def test_ahead_of_time_compile_is_clean(tmp_path):
     print(run.stdout)  # the register / shared-memory table, shown with pytest -s or on failure
     assert run.returncode == 0, run.stdout + run.stderr
     for target in ("sm80", "sm90"):
-        for kernel in ("rms_norm_fwd", "rms_norm_bwd", "rope", "attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq",
-                       "swiglu_fwd", "swiglu_bwd", "cross_entropy_step"):
+        for kernel in ("rms_norm_fwd", "rms_norm_bwd", "rope", "attention_fwd", "attention_bwd_delta",
+                       "attention_bwd_dkdv", "attention_bwd_dq", "swiglu_fwd", "swiglu_bwd", "cross_entropy_step"):
             assert any(line.startswith(target) and kernel in line for line in run.stdout.splitlines()), (target, kernel)
     assert " 0 failed" in run.stdout
     assert [p.name for p in tmp_path.iterdir() if not p.name.startswith("torchinductor_")] == []  # torch's own cache

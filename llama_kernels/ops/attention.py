@@ -143,6 +143,31 @@ def _bwd_probabilities(q, k, lse, rows, cols, len_q, len_k, diag, qk_scale,
 
 
 @triton.jit
+def _bwd_delta_kernel(
+    o_ptr, do_ptr, dlse_ptr, delta_ptr, n_rows, n_heads,
+    stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lse_b, stride_lse_h,
+    HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+):
+    """delta = rowsum(dO * O) - dlse for BLOCK_ROWS rows of one (batch, head), in fp32; delta and dlse are
+    contiguous in the lse layout."""
+    n_blocks = tl.cdiv(n_rows, BLOCK_ROWS)
+    row_block, batch_head = tl.program_id(0) % n_blocks, tl.program_id(0) // n_blocks
+    batch, head = batch_head // n_heads, batch_head % n_heads
+    rows = row_block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    mask = rows < n_rows
+    dims = tl.arange(0, HEAD_DIM)[None, :]
+    o = tl.load(o_ptr + batch.to(tl.int64) * stride_ob + rows.to(tl.int64)[:, None] * stride_os
+                + head.to(tl.int64) * stride_oh + dims, mask=mask[:, None], other=0.0)
+    do = tl.load(do_ptr + batch.to(tl.int64) * stride_dob + rows.to(tl.int64)[:, None] * stride_dos
+                 + head.to(tl.int64) * stride_doh + dims, mask=mask[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    lse_offsets = batch.to(tl.int64) * stride_lse_b + head.to(tl.int64) * stride_lse_h + rows
+    if HAS_DLSE:
+        delta -= tl.load(dlse_ptr + lse_offsets, mask=mask, other=0.0)
+    tl.store(delta_ptr + lse_offsets, delta, mask=mask)
+
+
+@triton.jit
 def _bwd_dkdv_kernel(
     q_src, k_ptr, v_ptr, do_src, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_acc_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     seqlen_q, seqlen_k, n_kv_heads, group, softmax_scale, qk_scale,
@@ -308,6 +333,15 @@ def _any_order_candidates(default: dict, target: str, fields: dict) -> list[dict
     return found
 
 
+def _delta_candidates(default: dict, target: str, fields: dict) -> list[dict]:
+    return [default] + [{"BLOCK_ROWS": rows, "num_warps": warps} for rows in (16, 32, 64, 128) for warps in (2, 4, 8)
+                        if {"BLOCK_ROWS": rows, "num_warps": warps} != default]
+
+
+DELTA_DEFAULT = {"BLOCK_ROWS": 32, "num_warps": 4}  # 32 rows x D 128 in bf16: two 8 KB tiles
+DELTA_TUNING = _triton.Tuning("attention_bwd_delta", "{head_dim}", _delta_candidates)
+
+
 # deterministic=False: the dk/dv pass's config, ATOMIC_DQ included; its default is DKDV_TUNING's with ATOMIC_DQ off.
 ANY_ORDER_TUNING = _triton.Tuning("attention_bwd_any_order", "{head_dim}:{dtype}", _any_order_candidates)
 
@@ -353,10 +387,6 @@ class Layout:
         b, h = (0, lse.stride(0)) if self.varlen else lse.stride()[:2]
         return {"stride_lse_b": b, "stride_lse_h": h}
 
-    def rows_to_lse_layout(self, t: Tensor) -> Tensor:
-        """(..., seq, heads) row statistics -> the lse layout ((B, Hq, Sq) or (Hq, total))."""
-        return t.movedim(-1, -2).contiguous()
-
     def common(self, causal: bool, dtype: torch.dtype, config: dict) -> dict:
         return {
             "cu_seqlens_q_ptr": self.cu_q, "cu_seqlens_k_ptr": self.cu_k,
@@ -398,12 +428,25 @@ def forward_triton(q, k, v, layout: Layout, causal: bool, softmax_scale: float):
     return o, lse
 
 
+def delta_triton(do: Tensor, o: Tensor, dlse: Tensor | None, layout: Layout) -> Tensor:
+    """delta = rowsum(dO * O) - dlse, the row term of dS = P * (dP - delta): fp32 in the lse layout (dlse's), without
+    fp32 copies of O's size."""
+    delta = _triton.new_output(layout.lse_shape, torch.float32, o.device)
+    # a packed tensor is one batch entry whose rows are every sequence's tokens
+    batch, n_rows = (1, o.shape[0]) if layout.varlen else (layout.batch, layout.seqlen_q)
+    cfg = DELTA_TUNING.config(_triton.target_of(o.device), DELTA_DEFAULT, head_dim=layout.head_dim)
+    _triton.launch(
+        _bwd_delta_kernel, (triton.cdiv(n_rows, cfg["BLOCK_ROWS"]) * layout.n_q_heads * batch,), o.device,
+        num_warps=cfg["num_warps"], o_ptr=o, do_ptr=do, dlse_ptr=dlse if dlse is not None else delta, delta_ptr=delta,
+        n_rows=n_rows, n_heads=layout.n_q_heads, HAS_DLSE=dlse is not None, HEAD_DIM=layout.head_dim,
+        BLOCK_ROWS=cfg["BLOCK_ROWS"], **layout.strides("o", o), **layout.strides("do", do), **layout.lse_strides(delta),
+    )
+    return delta
+
+
 def backward_triton(do, q, k, v, o, lse, dlse, layout: Layout, causal: bool, softmax_scale: float,
                     deterministic: bool = True):
-    # delta = rowsum(dO * O) - dlse: the row term of dS = P * (dP - delta).
-    delta = layout.rows_to_lse_layout((do.float() * o.float()).sum(-1))
-    if dlse is not None:
-        delta -= dlse
+    delta = delta_triton(do, o, dlse, layout)
     dk = _triton.new_output(k.shape, k.dtype, k.device)
     dv = _triton.new_output(v.shape, v.dtype, v.device)
     shared = dict(
