@@ -131,39 +131,50 @@ def _all_attention_launches(target: str, meta) -> list[str]:
             for causal in (True, False):
                 _attention_launches(head_dim, varlen, causal, meta)
                 kind = f"{'varlen' if varlen else 'dense'} {'causal' if causal else 'full'} D{head_dim}"
-                labels += [f"attention_fwd {kind}", f"attention_bwd_dkdv {kind}", f"attention_bwd_dq {kind}"]
+                labels += [f"attention_fwd {kind}", f"attention_bwd_delta {kind}", f"attention_bwd_dkdv {kind}",
+                           f"attention_bwd_dq {kind}"]
                 if not varlen and target == "sm90":  # the kernels' TMA form, candidates of the GPU check's sweep
                     _attention_launches(head_dim, varlen, causal, meta, tma=True)
-                    labels += [f"attention_fwd {kind} TMA", f"attention_bwd_dkdv {kind} TMA",
-                               f"attention_bwd_dq {kind} TMA"]
+                    labels += [f"attention_fwd {kind} TMA", f"attention_bwd_delta {kind}",
+                               f"attention_bwd_dkdv {kind} TMA", f"attention_bwd_dq {kind} TMA"]
                 if not varlen:  # deterministic=False's candidate: dq by atomic adds in the dk/dv pass
                     _attention_launches(head_dim, varlen, causal, meta, atomic_dq=True)
-                    labels += [f"attention_fwd {kind}", f"attention_bwd_any_order {kind} atomic dq"]
+                    labels += [f"attention_fwd {kind}", f"attention_bwd_delta {kind}",
+                               f"attention_bwd_any_order {kind} atomic dq"]
     return labels
 
 
 def _all_decode_launches(target: str, meta) -> list[str]:
+    from .ops.decode import PAGE_SIZES
+
     labels = []
     layouts = [(hq, hk) for hq, hk, d in head_layouts()[:len(MODELS)] if (hq, hk) in ((32, 32), (64, 8))]
-    for (hq, hk), seqlen_q in itertools.product(layouts, (1, 5)):  # 7B's and 34B's heads
-        _decode_launches(hq, hk, seqlen_q, meta)
-        labels += [f"rope+append {hq}/{hk} Sq={seqlen_q}", f"decode_split {hq}/{hk} Sq={seqlen_q}",
-                   f"decode_merge {hq}/{hk} Sq={seqlen_q}"]
+    # 7B's and 34B's heads over a contiguous cache (page size 0) and over pages of the smallest and largest size
+    for (hq, hk), seqlen_q, page_size in itertools.product(layouts, (1, 5), (0, PAGE_SIZES[0], PAGE_SIZES[-1])):
+        _decode_launches(hq, hk, seqlen_q, page_size, meta)
+        kind = f"{hq}/{hk} Sq={seqlen_q}" + (f" pages of {page_size}" if page_size else "")
+        labels += [f"rope+append {kind}", f"decode_split {kind}", f"decode_merge {kind}"]
     return labels
 
 
-def _decode_launches(n_q_heads: int, n_kv_heads: int, seqlen_q: int, device) -> None:
-    """A decoding step over a 16k-token bf16 cache, D 128, batch 1: RoPE with the append, then the attention."""
+def _decode_launches(n_q_heads: int, n_kv_heads: int, seqlen_q: int, page_size: int, device) -> None:
+    """A decoding step over a 16k-token bf16 cache, D 128, batch 1: RoPE with the append, then the attention;
+    page_size > 0: the cache is a pool of pages read through a block table."""
     from .ops import decode, rope
 
     q = torch.empty(1, seqlen_q, n_q_heads, 128, dtype=torch.bfloat16, device=device)
     new_kv = torch.empty(1, seqlen_q, n_kv_heads, 128, dtype=torch.bfloat16, device=device)
-    cache = torch.empty(1, TOKENS, n_kv_heads, 128, dtype=torch.bfloat16, device=device)
+    if page_size:
+        cache = torch.empty(TOKENS // page_size, page_size, n_kv_heads, 128, dtype=torch.bfloat16, device=device)
+        block_table = torch.empty(1, TOKENS // page_size, dtype=torch.int32, device=device)
+    else:
+        cache, block_table = torch.empty(1, TOKENS, n_kv_heads, 128, dtype=torch.bfloat16, device=device), None
     positions = torch.empty(1, seqlen_q, dtype=torch.int64, device=device)
     inv_freq = torch.empty(64, dtype=torch.float32, device=device)
-    rope.rope_triton(q, new_kv, q, cache, positions, 0, inv_freq, 1.0, False, False, v=new_kv, v_out=cache)
+    rope.rope_triton(q, new_kv, q, cache, positions, 0, inv_freq, 1.0, False, False, v=new_kv, v_out=cache,
+                     block_table=block_table)
     seqlens = torch.empty(1, dtype=torch.int32, device=device)
-    decode.decode_triton(q, cache, cache, seqlens, seqlen_q, True, 128**-0.5, 0)
+    decode.decode_triton(q, cache, cache, seqlens, seqlen_q, True, 128**-0.5, 0, block_table)
 
 
 def _attention_launches(head_dim: int, varlen: bool, causal: bool, device, tma: bool = False,
@@ -277,8 +288,9 @@ def check(targets=tuple(TARGETS), ops=OPS) -> list[CompileResult]:
                 registers, spills = ptxas_usage(compiled.asm["ptx"], capability)
                 results.append(CompileResult(
                     target, label, registers, spills, compiled.metadata.shared, shared_limit,
-                    # decoding is memory bound and its tiles are too short for wgmma (64 rows): mma is right there
-                    wgmma_needed=capability == 90 and label.startswith("attention"),
+                    # decoding is memory bound and its tiles are too short for wgmma (64 rows): mma is right there;
+                    # the backward's delta is a row sum with no matrix product
+                    wgmma_needed=capability == 90 and label.startswith("attention") and "_delta" not in label,
                     wgmma_found="wgmma.mma_async" in compiled.asm["ptx"], measured=is_measured(target, label, record)))
             except Exception as e:  # a compile error is a result to report, not a crash
                 results.append(CompileResult(target, label, 0, 0, 0, shared_limit, error=f"{type(e).__name__}: {e}"))
