@@ -2,14 +2,18 @@
 
     llama-kernels bench --ops model [--model-layers 8]
 
-Three providers run the same random bf16 weights (the Hugging Face model's parameters are
-ours' tensors, assigned with ``load_state_dict(assign=True)``: one copy in memory):
+Three providers, and HF's compiled decode, run the same random bf16 weights (the Hugging Face
+model's parameters are ours' tensors, assigned with ``load_state_dict(assign=True)``: one copy in memory):
 
 - ``ours``: ``llama_kernels.models.CodeLlama`` (the Triton kernels on CUDA; on a CPU the
   package's CPU path: the C++ kernels, or the reference where they are not built);
 - ``hf_sdpa``: transformers' ``LlamaForCausalLM`` with ``attn_implementation="sdpa"``, unpatched;
 - ``hf_patched``: that same model after ``llama_kernels.models.hf.patch_hf_llama`` (skipped, with
-  the reason, where the patch is missing or refuses; unpatched again after each of its rows).
+  the reason, where the patch is missing or refuses; unpatched again after each of its rows);
+- ``hf_static_compiled`` (decode): that same unpatched model over its ``StaticCache``, called through
+  ``get_compiled_call`` with transformers' default ``CompileConfig``: the compiled forward ``generate``
+  runs each token with a static cache, HF's fastest decode (on CUDA ``mode="reduce-overhead"``, so CUDA
+  graphs). Its compile takes about a minute on a CPU: left out of ``--quick``.
 
 and three variants of ours, each against ours' plain row of its phase:
 
@@ -35,6 +39,9 @@ Two phases, batch 1, under ``torch.inference_mode()``:
   concatenation, so every step copies each layer's whole cache: that copy is measured, as it is
   what HF's generation pays per token. Each call first crops the cache back to ctx tokens (a
   view, no copy), so every repetition sees ctx tokens and the cache does not grow across them.
+  ``hf_static_compiled``: a ``StaticCache`` of ctx + 8 slots holding ctx random tokens, its token count
+  set back to ctx before each call, so each call writes slot ctx and attends over the cache's slots masked at
+  ctx + 1, as HF's static-cache decode does.
 
 Per (phase, length, provider): the median time (``harness.measure``), tokens/s (prefill: S /
 time) or ms per token (decode), the floor (prefill: FLOPs / the matmul ceiling; decode: weights
@@ -47,7 +54,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 import sys
 import time
 import warnings
@@ -64,7 +70,9 @@ from .cases import DTYPE, Unavailable, ours_backend
 from .harness import FULL, QUICK, measure, peak_memory_bytes
 
 PROVIDERS = ("ours", "hf_sdpa", "hf_patched")
-VARIANTS = {"prefill": ("ours_chunked",), "decode": ("ours_graph", "ours_paged")}  # ours, another way (above)
+# A phase's own rows (above): ours another way, and HF's compiled static-cache decode
+VARIANTS = {"prefill": ("ours_chunked",), "decode": ("ours_graph", "ours_paged", "hf_static_compiled")}
+COMPILED_PROVIDERS = ("hf_static_compiled",)  # their first call compiles: a minute on a CPU
 PAGE_SIZE = 16  # ours_paged's pages
 CPU_CHUNKS = 4  # ours_chunked on the CPU's reduced lengths: S / 4 tokens a chunk (the default chunk is 4096)
 BATCH = 1
@@ -199,6 +207,9 @@ def workload(item: ModelItem, models: Models, device: torch.device) -> Iterator[
         return
     if models.hf is None:
         raise Unavailable(models.hf_missing)
+    if item.provider == "hf_static_compiled":
+        yield _hf_static_compiled_decode(models, item.tokens, device)
+        return
     with _hf_patched(models.hf) if item.provider == "hf_patched" else contextlib.nullcontext():
         yield (_hf_prefill if prefill else _hf_decode)(models, item.tokens, device)
 
@@ -342,7 +353,45 @@ def _hf_decode(models: Models, ctx: int, device: torch.device) -> Workload:
             cache.crop(-grown)
         return hf(input_ids=token, position_ids=position, use_cache=True, **{cache_keyword: cache}).logits
 
-    return Workload(step, cache_bytes=2 * c.n_layers * math.prod(shape) * DTYPE.itemsize)
+    return Workload(step, cache_bytes=_hf_cache_bytes(c, ctx))
+
+
+def _hf_cache_bytes(config: CodeLlamaConfig, slots: int) -> int:
+    """HF's cache: per layer a key and a value tensor of (BATCH, Hk, slots, D)."""
+    return 2 * config.n_layers * BATCH * config.n_kv_heads * slots * config.head_dim * DTYPE.itemsize
+
+
+def _hf_static_compiled_decode(models: Models, ctx: int, device: torch.device) -> Workload:
+    from transformers import CompileConfig, StaticCache
+
+    c, hf = models.config, models.hf
+    cache_keyword, _ = _hf_keywords(hf)
+    # The constructor's arguments differ between releases (4.x: the batch size, device and dtype up front)
+    wanted = {"config": hf.config, "max_cache_len": ctx + DECODE_HEADROOM, "max_batch_size": BATCH, "device": device,
+              "dtype": DTYPE}
+    accepted = inspect.signature(StaticCache.__init__).parameters
+    cache = StaticCache(**{name: value for name, value in wanted.items() if name in accepted})
+    shape = (BATCH, c.n_kv_heads, ctx, c.head_dim)
+    for layer in range(c.n_layers):
+        cache.update(torch.randn(shape, dtype=DTYPE, device=device), torch.randn(shape, dtype=DTYPE, device=device),
+                     layer, {"cache_position": torch.arange(ctx, device=device)})
+    token, position = _tokens(c, 1, device), torch.full((BATCH, 1), ctx, device=device)
+    # 4.x writes at the cache_position it is given; 5.x's layers count their tokens on the device (rewound below)
+    write_at = ({"cache_position": torch.tensor([ctx], device=device)}
+                if "cache_position" in inspect.signature(hf.forward).parameters else {})
+    counters = [layer.cumulative_length for layer in getattr(cache, "layers", [])
+                if hasattr(layer, "cumulative_length")]
+    torch._dynamo.reset()  # a graph of this ctx alone, as generate compiles for its cache's length
+    compiled = hf.get_compiled_call(CompileConfig())
+
+    @torch.inference_mode()
+    def step():
+        for counter in counters:
+            counter.fill_(ctx)
+        return compiled(input_ids=token, position_ids=position, use_cache=True, **{cache_keyword: cache},
+                        **write_at).logits
+
+    return Workload(step, cache_bytes=_hf_cache_bytes(c, ctx + DECODE_HEADROOM))
 
 
 @contextlib.contextmanager
@@ -364,9 +413,9 @@ def _hf_patched(hf: torch.nn.Module) -> Iterator[None]:
 
 def attention_ran(provider: str, models: Models, device: torch.device, phase: str) -> str:
     """Whose attention a provider ran for ``phase`` ("forward", "backward", "decode"): "sdpa" for transformers'
-    own ("hf_sdpa", and "hf_liger": Liger leaves attention as it is), else the model's choice (the patch's
-    default "auto" for "hf_patched") on this card: ``ops.attention_choice``."""
-    if provider in ("hf_sdpa", "hf_liger"):
+    own ("hf_sdpa", "hf_static_compiled", and "hf_liger": Liger leaves attention as it is), else the model's choice
+    (the patch's default "auto" for "hf_patched") on this card: ``ops.attention_choice``."""
+    if provider in ("hf_sdpa", "hf_static_compiled", "hf_liger"):
         return "sdpa"
     if provider in ("ours_graph", "ours_paged"):  # captured: ours forced; paged: SDPA has no pages
         return "llama_kernels"
@@ -391,7 +440,7 @@ def run_model_benchmark(device: torch.device, quick: bool, ceilings: dict, deadl
         rows = []
         for i, item in enumerate(todo, 1):
             print(f"[model {i}/{len(todo)}] {item.label} {item.provider}", file=progress, flush=True)
-            rows.append(_measure(item, models, device, plan, ceilings, deadline))
+            rows.append(_measure(item, models, device, plan, ceilings, deadline, quick))
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the caches of this row are gone: the next provider gets the memory
         del models
@@ -414,10 +463,12 @@ def _reason(error: Exception) -> str:
 
 
 def _measure(item: ModelItem, models: Models, device: torch.device, plan, ceilings: dict,
-             deadline: float | None) -> dict:
+             deadline: float | None, quick: bool) -> dict:
     row = _row(item)
     if deadline is not None and time.monotonic() > deadline:
         return {**row, "status": "skipped", "reason": "time budget spent"}
+    if quick and item.provider in COMPILED_PROVIDERS:
+        return {**row, "status": "skipped", "reason": "--quick leaves compiling peers out"}
     try:
         with workload(item, models, device) as work:
             timing = measure(work.fn, device, plan)
@@ -448,20 +499,20 @@ def format_section(model: dict) -> list[str]:
         f"model: {model['title']}",
         "prefill S: one forward filling a fresh KV cache, logits of the last token; decode ctx: one token after ctx "
         "cached tokens (HF: its default DynamicCache, which appends by concatenation, cropped back to ctx before "
-        "each step)",
+        "each step; hf_static_compiled: its StaticCache under generate's torch.compile)",
         "floor = FLOPs / matmul ceiling (prefill), weights + KV cache read once / copy ceiling (decode); peak = KV "
         "cache held before the call + what the call allocates (GPU only; the shared weights left out)",
         "attention: whose attention ran (llama_kernels: ours; sdpa: torch's, where the card's table picks it); "
         "ours_chunked: the prefill chunk by chunk; ours_graph: the decode step replayed from a CUDA graph; "
         "ours_paged: over 16-token pages; ours x: the row's time / ours' (under 1: faster than ours)",
-        f"{'phase':20} {'provider':12} {'median ms':>10} {'rate':>14} {'floor ms':>9} {'ours x':>7} {'peak MiB':>9} "
+        f"{'phase':20} {'provider':18} {'median ms':>10} {'rate':>14} {'floor ms':>9} {'ours x':>7} {'peak MiB':>9} "
         f"{'attention':13}",
     ]
     previous = None
     for row in model["rows"]:
         label = row["label"] if row["label"] != previous else ""
         previous = row["label"]
-        lines.append(f"{label:20} {row['provider']:12} {_figures(row)}")
+        lines.append(f"{label:20} {row['provider']:18} {_figures(row)}")
     return lines
 
 
