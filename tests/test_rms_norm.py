@@ -5,6 +5,7 @@ import torch
 
 import llama_kernels as lk
 from llama_kernels import reference as ref
+from llama_kernels.ops import _triton, rms_norm
 from utils import ULP, assert_close, kernel_backends, randn
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -191,3 +192,25 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.llama_kernels.rms_norm, (x, w, 1e-5, "triton"))
     torch.library.opcheck(torch.ops.llama_kernels.rms_norm_residual, (x, r, w, 1e-5, "triton"))
     torch.library.opcheck(torch.ops.llama_kernels.rms_norm_backward, (randn(5, 96, device=device), None, x.detach(), w.detach(), 1e-5, "triton"))
+
+
+@pytest.mark.parametrize("tuning", [rms_norm.FORWARD_TUNING, rms_norm.BACKWARD_TUNING], ids=lambda t: t.kernel)
+def test_every_sweep_candidate_at_4096_is_correct(tuning):
+    """What the GPU check's sweep may pick for 4096-wide rows, each forced under the interpreter, with a residual
+    (9 rows: not a multiple of any BLOCK_M)."""
+    default = rms_norm.gpu_default(4096)
+    candidates = tuning.candidates(default, "sm90", {"n_cols": 4096, "dtype": "float32"})
+    assert len(candidates) > 1 and candidates[0] == default
+    inputs = [randn(9, 4096), 1 + 0.1 * randn(4096), randn(9, 4096)]
+    gy, gh = randn(9, 4096), randn(9, 4096)
+    ideal = _grads(ref.rms_norm, inputs, gy, gh)
+
+    def kernel(x, w, residual):
+        return lk.rms_norm(x, w, residual=residual, backend="triton")
+
+    for config in candidates:
+        with _triton.forced_config(tuning.kernel, lambda _: config) as asks:
+            got = _grads(kernel, inputs, gy, gh)
+        assert asks, config  # the forced config is what launched
+        for name, g, want in zip(("x", "weight", "residual"), got, ideal):
+            torch.testing.assert_close(g, want, rtol=1e-5, atol=3e-5, msg=lambda m: f"{config} {name}: {m}")

@@ -186,13 +186,14 @@ def _rms_norm_bwd_kernel(
 
 # --------------------------------------------------------------------------- configs
 def _candidates(default: dict, target: str, fields: dict) -> list[dict]:
-    """Tiles of whole rows (BLOCK_N = the row's power of two: chunked rows re-read memory), 8-32 elements a thread."""
+    """Tiles of whole rows (BLOCK_N = the row's power of two: chunked rows re-read memory), 8-64 elements a thread:
+    from one warp for many rows to 16 warps for one."""
     block_n = default["BLOCK_N"]
     found = [default]
-    for block_m in (1, 2, 4, 8, 16):
-        for warps in (4, 8, 16):
+    for block_m in (1, 2, 4, 8, 16, 32):
+        for warps in (1, 2, 4, 8, 16):
             config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps}
-            if 8 <= block_m * block_n // (32 * warps) <= 32 and config != default:
+            if 8 <= block_m * block_n // (32 * warps) <= 64 and config != default:
                 found.append(config)
     return found
 
@@ -205,13 +206,18 @@ def _config(tuning: _triton.Tuning, x: Tensor, n_rows: int, n_cols: int) -> dict
     """BLOCK_N covers the row up to MAX_ROW_IN_REGISTERS; BLOCK_M rows share a program when rows are short."""
     block_n = triton.next_power_of_2(n_cols) if n_cols <= MAX_ROW_IN_REGISTERS else ROW_CHUNK
     target = _triton.target_of(x.device)
-    if target == "interpreter":
+    if target == "interpreter":  # few programs (each costs the interpreter the same); still forceable, for the tests
         block_m = min(max(1, 65536 // block_n), triton.next_power_of_2(max(n_rows, 1)))
-        return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4}
-    block_m = max(1, min(16, 2048 // block_n))
-    num_warps = min(max((block_m * block_n) // 512, 4), 16)
-    default = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps}
+        default = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4}
+    else:
+        default = gpu_default(block_n)
     return tuning.config(target, default, n_cols=n_cols, dtype=dtype_name(x.dtype))
+
+
+def gpu_default(block_n: int) -> dict:
+    """The config of rows of BLOCK_N on a card that has not measured its own."""
+    block_m = max(1, min(16, 2048 // block_n))
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": min(max((block_m * block_n) // 512, 4), 16)}
 
 
 # --------------------------------------------------------------------------- launchers
