@@ -6,7 +6,7 @@
 // output accumulator rescaled by 2^(m_old - m_new) whenever the max grows. Memory is O(tile), never Sq x Sk.
 //
 // The two products are small GEMMs done by register-tiled micro-kernels written with GCC vector extensions (so
-// they compile to AVX-512, AVX2 or SSE, whichever -march allows, with FMA):
+// they compile to AVX-512, AVX2 or SSE, whichever the path's flags allow, with FMA):
 //   scores^T (keys x rows)  = K_block (keys x D) . Q_tile^T (D x rows)   -- q is transposed once per tile and
 //                                                                          k is used in its natural layout;
 //   acc (rows x D)         += P (rows x keys) . V_block (keys x D)      -- P read from scores^T by broadcast.
@@ -246,7 +246,7 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
 
 }  // namespace
 
-template <typename T>
+template <CpuIsa P, typename T>
 void attention_forward(const T* q, HeadStrides q_strides, const T* k, HeadStrides k_strides, const T* v,
                        HeadStrides v_strides, T* o, HeadStrides o_strides, float* lse, const int32_t* seqlens_k,
                        const AttentionProblem& problem, const KvPages* pages) {
@@ -273,9 +273,10 @@ void attention_forward(const T* q, HeadStrides q_strides, const T* k, HeadStride
   }
 }
 
-#define LLAMA_KERNELS_INSTANTIATE_FORWARD(T)                                                                 \
-  template void attention_forward<T>(const T*, HeadStrides, const T*, HeadStrides, const T*, HeadStrides, T*,   \
-                                     HeadStrides, float*, const int32_t*, const AttentionProblem&, const KvPages*);
+#define LLAMA_KERNELS_INSTANTIATE_FORWARD(T)                                                                           \
+  template void attention_forward<kIsaPath, T>(const T*, HeadStrides, const T*, HeadStrides, const T*, HeadStrides,    \
+                                               T*, HeadStrides, float*, const int32_t*, const AttentionProblem&,       \
+                                               const KvPages*);
 LLAMA_KERNELS_INSTANTIATE_FORWARD(float)
 LLAMA_KERNELS_INSTANTIATE_FORWARD(bf16)
 LLAMA_KERNELS_INSTANTIATE_FORWARD(fp16)
