@@ -132,16 +132,20 @@ void matmul(int64_t rows, int64_t cols, const float* a, int64_t a_row_stride, in
 }
 
 struct FreeDeleter {
-  void operator()(float* p) const { std::free(p); }
+  template <typename U>
+  void operator()(U* p) const { std::free(p); }
 };
-using FloatBuffer = std::unique_ptr<float[], FreeDeleter>;
+template <typename U>
+using Buffer = std::unique_ptr<U[], FreeDeleter>;
+using FloatBuffer = Buffer<float>;
 
 // Zeroed and cache-line aligned: padding that is never written stays zero and adds nothing to the products.
-inline FloatBuffer make_buffer(int64_t n) {
-  const size_t bytes = static_cast<size_t>(round_up(std::max<int64_t>(n, 1) * sizeof(float), 64));
-  float* p = static_cast<float*>(std::aligned_alloc(64, bytes));
+template <typename U = float>
+inline Buffer<U> make_buffer(int64_t n) {
+  const size_t bytes = static_cast<size_t>(round_up(std::max<int64_t>(n, 1) * sizeof(U), 64));
+  U* p = static_cast<U*>(std::aligned_alloc(64, bytes));
   std::memset(p, 0, bytes);
-  return FloatBuffer(p);
+  return Buffer<U>(p);
 }
 
 }  // namespace llama_kernels::cpu::inline LLAMA_KERNELS_ISA_NAMESPACE::tiles
