@@ -4,7 +4,8 @@
 #                extension (built by setup.py) against the reference, the ahead-of-time
 #                compile for sm_80/sm_90, the benchmark's smoke run, and the CMake build:
 #                its C++ tests (ctest), the nvcc compile check of every CUDA file and of
-#                their torch glue against a CUDA torch's headers
+#                their torch glue against a CUDA torch's headers; the C++ kernels' tests again on
+#                the AVX2 path (test-avx2)
 # TORCH and TRITON can be overridden, e.g. make test TORCH=torch==2.11.0.
 
 PYTHON ?= python3
@@ -18,7 +19,7 @@ NEWER_TRITON ?= triton==3.9.0
 VENV := .venv
 NEWER_VENV := .venv-newer-triton
 
-.PHONY: install test test-newer-triton cmake-check cuda-glue-check bench clean
+.PHONY: install test test-newer-triton test-avx2 cmake-check cuda-glue-check bench clean
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh) csrc/build.json csrc/build_recipe.py
 
 install: $(VENV)/.installed
@@ -45,8 +46,15 @@ $(VENV)/.extension: $(VENV)/.installed $(CSRC)
 	MAX_JOBS=$${MAX_JOBS:-2} $(VENV)/bin/python setup.py --quiet build_ext --inplace
 	touch $@
 
-test: $(VENV)/.extension test-newer-triton cmake-check
+test: $(VENV)/.extension test-newer-triton test-avx2 cmake-check
 	$(VENV)/bin/python -m pytest tests
+
+# The C++ kernels' Python tests with the CPU kernels forced onto the narrowest path (csrc/cpu/isa.h); every other run
+# takes this CPU's widest: the extension's own tests and the op tests' native-backend cases (-m extension).
+NATIVE_TESTS := $(addprefix tests/test_,rms_norm.py rope.py attention.py decode.py decode_paged.py swiglu.py)
+test-avx2: $(VENV)/.extension
+	LLAMA_KERNELS_CPU_ISA=avx2 $(VENV)/bin/python -m pytest -q tests/test_native.py
+	LLAMA_KERNELS_CPU_ISA=avx2 $(VENV)/bin/python -m pytest -q -m extension $(NATIVE_TESTS)
 
 # What a newer triton can break: the tests that run the Triton kernels (under the interpreter). The model, patch,
 # checkpoint, CLI and benchmark tests run on the pinned triton only.

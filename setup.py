@@ -6,7 +6,9 @@ fetch a second torch, whose C++ ABI need not match yours). Without torch at buil
 package installs without the extension and says so; the CPU ops then run ``reference.py``.
 
 - the sources, compile flags and CUDA architectures are csrc/build.json's (CMakeLists.txt reads
-  the same file): the CPU kernels and the torch glue are always built, with OpenMP;
+  the same file): the CPU kernels and the torch glue are always built, with OpenMP, for the
+  compiler's baseline target; the CPU kernels once more per instruction-set path (AVX2 to AMX),
+  the path run chosen at run time (csrc/cpu/isa.cpp);
 - the CUDA kernels join when torch has CUDA and nvcc is found (``TORCH_CUDA_ARCH_LIST``
   respected, default build.json's list); ``LLAMA_KERNELS_CPU_ONLY=1`` leaves them out;
 - ``MAX_JOBS`` bounds ninja's parallel compiles (torch's BuildExtension reads it);
@@ -41,6 +43,18 @@ def native_extension() -> dict:
     import build_recipe
 
     compile_args = {"cxx": [*build_recipe.cxx_flags(with_cuda), "-DLLAMA_KERNELS_PYTHON_MODULE"]}
+
+    class BuildWithIsaPaths(cpp_extension.BuildExtension):
+        """torch's build, first compiling the CPU kernels once per instruction-set path (each its own flags and
+        folder, through the same ninja) into objects the extension links."""
+
+        def build_extension(self, ext):
+            for name, flags in build_recipe.cpu_isa_paths():
+                ext.extra_objects += self.compiler.compile(
+                    build_recipe.RECIPE["cpu_kernels"], output_dir=str(Path(self.build_temp) / "cpu_isa" / name),
+                    include_dirs=ext.include_dirs, extra_postargs={"cxx": [*build_recipe.cxx_flags(False), *flags]})
+            super().build_extension(ext)
+
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", build_recipe.cuda_arch_list())
         compile_args["nvcc"] = build_recipe.nvcc_flags()
@@ -49,7 +63,7 @@ def native_extension() -> dict:
         include_dirs=[str(ROOT / build_recipe.RECIPE["include_dir"])], extra_compile_args=compile_args,
         extra_link_args=build_recipe.link_flags())
     return {"ext_modules": [extension],
-            "cmdclass": {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}}
+            "cmdclass": {"build_ext": BuildWithIsaPaths.with_options(use_ninja=True)}}
 
 
 setup(

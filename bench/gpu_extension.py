@@ -34,10 +34,14 @@ sys.path.insert(0, {str(ROOT / "csrc")!r})
 import build_recipe
 os.makedirs({str(BUILD_DIR)!r}, exist_ok=True)
 os.environ.setdefault("TORCH_CUDA_ARCH_LIST", build_recipe.cuda_arch_list())
+from pathlib import Path
+kernels = build_recipe.compile_cpu_kernels(Path({str(ROOT)!r}), Path({str(BUILD_DIR)!r}) / "cpu_isa",
+                                           os.cpu_count() or 8)
 path = cpp_extension.load({LIBRARY_NAME!r}, [{str(ROOT)!r} + "/" + s for s in build_recipe.sources(with_cuda=True)],
     extra_include_paths=[{str(ROOT)!r} + "/" + build_recipe.RECIPE["include_dir"]],
     extra_cflags=build_recipe.cxx_flags(with_cuda=True), extra_cuda_cflags=build_recipe.nvcc_flags(),
-    extra_ldflags=build_recipe.link_flags(), build_directory={str(BUILD_DIR)!r}, is_python_module=False, verbose=False)
+    extra_ldflags=[*build_recipe.link_flags(), *kernels], build_directory={str(BUILD_DIR)!r}, is_python_module=False,
+    verbose=False)
 print("LIBRARY", path)
 """
 

@@ -2,6 +2,9 @@
 // The implementations are in csrc/torch/*.cpp (checks and dispatch) over the kernels of csrc/cpu and csrc/cuda.
 #include <torch/library.h>
 
+#include <string>
+
+#include "cpu/isa.h"
 #include "torch/ops.h"
 
 TORCH_LIBRARY(llama_kernels_C, m) {
@@ -19,6 +22,8 @@ TORCH_LIBRARY(llama_kernels_C, m) {
       "float softmax_scale) -> (Tensor dq, Tensor dk, Tensor dv)");
   m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
   m.def("swiglu_backward(Tensor dy, Tensor gate, Tensor up) -> (Tensor dgate, Tensor dup)");
+  // The instruction-set path the CPU kernels run in this process (csrc/cpu/isa.h), e.g. "avx512_bf16".
+  m.def("cpu_isa() -> str", [] { return std::string(llama_kernels::cpu::isa_name(llama_kernels::cpu::cpu_isa())); });
 }
 
 TORCH_LIBRARY_IMPL(llama_kernels_C, CPU, m) {

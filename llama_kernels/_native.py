@@ -40,6 +40,13 @@ def notice_reference_fallback() -> None:
                       "plain-PyTorch reference. Build it with: pip install --no-build-isolation .", stacklevel=3)
 
 
+def cpu_isa() -> str | None:
+    """The instruction-set path the C++ CPU kernels run in this process ("avx2", "avx512", "avx512_bf16" or "amx":
+    the widest this CPU has, or the one ``LLAMA_KERNELS_CPU_ISA`` forces), or None without the extension. A forced
+    path this CPU lacks raises RuntimeError naming the variable and the paths it has."""
+    return ops().cpu_isa() if available() else None
+
+
 def ops():
     """``torch.ops.llama_kernels_C``: the native ops."""
     return torch.ops.llama_kernels_C

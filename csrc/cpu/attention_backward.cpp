@@ -181,7 +181,7 @@ void backward_head(const BackwardArgs<T>& args, const AttentionProblem& problem,
 
 }  // namespace
 
-template <typename T>
+template <CpuIsa P, typename T>
 void attention_backward(const T* dout, HeadStrides do_strides, const T* q, HeadStrides q_strides, const T* k,
                         HeadStrides k_strides, const T* v, HeadStrides v_strides, const T* o, HeadStrides o_strides,
                         const float* lse, const float* dlse, T* dq, HeadStrides dq_strides, T* dk,
@@ -205,10 +205,11 @@ void attention_backward(const T* dout, HeadStrides do_strides, const T* q, HeadS
   }
 }
 
-#define LLAMA_KERNELS_INSTANTIATE_BACKWARD(T)                                                                       \
-  template void attention_backward<T>(const T*, HeadStrides, const T*, HeadStrides, const T*, HeadStrides, const T*,   \
-                                      HeadStrides, const T*, HeadStrides, const float*, const float*, T*, HeadStrides, \
-                                      T*, HeadStrides, T*, HeadStrides, const AttentionProblem&);
+#define LLAMA_KERNELS_INSTANTIATE_BACKWARD(T)                                                                          \
+  template void attention_backward<kIsaPath, T>(const T*, HeadStrides, const T*, HeadStrides, const T*, HeadStrides,   \
+                                                const T*, HeadStrides, const T*, HeadStrides, const float*,            \
+                                                const float*, T*, HeadStrides, T*, HeadStrides, T*, HeadStrides,       \
+                                                const AttentionProblem&);
 LLAMA_KERNELS_INSTANTIATE_BACKWARD(float)
 LLAMA_KERNELS_INSTANTIATE_BACKWARD(bf16)
 LLAMA_KERNELS_INSTANTIATE_BACKWARD(fp16)

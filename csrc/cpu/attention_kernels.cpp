@@ -6,7 +6,7 @@
 // output accumulator rescaled by 2^(m_old - m_new) whenever the max grows. Memory is O(tile), never Sq x Sk.
 //
 // The two products are small GEMMs done by register-tiled micro-kernels written with GCC vector extensions (so
-// they compile to AVX-512, AVX2 or SSE, whichever -march allows, with FMA):
+// they compile to AVX-512, AVX2 or SSE, whichever the path's flags allow, with FMA):
 //   scores^T (keys x rows)  = K_block (keys x D) . Q_tile^T (D x rows)   -- q is transposed once per tile and
 //                                                                          k is used in its natural layout;
 //   acc (rows x D)         += P (rows x keys) . V_block (keys x D)      -- P read from scores^T by broadcast.
@@ -15,13 +15,21 @@
 // (decoding: one query per head of the group) computes its scores as dot products along D instead, as the
 // register tile would mostly multiply padding there.
 // Scores are kept in log2 units (q is pre-multiplied by softmax_scale * log2(e)) so that exp is one exp2.
+// With AVX512-BF16 (the avx512_bf16 and amx paths), a bf16 tile's scores^T come from vdpbf16ps instead: k and q stay
+// bf16, in pairs along D, each instruction two exact products per lane summed in fp32 (the same sums the fp32
+// product forms, in another order), scaled to log2 units afterwards; the softmax and P V stay fp32.
 
 #include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <utility>
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 #include "cpu/attention_kernels.h"
 #include "cpu/attention_tiles.h"
@@ -77,6 +85,56 @@ void score_dots(const float* k, int64_t k_stride, int64_t n_keys, const float* q
   }
 }
 
+#if defined(__AVX512BF16__)
+inline constexpr bool kBf16Dots = true;
+
+// scores_t[j][c .. c + kTileCols) = scale * sum_p k_pairs[j][p] . q_pairs[p][c .. c + kTileCols) for Rows keys j:
+// each uint32 two bf16 values of consecutive head dims (the low half first), so one vdpbf16ps adds both products.
+template <int Rows>
+void score_tile_bf16(const uint32_t* k_pairs, int64_t k_stride, const uint32_t* q_pairs, int64_t q_stride,
+                     int64_t n_pairs, float scale, float* scores_t, int64_t scores_t_stride) {
+  __m512 acc[Rows][2];
+#pragma GCC unroll 16
+  for (int r = 0; r < Rows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < n_pairs; ++p) {
+    const __m512bh q0 = (__m512bh)_mm512_loadu_si512(q_pairs + p * q_stride);
+    const __m512bh q1 = (__m512bh)_mm512_loadu_si512(q_pairs + p * q_stride + kLanes);
+#pragma GCC unroll 16
+    for (int r = 0; r < Rows; ++r) {
+      const __m512bh k_rp = (__m512bh)_mm512_set1_epi32(static_cast<int>(k_pairs[r * k_stride + p]));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], k_rp, q0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], k_rp, q1);
+    }
+  }
+  const __m512 scale_v = _mm512_set1_ps(scale);
+#pragma GCC unroll 16
+  for (int r = 0; r < Rows; ++r) {
+    _mm512_storeu_ps(scores_t + r * scores_t_stride, _mm512_mul_ps(acc[r][0], scale_v));
+    _mm512_storeu_ps(scores_t + r * scores_t_stride + kLanes, _mm512_mul_ps(acc[r][1], scale_v));
+  }
+}
+
+template <size_t... I>
+constexpr auto score_tiles_bf16(std::index_sequence<I...>) {
+  return std::array<decltype(&score_tile_bf16<1>), kTileRows + 1>{nullptr, &score_tile_bf16<I + 1>...};
+}
+constexpr auto kScoreTilesBf16 = score_tiles_bf16(std::make_index_sequence<kTileRows>());
+
+// scores_t (n_keys x cols) for the tile's bf16 pairs.
+void scores_bf16(int64_t n_keys, int64_t cols, const uint32_t* k_pairs, int64_t k_stride, const uint32_t* q_pairs,
+                 int64_t q_stride, int64_t n_pairs, float scale, float* scores_t, int64_t scores_t_stride) {
+  for (int64_t j = 0; j < n_keys; j += kTileRows) {
+    const int tile_rows = static_cast<int>(std::min<int64_t>(kTileRows, n_keys - j));
+    for (int64_t c = 0; c < cols; c += kTileCols) {
+      kScoreTilesBf16[tile_rows](k_pairs + j * k_stride, k_stride, q_pairs + c, q_stride, n_pairs, scale,
+                                 scores_t + j * scores_t_stride + c, scores_t_stride);
+    }
+  }
+}
+#else
+inline constexpr bool kBf16Dots = false;
+#endif
+
 using ScoreDotsFn = decltype(&score_dots<1>);
 using PvTileFn = decltype(&pv_tile<1>);
 
@@ -102,8 +160,12 @@ struct Workspace {
   FloatBuffer scores_t;  // kKeyBlock x max_rows_padded: scores, then probabilities, key-major
   FloatBuffer acc;       // max_rows_padded x head_dim_padded: unnormalized output
   FloatBuffer row_max, row_sum, rescale, row_limit;  // max_rows_padded each
+  // The bf16 dot products' operands (kBf16Dots): pairs of head dims as uint32, head_dim_pairs of them per row.
+  int64_t head_dim_pairs;
+  Buffer<uint32_t> q_pairs;  // head_dim_pairs x max_rows_padded: the unscaled q tile, pair-major
+  Buffer<uint32_t> k_pairs;  // kKeyBlock x head_dim_pairs
 
-  Workspace(int64_t max_rows, int64_t head_dim)
+  Workspace(int64_t max_rows, int64_t head_dim, bool bf16_dots)
       : max_rows_padded(round_up(max_rows, kTileCols)),
         head_dim_padded(round_up(head_dim, kTileCols)),
         q_t(make_buffer(head_dim * max_rows_padded)),
@@ -115,7 +177,10 @@ struct Workspace {
         row_max(make_buffer(max_rows_padded)),
         row_sum(make_buffer(max_rows_padded)),
         rescale(make_buffer(max_rows_padded)),
-        row_limit(make_buffer(max_rows_padded)) {}
+        row_limit(make_buffer(max_rows_padded)),
+        head_dim_pairs((head_dim + 1) / 2),
+        q_pairs(make_buffer<uint32_t>(bf16_dots ? head_dim_pairs * max_rows_padded : 0)),
+        k_pairs(make_buffer<uint32_t>(bf16_dots ? kKeyBlock * head_dim_pairs : 0)) {}
 };
 
 struct TileArgs {
@@ -141,6 +206,8 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
   // k, v, q_rows and acc rows are all head_dim_padded long.
   const int64_t q_t_stride = rows_padded, scores_t_stride = rows_padded, row_stride = ws.head_dim_padded;
   const bool narrow = rows <= kTileRows;
+  constexpr bool kDotsOfT = kBf16Dots && std::is_same_v<T, bf16>;
+  const bool bf16_dots = kDotsOfT && !narrow;
   const int64_t len_k = seqlens_k ? seqlens_k[tile.batch_index] : problem.seqlen_k;
   const int64_t causal_offset = len_k - problem.seqlen_q;  // query i sees keys j <= i + causal_offset
   const int64_t key_end =
@@ -151,7 +218,14 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t query = tile.q_begin + r / group, head = first_head + r % group;
     const T* q_row = q + tile.batch_index * q_strides.batch + query * q_strides.token + head * q_strides.head;
-    for (int64_t d = 0; d < head_dim; ++d) {
+    if constexpr (kDotsOfT) {
+      for (int64_t p = 0; p < ws.head_dim_pairs && bf16_dots; ++p) {
+        const int64_t d = 2 * p;
+        const uint32_t high = d + 1 < head_dim ? q_row[d + 1].bits : 0u;
+        ws.q_pairs[p * q_t_stride + r] = q_row[d].bits | high << 16;
+      }
+    }
+    for (int64_t d = 0; d < head_dim && !bf16_dots; ++d) {
       const float q_rd = to_float(q_row[d]) * scale_log2;
       if (narrow) {
         ws.q_rows[r * row_stride + d] = q_rd;
@@ -174,12 +248,24 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
     const int64_t n_keys = std::min(kKeyBlock, key_end - key_begin);
     for (int64_t j = 0; j < n_keys; ++j) {
       const int64_t key = key_begin + j;
-      convert(k_head + key_offset(k_strides, tile.batch_index, key, pages), ws.k_block.get() + j * row_stride,
-              head_dim);
+      const T* k_row = k_head + key_offset(k_strides, tile.batch_index, key, pages);
+      if (kDotsOfT && bf16_dots) {
+        uint32_t* pairs = ws.k_pairs.get() + j * ws.head_dim_pairs;
+        std::memcpy(pairs, k_row, head_dim * sizeof(T));
+        if (head_dim % 2) pairs[ws.head_dim_pairs - 1] &= 0xffffu;  // the missing last dim: zero
+      } else {
+        convert(k_row, ws.k_block.get() + j * row_stride, head_dim);
+      }
       convert(v_head + key_offset(v_strides, tile.batch_index, key, pages), ws.v_block.get() + j * row_stride,
               head_dim);
     }
 
+#if defined(__AVX512BF16__)
+    if (bf16_dots) {
+      scores_bf16(n_keys, rows_padded, ws.k_pairs.get(), ws.head_dim_pairs, ws.q_pairs.get(), q_t_stride,
+                  ws.head_dim_pairs, scale_log2, ws.scores_t.get(), scores_t_stride);
+    } else
+#endif
     if (narrow) {
       kScoreDots[rows](ws.k_block.get(), row_stride, n_keys, ws.q_rows.get(), row_stride, row_stride,
                        ws.scores_t.get(), scores_t_stride);
@@ -246,7 +332,7 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
 
 }  // namespace
 
-template <typename T>
+template <CpuIsa P, typename T>
 void attention_forward(const T* q, HeadStrides q_strides, const T* k, HeadStrides k_strides, const T* v,
                        HeadStrides v_strides, T* o, HeadStrides o_strides, float* lse, const int32_t* seqlens_k,
                        const AttentionProblem& problem, const KvPages* pages) {
@@ -255,7 +341,7 @@ void attention_forward(const T* q, HeadStrides q_strides, const T* k, HeadStride
   const int64_t n_q_blocks = (problem.seqlen_q + queries_per_tile - 1) / queries_per_tile;
 #pragma omp parallel
   {
-    Workspace ws(queries_per_tile * group, problem.head_dim);
+    Workspace ws(queries_per_tile * group, problem.head_dim, kBf16Dots && std::is_same_v<T, bf16>);
     // Consecutive work items share a kv head, so its keys and values stay in cache (all heads' do not fit in L3
     // at long lengths). Within a head the last query blocks, the most work under a causal mask, go first so that
     // dynamic scheduling evens out the end.
@@ -273,9 +359,10 @@ void attention_forward(const T* q, HeadStrides q_strides, const T* k, HeadStride
   }
 }
 
-#define LLAMA_KERNELS_INSTANTIATE_FORWARD(T)                                                                 \
-  template void attention_forward<T>(const T*, HeadStrides, const T*, HeadStrides, const T*, HeadStrides, T*,   \
-                                     HeadStrides, float*, const int32_t*, const AttentionProblem&, const KvPages*);
+#define LLAMA_KERNELS_INSTANTIATE_FORWARD(T)                                                                           \
+  template void attention_forward<kIsaPath, T>(const T*, HeadStrides, const T*, HeadStrides, const T*, HeadStrides,    \
+                                               T*, HeadStrides, float*, const int32_t*, const AttentionProblem&,       \
+                                               const KvPages*);
 LLAMA_KERNELS_INSTANTIATE_FORWARD(float)
 LLAMA_KERNELS_INSTANTIATE_FORWARD(bf16)
 LLAMA_KERNELS_INSTANTIATE_FORWARD(fp16)

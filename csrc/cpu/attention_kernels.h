@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "cpu/dtypes.h"
+#include "cpu/isa.h"
 #include "kernel_types.h"
 
 namespace llama_kernels::cpu {
@@ -41,37 +42,19 @@ struct KvPages {
 // max_blocks_per_seq * block_size) reads k and v as a paged cache; null: (batch, seqlen_k, n_kv_heads, head_dim).
 // Parallel over (batch, kv head, query block) with OpenMP; memory beyond o and lse is a few small per-thread
 // buffers.
-template <typename T>
+template <CpuIsa P, typename T>
 void attention_forward(const T* q, HeadStrides q_strides, const T* k, HeadStrides k_strides, const T* v,
                        HeadStrides v_strides, T* o, HeadStrides o_strides, float* lse, const int32_t* seqlens_k,
                        const AttentionProblem& problem, const KvPages* pages = nullptr);
-
-#define LLAMA_KERNELS_DECLARE_FORWARD(T)                                                                    \
-  extern template void attention_forward<T>(const T*, HeadStrides, const T*, HeadStrides, const T*, HeadStrides, \
-                                            T*, HeadStrides, float*, const int32_t*, const AttentionProblem&,    \
-                                            const KvPages*);
-LLAMA_KERNELS_DECLARE_FORWARD(float)
-LLAMA_KERNELS_DECLARE_FORWARD(bf16)
-LLAMA_KERNELS_DECLARE_FORWARD(fp16)
-#undef LLAMA_KERNELS_DECLARE_FORWARD
 
 // The gradients of attention_forward (without seqlens_k) for dout = dL/do and dlse = dL/dlse (null: none), given
 // its o and lse: dq (like q), dk and dv (like k) in fp32, rounded once to T, any strides with the last dim
 // contiguous. Sequences attend over all seqlen_k keys. Parallel over (batch, kv head) with OpenMP; memory beyond
 // the gradients is O(seqlen_k x head_dim) per thread, never seqlen_q x seqlen_k. Deterministic.
-template <typename T>
+template <CpuIsa P, typename T>
 void attention_backward(const T* dout, HeadStrides do_strides, const T* q, HeadStrides q_strides, const T* k,
                         HeadStrides k_strides, const T* v, HeadStrides v_strides, const T* o, HeadStrides o_strides,
                         const float* lse, const float* dlse, T* dq, HeadStrides dq_strides, T* dk,
                         HeadStrides dk_strides, T* dv, HeadStrides dv_strides, const AttentionProblem& problem);
-
-#define LLAMA_KERNELS_DECLARE_BACKWARD(T)                                                                          \
-  extern template void attention_backward<T>(const T*, HeadStrides, const T*, HeadStrides, const T*, HeadStrides,     \
-                                             const T*, HeadStrides, const T*, HeadStrides, const float*, const float*, \
-                                             T*, HeadStrides, T*, HeadStrides, T*, HeadStrides, const AttentionProblem&);
-LLAMA_KERNELS_DECLARE_BACKWARD(float)
-LLAMA_KERNELS_DECLARE_BACKWARD(bf16)
-LLAMA_KERNELS_DECLARE_BACKWARD(fp16)
-#undef LLAMA_KERNELS_DECLARE_BACKWARD
 
 }  // namespace llama_kernels::cpu

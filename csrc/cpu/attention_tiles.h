@@ -1,5 +1,5 @@
 // The pieces shared by the CPU attention kernels (attention_kernels.cpp, attention_backward.cpp): fp32 vectors in
-// GCC vector extensions (so they compile to AVX-512, AVX2 or SSE, whichever -march allows, with FMA), exp2 of the
+// GCC vector extensions (so they compile to AVX-512 or AVX2, whichever the path's flags allow, with FMA), exp2 of the
 // softmax's arguments, and register-tiled matrix products over zero-padded, cache-line aligned buffers.
 #pragma once
 
@@ -11,17 +11,17 @@
 #include <memory>
 #include <utility>
 
-namespace llama_kernels::cpu::tiles {
+#include "cpu/isa.h"
+
+// Vector widths follow the path being compiled: isa.h's inline namespace.
+namespace llama_kernels::cpu::inline LLAMA_KERNELS_ISA_NAMESPACE::tiles {
 
 #if defined(__AVX512F__)
 inline constexpr int kLanes = 16;
 inline constexpr int kTileRows = 8;  // 8 x 2 accumulators + 2 loads of the 32 zmm registers
-#elif defined(__AVX__)
+#else  // the avx2 path, the narrowest (isa.h)
 inline constexpr int kLanes = 8;
 inline constexpr int kTileRows = 6;  // 6 x 2 accumulators + 2 loads + 1 broadcast of the 16 ymm registers
-#else
-inline constexpr int kLanes = 4;
-inline constexpr int kTileRows = 6;
 #endif
 inline constexpr int kTileCols = 2 * kLanes;  // columns of a micro-kernel's register tile: two vectors
 
@@ -132,16 +132,20 @@ void matmul(int64_t rows, int64_t cols, const float* a, int64_t a_row_stride, in
 }
 
 struct FreeDeleter {
-  void operator()(float* p) const { std::free(p); }
+  template <typename U>
+  void operator()(U* p) const { std::free(p); }
 };
-using FloatBuffer = std::unique_ptr<float[], FreeDeleter>;
+template <typename U>
+using Buffer = std::unique_ptr<U[], FreeDeleter>;
+using FloatBuffer = Buffer<float>;
 
 // Zeroed and cache-line aligned: padding that is never written stays zero and adds nothing to the products.
-inline FloatBuffer make_buffer(int64_t n) {
-  const size_t bytes = static_cast<size_t>(round_up(std::max<int64_t>(n, 1) * sizeof(float), 64));
-  float* p = static_cast<float*>(std::aligned_alloc(64, bytes));
+template <typename U = float>
+inline Buffer<U> make_buffer(int64_t n) {
+  const size_t bytes = static_cast<size_t>(round_up(std::max<int64_t>(n, 1) * sizeof(U), 64));
+  U* p = static_cast<U*>(std::aligned_alloc(64, bytes));
   std::memset(p, 0, bytes);
-  return FloatBuffer(p);
+  return Buffer<U>(p);
 }
 
-}  // namespace llama_kernels::cpu::tiles
+}  // namespace llama_kernels::cpu::inline LLAMA_KERNELS_ISA_NAMESPACE::tiles

@@ -5,10 +5,13 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__F16C__)
 #include <immintrin.h>
 #endif
+
+#include "cpu/isa.h"
 
 namespace llama_kernels::cpu {
 
@@ -18,6 +21,9 @@ struct bf16 {
 struct fp16 {
   uint16_t bits;
 };
+
+// The conversions compile per instruction-set path (F16C and AVX-512 below): isa.h's inline namespace.
+inline namespace LLAMA_KERNELS_ISA_NAMESPACE {
 
 inline float to_float(float x) { return x; }
 
@@ -128,6 +134,19 @@ inline void for_each_chunk(int64_t n, F f) {
 constexpr __mmask16 kAllLanes = 0xffff;
 #endif
 
+// The last n < 8 values: a loop over an int, which gcc's loop analysis does not take for one that could run 2^62 times
+// once inlined into a loop over a chunk array ("iteration ... invokes undefined behavior").
+template <typename From, typename To>
+inline void convert_tail(const From* src, To* dst, int64_t n) {
+  for (int i = 0; i < static_cast<int>(n); ++i) {
+    if constexpr (std::is_same_v<To, float>) {
+      dst[i] = to_float(src[i]);
+    } else {
+      dst[i] = from_float<To>(src[i]);
+    }
+  }
+}
+
 inline void convert(const fp16* src, float* dst, int64_t n) {
   int64_t i = 0;
 #if defined(__AVX512F__)
@@ -139,7 +158,7 @@ inline void convert(const fp16* src, float* dst, int64_t n) {
   for (; i + 8 <= n; i += 8) {
     _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
   }
-  for (; i < n; ++i) dst[i] = to_float(src[i]);
+  convert_tail(src + i, dst + i, n - i);
 }
 
 inline void convert(const float* src, fp16* dst, int64_t n) {
@@ -154,8 +173,9 @@ inline void convert(const float* src, fp16* dst, int64_t n) {
   for (; i + 8 <= n; i += 8) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), kNearestEven));
   }
-  for (; i < n; ++i) dst[i] = from_float<fp16>(src[i]);
+  convert_tail(src + i, dst + i, n - i);
 }
 #endif
 
+}  // namespace LLAMA_KERNELS_ISA_NAMESPACE
 }  // namespace llama_kernels::cpu

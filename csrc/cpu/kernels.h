@@ -1,11 +1,14 @@
 // The CPU kernels on raw pointers, without torch headers; csrc/torch wraps them as torch ops.
 // Storage types are float, bf16 and fp16 (dtypes.h); every computation is in float, rounded once to the output.
 // Sizes and strides are in elements, int64_t. Kernels parallelize with OpenMP.
+// Each kernel's first template argument is the instruction-set path it runs (cpu/isa.h), instantiated for every
+// path: callers pick one with on_isa(cpu_isa(), ...).
 #pragma once
 
 #include <cstdint>
 
 #include "cpu/dtypes.h"
+#include "cpu/isa.h"
 #include "kernel_types.h"
 
 namespace llama_kernels::cpu {
@@ -16,7 +19,7 @@ namespace llama_kernels::cpu {
 // h = x + residual rounded to T (when residual is given; h is then written, else h is x and may be null);
 // y = (h * rstd rounded to T) * weight, rstd = 1 / sqrt(mean(h^2) + eps).
 // Instantiated for (T, W) = (float, float), (bf16, bf16), (fp16, fp16), (bf16, float), (fp16, float).
-template <typename T, typename W>
+template <CpuIsa P, typename T, typename W>
 void rms_norm(const T* x, int64_t x_row_stride, const T* residual, int64_t residual_row_stride, const W* weight,
               promoted_t<T, W>* y, int64_t y_row_stride, T* h, int64_t h_row_stride, int64_t rows, int64_t n,
               float eps);
@@ -24,7 +27,7 @@ void rms_norm(const T* x, int64_t x_row_stride, const T* residual, int64_t resid
 // Gradients of rms_norm w.r.t. h and weight for dy; dh (may be null) is a gradient reaching h directly, added
 // before dx is rounded. dweight = sum over rows of dy * (h * rstd rounded to T), accumulated in float over fixed
 // blocks of rows summed in order: the same bits for any thread count. Same instantiations as rms_norm.
-template <typename T, typename W>
+template <CpuIsa P, typename T, typename W>
 void rms_norm_backward(const promoted_t<T, W>* dy, int64_t dy_row_stride, const T* dh, int64_t dh_row_stride,
                        const T* h, int64_t h_row_stride, const W* weight, T* dx, int64_t dx_row_stride, W* dweight,
                        int64_t rows, int64_t n, float eps);
@@ -44,7 +47,7 @@ struct RopeOperand {
 // reduced mod 2*pi before the float cos/sin). cos and sin are scaled by attention_factor, sin negated when
 // inverse. interleaved: pairs (x[2i], x[2i+1]); else (x[i], x[i + head_dim/2]). head_dim even.
 // Instantiated for T in {float, bf16, fp16} x AngleT in {float, double}.
-template <typename T, typename AngleT>
+template <CpuIsa P, typename T, typename AngleT>
 void rope(const RopeOperand<T>& q, const RopeOperand<T>& k, const int64_t* positions, int64_t positions_stride_batch,
           int64_t positions_stride_token, const AngleT* inv_freq, int64_t batch, int64_t seqlen, int64_t head_dim,
           float attention_factor, bool interleaved, bool inverse);
@@ -56,12 +59,12 @@ void rope(const RopeOperand<T>& q, const RopeOperand<T>& k, const int64_t* posit
 // Rows of n elements, the elements of a row contiguous, row i of each operand at its pointer + i * its row stride
 // (gate and up may be the two halves of one fused projection's rows). y = silu(gate) * up, silu(g) = g / (1 + e^-g).
 // Instantiated for T in {float, bf16, fp16}.
-template <typename T>
+template <CpuIsa P, typename T>
 void swiglu(const T* gate, int64_t gate_row_stride, const T* up, int64_t up_row_stride, T* y, int64_t y_row_stride,
             int64_t rows, int64_t n);
 
 // Gradients of swiglu for dy, with s = sigmoid(gate): dgate = dy * up * s * (1 + gate * (1 - s)), dup = dy * gate * s.
-template <typename T>
+template <CpuIsa P, typename T>
 void swiglu_backward(const T* dy, int64_t dy_row_stride, const T* gate, int64_t gate_row_stride, const T* up,
                      int64_t up_row_stride, T* dgate, int64_t dgate_row_stride, T* dup, int64_t dup_row_stride,
                      int64_t rows, int64_t n);

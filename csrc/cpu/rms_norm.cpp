@@ -168,7 +168,7 @@ void rms_norm_staged(const fp16* x, int64_t x_row_stride, const fp16* residual, 
 
 }  // namespace
 
-template <typename T, typename W>
+template <CpuIsa P, typename T, typename W>
 void rms_norm(const T* x, int64_t x_row_stride, const T* residual, int64_t residual_row_stride, const W* weight,
               promoted_t<T, W>* y, int64_t y_row_stride, T* h, int64_t h_row_stride, int64_t rows, int64_t n,
               float eps) {
@@ -261,7 +261,7 @@ constexpr int64_t kMaxRowBlocks = 128;
 // Columns of dweight per step of the final reduction: the block partials are added a cache-sized strip at a time.
 constexpr int64_t kReduceColumns = 1024;
 
-template <typename T, typename W>
+template <CpuIsa P, typename T, typename W>
 void rms_norm_backward(const promoted_t<T, W>* dy, int64_t dy_row_stride, const T* dh, int64_t dh_row_stride,
                        const T* h, int64_t h_row_stride, const W* weight, T* dx, int64_t dx_row_stride, W* dweight,
                        int64_t rows, int64_t n, float eps) {
@@ -341,11 +341,11 @@ void rms_norm_backward(const promoted_t<T, W>* dy, int64_t dy_row_stride, const 
   }
 }
 
-#define INSTANTIATE_RMS_NORM(T, W)                                                                                  \
-  template void rms_norm<T, W>(const T*, int64_t, const T*, int64_t, const W*, promoted_t<T, W>*, int64_t, T*,     \
-                               int64_t, int64_t, int64_t, float);                                                  \
-  template void rms_norm_backward<T, W>(const promoted_t<T, W>*, int64_t, const T*, int64_t, const T*, int64_t,    \
-                                        const W*, T*, int64_t, W*, int64_t, int64_t, float);
+#define INSTANTIATE_RMS_NORM(T, W)                                                                                     \
+  template void rms_norm<kIsaPath, T, W>(const T*, int64_t, const T*, int64_t, const W*, promoted_t<T, W>*, int64_t,   \
+                                         T*, int64_t, int64_t, int64_t, float);                                        \
+  template void rms_norm_backward<kIsaPath, T, W>(const promoted_t<T, W>*, int64_t, const T*, int64_t, const T*,       \
+                                                  int64_t, const W*, T*, int64_t, W*, int64_t, int64_t, float);        \
 
 INSTANTIATE_RMS_NORM(float, float)
 INSTANTIATE_RMS_NORM(bf16, bf16)

@@ -57,7 +57,7 @@ void rotate_heads(const RopeOperand<T>& x, int64_t b, int64_t s, const float* co
 
 }  // namespace
 
-template <typename T, typename AngleT>
+template <CpuIsa P, typename T, typename AngleT>
 void rope(const RopeOperand<T>& q, const RopeOperand<T>& k, const int64_t* positions, int64_t positions_stride_batch,
           int64_t positions_stride_token, const AngleT* inv_freq, int64_t batch, int64_t seqlen, int64_t head_dim,
           float attention_factor, bool interleaved, bool inverse) {
@@ -81,9 +81,9 @@ void rope(const RopeOperand<T>& q, const RopeOperand<T>& k, const int64_t* posit
   }
 }
 
-#define INSTANTIATE_ROPE(T, AngleT)                                                                                 \
-  template void rope<T, AngleT>(const RopeOperand<T>&, const RopeOperand<T>&, const int64_t*, int64_t, int64_t,    \
-                                const AngleT*, int64_t, int64_t, int64_t, float, bool, bool);
+#define INSTANTIATE_ROPE(T, AngleT)                                                                                    \
+  template void rope<kIsaPath, T, AngleT>(const RopeOperand<T>&, const RopeOperand<T>&, const int64_t*, int64_t,       \
+                                          int64_t, const AngleT*, int64_t, int64_t, int64_t, float, bool, bool);       \
 
 INSTANTIATE_ROPE(float, float)
 INSTANTIATE_ROPE(float, double)

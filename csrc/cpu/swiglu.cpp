@@ -43,7 +43,7 @@ inline float one_plus_exp(float x) {
 
 }  // namespace
 
-template <typename T>
+template <CpuIsa P, typename T>
 void swiglu(const T* gate, int64_t gate_row_stride, const T* up, int64_t up_row_stride, T* y, int64_t y_row_stride,
             int64_t rows, int64_t n) {
 #pragma omp parallel for schedule(static)
@@ -62,7 +62,7 @@ void swiglu(const T* gate, int64_t gate_row_stride, const T* up, int64_t up_row_
   }
 }
 
-template <typename T>
+template <CpuIsa P, typename T>
 void swiglu_backward(const T* dy, int64_t dy_row_stride, const T* gate, int64_t gate_row_stride, const T* up,
                      int64_t up_row_stride, T* dgate, int64_t dgate_row_stride, T* dup, int64_t dup_row_stride,
                      int64_t rows, int64_t n) {
@@ -90,10 +90,10 @@ void swiglu_backward(const T* dy, int64_t dy_row_stride, const T* gate, int64_t 
   }
 }
 
-#define INSTANTIATE_SWIGLU(T)                                                                                      \
-  template void swiglu<T>(const T*, int64_t, const T*, int64_t, T*, int64_t, int64_t, int64_t);                    \
-  template void swiglu_backward<T>(const T*, int64_t, const T*, int64_t, const T*, int64_t, T*, int64_t, T*, int64_t, \
-                                   int64_t, int64_t);
+#define INSTANTIATE_SWIGLU(T)                                                                                          \
+  template void swiglu<kIsaPath, T>(const T*, int64_t, const T*, int64_t, T*, int64_t, int64_t, int64_t);              \
+  template void swiglu_backward<kIsaPath, T>(const T*, int64_t, const T*, int64_t, const T*, int64_t, T*, int64_t, T*, \
+                                             int64_t, int64_t, int64_t);                                               \
 
 INSTANTIATE_SWIGLU(float)
 INSTANTIATE_SWIGLU(bf16)

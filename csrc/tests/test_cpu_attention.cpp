@@ -4,7 +4,8 @@
 // 64 and 256 positions in a shuffled pool beside a NaN page nobody owns), and non-contiguous layouts. And
 // attention_backward against the double-precision gradients of that attention, with and without a dlse, at lengths
 // that span several of its blocks (partial ones, causal rows that see no key).
-// Prints each failing case (its first wrong element) and exits nonzero if any failed.
+// One instruction-set path per run (the argument). Prints each failing case (its first wrong element) and exits
+// nonzero if any failed.
 
 #include <algorithm>
 #include <cmath>
@@ -17,11 +18,14 @@
 #include <vector>
 
 #include "cpu/attention_kernels.h"
+#include "tests/isa_under_test.h"
 
 namespace {
 
 using namespace llama_kernels::cpu;
 using llama_kernels::HeadStrides;
+
+testing::IsaUnderTest tested;  // main's argument
 
 // A (batch, seq, heads, head_dim) tensor in a flat buffer. Strided ones are stored (batch, heads, seq, head_dim)
 // with padding after each row and each batch, so no stride but the last dim's is the contiguous one.
@@ -91,6 +95,7 @@ struct Tolerance<fp16> {
 
 template <typename T>
 bool run_case(const Case& c, std::mt19937& rng) {
+  if (!tested.sample()) return true;
   BshTensor<T> q(c.batch, c.seqlen_q, c.n_q_heads, c.head_dim, c.strided);
   BshTensor<T> k(c.batch, c.seqlen_k, c.n_kv_heads, c.head_dim, c.strided);
   BshTensor<T> v(c.batch, c.seqlen_k, c.n_kv_heads, c.head_dim, c.strided);
@@ -122,11 +127,17 @@ bool run_case(const Case& c, std::mt19937& rng) {
       }
     }
     const KvPages pages{block_table.data(), max_blocks, c.block_size};
-    attention_forward<T>(q.data.data(), q.strides, k_pool.data.data(), k_pool.strides, v_pool.data.data(),
-                         v_pool.strides, o.data.data(), o.strides, lse.data(), c.seqlens_k.data(), problem, &pages);
+    on_isa(tested.isa, [&]<CpuIsa P> {
+      attention_forward<P, T>(q.data.data(), q.strides, k_pool.data.data(), k_pool.strides, v_pool.data.data(),
+                              v_pool.strides, o.data.data(), o.strides, lse.data(), c.seqlens_k.data(), problem,
+                              &pages);
+    });
   } else {
-    attention_forward<T>(q.data.data(), q.strides, k.data.data(), k.strides, v.data.data(), v.strides, o.data.data(),
-                         o.strides, lse.data(), c.seqlens_k.empty() ? nullptr : c.seqlens_k.data(), problem);
+    on_isa(tested.isa, [&]<CpuIsa P> {
+      attention_forward<P, T>(q.data.data(), q.strides, k.data.data(), k.strides, v.data.data(), v.strides,
+                              o.data.data(), o.strides, lse.data(), c.seqlens_k.empty() ? nullptr : c.seqlens_k.data(),
+                              problem);
+    });
   }
 
   const int64_t group = c.n_q_heads / c.n_kv_heads;
@@ -189,6 +200,7 @@ constexpr double kGradTolerance<float> = 1e-4;
 // The gradients of sum(o * dout) + sum(lse * dlse) with respect to q, k and v, in double, from the stored inputs.
 template <typename T>
 bool run_backward_case(const Case& c, bool with_dlse, std::mt19937& rng) {
+  if (!tested.sample()) return true;
   BshTensor<T> q(c.batch, c.seqlen_q, c.n_q_heads, c.head_dim, c.strided);
   BshTensor<T> k(c.batch, c.seqlen_k, c.n_kv_heads, c.head_dim, c.strided);
   BshTensor<T> v(c.batch, c.seqlen_k, c.n_kv_heads, c.head_dim, c.strided);
@@ -205,12 +217,14 @@ bool run_backward_case(const Case& c, bool with_dlse, std::mt19937& rng) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
   const AttentionProblem problem{c.batch, c.seqlen_q, c.seqlen_k, c.n_q_heads, c.n_kv_heads, c.head_dim, c.causal,
                                  scale};
-  attention_forward<T>(q.data.data(), q.strides, k.data.data(), k.strides, v.data.data(), v.strides, o.data.data(),
-                       o.strides, lse.data(), nullptr, problem);
-  attention_backward<T>(dout.data.data(), dout.strides, q.data.data(), q.strides, k.data.data(), k.strides,
-                        v.data.data(), v.strides, o.data.data(), o.strides, lse.data(),
-                        with_dlse ? dlse.data() : nullptr, dq.data.data(), dq.strides, dk.data.data(), dk.strides,
-                        dv.data.data(), dv.strides, problem);
+  on_isa(tested.isa, [&]<CpuIsa P> {
+    attention_forward<P, T>(q.data.data(), q.strides, k.data.data(), k.strides, v.data.data(), v.strides, o.data.data(),
+                            o.strides, lse.data(), nullptr, problem);
+    attention_backward<P, T>(dout.data.data(), dout.strides, q.data.data(), q.strides, k.data.data(), k.strides,
+                             v.data.data(), v.strides, o.data.data(), o.strides, lse.data(),
+                             with_dlse ? dlse.data() : nullptr, dq.data.data(), dq.strides, dk.data.data(), dk.strides,
+                             dv.data.data(), dv.strides, problem);
+  });
 
   const int64_t group = c.n_q_heads / c.n_kv_heads, d_size = c.head_dim;
   const auto flat = [&](int64_t b, int64_t s, int64_t h, int64_t seq, int64_t heads) {
@@ -283,7 +297,8 @@ bool run_backward_case(const Case& c, bool with_dlse, std::mt19937& rng) {
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
+  tested = testing::isa_under_test(argc, argv);
   std::mt19937 rng(1234);
   int n_cases = 0;
   bool all_ok = true;

@@ -1,5 +1,6 @@
-// Tests of the CPU RMSNorm, RoPE and SwiGLU kernels (csrc/cpu/kernels.h) against plain double-precision loops, and
-// of the dtypes.h conversions against every bf16 and fp16 bit pattern. No torch. Exit code 1 on any failure.
+// Tests of the CPU RMSNorm, RoPE and SwiGLU kernels (csrc/cpu/kernels.h) on one instruction-set path (the argument)
+// against plain double-precision loops, and of the dtypes.h conversions against every bf16 and fp16 bit pattern.
+// No torch. Exit code 1 on any failure.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -8,12 +9,15 @@
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "tests/isa_under_test.h"
 
 using namespace llama_kernels::cpu;
 using llama_kernels::HeadStrides;
 using llama_kernels::promoted_t;
 
 namespace {
+
+testing::IsaUnderTest tested;  // main's argument
 
 int failures = 0;
 
@@ -141,6 +145,7 @@ void test_array_conversions(uint16_t inf_bits) {
 // ---------------------------------------------------------------------------- RMSNorm
 template <typename T, typename W>
 void test_rms_norm(int64_t rows, int64_t n, bool with_residual, bool with_dh, int64_t pad) {
+  if (!tested.sample()) return;
   using Out = promoted_t<T, W>;
   const int64_t stride = n + pad;  // every row strided by pad elements
   const float eps = 1e-5f;
@@ -150,8 +155,10 @@ void test_rms_norm(int64_t rows, int64_t n, bool with_residual, bool with_dh, in
   const Out sentinel = from_float<Out>(12345.0f);
   std::vector<Out> y(rows * stride, sentinel);
   std::vector<T> h(rows * stride, from_float<T>(12345.0f));
-  rms_norm<T, W>(x.data(), stride, with_residual ? residual.data() : nullptr, stride, weight.data(), y.data(), stride,
-                 with_residual ? h.data() : nullptr, stride, rows, n, eps);
+  on_isa(tested.isa, [&]<CpuIsa P> {
+    rms_norm<P, T, W>(x.data(), stride, with_residual ? residual.data() : nullptr, stride, weight.data(), y.data(),
+                      stride, with_residual ? h.data() : nullptr, stride, rows, n, eps);
+  });
 
   // Backward of the same rows, dy in the output dtype, dh in h's.
   const auto dy = random_values<Out>(rows * stride, 1.0);
@@ -160,8 +167,10 @@ void test_rms_norm(int64_t rows, int64_t n, bool with_residual, bool with_dh, in
   const T dx_sentinel = from_float<T>(12345.0f);
   std::vector<T> dx(rows * stride, dx_sentinel);
   std::vector<W> dweight(n);
-  rms_norm_backward<T, W>(dy.data(), stride, with_dh ? dh.data() : nullptr, stride, h_in, stride, weight.data(),
-                          dx.data(), stride, dweight.data(), rows, n, eps);
+  on_isa(tested.isa, [&]<CpuIsa P> {
+    rms_norm_backward<P, T, W>(dy.data(), stride, with_dh ? dh.data() : nullptr, stride, h_in, stride, weight.data(),
+                               dx.data(), stride, dweight.data(), rows, n, eps);
+  });
 
   std::vector<double> dweight_want(n, 0.0);
   for (int64_t r = 0; r < rows; ++r) {
@@ -226,10 +235,12 @@ void test_rms_norm_backward_deterministic() {
   const auto h = random_values<float>(rows * n, 2.0), dy = random_values<float>(rows * n, 1.0);
   const auto weight = random_values<float>(n, 1.0);
   std::vector<float> dx(rows * n), dweight_a(n), dweight_b(n);
-  rms_norm_backward<float, float>(dy.data(), n, nullptr, 0, h.data(), n, weight.data(), dx.data(), n, dweight_a.data(),
-                                  rows, n, 1e-5f);
-  rms_norm_backward<float, float>(dy.data(), n, nullptr, 0, h.data(), n, weight.data(), dx.data(), n, dweight_b.data(),
-                                  rows, n, 1e-5f);
+  on_isa(tested.isa, [&]<CpuIsa P> {
+    rms_norm_backward<P, float, float>(dy.data(), n, nullptr, 0, h.data(), n, weight.data(), dx.data(), n,
+                                       dweight_a.data(), rows, n, 1e-5f);
+    rms_norm_backward<P, float, float>(dy.data(), n, nullptr, 0, h.data(), n, weight.data(), dx.data(), n,
+                                       dweight_b.data(), rows, n, 1e-5f);
+  });
   CHECK(std::memcmp(dweight_a.data(), dweight_b.data(), n * sizeof(float)) == 0, "dweight not deterministic");
 }
 
@@ -244,6 +255,7 @@ struct RopeCase {
 // tensors, or the packed buffer itself when in place. Positions: (B, S) with a batch stride of S + 1.
 template <typename T, typename AngleT>
 void test_rope(const RopeCase& c) {
+  if (!tested.sample()) return;
   const int64_t D = c.head_dim, half = D / 2, heads = c.n_q_heads + c.n_k_heads;
   const int64_t n_tokens = c.batch * c.seqlen;
   const HeadStrides packed{c.seqlen * heads * D, heads * D, D};
@@ -262,8 +274,10 @@ void test_rope(const RopeCase& c) {
   const RopeOperand<T> k{src + c.n_q_heads * D, packed,
                          c.in_place ? packed_out.data() + c.n_q_heads * D : k_out.data(), c.in_place ? packed : k_dense,
                          c.n_k_heads};
-  rope<T, AngleT>(q, k, positions.data(), c.seqlen + 1, 1, inv_freq.data(), c.batch, c.seqlen, D, c.attention_factor,
-                  c.interleaved, c.inverse);
+  on_isa(tested.isa, [&]<CpuIsa P> {
+    rope<P, T, AngleT>(q, k, positions.data(), c.seqlen + 1, 1, inv_freq.data(), c.batch, c.seqlen, D,
+                       c.attention_factor, c.interleaved, c.inverse);
+  });
 
   for (int64_t b = 0; b < c.batch; ++b) {
     for (int64_t s = 0; s < c.seqlen; ++s) {
@@ -339,6 +353,7 @@ double swiglu_floor() {
 // +-100, +-89 (e^89 overflows float), +-20 and nan.
 template <typename T>
 void test_swiglu(int64_t rows, int64_t n, int64_t pad, bool extremes) {
+  if (!tested.sample()) return;
   const int64_t stride = 2 * n + pad, out_stride = n + pad;
   auto gate_up = random_values<T>(rows * stride, 3.0);
   const auto dy = random_values<T>(rows * stride, 1.0);
@@ -350,9 +365,11 @@ void test_swiglu(int64_t rows, int64_t n, int64_t pad, bool extremes) {
   const T* up = gate_up.data() + n;
   const T sentinel = from_float<T>(12345.0f);
   std::vector<T> y(rows * out_stride, sentinel), dgate(rows * out_stride, sentinel), dup(rows * out_stride, sentinel);
-  swiglu<T>(gate, stride, up, stride, y.data(), out_stride, rows, n);
-  swiglu_backward<T>(dy.data(), stride, gate, stride, up, stride, dgate.data(), out_stride, dup.data(), out_stride,
-                     rows, n);
+  on_isa(tested.isa, [&]<CpuIsa P> {
+    swiglu<P, T>(gate, stride, up, stride, y.data(), out_stride, rows, n);
+    swiglu_backward<P, T>(dy.data(), stride, gate, stride, up, stride, dgate.data(), out_stride, dup.data(), out_stride,
+                          rows, n);
+  });
   const double tol = swiglu_tolerance<T>();
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t i = 0; i < n; ++i) {
@@ -390,7 +407,8 @@ void test_swiglu_sizes() {
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
+  tested = testing::isa_under_test(argc, argv);
   test_conversions<bf16>(0x7f80);
   test_conversions<fp16>(0x7c00);
   test_array_conversions<bf16>(0x7f80);

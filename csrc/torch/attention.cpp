@@ -50,9 +50,11 @@ std::tuple<at::Tensor, at::Tensor> attention_impl(const char* op, const at::Tens
   at::Tensor lse = at::empty({problem.batch, problem.n_q_heads, problem.seqlen_q}, q.options().dtype(at::kFloat));
   dispatch_storage_type<cpu::bf16, cpu::fp16>(q.scalar_type(), op, "q", [&](auto tag) {
     using T = decltype(tag);
-    cpu::attention_forward<T>(data_of<const T>(q), head_strides(q), data_of<const T>(k), head_strides(k),
-                              data_of<const T>(v), head_strides(v), data_of<T>(o), head_strides(o),
-                              lse.data_ptr<float>(), seqlens_k, problem, pages);
+    cpu::on_isa(cpu::cpu_isa(), [&]<cpu::CpuIsa P> {
+      cpu::attention_forward<P, T>(data_of<const T>(q), head_strides(q), data_of<const T>(k), head_strides(k),
+                                   data_of<const T>(v), head_strides(v), data_of<T>(o), head_strides(o),
+                                   lse.data_ptr<float>(), seqlens_k, problem, pages);
+    });
   });
   return {o, lse};
 }
@@ -130,11 +132,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
   at::Tensor dv = at::empty(v.sizes(), v.options());
   dispatch_storage_type<cpu::bf16, cpu::fp16>(q.scalar_type(), op, "q", [&](auto tag) {
     using T = decltype(tag);
-    cpu::attention_backward<T>(data_of<const T>(dout), head_strides(dout), data_of<const T>(q), head_strides(q),
-                               data_of<const T>(k), head_strides(k), data_of<const T>(v), head_strides(v),
-                               data_of<const T>(o), head_strides(o), lse_contiguous.data_ptr<float>(), dlse_ptr,
-                               data_of<T>(dq), head_strides(dq), data_of<T>(dk), head_strides(dk), data_of<T>(dv),
-                               head_strides(dv), problem);
+    cpu::on_isa(cpu::cpu_isa(), [&]<cpu::CpuIsa P> {
+      cpu::attention_backward<P, T>(data_of<const T>(dout), head_strides(dout), data_of<const T>(q), head_strides(q),
+                                    data_of<const T>(k), head_strides(k), data_of<const T>(v), head_strides(v),
+                                    data_of<const T>(o), head_strides(o), lse_contiguous.data_ptr<float>(), dlse_ptr,
+                                    data_of<T>(dq), head_strides(dq), data_of<T>(dk), head_strides(dk), data_of<T>(dv),
+                                    head_strides(dv), problem);
+    });
   });
   return {dq, dk, dv};
 }

@@ -63,9 +63,11 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& x, const std::
     using W = decltype(weight_tag);
     const T* residual_data = residual.has_value() ? data_of<const T>(*residual) : nullptr;
     const int64_t residual_row_stride = residual.has_value() ? residual->stride(0) : 0;
-    cpu::rms_norm<T, W>(data_of<const T>(x), x.stride(0), residual_data, residual_row_stride,
-                        data_of<const W>(weight), data_of<promoted_t<T, W>>(y), n,
-                        residual.has_value() ? data_of<T>(h) : nullptr, n, rows, n, static_cast<float>(eps));
+    cpu::on_isa(cpu::cpu_isa(), [&]<cpu::CpuIsa P> {
+      cpu::rms_norm<P, T, W>(data_of<const T>(x), x.stride(0), residual_data, residual_row_stride,
+                             data_of<const W>(weight), data_of<promoted_t<T, W>>(y), n,
+                             residual.has_value() ? data_of<T>(h) : nullptr, n, rows, n, static_cast<float>(eps));
+    });
   });
   return {y, h};
 }
@@ -88,9 +90,11 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& dy, c
     using W = decltype(weight_tag);
     const T* dh_data = dh.has_value() ? data_of<const T>(*dh) : nullptr;
     const int64_t dh_row_stride = dh.has_value() ? dh->stride(0) : 0;
-    cpu::rms_norm_backward<T, W>(data_of<const promoted_t<T, W>>(dy), dy.stride(0), dh_data, dh_row_stride,
-                                 data_of<const T>(h), h.stride(0), data_of<const W>(weight), data_of<T>(dx), n,
-                                 data_of<W>(dweight), rows, n, static_cast<float>(eps));
+    cpu::on_isa(cpu::cpu_isa(), [&]<cpu::CpuIsa P> {
+      cpu::rms_norm_backward<P, T, W>(data_of<const promoted_t<T, W>>(dy), dy.stride(0), dh_data, dh_row_stride,
+                                      data_of<const T>(h), h.stride(0), data_of<const W>(weight), data_of<T>(dx), n,
+                                      data_of<W>(dweight), rows, n, static_cast<float>(eps));
+    });
   });
   return {dx, dweight};
 }
@@ -106,8 +110,11 @@ void rope_cpu(at::Tensor& q_out, at::Tensor& k_out, const at::Tensor& q, const a
     using T = decltype(tag);
     const auto q_operand = rope_operand<T>(q, q_out), k_operand = rope_operand<T>(k, k_out);
     const auto run = [&](const auto* inv_freq_data) {
-      cpu::rope<T>(q_operand, k_operand, data_of<const int64_t>(positions), positions.stride(0), positions.stride(1),
-                   inv_freq_data, batch, seqlen, head_dim, static_cast<float>(attention_factor), interleaved, inverse);
+      cpu::on_isa(cpu::cpu_isa(), [&]<cpu::CpuIsa P> {
+        cpu::rope<P, T>(q_operand, k_operand, data_of<const int64_t>(positions), positions.stride(0),
+                        positions.stride(1), inv_freq_data, batch, seqlen, head_dim,
+                        static_cast<float>(attention_factor), interleaved, inverse);
+      });
     };
     if (inv_freq.scalar_type() == at::kDouble) {
       run(data_of<const double>(inv_freq));
@@ -124,8 +131,10 @@ at::Tensor swiglu_cpu(const at::Tensor& gate, const at::Tensor& up) {
   at::Tensor y = at::empty({rows, n}, gate.options());
   dispatch_storage_type<bf16, fp16>(gate.scalar_type(), op, "gate", [&](auto tag) {
     using T = decltype(tag);
-    cpu::swiglu<T>(data_of<const T>(gate), gate.stride(0), data_of<const T>(up), up.stride(0), data_of<T>(y), n, rows,
-                   n);
+    cpu::on_isa(cpu::cpu_isa(), [&]<cpu::CpuIsa P> {
+      cpu::swiglu<P, T>(data_of<const T>(gate), gate.stride(0), data_of<const T>(up), up.stride(0), data_of<T>(y), n,
+                        rows, n);
+    });
   });
   return y;
 }
@@ -139,8 +148,10 @@ std::tuple<at::Tensor, at::Tensor> swiglu_backward_cpu(const at::Tensor& dy, con
   at::Tensor dup = at::empty({rows, n}, gate.options());
   dispatch_storage_type<bf16, fp16>(gate.scalar_type(), op, "gate", [&](auto tag) {
     using T = decltype(tag);
-    cpu::swiglu_backward<T>(data_of<const T>(dy), dy.stride(0), data_of<const T>(gate), gate.stride(0),
-                            data_of<const T>(up), up.stride(0), data_of<T>(dgate), n, data_of<T>(dup), n, rows, n);
+    cpu::on_isa(cpu::cpu_isa(), [&]<cpu::CpuIsa P> {
+      cpu::swiglu_backward<P, T>(data_of<const T>(dy), dy.stride(0), data_of<const T>(gate), gate.stride(0),
+                                 data_of<const T>(up), up.stride(0), data_of<T>(dgate), n, data_of<T>(dup), n, rows, n);
+    });
   });
   return {dgate, dup};
 }

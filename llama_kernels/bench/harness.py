@@ -31,6 +31,8 @@ from typing import Callable, ContextManager
 import torch
 import triton
 
+from llama_kernels import _native
+
 CPU_NOTICE = (
     "CPU FIGURES: no CUDA device here. 'ours' is the package's CPU path (the C++ kernels of the native "
     "extension, or the plain-torch reference where it is not built), not the Triton kernels, and the shapes "
@@ -230,5 +232,7 @@ def device_info(device: torch.device) -> dict:
         info.update(name=props.name, capability=f"sm{major}{minor}", memory_gib=round(props.total_memory / 2**30, 1),
                     multiprocessors=props.multi_processor_count, cuda=torch.version.cuda)
     else:
-        info.update(name=f"CPU: {info['host_cpu']} ({info['cpu_threads']} threads)", notice=CPU_NOTICE)
+        info.update(cpu_isa=_native.cpu_isa(), notice=CPU_NOTICE)
+        isa = f", C++ kernels on {info['cpu_isa']}" if info["cpu_isa"] else ""
+        info.update(name=f"CPU: {info['host_cpu']} ({info['cpu_threads']} threads{isa})")
     return info
