@@ -193,6 +193,10 @@ def _patch(modeling_llama, modeling_utils, masking_utils, pieces: list[str]) -> 
         replace(modeling_llama.LlamaRMSNorm, "forward", _rms_norm_forward)
         replace(modeling_llama.LlamaDecoderLayer, "forward",
                 functools.partial(_decoder_forward, norm_class=modeling_llama.LlamaRMSNorm))
+        # transformers 5 wraps a GradientCheckpointingLayer's forward in its checkpointing when the class is made
+        # (__init_subclass__): a forward set later runs unwrapped, and checkpointing silently stops, unless the
+        # class's hook wraps it again (before 5, checkpointing lived in __call__ and the hook is object's, a no-op)
+        modeling_llama.LlamaDecoderLayer.__init_subclass__()
     if "rope" in pieces:
         replace(modeling_llama.LlamaRotaryEmbedding, "forward", _rotary_forward)
         replace(modeling_llama, "apply_rotary_pos_emb", _apply_rotary_pos_emb)
