@@ -7,6 +7,8 @@ import torch
 
 import llama_kernels as lk
 from llama_kernels import reference as ref
+from llama_kernels.ops import _triton
+from llama_kernels.ops import rope as rope_op
 from utils import assert_close, kernel_backends, randn
 
 pytestmark = pytest.mark.usefixtures("poison_outputs")
@@ -211,3 +213,27 @@ def test_cos_sin_identity_sanity(device):
     pairs_in = q.reshape(1, 33, 2, 64, 2).pow(2).sum(-1)
     pairs_out = q2.reshape(1, 33, 2, 64, 2).pow(2).sum(-1)
     torch.testing.assert_close(pairs_out, 2 * pairs_in, rtol=1e-5, atol=1e-5)
+
+
+def test_every_sweep_candidate_at_7b_heads_is_correct():
+    """What the GPU check's sweep may pick for 7B's heads (32/32, D 128), each forced under the interpreter,
+    forward and backward (9 tokens: not a multiple of any BLOCK_S)."""
+    default = rope_op.gpu_default(64, 32)
+    candidates = rope_op.TUNING.candidates(default, "sm90", {"n_q_heads": 32, "n_kv_heads": 32})
+    assert len(candidates) > 1
+    q, k = randn(1, 9, 32, 128), randn(1, 9, 32, 128)
+    gq, gk = randn(1, 9, 32, 128), randn(1, 9, 32, 128)
+    positions = torch.randint(0, 100_000, (9,))
+
+    def outputs_and_grads(fn):
+        qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
+        a, b = fn(qq, kk)
+        return (a, b, *torch.autograd.grad((a * gq).sum() + (b * gk).sum(), (qq, kk)))
+
+    want = outputs_and_grads(lambda a, b: ref.apply_rope(a, b, positions, lk.rope_inv_freq(128)))
+    for config in candidates:
+        with _triton.forced_config(rope_op.TUNING.kernel, lambda _: {**config, "BLOCK_HALF": 64}) as asks:
+            got = outputs_and_grads(lambda a, b: lk.apply_rope(a, b, positions, backend="triton"))
+        assert len(asks) == 2, config  # the forward and the backward launched the forced config
+        for a, b in zip(got, want):
+            assert_close(a.detach(), b.detach(), ulps=1, atol=1e-5)
