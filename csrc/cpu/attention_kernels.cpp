@@ -15,6 +15,10 @@
 // (decoding: one query per head of the group) computes its scores as dot products along D instead, as the
 // register tile would mostly multiply padding there.
 // Scores are kept in log2 units (q is pre-multiplied by softmax_scale * log2(e)) so that exp is one exp2.
+// Decoding (every query of a kv head in one tile) splits the keys too: a work item is (batch, kv head, chunk of
+// keys), each chunk leaves its running max, sum and accumulator, and a second loop merges a tile's chunks in chunk
+// order (the log-sum-exp of the partial softmaxes). The chunk length depends on the cache's length only, so the
+// result is the same on any number of threads.
 // With AVX512-BF16 (the avx512_bf16 and amx paths), a bf16 tile's scores^T come from vdpbf16ps instead: k and q stay
 // bf16, in pairs along D, each instruction two exact products per lane summed in fp32 (the same sums the fp32
 // product forms, in another order), scaled to log2 units afterwards; the softmax and P V stay fp32.
@@ -185,7 +189,34 @@ struct Workspace {
 
 struct TileArgs {
   int64_t batch_index, kv_head, q_begin, q_count;
+  int64_t key_first, key_limit;  // the chunk of keys [key_first, key_limit), before the tile's own limits
 };
+
+// Keys per chunk when decoding splits the cache: at least kMinSplitKeys (the merge then costs under 1% of the
+// chunk's products), at most kMaxSplits chunks (the partials, n_splits fp32 copies of o, stay
+// bounded), whole key blocks.
+inline constexpr int64_t kMinSplitKeys = 256, kMaxSplits = 64;
+inline int64_t split_keys(int64_t seqlen_k) {
+  return round_up(std::max(kMinSplitKeys, (seqlen_k + kMaxSplits - 1) / kMaxSplits), kKeyBlock);
+}
+
+// A chunk's unnormalized softmax state for each row of its tile: acc (head_dim_padded floats), then max and sum.
+struct SplitPartials {
+  float* data;
+  int64_t row_floats;  // head_dim_padded + 2
+  int64_t n_splits, rows;
+  float* row(int64_t tile, int64_t split, int64_t r) const {
+    return data + ((tile * n_splits + split) * rows + r) * row_floats;
+  }
+};
+
+// o's row and its lse from a row's unnormalized accumulator acc, max (log2 units) and sum.
+template <typename T>
+void store_row(const float* acc, float row_max, float sum, int64_t head_dim, T* o_row, float* lse) {
+  const float inv_sum = sum > 0.0f ? 1.0f / sum : 0.0f;
+  for (int64_t d = 0; d < head_dim; ++d) o_row[d] = from_float<T>(acc[d] * inv_sum);
+  *lse = sum > 0.0f ? row_max * kLn2 + std::log(sum) : -std::numeric_limits<float>::infinity();
+}
 
 // The offset of key position p of sequence b (its kv head left out) in a cache: contiguous, or paged.
 inline int64_t key_offset(HeadStrides strides, int64_t b, int64_t p, const KvPages* pages) {
@@ -197,7 +228,8 @@ inline int64_t key_offset(HeadStrides strides, int64_t b, int64_t p, const KvPag
 template <typename T>
 void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k_strides, const T* v,
                     HeadStrides v_strides, T* o, HeadStrides o_strides, float* lse, const int32_t* seqlens_k,
-                    const KvPages* pages, const AttentionProblem& problem, const TileArgs& tile, Workspace& ws) {
+                    const KvPages* pages, const AttentionProblem& problem, const TileArgs& tile, Workspace& ws,
+                    const SplitPartials* partials, int64_t tile_index, int64_t split) {
   const int64_t group = problem.n_q_heads / problem.n_kv_heads;
   const int64_t head_dim = problem.head_dim;
   const int64_t rows = tile.q_count * group;
@@ -210,8 +242,9 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
   const bool bf16_dots = kDotsOfT && !narrow;
   const int64_t len_k = seqlens_k ? seqlens_k[tile.batch_index] : problem.seqlen_k;
   const int64_t causal_offset = len_k - problem.seqlen_q;  // query i sees keys j <= i + causal_offset
-  const int64_t key_end =
-      problem.causal ? std::clamp<int64_t>(tile.q_begin + tile.q_count + causal_offset, 0, len_k) : len_k;
+  const int64_t key_end = std::min(
+      tile.key_limit,
+      problem.causal ? std::clamp<int64_t>(tile.q_begin + tile.q_count + causal_offset, 0, len_k) : len_k);
   const float scale_log2 = problem.softmax_scale * kLog2e;
   const int64_t first_head = tile.kv_head * group;
 
@@ -244,7 +277,7 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
 
   const T* k_head = k + tile.kv_head * k_strides.head;
   const T* v_head = v + tile.kv_head * v_strides.head;
-  for (int64_t key_begin = 0; key_begin < key_end; key_begin += kKeyBlock) {
+  for (int64_t key_begin = tile.key_first; key_begin < key_end; key_begin += kKeyBlock) {
     const int64_t n_keys = std::min(kKeyBlock, key_end - key_begin);
     for (int64_t j = 0; j < n_keys; ++j) {
       const int64_t key = key_begin + j;
@@ -319,14 +352,45 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
   }
 
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t query = tile.q_begin + r / group, head = first_head + r % group;
-    const float sum = ws.row_sum[r];
-    const float inv_sum = sum > 0.0f ? 1.0f / sum : 0.0f;
-    T* o_row = o + tile.batch_index * o_strides.batch + query * o_strides.token + head * o_strides.head;
     const float* acc_row = ws.acc.get() + r * row_stride;
-    for (int64_t d = 0; d < head_dim; ++d) o_row[d] = from_float<T>(acc_row[d] * inv_sum);
-    lse[(tile.batch_index * problem.n_q_heads + head) * problem.seqlen_q + query] =
-        sum > 0.0f ? ws.row_max[r] * kLn2 + std::log(sum) : -std::numeric_limits<float>::infinity();
+    if (partials != nullptr) {
+      float* partial = partials->row(tile_index, split, r);
+      std::copy(acc_row, acc_row + row_stride, partial);
+      partial[row_stride] = ws.row_max[r];
+      partial[row_stride + 1] = ws.row_sum[r];
+      continue;
+    }
+    const int64_t query = tile.q_begin + r / group, head = first_head + r % group;
+    store_row(acc_row, ws.row_max[r], ws.row_sum[r], head_dim,
+              o + tile.batch_index * o_strides.batch + query * o_strides.token + head * o_strides.head,
+              lse + (tile.batch_index * problem.n_q_heads + head) * problem.seqlen_q + query);
+  }
+}
+
+// Merges a tile's chunks, in chunk order: each weighted by 2^(its max - the overall max).
+template <typename T>
+void merge_splits(const SplitPartials& partials, int64_t tile_index, const TileArgs& tile, T* o, HeadStrides o_strides,
+                  float* lse, const AttentionProblem& problem, float* acc) {
+  const int64_t group = problem.n_q_heads / problem.n_kv_heads;
+  const int64_t head_dim_padded = partials.row_floats - 2;
+  for (int64_t r = 0; r < partials.rows; ++r) {
+    float row_max = -std::numeric_limits<float>::infinity();
+    for (int64_t s = 0; s < partials.n_splits; ++s) {
+      row_max = std::max(row_max, partials.row(tile_index, s, r)[head_dim_padded]);
+    }
+    float sum = 0.0f;
+    std::fill(acc, acc + head_dim_padded, 0.0f);
+    for (int64_t s = 0; s < partials.n_splits && row_max != -std::numeric_limits<float>::infinity(); ++s) {
+      const float* partial = partials.row(tile_index, s, r);
+      if (partial[head_dim_padded] == -std::numeric_limits<float>::infinity()) continue;  // saw no key
+      const float weight = std::exp2(partial[head_dim_padded] - row_max);
+      sum += weight * partial[head_dim_padded + 1];
+      for (int64_t d = 0; d < head_dim_padded; d += kLanes) store(acc + d, load(acc + d) + weight * load(partial + d));
+    }
+    const int64_t query = tile.q_begin + r / group, head = tile.kv_head * group + r % group;
+    store_row(acc, row_max, sum, problem.head_dim,
+              o + tile.batch_index * o_strides.batch + query * o_strides.token + head * o_strides.head,
+              lse + (tile.batch_index * problem.n_q_heads + head) * problem.seqlen_q + query);
   }
 }
 
@@ -339,20 +403,40 @@ void attention_forward(const T* q, HeadStrides q_strides, const T* k, HeadStride
   const int64_t group = problem.n_q_heads / problem.n_kv_heads;
   const int64_t queries_per_tile = std::max<int64_t>(1, kTargetTileRows / group);
   const int64_t n_q_blocks = (problem.seqlen_q + queries_per_tile - 1) / queries_per_tile;
+  const int64_t chunk = n_q_blocks == 1 ? split_keys(problem.seqlen_k) : problem.seqlen_k;
+  const int64_t n_splits = std::max<int64_t>(1, (problem.seqlen_k + chunk - 1) / chunk);
+  const int64_t head_dim_padded = round_up(problem.head_dim, kTileCols);
+  const int64_t split_rows = problem.seqlen_q * group;
+  FloatBuffer partial_data =
+      make_buffer(n_splits > 1 ? problem.batch * problem.n_kv_heads * n_splits * split_rows * (head_dim_padded + 2)
+                               : 0);
+  const SplitPartials partials{partial_data.get(), head_dim_padded + 2, n_splits, split_rows};
+  const SplitPartials* partials_or_null = n_splits > 1 ? &partials : nullptr;
 #pragma omp parallel
   {
     Workspace ws(queries_per_tile * group, problem.head_dim, kBf16Dots && std::is_same_v<T, bf16>);
     // Consecutive work items share a kv head, so its keys and values stay in cache (all heads' do not fit in L3
     // at long lengths). Within a head the last query blocks, the most work under a causal mask, go first so that
-    // dynamic scheduling evens out the end.
+    // dynamic scheduling evens out the end. With chunks of keys there is one query block.
 #pragma omp for collapse(3) schedule(dynamic, 1)
     for (int64_t b = 0; b < problem.batch; ++b) {
       for (int64_t kv_head = 0; kv_head < problem.n_kv_heads; ++kv_head) {
-        for (int64_t block_from_end = 0; block_from_end < n_q_blocks; ++block_from_end) {
+        for (int64_t item = 0; item < n_q_blocks * n_splits; ++item) {
+          const int64_t block_from_end = item / n_splits, split = item % n_splits;
           const int64_t q_begin = (n_q_blocks - 1 - block_from_end) * queries_per_tile;
-          const TileArgs tile{b, kv_head, q_begin, std::min(queries_per_tile, problem.seqlen_q - q_begin)};
+          const TileArgs tile{b, kv_head, q_begin, std::min(queries_per_tile, problem.seqlen_q - q_begin),
+                              split * chunk, split == n_splits - 1 ? problem.seqlen_k : (split + 1) * chunk};
           attention_tile(q, q_strides, k, k_strides, v, v_strides, o, o_strides, lse, seqlens_k, pages, problem,
-                         tile, ws);
+                         tile, ws, partials_or_null, b * problem.n_kv_heads + kv_head, split);
+        }
+      }
+    }
+    if (n_splits > 1) {
+#pragma omp for collapse(2) schedule(static)
+      for (int64_t b = 0; b < problem.batch; ++b) {
+        for (int64_t kv_head = 0; kv_head < problem.n_kv_heads; ++kv_head) {
+          const TileArgs tile{b, kv_head, 0, problem.seqlen_q, 0, problem.seqlen_k};
+          merge_splits(partials, b * problem.n_kv_heads + kv_head, tile, o, o_strides, lse, problem, ws.acc.get());
         }
       }
     }

@@ -40,8 +40,9 @@ struct KvPages {
 // batch int32 lengths, 0 <= seqlens_k[b] <= seqlen_k, and sequence b attends over its first seqlens_k[b] keys
 // only (the causal alignment then uses seqlens_k[b] in place of seqlen_k). pages (with seqlens_k; seqlen_k is then
 // max_blocks_per_seq * block_size) reads k and v as a paged cache; null: (batch, seqlen_k, n_kv_heads, head_dim).
-// Parallel over (batch, kv head, query block) with OpenMP; memory beyond o and lse is a few small per-thread
-// buffers.
+// Parallel over (batch, kv head, query block) with OpenMP, and when all of a kv head's queries fit one block
+// (decoding) over chunks of keys too, merged in a fixed order (deterministic); memory beyond o and lse is a few small
+// per-thread buffers, and the chunks' partial outputs.
 template <CpuIsa P, typename T>
 void attention_forward(const T* q, HeadStrides q_strides, const T* k, HeadStrides k_strides, const T* v,
                        HeadStrides v_strides, T* o, HeadStrides o_strides, float* lse, const int32_t* seqlens_k,

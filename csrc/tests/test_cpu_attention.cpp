@@ -352,6 +352,17 @@ int main(int argc, char** argv) {
       }
     }
   }
+  // Decoding splits the cache into chunks of 256 keys or more (at most 64 of them), merged afterwards: lengths that
+  // end on a chunk, one past it, and within one; a paged cache across chunks; a cache long enough for longer chunks.
+  for (int64_t seqlen_q : {1, 7}) {
+    for (bool causal : {false, true}) {
+      const Case c{4, seqlen_q, 1100, 8, 2, 128, causal, causal, {0, 256, 257, 1100}};
+      check(run_case<float>(c, rng));
+      check(run_case<bf16>(c, rng));
+      check(run_case<float>({3, seqlen_q, 1024, 8, 8, 64, causal, !causal, {1, 512, 1000}, 64}, rng));
+    }
+  }
+  check(run_case<bf16>({1, 1, 17000, 8, 1, 64, false, false, {16999}}, rng));
   // The backward: lengths across its 64-row query tiles and 64-key blocks, GQA groups 1, 4 and 8.
   const int64_t backward_lengths[][2] = {{1, 1}, {17, 17}, {113, 113}, {257, 257}, {300, 300}, {1, 300},
                                          {113, 257}, {257, 113}, {300, 1}};
