@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 import llama_kernels as lk
 from llama_kernels import reference as ref
 from llama_kernels.rope_scaling import rope_inv_freq
-from utils import assert_close, check_attention_out, check_lse, kernel_backends, randn
+from utils import assert_close, check_attention_out, check_lse, extension_backends, kernel_backends, randn
 
 pytestmark = pytest.mark.usefixtures("poison_outputs")
 
@@ -255,6 +255,26 @@ def test_num_splits_agree(device):
         torch.testing.assert_close(o, o0, rtol=1e-5, atol=1e-5, msg=lambda m: f"num_splits={num_splits}: {m}")
         torch.testing.assert_close(lse, lse0, rtol=1e-5, atol=1e-5, msg=lambda m: f"num_splits={num_splits}: {m}")
         assert torch.equal(kc, kc0) and torch.equal(vc, vc0), f"num_splits={num_splits}: different caches"
+
+
+@pytest.mark.parametrize("backend", extension_backends("flash_attention_with_kvcache", "cpu"))
+def test_native_result_does_not_depend_on_thread_count(backend):
+    """The C++ kernel splits a long cache into chunks across threads: the same bits on 1, 2 and 3 threads."""
+    q, k_cache, v_cache, cache_seqlens, _, _ = make_inputs(2, 1100, 8, 2, 128, BF16, [1100, 300], 1, False, "cpu")
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(lk.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, return_lse=True,
+                                                           backend=backend))
+    finally:
+        torch.set_num_threads(threads)
+    want_o, want_lse, *_ = expected(q, k_cache, v_cache, cache_seqlens, None, None, None, False)
+    check_attention_out(results[0][0], want_o)
+    check_lse(results[0][1], want_lse)
+    for n, (o, lse) in zip((2, 3), results[1:]):
+        assert torch.equal(o, results[0][0]) and torch.equal(lse, results[0][1]), f"{n} threads differ from 1"
 
 
 # --------------------------------------------------------------------------- against flash_attention
