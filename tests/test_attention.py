@@ -290,6 +290,18 @@ def test_lse_is_differentiable(device, backend):
     check_grads(got, want, F32)
 
 
+def test_backward_op_reads_a_strided_dlse(device):
+    """The raw backward op given dlse as a transposed view gives what its contiguous copy gives."""
+    q, k, v = make_qkv(1, 20, 20, 4, 2, 64, device=device)
+    o, lse = lk.flash_attention(q, k, v, return_lse=True, backend="triton")
+    do, dlse = randn(*q.shape, device=device), randn(1, 20, 4, device=device).transpose(1, 2)
+    grads = [torch.ops.llama_kernels.flash_attention_backward(do, q, k, v, o, lse, g, None, None, 0, 0, True,
+                                                               64**-0.5, True, "triton")
+             for g in (dlse, dlse.contiguous())]
+    for got, want in zip(*grads):
+        assert torch.equal(got, want)
+
+
 # --------------------------------------------------------------------------- varlen
 SEQLENS_Q = [1, 17, 70, 40, 3]
 SEQLENS_K = [5, 17, 130, 7, 0]  # (40, 7): causal rows 0..32 see nothing; (3, 0): no key at all

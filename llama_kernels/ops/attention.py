@@ -432,6 +432,7 @@ def delta_triton(do: Tensor, o: Tensor, dlse: Tensor | None, layout: Layout) -> 
     """delta = rowsum(dO * O) - dlse, the row term of dS = P * (dP - delta): fp32 in the lse layout (dlse's), without
     fp32 copies of O's size."""
     delta = _triton.new_output(layout.lse_shape, torch.float32, o.device)
+    dlse = dlse.contiguous() if dlse is not None else None  # the kernel reads it at delta's offsets
     # a packed tensor is one batch entry whose rows are every sequence's tokens
     batch, n_rows = (1, o.shape[0]) if layout.varlen else (layout.batch, layout.seqlen_q)
     cfg = DELTA_TUNING.config(_triton.target_of(o.device), DELTA_DEFAULT, head_dim=layout.head_dim)
