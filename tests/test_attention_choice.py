@@ -80,6 +80,24 @@ def test_code_llama_sdpa_gives_what_ours_gives(runs):
     assert sdpa_generated == generated
 
 
+def test_code_llama_sdpa_decode_of_shorter_prompts_reads_no_stale_memory(monkeypatch):
+    """SDPA's decode reads each sequence's keys up to the longest prompt's, masked: with every floating
+    torch.empty NaN-filled (memory a fresh process may hold), generate's cache must still give ours' tokens."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    model = tiny_model()
+    generated = {}
+    for choice in ("llama_kernels", "sdpa"):
+        model.attention = choice
+        generated[choice] = model.generate([[1, 5, 9, 200, 17], [3, 4]], 3)
+    assert generated["sdpa"] == generated["llama_kernels"]
+
+
 def test_code_llama_auto_runs_ours_on_the_cpu(runs):
     model = tiny_model()
     assert model.attention == "auto"

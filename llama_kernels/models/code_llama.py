@@ -341,13 +341,15 @@ class CodeLlama(nn.Module):
         return PagedKVCache(k, v, max_batch_size=max_batch_size, max_blocks_per_seq=-(-max_seq_len // block_size))
 
     def _cache_tensors(self, leading: tuple[int, int]) -> tuple[list[Tensor], list[Tensor]]:
-        """Per layer an uninitialized k and v of shape (*leading, Hk, D) in the model's (or autocast's) dtype."""
+        """Per layer a zero-filled k and v of shape (*leading, Hk, D) in the model's (or autocast's) dtype. Zeros, not
+        uninitialized memory: SDPA's decode reads every sequence's keys up to the longest one's, masked, and a
+        masked NaN is still NaN (ours reads only each sequence's own)."""
         device = self.output.weight.device
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else \
             self.output.weight.dtype
         shape = (*leading, self.config.n_kv_heads, self.config.head_dim)
-        return ([torch.empty(shape, dtype=dtype, device=device) for _ in self.layers],
-                [torch.empty(shape, dtype=dtype, device=device) for _ in self.layers])
+        return ([torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers],
+                [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers])
 
     def forward(self, tokens: Tensor, targets: Tensor | None = None, *, cache: KVCache | PagedKVCache | None = None,
                 logits_at: Tensor | None = None) -> Tensor:
