@@ -19,9 +19,10 @@
 // keys), each chunk leaves its running max, sum and accumulator, and a second loop merges a tile's chunks in chunk
 // order (the log-sum-exp of the partial softmaxes). The chunk length depends on the cache's length only, so the
 // result is the same on any number of threads.
-// With AVX512-BF16 (the avx512_bf16 and amx paths), a bf16 tile's scores^T come from vdpbf16ps instead: k and q stay
-// bf16, in pairs along D, each instruction two exact products per lane summed in fp32 (the same sums the fp32
-// product forms, in another order), scaled to log2 units afterwards; the softmax and P V stay fp32.
+// With AVX512-BF16 (the avx512_bf16 and amx paths), a bf16 tile's products are vdpbf16ps, each instruction two exact
+// products per lane summed in fp32: scores^T with k and q left bf16, in pairs along D (the same sums the fp32
+// product forms, in another order), scaled to log2 units afterwards; P V with P rounded to bf16 after the fp32
+// softmax (as the GPU kernels round it for their bf16 matmul: the row sums stay fp32's) and v in pairs of keys.
 
 #include <algorithm>
 #include <array>
@@ -92,24 +93,32 @@ void score_dots(const float* k, int64_t k_stride, int64_t n_keys, const float* q
 #if defined(__AVX512BF16__)
 inline constexpr bool kBf16Dots = true;
 
-// scores_t[j][c .. c + kTileCols) = scale * sum_p k_pairs[j][p] . q_pairs[p][c .. c + kTileCols) for Rows keys j:
-// each uint32 two bf16 values of consecutive head dims (the low half first), so one vdpbf16ps adds both products.
+// acc[r][..] += sum_p a[r][p] . b[p][c .. c + kTileCols) for Rows rows, a's element (r, p) at a[r * a_row_stride +
+// p * a_col_stride]: each uint32 two bf16 values (the low half first), so one vdpbf16ps adds both products.
+template <int Rows>
+inline void pair_dots(const uint32_t* a, int64_t a_row_stride, int64_t a_col_stride, const uint32_t* b,
+                      int64_t b_stride, int64_t n_pairs, __m512 (&acc)[Rows][2]) {
+  for (int64_t p = 0; p < n_pairs; ++p) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + p * b_stride);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + p * b_stride + kLanes);
+#pragma GCC unroll 16
+    for (int r = 0; r < Rows; ++r) {
+      const __m512bh a_rp = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r * a_row_stride + p * a_col_stride]));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a_rp, b0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a_rp, b1);
+    }
+  }
+}
+
+// scores_t[j][c .. c + kTileCols) = scale * sum_p k_pairs[j][p] . q_pairs[p][c .. c + kTileCols) for Rows keys j,
+// the pairs along head_dim.
 template <int Rows>
 void score_tile_bf16(const uint32_t* k_pairs, int64_t k_stride, const uint32_t* q_pairs, int64_t q_stride,
                      int64_t n_pairs, float scale, float* scores_t, int64_t scores_t_stride) {
   __m512 acc[Rows][2];
 #pragma GCC unroll 16
   for (int r = 0; r < Rows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < n_pairs; ++p) {
-    const __m512bh q0 = (__m512bh)_mm512_loadu_si512(q_pairs + p * q_stride);
-    const __m512bh q1 = (__m512bh)_mm512_loadu_si512(q_pairs + p * q_stride + kLanes);
-#pragma GCC unroll 16
-    for (int r = 0; r < Rows; ++r) {
-      const __m512bh k_rp = (__m512bh)_mm512_set1_epi32(static_cast<int>(k_pairs[r * k_stride + p]));
-      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], k_rp, q0);
-      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], k_rp, q1);
-    }
-  }
+  pair_dots<Rows>(k_pairs, k_stride, 1, q_pairs, q_stride, n_pairs, acc);
   const __m512 scale_v = _mm512_set1_ps(scale);
 #pragma GCC unroll 16
   for (int r = 0; r < Rows; ++r) {
@@ -132,6 +141,66 @@ void scores_bf16(int64_t n_keys, int64_t cols, const uint32_t* k_pairs, int64_t 
     for (int64_t c = 0; c < cols; c += kTileCols) {
       kScoreTilesBf16[tile_rows](k_pairs + j * k_stride, k_stride, q_pairs + c, q_stride, n_pairs, scale,
                                  scores_t + j * scores_t_stride + c, scores_t_stride);
+    }
+  }
+}
+// pv_tile's product with P and v in pairs of keys: p_pairs (key pairs x rows), v_pairs (key pairs x head dims).
+template <int Rows>
+void pv_tile_bf16(const uint32_t* p_pairs, int64_t p_stride, const uint32_t* v_pairs, int64_t v_stride,
+                  int64_t n_pairs, const float* rescale, float* acc, int64_t acc_stride) {
+  __m512 tile[Rows][2];
+#pragma GCC unroll 16
+  for (int r = 0; r < Rows; ++r) {
+    const __m512 rescale_r = _mm512_set1_ps(rescale[r]);
+    tile[r][0] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * acc_stride), rescale_r);
+    tile[r][1] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * acc_stride + kLanes), rescale_r);
+  }
+  pair_dots<Rows>(p_pairs, 1, p_stride, v_pairs, v_stride, n_pairs, tile);
+#pragma GCC unroll 16
+  for (int r = 0; r < Rows; ++r) {
+    _mm512_storeu_ps(acc + r * acc_stride, tile[r][0]);
+    _mm512_storeu_ps(acc + r * acc_stride + kLanes, tile[r][1]);
+  }
+}
+
+template <size_t... I>
+constexpr auto pv_tiles_bf16(std::index_sequence<I...>) {
+  return std::array<decltype(&pv_tile_bf16<1>), kTileRows + 1>{nullptr, &pv_tile_bf16<I + 1>...};
+}
+constexpr auto kPvTilesBf16 = pv_tiles_bf16(std::make_index_sequence<kTileRows>());
+
+// out[c] = row0[c] | row1[c] << 16 for c < head_dim (row1 null: zeros), as uint32, zeros up to the next kTileCols.
+inline void pack_value_pairs(const bf16* row0, const bf16* row1, int64_t head_dim, uint32_t* out) {
+  // permutex2var's indices: 0-31 pick from row0, 32-63 from row1; the low half of the columns, then the high.
+  alignas(64) static constexpr uint16_t kLow[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                    8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static constexpr uint16_t kHigh[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                                     24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i low = _mm512_load_si512(kLow), high = _mm512_load_si512(kHigh);
+  for (int64_t c = 0; c < head_dim; c += 2 * kLanes) {
+    const int64_t left = head_dim - c;
+    const __mmask32 mask = left >= 2 * kLanes ? ~__mmask32{0} : (__mmask32{1} << left) - 1;
+    const __m512i a = _mm512_maskz_loadu_epi16(mask, row0 + c);
+    const __m512i b = row1 ? _mm512_maskz_loadu_epi16(mask, row1 + c) : _mm512_setzero_si512();
+    _mm512_storeu_si512(out + c, _mm512_permutex2var_epi16(a, low, b));
+    _mm512_storeu_si512(out + c + kLanes, _mm512_permutex2var_epi16(a, high, b));
+  }
+}
+
+// p_pairs[q][c] = bf16(p_t[2q][c]) | bf16(p_t[2q + 1][c]) << 16 for n_keys keys (an odd count's last pair: zero
+// above) and cols columns (a multiple of kLanes).
+inline void pack_probability_pairs(const float* p_t, int64_t p_t_stride, int64_t n_keys, int64_t cols,
+                                   uint32_t* p_pairs, int64_t p_stride) {
+  // The zero-masked forms: GCC 12's unmasked ones start from _mm512_undefined_epi32, which -Wall reports.
+  const __mmask16 all = 0xffff;
+  const auto widened = [all](const float* p) {
+    return _mm512_maskz_cvtepu16_epi32(all, (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(p)));
+  };
+  for (int64_t j = 0; j < n_keys; j += 2) {
+    for (int64_t c = 0; c < cols; c += kLanes) {
+      const __m512i low = widened(p_t + j * p_t_stride + c);
+      const __m512i high = j + 1 < n_keys ? widened(p_t + (j + 1) * p_t_stride + c) : _mm512_setzero_si512();
+      _mm512_storeu_si512(p_pairs + j / 2 * p_stride + c, _mm512_or_si512(low, _mm512_maskz_slli_epi32(all, high, 16)));
     }
   }
 }
@@ -164,10 +233,13 @@ struct Workspace {
   FloatBuffer scores_t;  // kKeyBlock x max_rows_padded: scores, then probabilities, key-major
   FloatBuffer acc;       // max_rows_padded x head_dim_padded: unnormalized output
   FloatBuffer row_max, row_sum, rescale, row_limit;  // max_rows_padded each
-  // The bf16 dot products' operands (kBf16Dots): pairs of head dims as uint32, head_dim_pairs of them per row.
+  // The bf16 dot products' operands (kBf16Dots), two bf16 values to a uint32: q and k in pairs of head dims,
+  // head_dim_pairs of them per row; P and v in pairs of keys.
   int64_t head_dim_pairs;
   Buffer<uint32_t> q_pairs;  // head_dim_pairs x max_rows_padded: the unscaled q tile, pair-major
   Buffer<uint32_t> k_pairs;  // kKeyBlock x head_dim_pairs
+  Buffer<uint32_t> p_pairs;  // kKeyBlock / 2 x max_rows_padded
+  Buffer<uint32_t> v_pairs;  // kKeyBlock / 2 x head_dim_padded
 
   Workspace(int64_t max_rows, int64_t head_dim, bool bf16_dots)
       : max_rows_padded(round_up(max_rows, kTileCols)),
@@ -184,7 +256,9 @@ struct Workspace {
         row_limit(make_buffer(max_rows_padded)),
         head_dim_pairs((head_dim + 1) / 2),
         q_pairs(make_buffer<uint32_t>(bf16_dots ? head_dim_pairs * max_rows_padded : 0)),
-        k_pairs(make_buffer<uint32_t>(bf16_dots ? kKeyBlock * head_dim_pairs : 0)) {}
+        k_pairs(make_buffer<uint32_t>(bf16_dots ? kKeyBlock * head_dim_pairs : 0)),
+        p_pairs(make_buffer<uint32_t>(bf16_dots ? kKeyBlock / 2 * max_rows_padded : 0)),
+        v_pairs(make_buffer<uint32_t>(bf16_dots ? kKeyBlock / 2 * head_dim_padded : 0)) {}
 };
 
 struct TileArgs {
@@ -289,8 +363,17 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
       } else {
         convert(k_row, ws.k_block.get() + j * row_stride, head_dim);
       }
-      convert(v_head + key_offset(v_strides, tile.batch_index, key, pages), ws.v_block.get() + j * row_stride,
-              head_dim);
+      const T* v_row = v_head + key_offset(v_strides, tile.batch_index, key, pages);
+#if defined(__AVX512BF16__)
+      if constexpr (kDotsOfT) {
+        if (j % 2 == 0) {
+          const T* v_next = j + 1 < n_keys ? v_head + key_offset(v_strides, tile.batch_index, key + 1, pages) : nullptr;
+          pack_value_pairs(v_row, v_next, head_dim, ws.v_pairs.get() + j / 2 * row_stride);
+        }
+        continue;
+      }
+#endif
+      convert(v_row, ws.v_block.get() + j * row_stride, head_dim);
     }
 
 #if defined(__AVX512BF16__)
@@ -342,6 +425,21 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
       store(ws.rescale.get() + c, rescale);
     }
 
+#if defined(__AVX512BF16__)
+    if constexpr (kDotsOfT) {
+      pack_probability_pairs(ws.scores_t.get(), scores_t_stride, n_keys, rows_in_vectors, ws.p_pairs.get(),
+                             scores_t_stride);
+      for (int64_t r = 0; r < rows; r += kTileRows) {
+        const int tile_rows = static_cast<int>(std::min<int64_t>(kTileRows, rows - r));
+        for (int64_t c = 0; c < ws.head_dim_padded; c += kTileCols) {
+          kPvTilesBf16[tile_rows](ws.p_pairs.get() + r, scores_t_stride, ws.v_pairs.get() + c, row_stride,
+                                  (n_keys + 1) / 2, ws.rescale.get() + r, ws.acc.get() + r * row_stride + c,
+                                  row_stride);
+        }
+      }
+      continue;
+    }
+#endif
     for (int64_t r = 0; r < rows; r += kTileRows) {
       const int tile_rows = static_cast<int>(std::min<int64_t>(kTileRows, rows - r));
       for (int64_t c = 0; c < ws.head_dim_padded; c += kTileCols) {
