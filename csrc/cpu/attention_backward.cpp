@@ -10,9 +10,13 @@
 // per thread, never Sq x Sk), after the last tile. Each gradient element is summed by one thread in a fixed order,
 // so the result is deterministic, and nothing is recomputed in a second pass. As in the forward, scores are
 // transposed (rows along the vector lanes, so the row terms lse and delta are vectors) and in log2 units.
+// With AVX512-BF16 (the avx512_bf16 and amx paths), bf16's five products are vdpbf16ps (attention_tiles.h's
+// pair_matmul): the operands stay bf16, paired along the contracted dimension (D for S^T and dP^T, the tile's rows
+// for dV and dK, keys for dQ), and P and dS are rounded to bf16 after their fp32 step, as the GPU kernels round them.
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 
 #include "cpu/attention_kernels.h"
 #include "cpu/attention_tiles.h"
@@ -22,34 +26,65 @@ namespace {
 
 using namespace tiles;
 
-// One thread's buffers: fp32 copies of a kv head and its gradients' accumulators, and the largest query tile.
+// Whether T's products are the bf16 pairs' (see the top).
+template <typename T>
+inline constexpr bool kPairs = kBf16Dots && std::is_same_v<T, bf16>;
+
+// One thread's buffers: copies of a kv head and its gradients' accumulators, and the largest query tile. The
+// fp32 products' operands (fp32 copies) or the bf16 products' (pairs as uint32, kBf16Dots), whichever run.
 struct Workspace {
-  int64_t max_rows_padded, head_dim_padded;
-  FloatBuffer k, v;        // seqlen_k x head_dim_padded
+  int64_t max_rows_padded, head_dim_padded, head_dim_pairs;
   FloatBuffer dk, dv;      // seqlen_k x head_dim_padded: unscaled dk, and dv
-  FloatBuffer q_t, do_t;   // head_dim x max_rows_padded: q scaled by softmax_scale * log2(e), and dO, transposed
-  FloatBuffer q_rows, do_rows, dq;  // max_rows_padded x head_dim_padded: q and dO row-major, unscaled dq
+  FloatBuffer dq;          // max_rows_padded x head_dim_padded: unscaled dq
   FloatBuffer p_t, ds_t;   // kKeyBlock x max_rows_padded: S^T then P^T, dP^T then dS^T
   FloatBuffer lse_log2, delta, row_limit;  // max_rows_padded each
+  // fp32 products
+  FloatBuffer k, v;        // seqlen_k x head_dim_padded
+  FloatBuffer q_t, do_t;   // head_dim x max_rows_padded: q scaled by softmax_scale * log2(e), and dO, transposed
+  FloatBuffer q_rows, do_rows;  // max_rows_padded x head_dim_padded: q and dO row-major
+  // bf16 products
+  Buffer<uint32_t> k_dim_pairs, v_dim_pairs;  // seqlen_k x head_dim_pairs: k and v as stored, pairs along D
+  Buffer<uint32_t> k_key_pairs;               // seqlen_k / 2 (rounded up) x head_dim_padded: pairs of keys
+  Buffer<uint32_t> q_dim_pairs, do_dim_pairs;  // head_dim_pairs x max_rows_padded: pairs along D, rows in lanes
+  Buffer<uint32_t> q_row_pairs, do_row_pairs;  // max_rows_padded / 2 x head_dim_padded: pairs of rows
+  Buffer<uint32_t> p_rounded, ds_rounded;      // kKeyBlock x max_rows_padded / 2: P^T and dS^T, pairs of rows
+  Buffer<uint32_t> ds_key_pairs;               // kKeyBlock / 2 x max_rows_padded: dS^T in pairs of keys
 
-  Workspace(int64_t max_rows, int64_t seqlen_k, int64_t head_dim)
+  Workspace(int64_t max_rows, int64_t seqlen_k, int64_t head_dim, bool pairs)
       : max_rows_padded(round_up(max_rows, kTileCols)),
         head_dim_padded(round_up(head_dim, kTileCols)),
-        k(make_buffer(seqlen_k * head_dim_padded)),
-        v(make_buffer(seqlen_k * head_dim_padded)),
+        head_dim_pairs((head_dim + 1) / 2),
         dk(make_buffer(seqlen_k * head_dim_padded)),
         dv(make_buffer(seqlen_k * head_dim_padded)),
-        q_t(make_buffer(head_dim * max_rows_padded)),
-        do_t(make_buffer(head_dim * max_rows_padded)),
-        q_rows(make_buffer(max_rows_padded * head_dim_padded)),
-        do_rows(make_buffer(max_rows_padded * head_dim_padded)),
         dq(make_buffer(max_rows_padded * head_dim_padded)),
         p_t(make_buffer(kKeyBlock * max_rows_padded)),
         ds_t(make_buffer(kKeyBlock * max_rows_padded)),
         lse_log2(make_buffer(max_rows_padded)),
         delta(make_buffer(max_rows_padded)),
-        row_limit(make_buffer(max_rows_padded)) {}
+        row_limit(make_buffer(max_rows_padded)),
+        k(make_buffer(pairs ? 0 : seqlen_k * head_dim_padded)),
+        v(make_buffer(pairs ? 0 : seqlen_k * head_dim_padded)),
+        q_t(make_buffer(pairs ? 0 : head_dim * max_rows_padded)),
+        do_t(make_buffer(pairs ? 0 : head_dim * max_rows_padded)),
+        q_rows(make_buffer(pairs ? 0 : max_rows_padded * head_dim_padded)),
+        do_rows(make_buffer(pairs ? 0 : max_rows_padded * head_dim_padded)),
+        k_dim_pairs(make_buffer<uint32_t>(pairs ? seqlen_k * head_dim_pairs : 0)),
+        v_dim_pairs(make_buffer<uint32_t>(pairs ? seqlen_k * head_dim_pairs : 0)),
+        k_key_pairs(make_buffer<uint32_t>(pairs ? (seqlen_k + 1) / 2 * head_dim_padded : 0)),
+        q_dim_pairs(make_buffer<uint32_t>(pairs ? head_dim_pairs * max_rows_padded : 0)),
+        do_dim_pairs(make_buffer<uint32_t>(pairs ? head_dim_pairs * max_rows_padded : 0)),
+        q_row_pairs(make_buffer<uint32_t>(pairs ? max_rows_padded / 2 * head_dim_padded : 0)),
+        do_row_pairs(make_buffer<uint32_t>(pairs ? max_rows_padded / 2 * head_dim_padded : 0)),
+        p_rounded(make_buffer<uint32_t>(pairs ? kKeyBlock * max_rows_padded / 2 : 0)),
+        ds_rounded(make_buffer<uint32_t>(pairs ? kKeyBlock * max_rows_padded / 2 : 0)),
+        ds_key_pairs(make_buffer<uint32_t>(pairs ? kKeyBlock / 2 * max_rows_padded : 0)) {}
 };
+
+// Pairs of consecutive 16-bit values of a row as uint32, the last one's high half zero for an odd n.
+template <typename T>
+inline uint32_t bits_pair(const T* row, int64_t p, int64_t n) {
+  return row[2 * p].bits | (2 * p + 1 < n ? static_cast<uint32_t>(row[2 * p + 1].bits) << 16 : 0u);
+}
 
 template <typename T>
 struct BackwardArgs {
@@ -80,19 +115,33 @@ void backward_tile(const BackwardArgs<T>& args, const AttentionProblem& problem,
     return batch_index * s.batch + query * s.token + head * s.head;
   };
 
+  const auto q_row_of = [&](int64_t r) {
+    return args.q + row_offset(args.q_strides, q_begin + r / group, first_head + r % group);
+  };
+  const auto do_row_of = [&](int64_t r) {
+    return args.dout + row_offset(args.do_strides, q_begin + r / group, first_head + r % group);
+  };
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t query = q_begin + r / group, head = first_head + r % group;
-    const T* q_row = args.q + row_offset(args.q_strides, query, head);
-    const T* do_row = args.dout + row_offset(args.do_strides, query, head);
+    const T* q_row = q_row_of(r);
+    const T* do_row = do_row_of(r);
     const T* o_row = args.o + row_offset(args.o_strides, query, head);
     float do_dot_o = 0.0f;
     for (int64_t d = 0; d < head_dim; ++d) {
       const float q_rd = to_float(q_row[d]), do_rd = to_float(do_row[d]);
-      ws.q_rows[r * row_stride + d] = q_rd;
-      ws.q_t[d * t_stride + r] = q_rd * scale_log2;
-      ws.do_rows[r * row_stride + d] = do_rd;
-      ws.do_t[d * t_stride + r] = do_rd;
+      if constexpr (!kPairs<T>) {
+        ws.q_rows[r * row_stride + d] = q_rd;
+        ws.q_t[d * t_stride + r] = q_rd * scale_log2;
+        ws.do_rows[r * row_stride + d] = do_rd;
+        ws.do_t[d * t_stride + r] = do_rd;
+      }
       do_dot_o += do_rd * to_float(o_row[d]);
+    }
+    if constexpr (kPairs<T>) {
+      for (int64_t p = 0; p < ws.head_dim_pairs; ++p) {
+        ws.q_dim_pairs[p * t_stride + r] = bits_pair(q_row, p, head_dim);
+        ws.do_dim_pairs[p * t_stride + r] = bits_pair(do_row, p, head_dim);
+      }
     }
     const int64_t lse_index = (batch_index * problem.n_q_heads + head) * problem.seqlen_q + query;
     const float lse = args.lse[lse_index];
@@ -103,16 +152,40 @@ void backward_tile(const BackwardArgs<T>& args, const AttentionProblem& problem,
     // The last key this row sees, as a float for the vectorized mask (exact below 2^24 tokens).
     ws.row_limit[r] = static_cast<float>(query + causal_offset);
   }
+  // The padding rows' P and dS: 0 (the bf16 products pair the last row with one of them).
+  for (int64_t r = rows; r < rows_in_vectors; ++r) {
+    ws.lse_log2[r] = std::numeric_limits<float>::infinity();
+    ws.delta[r] = 0.0f;
+  }
+#if defined(__AVX512BF16__)
+  if constexpr (kPairs<T>) {
+    for (int64_t r = 0; r < rows; r += 2) {
+      interleave_rows(q_row_of(r), r + 1 < rows ? q_row_of(r + 1) : nullptr, head_dim,
+                      ws.q_row_pairs.get() + r / 2 * row_stride);
+      interleave_rows(do_row_of(r), r + 1 < rows ? do_row_of(r + 1) : nullptr, head_dim,
+                      ws.do_row_pairs.get() + r / 2 * row_stride);
+    }
+  }
+#endif
   std::fill(ws.dq.get(), ws.dq.get() + rows * row_stride, 0.0f);
 
   for (int64_t key_begin = 0; key_begin < key_end; key_begin += kKeyBlock) {
     const int64_t n_keys = std::min(kKeyBlock, key_end - key_begin);
-    const float* k_block = ws.k.get() + key_begin * row_stride;
-    const float* v_block = ws.v.get() + key_begin * row_stride;
-    matmul<false>(n_keys, rows_padded, k_block, row_stride, 1, ws.q_t.get(), t_stride, head_dim, ws.p_t.get(),
-                  t_stride);
-    matmul<false>(n_keys, rows_padded, v_block, row_stride, 1, ws.do_t.get(), t_stride, head_dim, ws.ds_t.get(),
-                  t_stride);
+#if defined(__AVX512BF16__)
+    if constexpr (kPairs<T>) {
+      const int64_t pairs = ws.head_dim_pairs;
+      pair_matmul<false>(n_keys, rows_padded, ws.k_dim_pairs.get() + key_begin * pairs, pairs, 1,
+                         ws.q_dim_pairs.get(), t_stride, pairs, scale_log2, ws.p_t.get(), t_stride);
+      pair_matmul<false>(n_keys, rows_padded, ws.v_dim_pairs.get() + key_begin * pairs, pairs, 1,
+                         ws.do_dim_pairs.get(), t_stride, pairs, 1.0f, ws.ds_t.get(), t_stride);
+    }
+#endif
+    if constexpr (!kPairs<T>) {
+      matmul<false>(n_keys, rows_padded, ws.k.get() + key_begin * row_stride, row_stride, 1, ws.q_t.get(), t_stride,
+                    head_dim, ws.p_t.get(), t_stride);
+      matmul<false>(n_keys, rows_padded, ws.v.get() + key_begin * row_stride, row_stride, 1, ws.do_t.get(),
+                    t_stride, head_dim, ws.ds_t.get(), t_stride);
+    }
 
     // Causal mask, only in the blocks that reach past the first query's diagonal.
     const bool needs_mask = problem.causal && key_begin + n_keys - 1 > q_begin + causal_offset;
@@ -131,12 +204,30 @@ void backward_tile(const BackwardArgs<T>& args, const AttentionProblem& problem,
 
     float* dv_block = ws.dv.get() + key_begin * row_stride;
     float* dk_block = ws.dk.get() + key_begin * row_stride;
-    matmul<true>(n_keys, row_stride, ws.p_t.get(), t_stride, 1, ws.do_rows.get(), row_stride, rows, dv_block,
-                 row_stride);
-    matmul<true>(n_keys, row_stride, ws.ds_t.get(), t_stride, 1, ws.q_rows.get(), row_stride, rows, dk_block,
-                 row_stride);
-    matmul<true>(rows, row_stride, ws.ds_t.get(), 1, t_stride, k_block, row_stride, n_keys, ws.dq.get(),
-                 row_stride);
+#if defined(__AVX512BF16__)
+    if constexpr (kPairs<T>) {
+      const int64_t rounded_stride = t_stride / 2, row_pairs = (rows + 1) / 2;
+      round_float_rows(ws.p_t.get(), t_stride, n_keys, rows_in_vectors, ws.p_rounded.get(), rounded_stride);
+      round_float_rows(ws.ds_t.get(), t_stride, n_keys, rows_in_vectors, ws.ds_rounded.get(), rounded_stride);
+      pair_float_rows(ws.ds_t.get(), t_stride, n_keys, rows_in_vectors, ws.ds_key_pairs.get(), t_stride);
+      pair_matmul<true>(n_keys, row_stride, ws.p_rounded.get(), rounded_stride, 1, ws.do_row_pairs.get(), row_stride,
+                        row_pairs, 1.0f, dv_block, row_stride);
+      pair_matmul<true>(n_keys, row_stride, ws.ds_rounded.get(), rounded_stride, 1, ws.q_row_pairs.get(), row_stride,
+                        row_pairs, 1.0f, dk_block, row_stride);
+      pair_matmul<true>(rows, row_stride, ws.ds_key_pairs.get(), 1, t_stride,
+                        ws.k_key_pairs.get() + key_begin / 2 * row_stride, row_stride, (n_keys + 1) / 2, 1.0f,
+                        ws.dq.get(), row_stride);
+    }
+#endif
+    if constexpr (!kPairs<T>) {
+      const float* k_block = ws.k.get() + key_begin * row_stride;
+      matmul<true>(n_keys, row_stride, ws.p_t.get(), t_stride, 1, ws.do_rows.get(), row_stride, rows, dv_block,
+                   row_stride);
+      matmul<true>(n_keys, row_stride, ws.ds_t.get(), t_stride, 1, ws.q_rows.get(), row_stride, rows, dk_block,
+                   row_stride);
+      matmul<true>(rows, row_stride, ws.ds_t.get(), 1, t_stride, k_block, row_stride, n_keys, ws.dq.get(),
+                   row_stride);
+    }
   }
 
   for (int64_t r = 0; r < rows; ++r) {
@@ -153,10 +244,27 @@ void backward_head(const BackwardArgs<T>& args, const AttentionProblem& problem,
   const int64_t head_dim = problem.head_dim, row_stride = ws.head_dim_padded, seqlen_k = problem.seqlen_k;
   const T* k_head = args.k + batch_index * args.k_strides.batch + kv_head * args.k_strides.head;
   const T* v_head = args.v + batch_index * args.v_strides.batch + kv_head * args.v_strides.head;
+  const auto k_row = [&](int64_t j) { return k_head + j * args.k_strides.token; };
+  const auto v_row = [&](int64_t j) { return v_head + j * args.v_strides.token; };
   for (int64_t j = 0; j < seqlen_k; ++j) {
-    convert(k_head + j * args.k_strides.token, ws.k.get() + j * row_stride, head_dim);
-    convert(v_head + j * args.v_strides.token, ws.v.get() + j * row_stride, head_dim);
+    if constexpr (kPairs<T>) {
+      for (int64_t p = 0; p < ws.head_dim_pairs; ++p) {
+        ws.k_dim_pairs[j * ws.head_dim_pairs + p] = bits_pair(k_row(j), p, head_dim);
+        ws.v_dim_pairs[j * ws.head_dim_pairs + p] = bits_pair(v_row(j), p, head_dim);
+      }
+    } else {
+      convert(k_row(j), ws.k.get() + j * row_stride, head_dim);
+      convert(v_row(j), ws.v.get() + j * row_stride, head_dim);
+    }
   }
+#if defined(__AVX512BF16__)
+  if constexpr (kPairs<T>) {
+    for (int64_t j = 0; j < seqlen_k; j += 2) {
+      interleave_rows(k_row(j), j + 1 < seqlen_k ? k_row(j + 1) : nullptr, head_dim,
+                      ws.k_key_pairs.get() + j / 2 * row_stride);
+    }
+  }
+#endif
   std::fill(ws.dk.get(), ws.dk.get() + seqlen_k * row_stride, 0.0f);
   std::fill(ws.dv.get(), ws.dv.get() + seqlen_k * row_stride, 0.0f);
 
@@ -195,7 +303,7 @@ void attention_backward(const T* dout, HeadStrides do_strides, const T* q, HeadS
   const int64_t queries_per_tile = std::max<int64_t>(1, kTargetTileRows / group);
 #pragma omp parallel
   {
-    Workspace ws(queries_per_tile * group, problem.seqlen_k, problem.head_dim);
+    Workspace ws(queries_per_tile * group, problem.seqlen_k, problem.head_dim, kPairs<T>);
 #pragma omp for collapse(2) schedule(dynamic, 1)
     for (int64_t b = 0; b < problem.batch; ++b) {
       for (int64_t kv_head = 0; kv_head < problem.n_kv_heads; ++kv_head) {

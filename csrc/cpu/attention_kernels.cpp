@@ -32,10 +32,6 @@
 #include <type_traits>
 #include <utility>
 
-#if defined(__AVX512BF16__)
-#include <immintrin.h>
-#endif
-
 #include "cpu/attention_kernels.h"
 #include "cpu/attention_tiles.h"
 
@@ -91,59 +87,6 @@ void score_dots(const float* k, int64_t k_stride, int64_t n_keys, const float* q
 }
 
 #if defined(__AVX512BF16__)
-inline constexpr bool kBf16Dots = true;
-
-// acc[r][..] += sum_p a[r][p] . b[p][c .. c + kTileCols) for Rows rows, a's element (r, p) at a[r * a_row_stride +
-// p * a_col_stride]: each uint32 two bf16 values (the low half first), so one vdpbf16ps adds both products.
-template <int Rows>
-inline void pair_dots(const uint32_t* a, int64_t a_row_stride, int64_t a_col_stride, const uint32_t* b,
-                      int64_t b_stride, int64_t n_pairs, __m512 (&acc)[Rows][2]) {
-  for (int64_t p = 0; p < n_pairs; ++p) {
-    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + p * b_stride);
-    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + p * b_stride + kLanes);
-#pragma GCC unroll 16
-    for (int r = 0; r < Rows; ++r) {
-      const __m512bh a_rp = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r * a_row_stride + p * a_col_stride]));
-      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a_rp, b0);
-      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a_rp, b1);
-    }
-  }
-}
-
-// scores_t[j][c .. c + kTileCols) = scale * sum_p k_pairs[j][p] . q_pairs[p][c .. c + kTileCols) for Rows keys j,
-// the pairs along head_dim.
-template <int Rows>
-void score_tile_bf16(const uint32_t* k_pairs, int64_t k_stride, const uint32_t* q_pairs, int64_t q_stride,
-                     int64_t n_pairs, float scale, float* scores_t, int64_t scores_t_stride) {
-  __m512 acc[Rows][2];
-#pragma GCC unroll 16
-  for (int r = 0; r < Rows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  pair_dots<Rows>(k_pairs, k_stride, 1, q_pairs, q_stride, n_pairs, acc);
-  const __m512 scale_v = _mm512_set1_ps(scale);
-#pragma GCC unroll 16
-  for (int r = 0; r < Rows; ++r) {
-    _mm512_storeu_ps(scores_t + r * scores_t_stride, _mm512_mul_ps(acc[r][0], scale_v));
-    _mm512_storeu_ps(scores_t + r * scores_t_stride + kLanes, _mm512_mul_ps(acc[r][1], scale_v));
-  }
-}
-
-template <size_t... I>
-constexpr auto score_tiles_bf16(std::index_sequence<I...>) {
-  return std::array<decltype(&score_tile_bf16<1>), kTileRows + 1>{nullptr, &score_tile_bf16<I + 1>...};
-}
-constexpr auto kScoreTilesBf16 = score_tiles_bf16(std::make_index_sequence<kTileRows>());
-
-// scores_t (n_keys x cols) for the tile's bf16 pairs.
-void scores_bf16(int64_t n_keys, int64_t cols, const uint32_t* k_pairs, int64_t k_stride, const uint32_t* q_pairs,
-                 int64_t q_stride, int64_t n_pairs, float scale, float* scores_t, int64_t scores_t_stride) {
-  for (int64_t j = 0; j < n_keys; j += kTileRows) {
-    const int tile_rows = static_cast<int>(std::min<int64_t>(kTileRows, n_keys - j));
-    for (int64_t c = 0; c < cols; c += kTileCols) {
-      kScoreTilesBf16[tile_rows](k_pairs + j * k_stride, k_stride, q_pairs + c, q_stride, n_pairs, scale,
-                                 scores_t + j * scores_t_stride + c, scores_t_stride);
-    }
-  }
-}
 // pv_tile's product with P and v in pairs of keys: p_pairs (key pairs x rows), v_pairs (key pairs x head dims).
 template <int Rows>
 void pv_tile_bf16(const uint32_t* p_pairs, int64_t p_stride, const uint32_t* v_pairs, int64_t v_stride,
@@ -168,44 +111,6 @@ constexpr auto pv_tiles_bf16(std::index_sequence<I...>) {
   return std::array<decltype(&pv_tile_bf16<1>), kTileRows + 1>{nullptr, &pv_tile_bf16<I + 1>...};
 }
 constexpr auto kPvTilesBf16 = pv_tiles_bf16(std::make_index_sequence<kTileRows>());
-
-// out[c] = row0[c] | row1[c] << 16 for c < head_dim (row1 null: zeros), as uint32, zeros up to the next kTileCols.
-inline void pack_value_pairs(const bf16* row0, const bf16* row1, int64_t head_dim, uint32_t* out) {
-  // permutex2var's indices: 0-31 pick from row0, 32-63 from row1; the low half of the columns, then the high.
-  alignas(64) static constexpr uint16_t kLow[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
-                                                    8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  alignas(64) static constexpr uint16_t kHigh[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
-                                                     24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
-  const __m512i low = _mm512_load_si512(kLow), high = _mm512_load_si512(kHigh);
-  for (int64_t c = 0; c < head_dim; c += 2 * kLanes) {
-    const int64_t left = head_dim - c;
-    const __mmask32 mask = left >= 2 * kLanes ? ~__mmask32{0} : (__mmask32{1} << left) - 1;
-    const __m512i a = _mm512_maskz_loadu_epi16(mask, row0 + c);
-    const __m512i b = row1 ? _mm512_maskz_loadu_epi16(mask, row1 + c) : _mm512_setzero_si512();
-    _mm512_storeu_si512(out + c, _mm512_permutex2var_epi16(a, low, b));
-    _mm512_storeu_si512(out + c + kLanes, _mm512_permutex2var_epi16(a, high, b));
-  }
-}
-
-// p_pairs[q][c] = bf16(p_t[2q][c]) | bf16(p_t[2q + 1][c]) << 16 for n_keys keys (an odd count's last pair: zero
-// above) and cols columns (a multiple of kLanes).
-inline void pack_probability_pairs(const float* p_t, int64_t p_t_stride, int64_t n_keys, int64_t cols,
-                                   uint32_t* p_pairs, int64_t p_stride) {
-  // The zero-masked forms: GCC 12's unmasked ones start from _mm512_undefined_epi32, which -Wall reports.
-  const __mmask16 all = 0xffff;
-  const auto widened = [all](const float* p) {
-    return _mm512_maskz_cvtepu16_epi32(all, (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(p)));
-  };
-  for (int64_t j = 0; j < n_keys; j += 2) {
-    for (int64_t c = 0; c < cols; c += kLanes) {
-      const __m512i low = widened(p_t + j * p_t_stride + c);
-      const __m512i high = j + 1 < n_keys ? widened(p_t + (j + 1) * p_t_stride + c) : _mm512_setzero_si512();
-      _mm512_storeu_si512(p_pairs + j / 2 * p_stride + c, _mm512_or_si512(low, _mm512_maskz_slli_epi32(all, high, 16)));
-    }
-  }
-}
-#else
-inline constexpr bool kBf16Dots = false;
 #endif
 
 using ScoreDotsFn = decltype(&score_dots<1>);
@@ -368,7 +273,7 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
       if constexpr (kDotsOfT) {
         if (j % 2 == 0) {
           const T* v_next = j + 1 < n_keys ? v_head + key_offset(v_strides, tile.batch_index, key + 1, pages) : nullptr;
-          pack_value_pairs(v_row, v_next, head_dim, ws.v_pairs.get() + j / 2 * row_stride);
+          interleave_rows(v_row, v_next, head_dim, ws.v_pairs.get() + j / 2 * row_stride);
         }
         continue;
       }
@@ -378,8 +283,8 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
 
 #if defined(__AVX512BF16__)
     if (bf16_dots) {
-      scores_bf16(n_keys, rows_padded, ws.k_pairs.get(), ws.head_dim_pairs, ws.q_pairs.get(), q_t_stride,
-                  ws.head_dim_pairs, scale_log2, ws.scores_t.get(), scores_t_stride);
+      pair_matmul<false>(n_keys, rows_padded, ws.k_pairs.get(), ws.head_dim_pairs, 1, ws.q_pairs.get(), q_t_stride,
+                         ws.head_dim_pairs, scale_log2, ws.scores_t.get(), scores_t_stride);
     } else
 #endif
     if (narrow) {
@@ -427,8 +332,8 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
 
 #if defined(__AVX512BF16__)
     if constexpr (kDotsOfT) {
-      pack_probability_pairs(ws.scores_t.get(), scores_t_stride, n_keys, rows_in_vectors, ws.p_pairs.get(),
-                             scores_t_stride);
+      pair_float_rows(ws.scores_t.get(), scores_t_stride, n_keys, rows_in_vectors, ws.p_pairs.get(),
+                      scores_t_stride);
       for (int64_t r = 0; r < rows; r += kTileRows) {
         const int tile_rows = static_cast<int>(std::min<int64_t>(kTileRows, rows - r));
         for (int64_t c = 0; c < ws.head_dim_padded; c += kTileCols) {

@@ -11,6 +11,10 @@
 #include <memory>
 #include <utility>
 
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
 #include "cpu/isa.h"
 
 // Vector widths follow the path being compiled: isa.h's inline namespace.
@@ -130,6 +134,122 @@ void matmul(int64_t rows, int64_t cols, const float* a, int64_t a_row_stride, in
     }
   }
 }
+
+#if defined(__AVX512BF16__)
+// The bf16 paths' products (avx512_bf16, amx): operands as uint32, each two bf16 values (the low half first) that
+// one vdpbf16ps multiplies exactly and adds, in fp32, to one lane.
+inline constexpr bool kBf16Dots = true;
+
+// acc[r][..] += sum_p a[r][p] . b[p][c .. c + kTileCols) for Rows rows, a's element (r, p) at a[r * a_row_stride +
+// p * a_col_stride] (broadcast), b row-major.
+template <int Rows>
+inline void pair_dots(const uint32_t* a, int64_t a_row_stride, int64_t a_col_stride, const uint32_t* b,
+                      int64_t b_stride, int64_t n_pairs, __m512 (&acc)[Rows][2]) {
+  for (int64_t p = 0; p < n_pairs; ++p) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + p * b_stride);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + p * b_stride + kLanes);
+#pragma GCC unroll 16
+    for (int r = 0; r < Rows; ++r) {
+      const __m512bh a_rp = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r * a_row_stride + p * a_col_stride]));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a_rp, b0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a_rp, b1);
+    }
+  }
+}
+
+template <int Rows, bool Accumulate>
+void pair_matmul_tile(const uint32_t* a, int64_t a_row_stride, int64_t a_col_stride, const uint32_t* b,
+                      int64_t b_stride, int64_t n_pairs, float scale, float* out, int64_t out_stride) {
+  __m512 acc[Rows][2];
+#pragma GCC unroll 16
+  for (int r = 0; r < Rows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  pair_dots<Rows>(a, a_row_stride, a_col_stride, b, b_stride, n_pairs, acc);
+  const __m512 scale_v = _mm512_set1_ps(scale);
+#pragma GCC unroll 16
+  for (int r = 0; r < Rows; ++r) {
+    for (int half = 0; half < 2; ++half) {
+      float* o = out + r * out_stride + half * kLanes;
+      __m512 result = _mm512_mul_ps(acc[r][half], scale_v);
+      if constexpr (Accumulate) result = _mm512_add_ps(result, _mm512_loadu_ps(o));
+      _mm512_storeu_ps(o, result);
+    }
+  }
+}
+
+template <bool Accumulate, size_t... I>
+constexpr auto pair_matmul_tiles(std::index_sequence<I...>) {
+  return std::array<decltype(&pair_matmul_tile<1, Accumulate>), kTileRows + 1>{
+      nullptr, &pair_matmul_tile<I + 1, Accumulate>...};
+}
+
+// out (rows x cols) (+)= scale * sum_p a[r][p] . b[p][..], a as in pair_dots, cols a multiple of kTileCols.
+template <bool Accumulate>
+void pair_matmul(int64_t rows, int64_t cols, const uint32_t* a, int64_t a_row_stride, int64_t a_col_stride,
+                 const uint32_t* b, int64_t b_stride, int64_t n_pairs, float scale, float* out, int64_t out_stride) {
+  static constexpr auto kTiles = pair_matmul_tiles<Accumulate>(std::make_index_sequence<kTileRows>());
+  for (int64_t r = 0; r < rows; r += kTileRows) {
+    const int tile_rows = static_cast<int>(std::min<int64_t>(kTileRows, rows - r));
+    for (int64_t c = 0; c < cols; c += kTileCols) {
+      kTiles[tile_rows](a + r * a_row_stride, a_row_stride, a_col_stride, b + c, b_stride, n_pairs, scale,
+                        out + r * out_stride + c, out_stride);
+    }
+  }
+}
+
+// out[c] = row0[c] | row1[c] << 16 for c < n (row1 null: zeros), two bf16 rows interleaved, and zeros up to the
+// next multiple of kTileCols: b's pairs along rows of a row-major bf16 matrix.
+inline void interleave_rows(const void* row0, const void* row1, int64_t n, uint32_t* out) {
+  // permutex2var's indices: 0-31 pick from row0, 32-63 from row1; the low half of the columns, then the high.
+  alignas(64) static constexpr uint16_t kLow[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                    8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static constexpr uint16_t kHigh[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                                     24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i low = _mm512_load_si512(kLow), high = _mm512_load_si512(kHigh);
+  const auto* first = static_cast<const uint16_t*>(row0);
+  const auto* second = static_cast<const uint16_t*>(row1);
+  for (int64_t c = 0; c < n; c += kTileCols) {
+    const int64_t left = n - c;
+    const __mmask32 mask = left >= kTileCols ? ~__mmask32{0} : (__mmask32{1} << left) - 1;
+    const __m512i a = _mm512_maskz_loadu_epi16(mask, first + c);
+    const __m512i b = second ? _mm512_maskz_loadu_epi16(mask, second + c) : _mm512_setzero_si512();
+    _mm512_storeu_si512(out + c, _mm512_permutex2var_epi16(a, low, b));
+    _mm512_storeu_si512(out + c + kLanes, _mm512_permutex2var_epi16(a, high, b));
+  }
+}
+
+// The zero-masked forms: GCC 12's unmasked ones start from _mm512_undefined_epi32, which -Wall reports.
+inline constexpr __mmask16 kAllLanes = 0xffff;
+
+// out[q][c] = bf16(src[2q][c]) | bf16(src[2q + 1][c]) << 16 for n_rows rows of floats (an odd count's last pair:
+// zero above) and cols columns (a multiple of kLanes): pairs along the rows of a float matrix, rounded.
+inline void pair_float_rows(const float* src, int64_t src_stride, int64_t n_rows, int64_t cols, uint32_t* out,
+                            int64_t out_stride) {
+  const auto widened = [](const float* p) {
+    return _mm512_maskz_cvtepu16_epi32(kAllLanes, (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(p)));
+  };
+  for (int64_t j = 0; j < n_rows; j += 2) {
+    for (int64_t c = 0; c < cols; c += kLanes) {
+      const __m512i low = widened(src + j * src_stride + c);
+      const __m512i high = j + 1 < n_rows ? widened(src + (j + 1) * src_stride + c) : _mm512_setzero_si512();
+      _mm512_storeu_si512(out + j / 2 * out_stride + c,
+                          _mm512_or_si512(low, _mm512_maskz_slli_epi32(kAllLanes, high, 16)));
+    }
+  }
+}
+
+// Each of n_rows float rows rounded to bf16 in place of pairs (cols a multiple of kLanes): pairs along columns.
+inline void round_float_rows(const float* src, int64_t src_stride, int64_t n_rows, int64_t cols, uint32_t* out,
+                             int64_t out_stride) {
+  for (int64_t j = 0; j < n_rows; ++j) {
+    for (int64_t c = 0; c < cols; c += kLanes) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j * out_stride + c / 2),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + j * src_stride + c)));
+    }
+  }
+}
+#else
+inline constexpr bool kBf16Dots = false;
+#endif
 
 struct FreeDeleter {
   template <typename U>
