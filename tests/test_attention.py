@@ -369,6 +369,29 @@ def test_varlen_matches_reference_per_sequence(device, backend, causal, dtype):
 
 
 # --------------------------------------------------------------------------- determinism
+@pytest.mark.parametrize("backend", extension_backends("flash_attention", "cpu"))
+def test_native_backward_split_over_queries(backend):
+    """With one kv head and more threads than that, the C++ backward splits the 1100 queries into 2 chunks (on 2
+    or 3 threads: at least 512 queries a chunk), their dk and dv summed afterwards in chunk order; on 1 thread, one
+    chunk. Each gives the reference's gradients, and 2 and 3 threads the same bits."""
+    q, k, v = (randn(1, 1100, h, 64, dtype=BF16) for h in (4, 1, 1))
+    do = randn(*q.shape, dtype=BF16)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(grads(lambda a, b, c: lk.flash_attention(a, b, c, causal=True, backend=backend),
+                                 (q, k, v), do)[1])
+    finally:
+        torch.set_num_threads(threads)
+    want = ideal_grads(lambda a, b, c: ref.attention(a, b, c, True), (q, k, v), do)
+    for got in results:
+        check_grads(got, want, BF16)
+    assert all(torch.equal(g, w) for g, w in zip(results[2], results[1])), "3 threads differ from 2"
+
+
+
 @pytest.mark.parametrize("layout", ["dense", "varlen"])
 def test_backward_is_bit_identical_across_runs(device, layout):
     """dk and dv sum over the 4 query heads of a group and over query blocks: the same bits every run."""

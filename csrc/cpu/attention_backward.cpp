@@ -1,15 +1,19 @@
 // Flash-attention backward on the CPU (see attention_kernels.h for the contract): FlashAttention-2's backward with
 // P recomputed from the forward's lse, dS = P * (dP - delta), delta = rowsum(dO * O) - dlse.
 //
-// Work item: one (batch, kv head). It converts that head's k and v to fp32 once, then walks blocks of queries
-// whose tile holds every query head of the kv group (row r = query (r / group), head (r % group), as the forward)
-// and, for each key block the tile sees, recomputes and accumulates
+// Work item: one (batch, kv head, chunk of queries). It converts that head's k and v once, then walks blocks of
+// queries whose tile holds every query head of the kv group (row r = query (r / group), head (r % group), as the
+// forward) and, for each key block the tile sees, recomputes and accumulates
 //   S^T  (keys x rows) = K_block . Q_tile^T,   P^T = 2^(S^T - lse),      dP^T (keys x rows) = V_block . dO_tile^T,
 //   dS^T = P^T * (dP^T - delta),  dV_block += P^T . dO_tile,  dK_block += dS^T . Q_tile,  dQ_tile += dS . K_block.
-// dq of a tile is complete after its key loop; dk and dv, accumulated in fp32 over the whole head (O(Sk) memory
-// per thread, never Sq x Sk), after the last tile. Each gradient element is summed by one thread in a fixed order,
-// so the result is deterministic, and nothing is recomputed in a second pass. As in the forward, scores are
-// transposed (rows along the vector lanes, so the row terms lse and delta are vectors) and in log2 units.
+// dq of a tile is complete after its key loop; dk and dv, accumulated in fp32 over the chunk's tiles (O(Sk) memory
+// per thread, never Sq x Sk), after its last tile. A head is one chunk unless the batch's kv heads are fewer than
+// the threads (34B's 8 at batch 1 on a 16-core CPU): then each chunk leaves its dk and dv partials, summed afterwards
+// in chunk order, at most as many as the threads (the partials take what the threads' accumulators take). Each
+// gradient element is summed by one thread in a fixed order: deterministic for a given shape and thread count, the
+// same bits on any thread count up to the kv heads. Nothing is recomputed in a second pass.
+// As in the forward, scores are transposed (rows along the vector lanes, so the row terms lse and delta are
+// vectors) and in log2 units.
 // With AVX512-BF16 (the avx512_bf16 and amx paths), bf16's five products are vdpbf16ps (attention_tiles.h's
 // pair_matmul): the operands stay bf16, paired along the contracted dimension (D for S^T and dP^T, the tile's rows
 // for dV and dK, keys for dQ), and P and dS are rounded to bf16 after their fp32 step, as the GPU kernels round them.
@@ -17,6 +21,8 @@
 #include <algorithm>
 #include <limits>
 #include <type_traits>
+
+#include <omp.h>
 
 #include "cpu/attention_kernels.h"
 #include "cpu/attention_tiles.h"
@@ -238,10 +244,64 @@ void backward_tile(const BackwardArgs<T>& args, const AttentionProblem& problem,
   }
 }
 
+// A head's queries in chunks: as many as bring the work items to the thread count, of at least kMinChunkQueries
+// queries each (whole tiles); one where the batch's kv heads already fill the threads, as the split costs a pass
+// over the partials.
+inline constexpr int64_t kMinChunkQueries = 512;
+struct QueryChunks {
+  int64_t count, queries;
+};
+inline QueryChunks query_chunks(const AttentionProblem& problem, int64_t queries_per_tile, int64_t threads) {
+  const int64_t heads = problem.batch * problem.n_kv_heads;
+  const int64_t wanted =
+      heads >= threads ? 1 : std::clamp<int64_t>(problem.seqlen_q / kMinChunkQueries, 1, (threads + heads - 1) / heads);
+  const int64_t queries =
+      std::max(queries_per_tile, round_up((problem.seqlen_q + wanted - 1) / wanted, queries_per_tile));
+  return {std::max<int64_t>(1, (problem.seqlen_q + queries - 1) / queries), queries};
+}
+
+// The keys the queries before q_end see: all of them, or under a causal mask those up to the last one's diagonal.
+inline int64_t keys_seen(const AttentionProblem& problem, int64_t q_end) {
+  return problem.causal ? std::clamp<int64_t>(q_end + problem.seqlen_k - problem.seqlen_q, 0, problem.seqlen_k)
+                        : problem.seqlen_k;
+}
+
+// One chunk's dk and dv partials (unscaled dk, then dv, each seqlen_k x head_dim_padded), per (batch, kv head,
+// chunk); rows past the chunk's keys_seen are not written.
+struct ChunkPartials {
+  float* data;
+  int64_t n_chunks, head_floats;  // head_floats = seqlen_k * head_dim_padded
+  float* dk(int64_t head_index, int64_t chunk) const {
+    return data + (head_index * n_chunks + chunk) * 2 * head_floats;
+  }
+  float* dv(int64_t head_index, int64_t chunk) const { return dk(head_index, chunk) + head_floats; }
+};
+
+// dk and dv rows [first, last) of one head, from their unscaled fp32 sums.
 template <typename T>
-void backward_head(const BackwardArgs<T>& args, const AttentionProblem& problem, int64_t batch_index,
-                   int64_t kv_head, int64_t queries_per_tile, Workspace& ws) {
-  const int64_t head_dim = problem.head_dim, row_stride = ws.head_dim_padded, seqlen_k = problem.seqlen_k;
+void store_dk_dv(const BackwardArgs<T>& args, const AttentionProblem& problem, int64_t batch_index, int64_t kv_head,
+                 int64_t first, int64_t last, const float* dk_sum, const float* dv_sum, int64_t row_stride) {
+  T* dk_head = args.dk + batch_index * args.dk_strides.batch + kv_head * args.dk_strides.head;
+  T* dv_head = args.dv + batch_index * args.dv_strides.batch + kv_head * args.dv_strides.head;
+  for (int64_t j = first; j < last; ++j) {
+    const float* dk_row = dk_sum + (j - first) * row_stride;
+    const float* dv_row = dv_sum + (j - first) * row_stride;
+    T* dk_out = dk_head + j * args.dk_strides.token;
+    T* dv_out = dv_head + j * args.dv_strides.token;
+    for (int64_t d = 0; d < problem.head_dim; ++d) {
+      dk_out[d] = from_float<T>(dk_row[d] * problem.softmax_scale);
+      dv_out[d] = from_float<T>(dv_row[d]);
+    }
+  }
+}
+
+// The queries [q_first, q_end) of one head: their dq, and dk and dv (or, with partials, the chunk's share of them).
+template <typename T>
+void backward_chunk(const BackwardArgs<T>& args, const AttentionProblem& problem, int64_t batch_index,
+                    int64_t kv_head, int64_t q_first, int64_t q_end, int64_t queries_per_tile, Workspace& ws,
+                    const ChunkPartials* partials, int64_t chunk) {
+  const int64_t head_dim = problem.head_dim, row_stride = ws.head_dim_padded;
+  const int64_t seqlen_k = keys_seen(problem, q_end);  // the keys this chunk's gradients reach
   const T* k_head = args.k + batch_index * args.k_strides.batch + kv_head * args.k_strides.head;
   const T* v_head = args.v + batch_index * args.v_strides.batch + kv_head * args.v_strides.head;
   const auto k_row = [&](int64_t j) { return k_head + j * args.k_strides.token; };
@@ -268,23 +328,38 @@ void backward_head(const BackwardArgs<T>& args, const AttentionProblem& problem,
   std::fill(ws.dk.get(), ws.dk.get() + seqlen_k * row_stride, 0.0f);
   std::fill(ws.dv.get(), ws.dv.get() + seqlen_k * row_stride, 0.0f);
 
-  for (int64_t q_begin = 0; q_begin < problem.seqlen_q; q_begin += queries_per_tile) {
-    const int64_t q_count = std::min(queries_per_tile, problem.seqlen_q - q_begin);
+  for (int64_t q_begin = q_first; q_begin < q_end; q_begin += queries_per_tile) {
+    const int64_t q_count = std::min(queries_per_tile, q_end - q_begin);
     backward_tile(args, problem, batch_index, kv_head, q_begin, q_count, ws);
   }
 
-  T* dk_head = args.dk + batch_index * args.dk_strides.batch + kv_head * args.dk_strides.head;
-  T* dv_head = args.dv + batch_index * args.dv_strides.batch + kv_head * args.dv_strides.head;
-  for (int64_t j = 0; j < seqlen_k; ++j) {
-    const float* dk_row = ws.dk.get() + j * row_stride;
-    const float* dv_row = ws.dv.get() + j * row_stride;
-    T* dk_out = dk_head + j * args.dk_strides.token;
-    T* dv_out = dv_head + j * args.dv_strides.token;
-    for (int64_t d = 0; d < head_dim; ++d) {
-      dk_out[d] = from_float<T>(dk_row[d] * problem.softmax_scale);
-      dv_out[d] = from_float<T>(dv_row[d]);
+  if (partials == nullptr) {
+    store_dk_dv(args, problem, batch_index, kv_head, 0, seqlen_k, ws.dk.get(), ws.dv.get(), row_stride);
+    return;
+  }
+  const int64_t head_index = batch_index * problem.n_kv_heads + kv_head;
+  std::copy_n(ws.dk.get(), seqlen_k * row_stride, partials->dk(head_index, chunk));
+  std::copy_n(ws.dv.get(), seqlen_k * row_stride, partials->dv(head_index, chunk));
+}
+
+// dk and dv of keys [first, last) of one head: its chunks' partials summed in chunk order.
+template <typename T>
+void sum_chunks(const BackwardArgs<T>& args, const AttentionProblem& problem, int64_t batch_index, int64_t kv_head,
+                int64_t first, int64_t last, const ChunkPartials& partials, int64_t chunk_queries, int64_t row_stride,
+                float* dk_sum, float* dv_sum) {
+  const int64_t head_index = batch_index * problem.n_kv_heads + kv_head;
+  std::fill(dk_sum, dk_sum + (last - first) * row_stride, 0.0f);
+  std::fill(dv_sum, dv_sum + (last - first) * row_stride, 0.0f);
+  for (int64_t c = 0; c < partials.n_chunks; ++c) {
+    const int64_t end = std::min(last, keys_seen(problem, std::min((c + 1) * chunk_queries, problem.seqlen_q)));
+    const float* dk_part = partials.dk(head_index, c) + first * row_stride;
+    const float* dv_part = partials.dv(head_index, c) + first * row_stride;
+    for (int64_t i = 0; i < (end - first) * row_stride; ++i) {
+      dk_sum[i] += dk_part[i];
+      dv_sum[i] += dv_part[i];
     }
   }
+  store_dk_dv(args, problem, batch_index, kv_head, first, last, dk_sum, dv_sum, row_stride);
 }
 
 }  // namespace
@@ -301,13 +376,37 @@ void attention_backward(const T* dout, HeadStrides do_strides, const T* q, HeadS
                              .dq_strides = dq_strides, .dk_strides = dk_strides, .dv_strides = dv_strides};
   const int64_t group = problem.n_q_heads / problem.n_kv_heads;
   const int64_t queries_per_tile = std::max<int64_t>(1, kTargetTileRows / group);
+  const QueryChunks chunks = query_chunks(problem, queries_per_tile, omp_get_max_threads());
+  const int64_t head_dim_padded = round_up(problem.head_dim, kTileCols);
+  FloatBuffer partial_data = make_buffer(
+      chunks.count > 1 ? problem.batch * problem.n_kv_heads * chunks.count * 2 * problem.seqlen_k * head_dim_padded
+                       : 0);
+  const ChunkPartials partials{partial_data.get(), chunks.count, problem.seqlen_k * head_dim_padded};
+  const int64_t n_key_blocks = (problem.seqlen_k + kKeyBlock - 1) / kKeyBlock;
 #pragma omp parallel
   {
     Workspace ws(queries_per_tile * group, problem.seqlen_k, problem.head_dim, kPairs<T>);
-#pragma omp for collapse(2) schedule(dynamic, 1)
+    // Under a causal mask the last chunks see the most keys: they go first, so that dynamic scheduling evens out.
+#pragma omp for collapse(3) schedule(dynamic, 1)
     for (int64_t b = 0; b < problem.batch; ++b) {
       for (int64_t kv_head = 0; kv_head < problem.n_kv_heads; ++kv_head) {
-        backward_head(args, problem, b, kv_head, queries_per_tile, ws);
+        for (int64_t from_end = 0; from_end < chunks.count; ++from_end) {
+          const int64_t chunk = chunks.count - 1 - from_end, q_first = chunk * chunks.queries;
+          backward_chunk(args, problem, b, kv_head, q_first, std::min(q_first + chunks.queries, problem.seqlen_q),
+                         queries_per_tile, ws, chunks.count > 1 ? &partials : nullptr, chunk);
+        }
+      }
+    }
+    if (chunks.count > 1) {
+#pragma omp for collapse(3) schedule(static)
+      for (int64_t b = 0; b < problem.batch; ++b) {
+        for (int64_t kv_head = 0; kv_head < problem.n_kv_heads; ++kv_head) {
+          for (int64_t block = 0; block < n_key_blocks; ++block) {
+            const int64_t first = block * kKeyBlock;
+            sum_chunks(args, problem, b, kv_head, first, std::min(first + kKeyBlock, problem.seqlen_k), partials,
+                       chunks.queries, head_dim_padded, ws.dk.get(), ws.dv.get());
+          }
+        }
       }
     }
   }

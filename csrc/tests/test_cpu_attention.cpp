@@ -397,6 +397,11 @@ int main(int argc, char** argv) {
   for (bool causal : {false, true}) {
     check(run_backward_case<fp16>({2, 113, 70, 8, 2, 128, causal, false, {}}, true, rng));
   }
+  // Few kv heads and long enough queries: each head's queries in 2 and 3 chunks, their dk and dv partials summed.
+  for (bool causal : {false, true}) {
+    check(run_backward_case<float>({1, 1100, 1100, 2, 1, 64, causal, causal, {}}, !causal, rng));
+    check(run_backward_case<bf16>({1, 1600, 1700, 4, 1, 64, causal, !causal, {}}, causal, rng));
+  }
   std::printf("%s: %d cases\n", all_ok ? "OK" : "FAILED", n_cases);
   return all_ok ? 0 : 1;
 }
