@@ -184,16 +184,21 @@ def measure_copy(device: torch.device, quick: bool = False) -> dict:
 
 
 def measure_matmul(device: torch.device, quick: bool = False) -> dict:
-    """FLOP/s of a large square matmul: bf16 on a GPU (tensor cores), fp32 on a CPU (bf16 is slow there)."""
+    """FLOP/s of a large square matmul: bf16 on a GPU (tensor cores); on a CPU the faster of fp32 and bf16 (bf16
+    units where the CPU has them, AVX512-BF16 or AMX, and slow emulation where it has not)."""
     if device.type == "cuda":
-        n, dtype = (4096 if quick else 8192), torch.bfloat16
+        n, dtypes = (4096 if quick else 8192), (torch.bfloat16,)
     else:
-        n, dtype = (512 if quick else 1024), torch.float32
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    timing = measure(lambda: a @ b, device, QUICK if quick else FULL)
-    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "median_ms": timing.median_ms,
-            "tflops": 2 * n**3 / (timing.median_ms * 1e-3) / 1e12}
+        n, dtypes = (512 if quick else 1024), (torch.float32, torch.bfloat16)
+    best = None
+    for dtype in dtypes:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        timing = measure(lambda: a @ b, device, QUICK if quick else FULL)
+        if best is None or timing.median_ms < best["median_ms"]:
+            best = {"n": n, "dtype": str(dtype).removeprefix("torch."), "median_ms": timing.median_ms,
+                    "tflops": 2 * n**3 / (timing.median_ms * 1e-3) / 1e12}
+    return best
 
 
 def measure_ceilings(device: torch.device, quick: bool = False) -> dict:
