@@ -39,13 +39,13 @@ from .harness import FULL, QUICK, measure, peak_memory_bytes
 PROVIDERS = ("ours", "hf_sdpa", "hf_patched", "hf_liger")
 GPU_TOKENS = (4096, 16384, 32768, 65536, 100_000)
 # The CPU: the model section's reduced stack (dim 1024, 2 layers) at 1k and 4k tokens: a step takes about 1.5 and
-# 8 s on 2 cores (16k about a minute: --train-tokens 16384), and each provider runs it three times for its time and
+# 8 s on 2 cores (16k about a minute: --train-tokens 16384), and each provider runs it five times for its time and
 # twice more for its memory, in a fresh process. --quick: 256 tokens.
 REDUCED_TOKENS = (1024, 4096)
 QUICK_TOKENS = (256,)
 # A step at 100k tokens on 8 layers takes seconds on an H100: do_bench's default window would time it once. On a
-# CPU the step is timed once after its two warm-up calls.
-TRAIN_PLAN = replace(model.MODEL_PLAN, cpu_min_reps=1, cpu_max_reps=1, cpu_budget_s=0)
+# CPU the step is timed three times after its two warm-up calls, the median kept (one timing swings 30% there).
+TRAIN_PLAN = replace(model.MODEL_PLAN, cpu_min_reps=3, cpu_max_reps=3, cpu_budget_s=0)
 
 
 @dataclass(frozen=True)
