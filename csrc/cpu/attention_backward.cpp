@@ -86,12 +86,6 @@ struct Workspace {
         ds_key_pairs(make_buffer<uint32_t>(pairs ? kKeyBlock / 2 * max_rows_padded : 0)) {}
 };
 
-// Pairs of consecutive 16-bit values of a row as uint32, the last one's high half zero for an odd n.
-template <typename T>
-inline uint32_t bits_pair(const T* row, int64_t p, int64_t n) {
-  return row[2 * p].bits | (2 * p + 1 < n ? static_cast<uint32_t>(row[2 * p + 1].bits) << 16 : 0u);
-}
-
 template <typename T>
 struct BackwardArgs {
   const T *dout, *q, *k, *v, *o;
@@ -308,10 +302,8 @@ void backward_chunk(const BackwardArgs<T>& args, const AttentionProblem& problem
   const auto v_row = [&](int64_t j) { return v_head + j * args.v_strides.token; };
   for (int64_t j = 0; j < seqlen_k; ++j) {
     if constexpr (kPairs<T>) {
-      for (int64_t p = 0; p < ws.head_dim_pairs; ++p) {
-        ws.k_dim_pairs[j * ws.head_dim_pairs + p] = bits_pair(k_row(j), p, head_dim);
-        ws.v_dim_pairs[j * ws.head_dim_pairs + p] = bits_pair(v_row(j), p, head_dim);
-      }
+      row_pairs(k_row(j), head_dim, ws.k_dim_pairs.get() + j * ws.head_dim_pairs);
+      row_pairs(v_row(j), head_dim, ws.v_dim_pairs.get() + j * ws.head_dim_pairs);
     } else {
       convert(k_row(j), ws.k.get() + j * row_stride, head_dim);
       convert(v_row(j), ws.v.get() + j * row_stride, head_dim);

@@ -232,9 +232,7 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
     const T* q_row = q + tile.batch_index * q_strides.batch + query * q_strides.token + head * q_strides.head;
     if constexpr (kDotsOfT) {
       for (int64_t p = 0; p < ws.head_dim_pairs && bf16_dots; ++p) {
-        const int64_t d = 2 * p;
-        const uint32_t high = d + 1 < head_dim ? q_row[d + 1].bits : 0u;
-        ws.q_pairs[p * q_t_stride + r] = q_row[d].bits | high << 16;
+        ws.q_pairs[p * q_t_stride + r] = bits_pair(q_row, p, head_dim);
       }
     }
     for (int64_t d = 0; d < head_dim && !bf16_dots; ++d) {
@@ -262,9 +260,7 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
       const int64_t key = key_begin + j;
       const T* k_row = k_head + key_offset(k_strides, tile.batch_index, key, pages);
       if (kDotsOfT && bf16_dots) {
-        uint32_t* pairs = ws.k_pairs.get() + j * ws.head_dim_pairs;
-        std::memcpy(pairs, k_row, head_dim * sizeof(T));
-        if (head_dim % 2) pairs[ws.head_dim_pairs - 1] &= 0xffffu;  // the missing last dim: zero
+        row_pairs(k_row, head_dim, ws.k_pairs.get() + j * ws.head_dim_pairs);
       } else {
         convert(k_row, ws.k_block.get() + j * row_stride, head_dim);
       }

@@ -251,6 +251,18 @@ inline void round_float_rows(const float* src, int64_t src_stride, int64_t n_row
 inline constexpr bool kBf16Dots = false;
 #endif
 
+// A row of 16-bit values (bf16: their .bits) as pairs along it, each a uint32 with the low half first: the pair p
+// of n values (bits_pair; an odd n's last pair zero above), or the whole row into (n + 1) / 2 of them (row_pairs).
+template <typename T>
+inline uint32_t bits_pair(const T* row, int64_t p, int64_t n) {
+  return row[2 * p].bits | (2 * p + 1 < n ? static_cast<uint32_t>(row[2 * p + 1].bits) << 16 : 0u);
+}
+template <typename T>
+inline void row_pairs(const T* row, int64_t n, uint32_t* out) {
+  std::memcpy(out, row, n * 2);  // little-endian: value 2p is pair p's low half
+  if (n % 2) out[n / 2] &= 0xffffu;
+}
+
 struct FreeDeleter {
   template <typename U>
   void operator()(U* p) const { std::free(p); }
