@@ -51,7 +51,8 @@ test: $(VENV)/.extension test-newer-triton test-avx2 cmake-check
 
 # The C++ kernels' Python tests with the CPU kernels forced onto the narrowest path (csrc/cpu/isa.h); every other run
 # takes this CPU's widest: the extension's own tests and the op tests' native-backend cases (-m extension).
-NATIVE_TESTS := $(addprefix tests/test_,rms_norm.py rope.py attention.py decode.py decode_paged.py swiglu.py)
+NATIVE_TESTS := $(addprefix tests/test_,rms_norm.py rope.py attention.py decode.py decode_paged.py swiglu.py \
+                  cross_entropy.py)
 test-avx2: $(VENV)/.extension
 	LLAMA_KERNELS_CPU_ISA=avx2 $(VENV)/bin/python -m pytest -q tests/test_native.py
 	LLAMA_KERNELS_CPU_ISA=avx2 $(VENV)/bin/python -m pytest -q -m extension $(NATIVE_TESTS)

@@ -22,6 +22,12 @@ TORCH_LIBRARY(llama_kernels_C, m) {
       "float softmax_scale) -> (Tensor dq, Tensor dk, Tensor dv)");
   m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
   m.def("swiglu_backward(Tensor dy, Tensor gate, Tensor up) -> (Tensor dgate, Tensor dup)");
+  m.def(
+      "cross_entropy_step(Tensor logits, Tensor target, Tensor? row_scale, int ignore_index, float label_smoothing, "
+      "Tensor(a!)? dz) -> (Tensor loss, Tensor lse)");
+  m.def("pack_pairs(Tensor b) -> Tensor");
+  m.def("bf16_matmul(Tensor a, Tensor b_pairs, Tensor(a!) out, bool accumulate) -> ()");
+  m.def("bf16_matmul_available() -> bool", &llama_kernels::bf16_matmul_available);
   // The instruction-set path the CPU kernels run in this process (csrc/cpu/isa.h), e.g. "avx512_bf16".
   m.def("cpu_isa() -> str", [] { return std::string(llama_kernels::cpu::isa_name(llama_kernels::cpu::cpu_isa())); });
 }
@@ -35,6 +41,9 @@ TORCH_LIBRARY_IMPL(llama_kernels_C, CPU, m) {
   m.impl("attention_backward", &llama_kernels::attention_backward_cpu);
   m.impl("swiglu", &llama_kernels::swiglu_cpu);
   m.impl("swiglu_backward", &llama_kernels::swiglu_backward_cpu);
+  m.impl("cross_entropy_step", &llama_kernels::cross_entropy_step_cpu);
+  m.impl("pack_pairs", &llama_kernels::pack_pairs_cpu);
+  m.impl("bf16_matmul", &llama_kernels::bf16_matmul_cpu);
 }
 
 #ifdef LLAMA_KERNELS_WITH_CUDA

@@ -78,6 +78,7 @@ def check_against_float64(h, w, t, b, reduction="mean", label_smoothing=0.0, bac
 
 
 # --------------------------------------------------------------------------- the CPU chunk loop, big sizes
+@pytest.mark.extension  # the bf16 cases run the extension's products where the CPU has them
 @pytest.mark.parametrize("n,vocab,hidden,dtype,reduction,label_smoothing,with_bias,n_ignored", [
     (1, 1000, 64, torch.float32, "mean", 0.0, True, 0),
     (7, 4099, 128, torch.float32, "none", 0.1, False, 2),
@@ -86,6 +87,7 @@ def check_against_float64(h, w, t, b, reduction="mean", label_smoothing=0.0, bac
     (1023, 32016, 64, torch.float32, "mean", 0.1, True, 100),
     (1023, 1000, 128, torch.bfloat16, "none", 0.0, True, 7),
     (7, 4099, 4096, torch.bfloat16, "sum", 0.0, True, 1),
+    (37, 1001, 33, torch.bfloat16, "mean", 0.1, True, 3),
 ])
 def test_native_matches_float64(chunks_of, n, vocab, hidden, dtype, reduction, label_smoothing, with_bias, n_ignored):
     chunks_of(max(1, n // 3) + 1, vocab)  # three or four chunks, the last one short

@@ -90,15 +90,50 @@ def test_cuda_backend_needs_cuda_tensors():
      r"^attention_backward: lse: expected dtype Float, got Double"),
     (lambda ops: ops.attention_backward(*(randn(1, 5, 4, 64),) * 5, randn(1, 4, 5), randn(1, 5, 4), True, 0.1),
      r"^attention_backward: dlse: expected shape \[1, 4, 5\], got \[1, 5, 4\]"),
+    (lambda ops: ops.pack_pairs(randn(4, 6)), r"^pack_pairs: b: expected dtype BFloat16, got Float"),
+    (lambda ops: ops.bf16_matmul(randn(3, 5, dtype=torch.bfloat16), ops.pack_pairs(randn(4, 7, dtype=torch.bfloat16)),
+                                 torch.empty(3, 7), False),
+     r"^bf16_matmul: .*b_pairs: expected a contiguous \(\(K \+ 1\) / 2, N, 2\) = \(3, N, 2\)"),
+    (lambda ops: ops.bf16_matmul(randn(3, 4, dtype=torch.bfloat16), ops.pack_pairs(randn(4, 7, dtype=torch.bfloat16)),
+                                 torch.empty(3, 6), False), r"^bf16_matmul: .*out: expected shape \[3, 7\], got \[3, 6\]"),
 ], ids=["rms-float64", "rms-strided-rows", "rms-weight-shape", "rms-weight-dtype", "rms-residual-shape",
         "rms-backward-dy-dtype", "rope-positions-shape", "attention-heads", "attention-dtype", "seqlens-dtype",
-        "seqlens-past-the-cache", "backward-o-shape", "backward-lse-dtype", "backward-dlse-shape"])
+        "seqlens-past-the-cache", "backward-o-shape", "backward-lse-dtype", "backward-dlse-shape",
+        "pack-dtype", "matmul-pairs-shape", "matmul-out-shape"])
 def test_the_extension_guards_its_memory_accesses(call, match):
     """Called directly (the public functions check their arguments first), the C++ ops refuse what would read or
     write out of bounds with a message "op: argument: expected ..., got ...": a RuntimeError from TORCH_CHECK, never
     a crash."""
     with pytest.raises(RuntimeError, match=match):
         call(_native.ops())
+
+
+bf16_matmul = pytest.mark.skipif(not _native.available("cpu") or not _native.ops().bf16_matmul_available(),
+                                 reason="the bf16 products need the extension, AVX-512 and oneDNN")
+
+
+@bf16_matmul
+@pytest.mark.extension
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (7, 3, 5), (113, 64, 1023), (65, 1023, 7), (3, 4099, 130)])
+@pytest.mark.parametrize("b_layout", ["rows", "transposed"])
+def test_bf16_matmul_matches_float64(m, k, n, b_layout):
+    """The cross-entropy's CPU matmuls: bf16 products, fp32 accumulation and output, odd K paired with a zero row,
+    the blocks' edges at odd M and N, b packed from rows or from a transpose (the weight's .T); with accumulate,
+    added to out's values."""
+    ops = _native.ops()
+    a = randn(m, k, dtype=torch.bfloat16)
+    b = randn(k, n, dtype=torch.bfloat16) if b_layout == "rows" else randn(n, k, dtype=torch.bfloat16).T
+    b_pairs = ops.pack_pairs(b)
+    assert b_pairs.shape == ((k + 1) // 2, n, 2)
+    want = a.double() @ b.double()
+    bound = 4 * k * 2**-24 * (a.double().abs() @ b.double().abs())  # fp32 accumulation over k terms
+    out = torch.full((m, n), float("nan"))
+    ops.bf16_matmul(a, b_pairs, out, False)
+    assert ((out.double() - want).abs() <= bound).all()
+    base = randn(m, n)
+    out = base.clone()
+    ops.bf16_matmul(a, b_pairs, out, True)
+    assert ((out.double() - want - base.double()).abs() <= bound + 2**-23 * base.double().abs()).all()
 
 
 def test_the_cmake_library_loads_and_runs():

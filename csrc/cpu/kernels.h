@@ -71,4 +71,18 @@ void swiglu_backward(const T* dy, int64_t dy_row_stride, const T* gate, int64_t 
 
 // ============================================================================ end of SwiGLU
 
+// ============================================================================ the fused cross-entropy's step
+
+// Rows of vocab fp32 logits z (row i at logits + i * logits_row_stride), each with its target t = target[i]:
+// lse[i] = log sum_j e^z_j; loss[i] = lse - (1 - e) z_t - e mean_j(z_j) (0 where t == ignore_index), e the label
+// smoothing. With dz (else null): dz_j = (softmax(z)_j - e / vocab - (1 - e) [j == t]) * row_scale[i] (0 for an
+// ignored row), in DZ; a float dz may be the logits themselves. A t outside [0, vocab) that is not ignore_index is
+// never read: its loss and dz are nan. Instantiated for DZ in {float, bf16}.
+template <CpuIsa P, typename DZ>
+void cross_entropy_step(const float* logits, int64_t logits_row_stride, const int64_t* target,
+                        const float* row_scale, int64_t ignore_index, float label_smoothing, float* loss, float* lse,
+                        DZ* dz, int64_t dz_row_stride, int64_t rows, int64_t vocab);
+
+// ============================================================================ end of the fused cross-entropy's step
+
 }  // namespace llama_kernels::cpu

@@ -1,4 +1,4 @@
-// Tests of the CPU RMSNorm, RoPE and SwiGLU kernels (csrc/cpu/kernels.h) on one instruction-set path (the argument)
+// Tests of the CPU RMSNorm, RoPE, SwiGLU and cross-entropy step kernels (csrc/cpu/kernels.h) on one instruction-set path (the argument)
 // against plain double-precision loops, and of the dtypes.h conversions against every bf16 and fp16 bit pattern.
 // No torch. Exit code 1 on any failure.
 #include <cmath>
@@ -405,6 +405,68 @@ void test_swiglu_sizes() {
   }
 }
 
+// ---------------------------------------------------------------------------- the cross-entropy step
+// Rows of fp32 logits with targets (one ignored, one outside [0, vocab) on rows >= 3), dz in DZ at a padded row
+// stride (or in place over the logits, in_place), against double loops: lse, loss, dz, nan for the bad target.
+template <typename DZ>
+void test_cross_entropy_step(int64_t rows, int64_t vocab, float smoothing, bool in_place) {
+  if (!tested.sample()) return;
+  constexpr int64_t kIgnore = -100;
+  const int64_t stride = vocab + 3;
+  std::vector<float> logits(rows * stride), scale(rows), loss(rows, 7.0f), lse(rows, 7.0f);
+  std::vector<int64_t> target(rows);
+  for (auto& z : logits) z = static_cast<float>(8.0 * uniform());
+  for (int64_t r = 0; r < rows; ++r) {
+    target[r] = r == 1 ? kIgnore : (r == 2 && rows > 3 ? vocab : static_cast<int64_t>((uniform() + 1.0) / 2 * vocab));
+    scale[r] = static_cast<float>(0.5 + uniform() / 4);
+  }
+  const std::vector<float> z0 = logits;
+  const DZ sentinel = from_float<DZ>(12345.0f);
+  std::vector<DZ> dz_storage(in_place ? 0 : rows * stride, sentinel);
+  DZ* dz = in_place ? reinterpret_cast<DZ*>(logits.data()) : dz_storage.data();
+  on_isa(tested.isa, [&]<CpuIsa P> {
+    cross_entropy_step<P, DZ>(logits.data(), stride, target.data(), scale.data(), kIgnore, smoothing, loss.data(),
+                              lse.data(), dz, stride, rows, vocab);
+  });
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* z = z0.data() + r * stride;
+    double z_max = z[0], sum = 0.0, exp_sum = 0.0;
+    for (int64_t j = 0; j < vocab; ++j) z_max = std::max(z_max, static_cast<double>(z[j]));
+    for (int64_t j = 0; j < vocab; ++j) exp_sum += std::exp(z[j] - z_max), sum += z[j];
+    const double want_lse = z_max + std::log(exp_sum);
+    const int64_t t = target[r];
+    const bool ignored = t == kIgnore, bad = !ignored && (t < 0 || t >= vocab);
+    CHECK(close<float>(lse[r], want_lse, 1.0), "ce lse rows=%lld vocab=%lld row %lld: %g vs %g", (long long)rows,
+          (long long)vocab, (long long)r, lse[r], want_lse);
+    const double want_loss = ignored ? 0.0 : want_lse - (1.0 - smoothing) * z[bad ? 0 : t] - smoothing * sum / vocab;
+    CHECK(bad ? std::isnan(loss[r]) : close<float>(loss[r], want_loss, 1.0),
+          "ce loss rows=%lld vocab=%lld row %lld: %g vs %g", (long long)rows, (long long)vocab, (long long)r, loss[r],
+          want_loss);
+    const double s = ignored ? 0.0 : scale[r];
+    for (int64_t j = 0; j < vocab; ++j) {
+      const double p = std::exp(z[j] - want_lse);
+      const double want = (p - smoothing / vocab - (j == t ? 1.0 - smoothing : 0.0)) * s;
+      const float got = to_float(dz[r * stride + j]);
+      CHECK(bad ? std::isnan(got) : close<DZ>(got, want, s * (p + smoothing / vocab + (j == t))),
+            "ce dz %s rows=%lld vocab=%lld e=%g (%lld,%lld): %g vs %g", name_of<DZ>(), (long long)rows,
+            (long long)vocab, smoothing, (long long)r, (long long)j, got, want);
+    }
+    for (int64_t j = vocab; j < stride && !in_place; ++j) {
+      CHECK(same_bits(dz[r * stride + j], sentinel), "ce dz %s wrote padding", name_of<DZ>());
+    }
+  }
+}
+
+template <typename DZ>
+void test_cross_entropy_step_sizes() {
+  for (int64_t rows : {1, 7, 113}) {
+    for (int64_t vocab : {1, 13, 32016}) {
+      for (float smoothing : {0.0f, 0.1f}) test_cross_entropy_step<DZ>(rows, vocab, smoothing, false);
+    }
+  }
+  if constexpr (std::is_same_v<DZ, float>) test_cross_entropy_step<float>(7, 1001, 0.1f, true);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -431,6 +493,9 @@ int main(int argc, char** argv) {
   test_swiglu_sizes<float>();
   test_swiglu_sizes<bf16>();
   test_swiglu_sizes<fp16>();
+
+  test_cross_entropy_step_sizes<float>();
+  test_cross_entropy_step_sizes<bf16>();
 
   if (failures != 0) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);

@@ -61,6 +61,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o,
     const at::Tensor& lse, const std::optional<at::Tensor>& dlse, bool causal, double softmax_scale);
 
+// The fused cross-entropy's step on one chunk of rows: logits (rows, vocab) fp32 (contiguous last dim), target (rows,)
+// int64; returns (loss, lse), each (rows,) fp32, and with dz (rows, vocab) fp32 or bf16 (may be logits itself) and
+// row_scale (rows,) fp32 writes the gradient of the logits into dz: the kernel's contract, csrc/cpu/kernels.h.
+std::tuple<at::Tensor, at::Tensor> cross_entropy_step_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                                          const std::optional<at::Tensor>& row_scale,
+                                                          int64_t ignore_index, double label_smoothing,
+                                                          const std::optional<at::Tensor>& dz);
+// bf16 products with fp32 accumulation and output (the fused cross-entropy's matmuls on the CPU). pack_pairs: b (K, N)
+// bf16, any strides, as ((K + 1) / 2, N, 2): rows 2p and 2p + 1 interleaved (the micro-kernel's layout; a zero row
+// pads an odd K). bf16_matmul: out (M, N) fp32 = a (M, K) bf16 (contiguous last dim) @ b, given b_pairs =
+// pack_pairs(b); added to out's values when accumulate. Needs bf16_matmul_available(): AVX-512 and torch's oneDNN.
+at::Tensor pack_pairs_cpu(const at::Tensor& b);
+void bf16_matmul_cpu(const at::Tensor& a, const at::Tensor& b_pairs, at::Tensor& out, bool accumulate);
+bool bf16_matmul_available();
+
 #ifdef LLAMA_KERNELS_WITH_CUDA
 // The CUDA kernels, same contracts as the CPU ops above.
 std::tuple<at::Tensor, at::Tensor> rms_norm_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual,

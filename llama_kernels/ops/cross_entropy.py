@@ -9,8 +9,8 @@ Math, per row i with logits z = h_i W^T + b (fp32), target t, smoothing e, V cla
 
 Design (Liger's): the tokens go in chunks of C rows. Per chunk, the logits (C, V) are formed in
 fp32 by a matmul (cuBLAS on a GPU); one kernel turns them in place into dz and writes each row's
-loss and lse (``_logits_to_grad_kernel`` on Triton; ``_logits_to_grad_torch`` on the CPU, into a
-second chunk-sized buffer); then
+loss and lse (``_logits_to_grad_kernel`` on Triton; the extension's ``cross_entropy_step`` on the
+CPU, dz in bf16 or in place); then
 dh_chunk = dz @ W and dW += dz^T @ h_chunk, both accumulated in fp32. Why this and not a fully
 fused matmul (Cut Cross-Entropy): the three matmuls stay cuBLAS's, at its peak, and 6 N H V FLOPs
 is what the materialized path does; the kernel between them is a memory-bound pass over a chunk.
@@ -22,13 +22,12 @@ is what the materialized path does; the kernel between them is a memory-bound pa
   (8 N H V FLOPs in all).
 - Nothing needs a gradient (no_grad, or no input requiring one): the loss only.
 - Memory: the chunk's fp32 logits, C x V x 4 bytes (on a GPU plus dz's 16-bit copy for the
-  matmuls, C x V x 2; on the CPU twice C x V x 4, see the step), C from ``chunk_rows``
-  (a fixed budget per device, ``LOGITS_CHUNK_BYTES``), besides the gradients themselves (dW's
-  fp32 accumulator, V x H x 4 bytes when weight is 16-bit). Nothing of size N x V. On the CPU the matmuls take
-  fp32 operands (torch has no 16-bit matmul with fp32 output there): a 16-bit weight is upcast once per call. For
-  bf16 inputs, dz is rounded to bf16 as on a GPU and the fp32 matmuls run through oneDNN's bf16 kernels
-  (``_bf16_products``): every operand is a bf16 value, so the products are exact and the result is the GPU's
-  (fp32 accumulation and output) at 3-4x the speed of fp32 products.
+  matmuls, C x V x 2; on the CPU for bf16 dz's two bf16 copies, plain and packed for the matmuls), C from ``chunk_rows`` (a fixed budget per device, ``LOGITS_CHUNK_BYTES``), besides the
+  gradients themselves (dW's fp32 accumulator, V x H x 4 bytes when weight is 16-bit) and, on the
+  CPU, the weight's copies for the matmuls (2 x V x H x 2 bytes). Nothing of size N x V.
+- The CPU's matmuls (torch has no 16-bit matmul with an fp32 output there): for bf16, the
+  extension's ``bf16_matmul`` (oneDNN's bf16 micro-kernel, fp32 accumulation and output, as on a
+  GPU), dz rounded to bf16 as on a GPU; otherwise fp32 operands, a 16-bit weight upcast once per call.
 - Deterministic: chunks in a fixed order, no atomics, each sum in one place.
 - A target outside [0, V) that is not ignore_index is refused on the CPU. On a GPU it is not
   checked on the host (that would sync), nor inside torch.compile (no data-dependent branch):
@@ -37,14 +36,13 @@ is what the materialized path does; the kernel between them is a memory-bound pa
 
 from __future__ import annotations
 
-import contextlib
-
+import functools
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import reference
+from .. import _native, reference
 from .._checks import check_same_device, check_same_dtype, check_tensor
 from . import _triton
 from ._backend import pick, resolve_backend
@@ -139,59 +137,97 @@ def logits_to_grad_triton(logits, target, row_scale, ignore_index, label_smoothi
     return loss, lse, logits
 
 
-def _logits_to_grad_torch(logits, target, row_scale, ignore_index, label_smoothing, write_grad):
-    """The kernel's step in torch ops (the CPU path), an out-of-range target handled as the kernel does.
-
-    torch.softmax is one vectorized pass where logsumexp and exp_ are several slow ones (3x on 2 cores), so
-    the probabilities go to a second chunk-sized buffer, which becomes dz, and lse is read off the row's
-    largest probability (at least 1/V, so its log is exact to rounding): lse = z_max - log(p_max).
-    """
-    n_rows, n_cols = logits.shape
-    rows = torch.arange(n_rows, device=logits.device)
-    ignored = target == ignore_index
-    in_range = (target >= 0) & (target < n_cols)
-    target = target.masked_fill(~in_range, 0)
-    probs = torch.softmax(logits, dim=1)
-    argmax = logits.argmax(dim=1)
-    lse = logits[rows, argmax] - probs[rows, argmax].log()
-    loss = lse - (1 - label_smoothing) * logits[rows, target].masked_fill(~in_range, float("nan"))
-    if label_smoothing:
-        loss -= label_smoothing * logits.mean(dim=1)
-    loss = loss.masked_fill(ignored, 0.0)
+def _logits_to_grad_native(logits, target, row_scale, ignore_index, label_smoothing, write_grad, dz_buffer):
+    """The step on the CPU: the extension's kernel (csrc/cpu/cross_entropy.cpp), dz into dz_buffer's first rows
+    (bf16), or without one in place (fp32)."""
+    ops = _native.ops()
     if not write_grad:
-        return loss, lse, logits
-    probs[rows, target] -= 1 - label_smoothing
-    if label_smoothing:
-        probs -= label_smoothing / n_cols
-    probs *= row_scale.masked_fill(~in_range, float("nan")).masked_fill(ignored, 0.0)[:, None]
-    return loss, lse, probs
+        return *ops.cross_entropy_step(logits, target, None, ignore_index, label_smoothing, None), logits
+    dz = logits if dz_buffer is None else dz_buffer[:logits.shape[0]]
+    return *ops.cross_entropy_step(logits, target, row_scale, ignore_index, label_smoothing, dz), dz
 
 
 # --------------------------------------------------------------------------- the chunk loop
-def _matmul_dtype(t: Tensor) -> torch.dtype:
-    """The matmuls' operand dtype: the input's on a GPU (fp32 output through out_dtype), fp32 on the CPU."""
-    return t.dtype if t.is_cuda else torch.float32
+class _GpuProducts:
+    """The chunk loop's three matmuls on a GPU: operands in the input dtype, fp32 accumulation (cuBLAS); dz rounded
+    to the input dtype for them."""
+
+    dz_buffer = None  # where the CPU step writes a 16-bit dz (else in place)
+
+    def __init__(self, weight: Tensor, want_dweight: bool, chunk: int):
+        self.weight = weight
+        self.dz_dtype = weight.dtype
+        self.dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dweight else None
+
+    def logits(self, h: Tensor) -> Tensor:
+        return _mm(h, self.weight.T)
+
+    def dhidden(self, dz: Tensor) -> Tensor:  # rounded to dz's dtype once, from fp32 accumulation
+        return torch.mm(dz, self.weight)
+
+    def add_dweight(self, dz: Tensor, h: Tensor) -> None:
+        _mm(dz.T, h, accumulate=self.dw)
+
+    def dweight(self) -> Tensor:
+        return self.dw
 
 
-def _bf16_products(hidden: Tensor, weight: Tensor) -> contextlib.AbstractContextManager[bool]:
-    """Whether the CPU's fp32 matmuls of bf16 values may run on bf16 hardware; while so, they do.
-    The setting is the process's (torch has no per-call one): restored on the way out."""
-    matmul = torch.backends.mkldnn.matmul
-    usable = (hidden.device.type == "cpu" and hidden.dtype == weight.dtype == torch.bfloat16
-              and hasattr(matmul, "fp32_precision") and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    if not usable:
-        return contextlib.nullcontext(False)
-    return _fp32_precision_bf16(matmul)
+class _CpuFp32Products(_GpuProducts):
+    """On the CPU without the bf16 products: fp32 operands (torch has no 16-bit matmul with an fp32 output there),
+    a 16-bit weight upcast once per call; dz stays fp32. On the CPU the chunk's logits (and dz) go to buffers reused
+    by every chunk: fresh ones per chunk cost their page faults each time."""
+
+    def __init__(self, weight: Tensor, want_dweight: bool, chunk: int):
+        super().__init__(weight.float(), want_dweight, chunk)
+        self.logits_buffer = weight.new_empty((chunk, weight.shape[0]), dtype=torch.float32)
+
+    def logits(self, h: Tensor) -> Tensor:
+        return torch.mm(h.float(), self.weight.T, out=self.logits_buffer[:h.shape[0]])
+
+    def add_dweight(self, dz: Tensor, h: Tensor) -> None:
+        super().add_dweight(dz, h.float())
 
 
-@contextlib.contextmanager
-def _fp32_precision_bf16(matmul):
-    before = matmul.fp32_precision
-    matmul.fp32_precision = "bf16"
-    try:
-        yield True
-    finally:
-        matmul.fp32_precision = before
+class _CpuBf16Products:
+    """On the CPU for bf16 operands: the extension's bf16 products with fp32 output (oneDNN's micro-kernel), their
+    right-hand operands packed in pairs once per call (the weight, both ways: 2x its size, as its fp32 copy would
+    be) or once per chunk (dz); dz rounded to bf16 as on a GPU. dW is accumulated transposed (H, V): its product
+    then takes h^T, a small transpose, as its left operand and dz, packed, as its right one."""
+
+    def __init__(self, weight: Tensor, want_dweight: bool, chunk: int):
+        self.ops = _native.ops()
+        self.weight_t_pairs = self.ops.pack_pairs(weight.T)
+        self.weight_pairs = self.ops.pack_pairs(weight)
+        self.dz_dtype = torch.bfloat16
+        self.dw_t = weight.new_zeros(weight.shape[::-1], dtype=torch.float32) if want_dweight else None
+        self.logits_buffer = weight.new_empty((chunk, weight.shape[0]), dtype=torch.float32)
+        self.dz_buffer = weight.new_empty((chunk, weight.shape[0]))
+
+    def _mm(self, a: Tensor, b_pairs: Tensor, out: Tensor | None = None, accumulate: bool = False) -> Tensor:
+        if out is None:
+            out = a.new_empty((a.shape[0], b_pairs.shape[1]), dtype=torch.float32)
+        self.ops.bf16_matmul(a, b_pairs, out, accumulate)
+        return out
+
+    def logits(self, h: Tensor) -> Tensor:
+        return self._mm(h, self.weight_t_pairs, out=self.logits_buffer[:h.shape[0]])
+
+    def dhidden(self, dz: Tensor) -> Tensor:
+        return self._mm(dz, self.weight_pairs)
+
+    def add_dweight(self, dz: Tensor, h: Tensor) -> None:
+        self._mm(h.T.contiguous(), self.ops.pack_pairs(dz), out=self.dw_t, accumulate=True)
+
+    def dweight(self) -> Tensor:
+        return self.dw_t.T
+
+
+def _products(hidden: Tensor, weight: Tensor, want_dweight: bool, chunk: int):
+    if hidden.is_cuda:
+        return _GpuProducts(weight, want_dweight, chunk)
+    if weight.dtype == torch.bfloat16 and _native.available() and _native.ops().bf16_matmul_available():
+        return _CpuBf16Products(weight, want_dweight, chunk)
+    return _CpuFp32Products(weight, want_dweight, chunk)
 
 
 def _mm(a: Tensor, b: Tensor, accumulate: Tensor | None = None) -> Tensor:
@@ -218,37 +254,34 @@ def _chunked(hidden, weight, target, bias, row_scale, ignore_index, label_smooth
     """The loss per row (N,) fp32, and the gradients asked for (None for the others), each row's dz
     scaled by row_scale (N,): dhidden in hidden's dtype, dweight and dbias in fp32."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
-    mm_dtype = _matmul_dtype(hidden)
-    weight_mm = weight.to(mm_dtype)
     bias_f = bias.float() if bias is not None else None
-    step = pick(backend, triton=logits_to_grad_triton, native=_logits_to_grad_torch, reference=None)
     write_grad = grad_hidden or grad_weight or grad_bias
     loss = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
     dhidden = torch.empty_like(hidden) if grad_hidden else None
-    dweight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_weight else None
     dbias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if grad_bias else None
     size = chunk_rows(n_rows, vocab, hidden.device)
-    with _bf16_products(hidden, weight) as bf16_products:
-        # dz's operand: rounded to the input dtype for the GPU's matmuls and the CPU's bf16 products
-        dz_dtype = hidden.dtype if hidden.is_cuda or bf16_products else torch.float32
-        weight_dz = weight_mm if dz_dtype == mm_dtype else weight
-        for start in range(0, n_rows, size):
-            rows = slice(start, min(start + size, n_rows))
-            h = hidden[rows].to(mm_dtype)
-            logits = _mm(h, weight_mm.T)
-            if bias_f is not None:
-                logits += bias_f
-            loss[rows], _, dz = step(logits, target[rows], row_scale[rows] if write_grad else None, ignore_index,
-                                     label_smoothing, write_grad)
-            if not write_grad:
-                continue
-            if grad_bias:
-                dbias += dz.sum(0)
-            dz = dz.to(dz_dtype)
-            if grad_hidden:  # rounded to hidden's dtype once, from fp32 accumulation, whichever the output's dtype
-                dhidden[rows] = torch.mm(dz, weight_dz)
-            if grad_weight:
-                _mm(dz.to(mm_dtype).T, h, accumulate=dweight)
+    products = _products(hidden, weight, grad_weight, size)
+    # The native step writes dz in the products' dtype, except that dbias sums the fp32 dz.
+    step = pick(backend, triton=logits_to_grad_triton, reference=None,
+                native=functools.partial(_logits_to_grad_native, dz_buffer=None if grad_bias else products.dz_buffer))
+    for start in range(0, n_rows, size):
+        rows = slice(start, min(start + size, n_rows))
+        h = hidden[rows]
+        logits = products.logits(h)
+        if bias_f is not None:
+            logits += bias_f
+        loss[rows], _, dz = step(logits, target[rows], row_scale[rows] if write_grad else None, ignore_index,
+                                 label_smoothing, write_grad)
+        if not write_grad:
+            continue
+        if grad_bias:
+            dbias += dz.sum(0)
+        dz = dz.to(products.dz_dtype)
+        if grad_hidden:  # rounded to hidden's dtype once, from fp32 accumulation
+            dhidden[rows] = products.dhidden(dz)
+        if grad_weight:
+            products.add_dweight(dz, h)
+    dweight = products.dweight() if grad_weight else None
     return loss, dhidden, dweight, dbias
 
 
@@ -266,9 +299,10 @@ def _empty(t: Tensor) -> Tensor:
 
 
 def _as_outputs(grads, wanted, hidden, weight, bias) -> tuple[Tensor, Tensor, Tensor]:
-    """(dhidden, dweight, dbias) in their inputs' dtypes, the ones not asked for as placeholders."""
+    """(dhidden, dweight, dbias) in their inputs' dtypes and contiguous, the ones not asked for as placeholders."""
     likes = (hidden, weight, bias if bias is not None else weight)
-    return tuple(grad.to(like.dtype) if want else _empty(like) for grad, want, like in zip(grads, wanted, likes))
+    return tuple(grad.to(like.dtype, memory_format=torch.contiguous_format) if want else _empty(like)
+                 for grad, want, like in zip(grads, wanted, likes))
 
 
 # --------------------------------------------------------------------------- torch ops
