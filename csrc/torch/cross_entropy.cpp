@@ -91,19 +91,37 @@ at::Tensor pack_pairs_cpu(const at::Tensor& b) {
   at::Tensor out = at::empty({pairs, n, 2}, b.options());
   const auto* src = data_of<const uint16_t>(b);
   auto* dst = data_of<uint32_t>(out);
-  auto at_ = [&](int64_t row, int64_t col) -> uint16_t { return row < k ? src[row * s0 + col * s1] : 0; };
-  if (s0 == 1 && n > 1) {
-    // The transpose of a row-major (N, K) matrix (a weight's .T): tiles, so that reads and writes both stay in cache.
+  const bool even_pairs = k % 2 == 0 && s1 % 2 == 0 && reinterpret_cast<uintptr_t>(src) % 4 == 0;
+  if (s0 == 1 && n > 1 && even_pairs) {
+    // The transpose of a row-major (N, K) matrix (a weight's .T): its rows hold the pairs already, so this is a
+    // transpose of 32-bit pairs, in tiles that keep both sides in cache.
+    const auto* src_pairs = reinterpret_cast<const uint32_t*>(src);
+    const int64_t pair_stride = s1 / 2;
     constexpr int64_t kTile = 32;
 #pragma omp parallel for collapse(2) schedule(static)
     for (int64_t n0 = 0; n0 < n; n0 += kTile) {
       for (int64_t p0 = 0; p0 < pairs; p0 += kTile) {
         for (int64_t p = p0; p < std::min(p0 + kTile, pairs); ++p) {
-          for (int64_t c = n0; c < std::min(n0 + kTile, n); ++c) dst[p * n + c] = pair_of(at_(2 * p, c), at_(2 * p + 1, c));
+          for (int64_t c = n0; c < std::min(n0 + kTile, n); ++c) dst[p * n + c] = src_pairs[c * pair_stride + p];
         }
       }
     }
-  } else {
+  } else if (s1 == 1) {  // rows contiguous: rows 2p and 2p + 1 interleaved
+#pragma omp parallel for schedule(static)
+    for (int64_t p = 0; p < pairs; ++p) {
+      const uint16_t* even = src + 2 * p * s0;
+      uint32_t* out_row = dst + p * n;
+      if (2 * p + 1 < k) {
+        const uint16_t* odd = even + s0;
+#pragma omp simd
+        for (int64_t c = 0; c < n; ++c) out_row[c] = pair_of(even[c], odd[c]);
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < n; ++c) out_row[c] = pair_of(even[c], 0);
+      }
+    }
+  } else {  // any other strides (an odd K of a transpose, ...): element by element
+    auto at_ = [&](int64_t row, int64_t col) -> uint16_t { return row < k ? src[row * s0 + col * s1] : 0; };
 #pragma omp parallel for schedule(static)
     for (int64_t p = 0; p < pairs; ++p) {
       for (int64_t c = 0; c < n; ++c) dst[p * n + c] = pair_of(at_(2 * p, c), at_(2 * p + 1, c));

@@ -199,7 +199,9 @@ class _CpuBf16Products:
         self.weight_t_pairs = self.ops.pack_pairs(weight.T)
         self.weight_pairs = self.ops.pack_pairs(weight)
         self.dz_dtype = torch.bfloat16
-        self.dw_t = weight.new_zeros(weight.shape[::-1], dtype=torch.float32) if want_dweight else None
+        # Written by the first chunk's product, not zeroed first (one pass fewer over V x H).
+        self.dw_t = weight.new_empty(weight.shape[::-1], dtype=torch.float32) if want_dweight else None
+        self.dw_chunks = 0
         self.logits_buffer = weight.new_empty((chunk, weight.shape[0]), dtype=torch.float32)
         self.dz_buffer = weight.new_empty((chunk, weight.shape[0]))
 
@@ -216,10 +218,11 @@ class _CpuBf16Products:
         return self._mm(dz, self.weight_pairs)
 
     def add_dweight(self, dz: Tensor, h: Tensor) -> None:
-        self._mm(h.T.contiguous(), self.ops.pack_pairs(dz), out=self.dw_t, accumulate=True)
+        self._mm(h.T.contiguous(), self.ops.pack_pairs(dz), out=self.dw_t, accumulate=self.dw_chunks > 0)
+        self.dw_chunks += 1
 
     def dweight(self) -> Tensor:
-        return self.dw_t.T
+        return (self.dw_t if self.dw_chunks else self.dw_t.zero_()).T
 
 
 def _products(hidden: Tensor, weight: Tensor, want_dweight: bool, chunk: int):
