@@ -13,7 +13,7 @@
    hand-written RMSNorm and RoPE; the benchmark's ``ours_cuda`` rows time them);
 4. benchmark: ``llama-kernels bench``'s run, with the winners in force: first the model
    (Code Llama 7B's layer stack against Hugging Face's, prefill at 16k tokens and decode at
-   100k), then the ops;
+   100k) and its training step at 16k tokens, then the ops;
 5. a summary, printed last.
 
 Files in OUTDIR: gpu_check.log (all output but the tests'), tests.log and tests.xml (pytest's output
@@ -52,8 +52,10 @@ from llama_kernels.bench.cases import CHECK_SHAPES  # noqa: E402
 from llama_kernels.ops import _triton, attention_choice  # noqa: E402
 
 DEVICE = torch.device("cuda")
-# The model runs first (the runner puts it before the op cases); attention last: the slowest per shape.
-BENCH_OPS = ("model", "rms_norm", "rope", "swiglu", "decode", "cross_entropy", "attention")
+# The model and the training step run first (the runner puts them before the op cases), the step at 16k tokens
+# only (its longer lengths take a minute each); attention last: the slowest per shape.
+BENCH_OPS = ("model", "train", "rms_norm", "rope", "swiglu", "decode", "cross_entropy", "attention")
+TRAIN_TOKENS = (16384,)
 TESTS_SHARE, SWEEP_SHARE, EXTENSION_SHARE = 0.25, 0.6, 0.7  # of the budget: where each part must stop
 MAX_FAILURES_LISTED = 30  # failing tests named one by one in the failures; the rest counted
 
@@ -156,7 +158,7 @@ def benchmark(rec: Recorder, out_dir: Path, winners: dict, deadline: float) -> N
     # Measure what a committed tuned_configs.json would give.
     with _triton.tuned_table_in_force(winners):
         result = run_benchmark(BENCH_OPS, deadline=deadline, progress=sys.stdout,
-                               shapes={**CHECK_SHAPES, "model": model.CHECK_SHAPES})
+                               shapes={**CHECK_SHAPES, "model": model.CHECK_SHAPES}, train_tokens=TRAIN_TOKENS)
     result["tuned_configs_in_force"] = winners
     table = report.format_table(result)
     print(table)
