@@ -128,9 +128,11 @@ def test_gpu_check_benchmark_plan_covers_every_op():
 
     items = cases.matrix(gpu_check.BENCH_OPS, torch.device("cpu"), False, with_compile=False,
                          shapes=cases.CHECK_SHAPES)
-    op_cases = [op for op in gpu_check.BENCH_OPS if op != "model"]  # the model is no case: the runner runs it
+    sections = ("model", "train")  # no cases: the runner runs them
+    op_cases = [op for op in gpu_check.BENCH_OPS if op not in sections]
     assert list(dict.fromkeys(item.case.op for item in items)) == op_cases  # in that order
-    assert "model" in gpu_check.BENCH_OPS and isinstance(model.CHECK_SHAPES, model.ModelShapes)
+    assert set(sections) <= set(gpu_check.BENCH_OPS) and isinstance(model.CHECK_SHAPES, model.ModelShapes)
+    assert all(tokens > 0 for tokens in gpu_check.TRAIN_TOKENS)
 
 
 def test_the_sweep_times_every_op_with_a_tuned_kernel():
