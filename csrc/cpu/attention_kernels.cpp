@@ -258,6 +258,10 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
     const int64_t n_keys = std::min(kKeyBlock, key_end - key_begin);
     for (int64_t j = 0; j < n_keys; ++j) {
       const int64_t key = key_begin + j;
+      if (key + kKeyBlock < key_end) {
+        prefetch_row(k_head + key_offset(k_strides, tile.batch_index, key + kKeyBlock, pages), head_dim);
+        prefetch_row(v_head + key_offset(v_strides, tile.batch_index, key + kKeyBlock, pages), head_dim);
+      }
       const T* k_row = k_head + key_offset(k_strides, tile.batch_index, key, pages);
       if (kDotsOfT && bf16_dots) {
         row_pairs(k_row, head_dim, ws.k_pairs.get() + j * ws.head_dim_pairs);
