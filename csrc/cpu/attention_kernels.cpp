@@ -11,9 +11,10 @@
 //                                                                          k is used in its natural layout;
 //   acc (rows x D)         += P (rows x keys) . V_block (keys x D)      -- P read from scores^T by broadcast.
 // Keeping scores transposed puts the rows (queries) along the vector lanes, so the softmax (max, exp, sum per
-// row) is vectorized down the columns of scores^T without any horizontal reduction. A tile of a few rows
-// (decoding: one query per head of the group) computes its scores as dot products along D instead, as the
-// register tile would mostly multiply padding there.
+// row) is vectorized down the columns of scores^T without any horizontal reduction. A narrow tile, of a few rows
+// (decoding: one query per head of the group), would mostly multiply and exponentiate padding that way: it keeps
+// its scores row-major with the keys along the lanes, each score a dot product along D whose partial sums are
+// added across lanes a vector of keys at a time (lane_sums), and its P V reads P by rows.
 // Scores are kept in log2 units (q is pre-multiplied by softmax_scale * log2(e)) so that exp is one exp2.
 // Decoding (every query of a kv head in one tile) splits the keys too: a work item is (batch, kv head, chunk of
 // keys), each chunk leaves its running max, sum and accumulator, and a second loop merges a tile's chunks in chunk
@@ -40,18 +41,19 @@ namespace {
 
 using namespace tiles;
 
-// acc[r][c .. c + kTileCols) = rescale[r] * acc[r][...] + sum_j p_t[j][r] * v[j][c .. c + kTileCols) for Rows
-// rows r, over n_keys keys.
+// acc[r][c .. c + kTileCols) = rescale[r] * acc[r][...] + sum_j p[r][j] * v[j][c .. c + kTileCols) for Rows
+// rows r, over n_keys keys, p's element (r, j) at p[r * p_row_stride + j * p_key_stride] (either layout of the
+// scores).
 template <int Rows>
-void pv_tile(const float* p_t, int64_t p_t_stride, const float* v, int64_t v_stride, int64_t n_keys,
-             const float* rescale, float* acc, int64_t acc_stride) {
+void pv_tile(const float* p, int64_t p_row_stride, int64_t p_key_stride, const float* v, int64_t v_stride,
+             int64_t n_keys, const float* rescale, float* acc, int64_t acc_stride) {
   VecF tile[Rows][2];
 #pragma GCC unroll 16
   for (int r = 0; r < Rows; ++r) {
     tile[r][0] = load(acc + r * acc_stride) * rescale[r];
     tile[r][1] = load(acc + r * acc_stride + kLanes) * rescale[r];
   }
-  gemm_tile<Rows>(p_t, 1, p_t_stride, v, v_stride, n_keys, tile);
+  gemm_tile<Rows>(p, p_row_stride, p_key_stride, v, v_stride, n_keys, tile);
 #pragma GCC unroll 16
   for (int r = 0; r < Rows; ++r) {
     store(acc + r * acc_stride, tile[r][0]);
@@ -59,7 +61,67 @@ void pv_tile(const float* p_t, int64_t p_t_stride, const float* v, int64_t v_str
   }
 }
 
-inline float horizontal_sum(VecF v) {
+// The shuffle that takes two vectors of keys, 2 * half lanes each, to one of keys with half lanes each, keys in
+// order: lane l of the result is key slot l / half, from the first vector (its slots come first) or the second,
+// and the lower (upper: the upper) half of that key's lanes.
+constexpr int halving_source(int lane, int half, bool upper) {
+  const int slots_per_input = kLanes / (2 * half), slot = lane / half;
+  const int from_second = slot >= slots_per_input ? 1 : 0;
+  return from_second * kLanes + (slot - from_second * slots_per_input) * 2 * half + lane % half + (upper ? half : 0);
+}
+template <int Half, bool Upper, size_t... L>
+constexpr VecI halving_mask(std::index_sequence<L...>) {
+  return VecI{halving_source(static_cast<int>(L), Half, Upper)...};
+}
+
+// v[0 .. 2 * Half), each key's partial sums on 2 * Half lanes... down to one lane per key, in v[0].
+template <int Half>
+inline void add_halves(VecF* v) {
+  constexpr VecI lower = halving_mask<Half, false>(std::make_index_sequence<kLanes>());
+  constexpr VecI upper = halving_mask<Half, true>(std::make_index_sequence<kLanes>());
+  for (int i = 0; i < Half; ++i) {
+    v[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], lower) + __builtin_shuffle(v[2 * i], v[2 * i + 1], upper);
+  }
+  if constexpr (Half > 1) add_halves<Half / 2>(v);
+}
+
+// Lane j of the result: the sum of v[j]'s lanes (kLanes horizontal sums in 2 (kLanes - 1) shuffles and kLanes - 1
+// adds, where one at a time takes log2(kLanes) steps each). Overwrites v.
+inline VecF lane_sums(VecF (&v)[kLanes]) {
+  add_halves<kLanes / 2>(v);
+  return v[0];
+}
+
+struct FloatDot {
+  VecF operator()(VecF acc, const float* k, VecF q) const { return acc + load(k) * q; }
+};
+
+// scores[r][j] = scale * k[j] . q[r] for a narrow tile's rows and n_keys keys rounded up to whole vectors (the
+// extra keys' scores come from stale rows of k, for the caller to mask), k's and q's rows `width` 32-bit units
+// (floats, or pairs of bf16) zero-padded to a multiple of kLanes, multiplied by Dot.
+template <typename Operand, typename Dot>
+void score_rows(const Operand* k, int64_t k_stride, int64_t n_keys, const Operand* q, int64_t q_stride,
+                int64_t rows, int64_t width, float scale, float* scores, int64_t scores_stride, Dot dot) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j0 = 0; j0 < n_keys; j0 += kLanes) {
+      VecF acc[kLanes] = {};
+      for (int64_t d = 0; d < width; d += kLanes) {
+        VecF q_rd;
+        std::memcpy(&q_rd, q + r * q_stride + d, sizeof q_rd);
+#pragma GCC unroll 16
+        for (int jj = 0; jj < kLanes; ++jj) acc[jj] = dot(acc[jj], k + (j0 + jj) * k_stride + d, q_rd);
+      }
+      store(scores + r * scores_stride + j0, lane_sums(acc) * scale);
+    }
+  }
+}
+
+inline float lanes_max(VecF v) {
+  float lanes[kLanes];
+  std::memcpy(lanes, &v, sizeof v);
+  return *std::max_element(lanes, lanes + kLanes);
+}
+inline float lanes_sum(VecF v) {
   float lanes[kLanes];
   std::memcpy(lanes, &v, sizeof v);
   for (int width = kLanes / 2; width > 0; width /= 2) {
@@ -68,29 +130,44 @@ inline float horizontal_sum(VecF v) {
   return lanes[0];
 }
 
-// scores_t[j][r] = k[j] . q[r] for Rows rows and n_keys keys, as dot products along head_dim (both padded with
-// zeros to a multiple of kLanes). For a tile of a few rows (decoding: one query per head of the group) the
-// register-tiled product would mostly multiply padding columns.
-template <int Rows>
-void score_dots(const float* k, int64_t k_stride, int64_t n_keys, const float* q, int64_t q_stride,
-                int64_t head_dim_padded, float* scores_t, int64_t scores_t_stride) {
-  for (int64_t j = 0; j < n_keys; ++j) {
-    VecF acc[Rows] = {};
-    for (int64_t d = 0; d < head_dim_padded; d += kLanes) {
-      const VecF k_jd = load(k + j * k_stride + d);
-#pragma GCC unroll 16
-      for (int r = 0; r < Rows; ++r) acc[r] += k_jd * load(q + r * q_stride + d);
+// The online softmax of one key block for a narrow tile's rows: scores row-major in log2 units, keys along the
+// lanes; the keys at or past n_keys, and with needs_mask those past a row's last key (row_limit, relative to the
+// whole sequence), get probability 0. Updates row_max and row_sum, and leaves each row's rescale of its accumulator.
+void softmax_rows(float* scores, int64_t scores_stride, int64_t rows, int64_t n_keys, int64_t key_begin,
+                  bool needs_mask, const float* row_limit, float* row_max, float* row_sum, float* rescale) {
+  alignas(64) static constexpr float kIota[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const VecF iota = load(kIota), neg_inf = splat(-std::numeric_limits<float>::infinity());
+  for (int64_t r = 0; r < rows; ++r) {
+    float* s = scores + r * scores_stride;
+    const float last = needs_mask ? std::min(row_limit[r] - static_cast<float>(key_begin), static_cast<float>(n_keys - 1))
+                                  : static_cast<float>(n_keys - 1);
+    VecF block_max = neg_inf;
+    for (int64_t j0 = 0; j0 < n_keys; j0 += kLanes) {
+      const VecF masked = iota + static_cast<float>(j0) > last ? neg_inf : load(s + j0);
+      store(s + j0, masked);
+      block_max = max(block_max, masked);
     }
-#pragma GCC unroll 16
-    for (int r = 0; r < Rows; ++r) scores_t[j * scores_t_stride + r] = horizontal_sum(acc[r]);
+    const float new_max = std::max(row_max[r], lanes_max(block_max));
+    // A row that has seen no key yet keeps max -inf; subtracting 0 instead keeps its exponentials at 0, not nan.
+    const VecF shift = splat(new_max == -std::numeric_limits<float>::infinity() ? 0.0f : new_max);
+    VecF sum = VecF{};
+    for (int64_t j0 = 0; j0 < n_keys; j0 += kLanes) {
+      const VecF p = exp2_nonpositive(load(s + j0) - shift);
+      store(s + j0, p);
+      sum += p;
+    }
+    rescale[r] = exp2_nonpositive(splat(row_max[r]) - shift)[0];
+    row_max[r] = new_max;
+    row_sum[r] = row_sum[r] * rescale[r] + lanes_sum(sum);
   }
 }
 
 #if defined(__AVX512BF16__)
-// pv_tile's product with P and v in pairs of keys: p_pairs (key pairs x rows), v_pairs (key pairs x head dims).
+// pv_tile's product with P and v in pairs of keys: P's pair (r, p) at p_pairs[r * p_row_stride + p *
+// p_pair_stride], v_pairs (key pairs x head dims).
 template <int Rows>
-void pv_tile_bf16(const uint32_t* p_pairs, int64_t p_stride, const uint32_t* v_pairs, int64_t v_stride,
-                  int64_t n_pairs, const float* rescale, float* acc, int64_t acc_stride) {
+void pv_tile_bf16(const uint32_t* p_pairs, int64_t p_row_stride, int64_t p_pair_stride, const uint32_t* v_pairs,
+                  int64_t v_stride, int64_t n_pairs, const float* rescale, float* acc, int64_t acc_stride) {
   __m512 tile[Rows][2];
 #pragma GCC unroll 16
   for (int r = 0; r < Rows; ++r) {
@@ -98,7 +175,7 @@ void pv_tile_bf16(const uint32_t* p_pairs, int64_t p_stride, const uint32_t* v_p
     tile[r][0] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * acc_stride), rescale_r);
     tile[r][1] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * acc_stride + kLanes), rescale_r);
   }
-  pair_dots<Rows>(p_pairs, 1, p_stride, v_pairs, v_stride, n_pairs, tile);
+  pair_dots<Rows>(p_pairs, p_row_stride, p_pair_stride, v_pairs, v_stride, n_pairs, tile);
 #pragma GCC unroll 16
   for (int r = 0; r < Rows; ++r) {
     _mm512_storeu_ps(acc + r * acc_stride, tile[r][0]);
@@ -111,21 +188,21 @@ constexpr auto pv_tiles_bf16(std::index_sequence<I...>) {
   return std::array<decltype(&pv_tile_bf16<1>), kTileRows + 1>{nullptr, &pv_tile_bf16<I + 1>...};
 }
 constexpr auto kPvTilesBf16 = pv_tiles_bf16(std::make_index_sequence<kTileRows>());
+
+struct Bf16PairDot {
+  VecF operator()(VecF acc, const uint32_t* k, VecF q) const {
+    return (VecF)_mm512_dpbf16_ps((__m512)acc, (__m512bh)_mm512_loadu_si512(k), (__m512bh)q);
+  }
+};
 #endif
 
-using ScoreDotsFn = decltype(&score_dots<1>);
 using PvTileFn = decltype(&pv_tile<1>);
 
 // Micro-kernels by row count, 1 .. kTileRows, for the remainders of a block.
 template <size_t... I>
-constexpr std::array<ScoreDotsFn, kTileRows + 1> score_dots_by_rows(std::index_sequence<I...>) {
-  return {nullptr, &score_dots<I + 1>...};
-}
-template <size_t... I>
 constexpr std::array<PvTileFn, kTileRows + 1> pv_tiles(std::index_sequence<I...>) {
   return {nullptr, &pv_tile<I + 1>...};
 }
-constexpr auto kScoreDots = score_dots_by_rows(std::make_index_sequence<kTileRows>());
 constexpr auto kPvTiles = pv_tiles(std::make_index_sequence<kTileRows>());
 
 // One thread's buffers, sized for the largest tile.
@@ -135,15 +212,17 @@ struct Workspace {
   FloatBuffer q_rows;    // kTileRows x head_dim_padded: the scaled q tile of a narrow tile, row-major
   FloatBuffer k_block;   // kKeyBlock x head_dim_padded
   FloatBuffer v_block;   // kKeyBlock x head_dim_padded
-  FloatBuffer scores_t;  // kKeyBlock x max_rows_padded: scores, then probabilities, key-major
+  FloatBuffer scores_t;  // kKeyBlock x max_rows_padded: scores, then probabilities, key-major (a narrow tile's:
+                         // kTileRows x kKeyBlock, row-major)
   FloatBuffer acc;       // max_rows_padded x head_dim_padded: unnormalized output
   FloatBuffer row_max, row_sum, rescale, row_limit;  // max_rows_padded each
   // The bf16 dot products' operands (kBf16Dots), two bf16 values to a uint32: q and k in pairs of head dims,
-  // head_dim_pairs of them per row; P and v in pairs of keys.
-  int64_t head_dim_pairs;
-  Buffer<uint32_t> q_pairs;  // head_dim_pairs x max_rows_padded: the unscaled q tile, pair-major
-  Buffer<uint32_t> k_pairs;  // kKeyBlock x head_dim_pairs
-  Buffer<uint32_t> p_pairs;  // kKeyBlock / 2 x max_rows_padded
+  // head_dim_pairs of them per row (zero-padded to pairs_padded in rows); P and v in pairs of keys.
+  int64_t head_dim_pairs, pairs_padded;
+  Buffer<uint32_t> q_pairs;      // head_dim_pairs x max_rows_padded: the unscaled q tile, pair-major
+  Buffer<uint32_t> q_pair_rows;  // kTileRows x pairs_padded: the unscaled q tile of a narrow tile, row-major
+  Buffer<uint32_t> k_pairs;      // kKeyBlock x pairs_padded
+  Buffer<uint32_t> p_pairs;      // kKeyBlock / 2 x max_rows_padded (a narrow tile's: kTileRows x kKeyBlock / 2)
   Buffer<uint32_t> v_pairs;  // kKeyBlock / 2 x head_dim_padded
 
   Workspace(int64_t max_rows, int64_t head_dim, bool bf16_dots)
@@ -160,8 +239,10 @@ struct Workspace {
         rescale(make_buffer(max_rows_padded)),
         row_limit(make_buffer(max_rows_padded)),
         head_dim_pairs((head_dim + 1) / 2),
+        pairs_padded(round_up(head_dim_pairs, kLanes)),
         q_pairs(make_buffer<uint32_t>(bf16_dots ? head_dim_pairs * max_rows_padded : 0)),
-        k_pairs(make_buffer<uint32_t>(bf16_dots ? kKeyBlock * head_dim_pairs : 0)),
+        q_pair_rows(make_buffer<uint32_t>(bf16_dots ? kTileRows * pairs_padded : 0)),
+        k_pairs(make_buffer<uint32_t>(bf16_dots ? kKeyBlock * pairs_padded : 0)),
         p_pairs(make_buffer<uint32_t>(bf16_dots ? kKeyBlock / 2 * max_rows_padded : 0)),
         v_pairs(make_buffer<uint32_t>(bf16_dots ? kKeyBlock / 2 * head_dim_padded : 0)) {}
 };
@@ -217,8 +298,7 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
   // k, v, q_rows and acc rows are all head_dim_padded long.
   const int64_t q_t_stride = rows_padded, scores_t_stride = rows_padded, row_stride = ws.head_dim_padded;
   const bool narrow = rows <= kTileRows;
-  constexpr bool kDotsOfT = kBf16Dots && std::is_same_v<T, bf16>;
-  const bool bf16_dots = kDotsOfT && !narrow;
+  constexpr bool kPairs = kBf16Dots && std::is_same_v<T, bf16>;
   const int64_t len_k = seqlens_k ? seqlens_k[tile.batch_index] : problem.seqlen_k;
   const int64_t causal_offset = len_k - problem.seqlen_q;  // query i sees keys j <= i + causal_offset
   const int64_t key_end = std::min(
@@ -230,17 +310,20 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t query = tile.q_begin + r / group, head = first_head + r % group;
     const T* q_row = q + tile.batch_index * q_strides.batch + query * q_strides.token + head * q_strides.head;
-    if constexpr (kDotsOfT) {
-      for (int64_t p = 0; p < ws.head_dim_pairs && bf16_dots; ++p) {
-        ws.q_pairs[p * q_t_stride + r] = bits_pair(q_row, p, head_dim);
-      }
-    }
-    for (int64_t d = 0; d < head_dim && !bf16_dots; ++d) {
-      const float q_rd = to_float(q_row[d]) * scale_log2;
+    if constexpr (kPairs) {
       if (narrow) {
-        ws.q_rows[r * row_stride + d] = q_rd;
+        row_pairs(q_row, head_dim, ws.q_pair_rows.get() + r * ws.pairs_padded);
       } else {
-        ws.q_t[d * q_t_stride + r] = q_rd;
+        for (int64_t p = 0; p < ws.head_dim_pairs; ++p) ws.q_pairs[p * q_t_stride + r] = bits_pair(q_row, p, head_dim);
+      }
+    } else {
+      for (int64_t d = 0; d < head_dim; ++d) {
+        const float q_rd = to_float(q_row[d]) * scale_log2;
+        if (narrow) {
+          ws.q_rows[r * row_stride + d] = q_rd;
+        } else {
+          ws.q_t[d * q_t_stride + r] = q_rd;
+        }
       }
     }
     // The last key this row sees, as a float for the vectorized mask (exact below 2^24 tokens).
@@ -263,14 +346,10 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
         prefetch_row(v_head + key_offset(v_strides, tile.batch_index, key + kKeyBlock, pages), head_dim);
       }
       const T* k_row = k_head + key_offset(k_strides, tile.batch_index, key, pages);
-      if (kDotsOfT && bf16_dots) {
-        row_pairs(k_row, head_dim, ws.k_pairs.get() + j * ws.head_dim_pairs);
-      } else {
-        convert(k_row, ws.k_block.get() + j * row_stride, head_dim);
-      }
       const T* v_row = v_head + key_offset(v_strides, tile.batch_index, key, pages);
 #if defined(__AVX512BF16__)
-      if constexpr (kDotsOfT) {
+      if constexpr (kPairs) {
+        row_pairs(k_row, head_dim, ws.k_pairs.get() + j * ws.pairs_padded);
         if (j % 2 == 0) {
           const T* v_next = j + 1 < n_keys ? v_head + key_offset(v_strides, tile.batch_index, key + 1, pages) : nullptr;
           interleave_rows(v_row, v_next, head_dim, ws.v_pairs.get() + j / 2 * row_stride);
@@ -278,25 +357,50 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
         continue;
       }
 #endif
+      convert(k_row, ws.k_block.get() + j * row_stride, head_dim);
       convert(v_row, ws.v_block.get() + j * row_stride, head_dim);
+    }
+    // Causal mask, only in the blocks that reach past the first query's diagonal.
+    const bool needs_mask = problem.causal && key_begin + n_keys - 1 > tile.q_begin + causal_offset;
+
+    if (narrow) {
+      float* scores = ws.scores_t.get();
+#if defined(__AVX512BF16__)
+      if constexpr (kPairs) {
+        score_rows(ws.k_pairs.get(), ws.pairs_padded, n_keys, ws.q_pair_rows.get(), ws.pairs_padded, rows,
+                   ws.pairs_padded, scale_log2, scores, kKeyBlock, Bf16PairDot{});
+        softmax_rows(scores, kKeyBlock, rows, n_keys, key_begin, needs_mask, ws.row_limit.get(), ws.row_max.get(),
+                     ws.row_sum.get(), ws.rescale.get());
+        round_float_rows(scores, kKeyBlock, rows, round_up(n_keys, kLanes), ws.p_pairs.get(), kKeyBlock / 2);
+        for (int64_t c = 0; c < ws.head_dim_padded; c += kTileCols) {
+          kPvTilesBf16[rows](ws.p_pairs.get(), kKeyBlock / 2, 1, ws.v_pairs.get() + c, row_stride, (n_keys + 1) / 2,
+                             ws.rescale.get(), ws.acc.get() + c, row_stride);
+        }
+        continue;
+      }
+#endif
+      score_rows(ws.k_block.get(), row_stride, n_keys, ws.q_rows.get(), row_stride, rows, round_up(head_dim, kLanes),
+                 1.0f, scores, kKeyBlock, FloatDot{});
+      softmax_rows(scores, kKeyBlock, rows, n_keys, key_begin, needs_mask, ws.row_limit.get(), ws.row_max.get(),
+                   ws.row_sum.get(), ws.rescale.get());
+      for (int64_t c = 0; c < ws.head_dim_padded; c += kTileCols) {
+        kPvTiles[rows](scores, kKeyBlock, 1, ws.v_block.get() + c, row_stride, n_keys, ws.rescale.get(),
+                       ws.acc.get() + c, row_stride);
+      }
+      continue;
     }
 
 #if defined(__AVX512BF16__)
-    if (bf16_dots) {
-      pair_matmul<false>(n_keys, rows_padded, ws.k_pairs.get(), ws.head_dim_pairs, 1, ws.q_pairs.get(), q_t_stride,
+    if constexpr (kPairs) {
+      pair_matmul<false>(n_keys, rows_padded, ws.k_pairs.get(), ws.pairs_padded, 1, ws.q_pairs.get(), q_t_stride,
                          ws.head_dim_pairs, scale_log2, ws.scores_t.get(), scores_t_stride);
     } else
 #endif
-    if (narrow) {
-      kScoreDots[rows](ws.k_block.get(), row_stride, n_keys, ws.q_rows.get(), row_stride, row_stride,
-                       ws.scores_t.get(), scores_t_stride);
-    } else {
+    {
       matmul<false>(n_keys, rows_padded, ws.k_block.get(), row_stride, 1, ws.q_t.get(), q_t_stride, head_dim,
                     ws.scores_t.get(), scores_t_stride);
     }
 
-    // Causal mask, only in the blocks that reach past the first query's diagonal.
-    const bool needs_mask = problem.causal && key_begin + n_keys - 1 > tile.q_begin + causal_offset;
     const VecF neg_inf = splat(-std::numeric_limits<float>::infinity());
     for (int64_t c = 0; c < rows_in_vectors; c += kLanes) {
       const VecF old_max = load(ws.row_max.get() + c);
@@ -331,13 +435,13 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
     }
 
 #if defined(__AVX512BF16__)
-    if constexpr (kDotsOfT) {
+    if constexpr (kPairs) {
       pair_float_rows(ws.scores_t.get(), scores_t_stride, n_keys, rows_in_vectors, ws.p_pairs.get(),
                       scores_t_stride);
       for (int64_t r = 0; r < rows; r += kTileRows) {
         const int tile_rows = static_cast<int>(std::min<int64_t>(kTileRows, rows - r));
         for (int64_t c = 0; c < ws.head_dim_padded; c += kTileCols) {
-          kPvTilesBf16[tile_rows](ws.p_pairs.get() + r, scores_t_stride, ws.v_pairs.get() + c, row_stride,
+          kPvTilesBf16[tile_rows](ws.p_pairs.get() + r, 1, scores_t_stride, ws.v_pairs.get() + c, row_stride,
                                   (n_keys + 1) / 2, ws.rescale.get() + r, ws.acc.get() + r * row_stride + c,
                                   row_stride);
         }
@@ -348,7 +452,7 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
     for (int64_t r = 0; r < rows; r += kTileRows) {
       const int tile_rows = static_cast<int>(std::min<int64_t>(kTileRows, rows - r));
       for (int64_t c = 0; c < ws.head_dim_padded; c += kTileCols) {
-        kPvTiles[tile_rows](ws.scores_t.get() + r, scores_t_stride, ws.v_block.get() + c, row_stride, n_keys,
+        kPvTiles[tile_rows](ws.scores_t.get() + r, 1, scores_t_stride, ws.v_block.get() + c, row_stride, n_keys,
                             ws.rescale.get() + r, ws.acc.get() + r * row_stride + c, row_stride);
       }
     }

@@ -339,6 +339,11 @@ int main(int argc, char** argv) {
   for (int64_t head_dim : {40, 80, 96, 256}) {
     check(run_case<float>({1, 70, 150, 4, 2, head_dim, true, true, {}}, rng));
   }
+  // ... and in narrow tiles (scores row-major, keys along the lanes), an odd head dim among them (bf16: half a pair).
+  for (int64_t head_dim : {33, 40, 96, 256}) {
+    check(run_case<float>({2, 1, 150, 4, 2, head_dim, true, true, {}}, rng));
+    check(run_case<bf16>({2, 3, 150, 8, 4, head_dim, true, false, {}}, rng));
+  }
   for (bool causal : {false, true}) {
     check(run_case<fp16>({2, 113, 113, 8, 2, 128, causal, false, {}}, rng));
     check(run_case<fp16>({1, 7, 300, 8, 8, 64, causal, true, {}}, rng));
