@@ -216,6 +216,7 @@ struct Workspace {
                          // kTileRows x kKeyBlock, row-major)
   FloatBuffer acc;       // max_rows_padded x head_dim_padded: unnormalized output
   FloatBuffer row_max, row_sum, rescale, row_limit;  // max_rows_padded each
+  Buffer<int64_t> k_rows, v_rows;  // 2 x kKeyBlock: the offsets of a key block's rows in k and v, then the next's
   // The bf16 dot products' operands (kBf16Dots), two bf16 values to a uint32: q and k in pairs of head dims,
   // head_dim_pairs of them per row (zero-padded to pairs_padded in rows); P and v in pairs of keys.
   int64_t head_dim_pairs, pairs_padded;
@@ -238,6 +239,8 @@ struct Workspace {
         row_sum(make_buffer(max_rows_padded)),
         rescale(make_buffer(max_rows_padded)),
         row_limit(make_buffer(max_rows_padded)),
+        k_rows(make_buffer<int64_t>(2 * kKeyBlock)),
+        v_rows(make_buffer<int64_t>(2 * kKeyBlock)),
         head_dim_pairs((head_dim + 1) / 2),
         pairs_padded(round_up(head_dim_pairs, kLanes)),
         q_pairs(make_buffer<uint32_t>(bf16_dots ? head_dim_pairs * max_rows_padded : 0)),
@@ -278,11 +281,24 @@ void store_row(const float* acc, float row_max, float sum, int64_t head_dim, T* 
   *lse = sum > 0.0f ? row_max * kLn2 + std::log(sum) : -std::numeric_limits<float>::infinity();
 }
 
-// The offset of key position p of sequence b (its kv head left out) in a cache: contiguous, or paged.
-inline int64_t key_offset(HeadStrides strides, int64_t b, int64_t p, const KvPages* pages) {
-  if (pages == nullptr) return b * strides.batch + p * strides.token;
-  const int64_t page = pages->block_table[b * pages->max_blocks_per_seq + p / pages->block_size];
-  return page * strides.batch + (p % pages->block_size) * strides.token;
+// out[j] = the offset of key position first + j of sequence b (its kv head left out) in a cache, contiguous or
+// paged, for j < n: the pages walked in order, one table entry per page (none past position first + n - 1).
+inline void key_offsets(HeadStrides strides, int64_t b, int64_t first, int64_t n, const KvPages* pages,
+                        int64_t* out) {
+  if (pages == nullptr) {
+    for (int64_t j = 0; j < n; ++j) out[j] = b * strides.batch + (first + j) * strides.token;
+    return;
+  }
+  const int32_t* table = pages->block_table + b * pages->max_blocks_per_seq;
+  int64_t block = first / pages->block_size, row = first % pages->block_size;
+  int64_t page_offset = table[block] * strides.batch;
+  for (int64_t j = 0; j < n; ++j) {
+    out[j] = page_offset + row * strides.token;
+    if (++row == pages->block_size && j + 1 < n) {
+      row = 0;
+      page_offset = table[++block] * strides.batch;
+    }
+  }
 }
 
 template <typename T>
@@ -339,19 +355,21 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
   const T* v_head = v + tile.kv_head * v_strides.head;
   for (int64_t key_begin = tile.key_first; key_begin < key_end; key_begin += kKeyBlock) {
     const int64_t n_keys = std::min(kKeyBlock, key_end - key_begin);
+    const int64_t n_known = std::min(2 * kKeyBlock, key_end - key_begin);  // this block's keys and the next's
+    key_offsets(k_strides, tile.batch_index, key_begin, n_known, pages, ws.k_rows.get());
+    key_offsets(v_strides, tile.batch_index, key_begin, n_known, pages, ws.v_rows.get());
     for (int64_t j = 0; j < n_keys; ++j) {
-      const int64_t key = key_begin + j;
-      if (key + kKeyBlock < key_end) {
-        prefetch_row(k_head + key_offset(k_strides, tile.batch_index, key + kKeyBlock, pages), head_dim);
-        prefetch_row(v_head + key_offset(v_strides, tile.batch_index, key + kKeyBlock, pages), head_dim);
+      if (j + kKeyBlock < n_known) {
+        prefetch_row(k_head + ws.k_rows[j + kKeyBlock], head_dim);
+        prefetch_row(v_head + ws.v_rows[j + kKeyBlock], head_dim);
       }
-      const T* k_row = k_head + key_offset(k_strides, tile.batch_index, key, pages);
-      const T* v_row = v_head + key_offset(v_strides, tile.batch_index, key, pages);
+      const T* k_row = k_head + ws.k_rows[j];
+      const T* v_row = v_head + ws.v_rows[j];
 #if defined(__AVX512BF16__)
       if constexpr (kPairs) {
         row_pairs(k_row, head_dim, ws.k_pairs.get() + j * ws.pairs_padded);
         if (j % 2 == 0) {
-          const T* v_next = j + 1 < n_keys ? v_head + key_offset(v_strides, tile.batch_index, key + 1, pages) : nullptr;
+          const T* v_next = j + 1 < n_keys ? v_head + ws.v_rows[j + 1] : nullptr;
           interleave_rows(v_row, v_next, head_dim, ws.v_pairs.get() + j / 2 * row_stride);
         }
         continue;
