@@ -208,6 +208,7 @@ constexpr auto kPvTiles = pv_tiles(std::make_index_sequence<kTileRows>());
 // One thread's buffers, sized for the largest tile.
 struct Workspace {
   int64_t max_rows_padded, head_dim_padded;
+  // The fp32 operands (q_t, q_rows, k_block, v_block): empty where the tile's products are bf16 pairs.
   FloatBuffer q_t;       // head_dim x max_rows_padded: the scaled q tile, transposed
   FloatBuffer q_rows;    // kTileRows x head_dim_padded: the scaled q tile of a narrow tile, row-major
   FloatBuffer k_block;   // kKeyBlock x head_dim_padded
@@ -229,10 +230,10 @@ struct Workspace {
   Workspace(int64_t max_rows, int64_t head_dim, bool bf16_dots)
       : max_rows_padded(round_up(max_rows, kTileCols)),
         head_dim_padded(round_up(head_dim, kTileCols)),
-        q_t(make_buffer(head_dim * max_rows_padded)),
-        q_rows(make_buffer(kTileRows * head_dim_padded)),
-        k_block(make_buffer(kKeyBlock * head_dim_padded)),
-        v_block(make_buffer(kKeyBlock * head_dim_padded)),
+        q_t(make_buffer(bf16_dots ? 0 : head_dim * max_rows_padded)),
+        q_rows(make_buffer(bf16_dots ? 0 : kTileRows * head_dim_padded)),
+        k_block(make_buffer(bf16_dots ? 0 : kKeyBlock * head_dim_padded)),
+        v_block(make_buffer(bf16_dots ? 0 : kKeyBlock * head_dim_padded)),
         scores_t(make_buffer(kKeyBlock * max_rows_padded)),
         acc(make_buffer(max_rows_padded * head_dim_padded)),
         row_max(make_buffer(max_rows_padded)),
