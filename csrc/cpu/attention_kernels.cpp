@@ -74,7 +74,8 @@ constexpr VecI halving_mask(std::index_sequence<L...>) {
   return VecI{halving_source(static_cast<int>(L), Half, Upper)...};
 }
 
-// v[0 .. 2 * Half), each key's partial sums on 2 * Half lanes... down to one lane per key, in v[0].
+// Pairs of the 2 * Half vectors v[0 ..) added into v[0 .. Half), each key's partial sums going from 2 * Half lanes
+// to Half (keys in order), and on until every key has one lane: v[0].
 template <int Half>
 inline void add_halves(VecF* v) {
   constexpr VecI lower = halving_mask<Half, false>(std::make_index_sequence<kLanes>());
@@ -139,8 +140,9 @@ void softmax_rows(float* scores, int64_t scores_stride, int64_t rows, int64_t n_
   const VecF iota = load(kIota), neg_inf = splat(-std::numeric_limits<float>::infinity());
   for (int64_t r = 0; r < rows; ++r) {
     float* s = scores + r * scores_stride;
-    const float last = needs_mask ? std::min(row_limit[r] - static_cast<float>(key_begin), static_cast<float>(n_keys - 1))
-                                  : static_cast<float>(n_keys - 1);
+    const float last_in_block = static_cast<float>(n_keys - 1);
+    const float last =
+        needs_mask ? std::min(row_limit[r] - static_cast<float>(key_begin), last_in_block) : last_in_block;
     VecF block_max = neg_inf;
     for (int64_t j0 = 0; j0 < n_keys; j0 += kLanes) {
       const VecF masked = iota + static_cast<float>(j0) > last ? neg_inf : load(s + j0);
