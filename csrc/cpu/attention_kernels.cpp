@@ -390,8 +390,16 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
       if constexpr (kPairs) {
         score_rows(ws.k_pairs.get(), ws.pairs_padded, n_keys, ws.q_pair_rows.get(), ws.pairs_padded, rows,
                    ws.pairs_padded, scale_log2, scores, kKeyBlock, Bf16PairDot{});
-        softmax_rows(scores, kKeyBlock, rows, n_keys, key_begin, needs_mask, ws.row_limit.get(), ws.row_max.get(),
-                     ws.row_sum.get(), ws.rescale.get());
+      } else
+#endif
+      {
+        score_rows(ws.k_block.get(), row_stride, n_keys, ws.q_rows.get(), row_stride, rows,
+                   round_up(head_dim, kLanes), 1.0f, scores, kKeyBlock, FloatDot{});
+      }
+      softmax_rows(scores, kKeyBlock, rows, n_keys, key_begin, needs_mask, ws.row_limit.get(), ws.row_max.get(),
+                   ws.row_sum.get(), ws.rescale.get());
+#if defined(__AVX512BF16__)
+      if constexpr (kPairs) {
         round_float_rows(scores, kKeyBlock, rows, round_up(n_keys, kLanes), ws.p_pairs.get(), kKeyBlock / 2);
         for (int64_t c = 0; c < ws.head_dim_padded; c += kTileCols) {
           kPvTilesBf16[rows](ws.p_pairs.get(), kKeyBlock / 2, 1, ws.v_pairs.get() + c, row_stride, (n_keys + 1) / 2,
@@ -400,10 +408,6 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
         continue;
       }
 #endif
-      score_rows(ws.k_block.get(), row_stride, n_keys, ws.q_rows.get(), row_stride, rows, round_up(head_dim, kLanes),
-                 1.0f, scores, kKeyBlock, FloatDot{});
-      softmax_rows(scores, kKeyBlock, rows, n_keys, key_begin, needs_mask, ws.row_limit.get(), ws.row_max.get(),
-                   ws.row_sum.get(), ws.rescale.get());
       for (int64_t c = 0; c < ws.head_dim_padded; c += kTileCols) {
         kPvTiles[rows](scores, kKeyBlock, 1, ws.v_block.get() + c, row_stride, n_keys, ws.rescale.get(),
                        ws.acc.get() + c, row_stride);
