@@ -17,6 +17,7 @@
 // With AVX512-BF16 (the avx512_bf16 and amx paths), bf16's five products are vdpbf16ps (attention_tiles.h's
 // pair_matmul): the operands stay bf16, paired along the contracted dimension (D for S^T and dP^T, the tile's rows
 // for dV and dK, keys for dQ), and P and dS are rounded to bf16 after their fp32 step, as the GPU kernels round them.
+// On the amx path all five run on the AMX tiles (pair_matmul_rows), dQ's dS transposed to pairs along its rows.
 
 #include <algorithm>
 #include <limits>
@@ -39,7 +40,8 @@ inline constexpr bool kPairs = kBf16Dots && std::is_same_v<T, bf16>;
 // One thread's buffers: copies of a kv head and its gradients' accumulators, and the largest query tile. The
 // fp32 products' operands (fp32 copies) or the bf16 products' (pairs as uint32, kBf16Dots), whichever run.
 struct Workspace {
-  int64_t max_rows_padded, head_dim_padded, head_dim_pairs;
+  // pairs_padded: head_dim_pairs rounded up to whole vectors (and AMX tiles), the row length of the pairs along D.
+  int64_t max_rows_padded, head_dim_padded, head_dim_pairs, pairs_padded;
   FloatBuffer dk, dv;      // seqlen_k x head_dim_padded: unscaled dk, and dv
   FloatBuffer dq;          // max_rows_padded x head_dim_padded: unscaled dq
   FloatBuffer p_t, ds_t;   // kKeyBlock x max_rows_padded: S^T then P^T, dP^T then dS^T
@@ -48,18 +50,20 @@ struct Workspace {
   FloatBuffer k, v;        // seqlen_k x head_dim_padded
   FloatBuffer q_t, do_t;   // head_dim x max_rows_padded: q scaled by softmax_scale * log2(e), and dO, transposed
   FloatBuffer q_rows, do_rows;  // max_rows_padded x head_dim_padded: q and dO row-major
-  // bf16 products
-  Buffer<uint32_t> k_dim_pairs, v_dim_pairs;  // seqlen_k x head_dim_pairs: k and v as stored, pairs along D
-  Buffer<uint32_t> k_key_pairs;               // seqlen_k / 2 (rounded up) x head_dim_padded: pairs of keys
-  Buffer<uint32_t> q_dim_pairs, do_dim_pairs;  // head_dim_pairs x max_rows_padded: pairs along D, rows in lanes
+  // bf16 products; keys rounded up to whole key blocks, which the AMX tiles read
+  Buffer<uint32_t> k_dim_pairs, v_dim_pairs;  // keys x pairs_padded: k and v as stored, pairs along D
+  Buffer<uint32_t> k_key_pairs;               // keys / 2 x head_dim_padded: pairs of keys
+  Buffer<uint32_t> q_dim_pairs, do_dim_pairs;  // pairs_padded x max_rows_padded: pairs along D, rows in lanes
   Buffer<uint32_t> q_row_pairs, do_row_pairs;  // max_rows_padded / 2 x head_dim_padded: pairs of rows
   Buffer<uint32_t> p_rounded, ds_rounded;      // kKeyBlock x max_rows_padded / 2: P^T and dS^T, pairs of rows
   Buffer<uint32_t> ds_key_pairs;               // kKeyBlock / 2 x max_rows_padded: dS^T in pairs of keys
+  Buffer<uint32_t> ds_pair_rows;               // max_rows_padded x kKeyBlock / 2: ds_key_pairs transposed (AMX)
 
   Workspace(int64_t max_rows, int64_t seqlen_k, int64_t head_dim, bool pairs)
       : max_rows_padded(round_up(max_rows, kTileCols)),
         head_dim_padded(round_up(head_dim, kTileCols)),
         head_dim_pairs((head_dim + 1) / 2),
+        pairs_padded(round_up(head_dim_pairs, kLanes)),
         dk(make_buffer(seqlen_k * head_dim_padded)),
         dv(make_buffer(seqlen_k * head_dim_padded)),
         dq(make_buffer(max_rows_padded * head_dim_padded)),
@@ -74,16 +78,17 @@ struct Workspace {
         do_t(make_buffer(pairs ? 0 : head_dim * max_rows_padded)),
         q_rows(make_buffer(pairs ? 0 : max_rows_padded * head_dim_padded)),
         do_rows(make_buffer(pairs ? 0 : max_rows_padded * head_dim_padded)),
-        k_dim_pairs(make_buffer<uint32_t>(pairs ? seqlen_k * head_dim_pairs : 0)),
-        v_dim_pairs(make_buffer<uint32_t>(pairs ? seqlen_k * head_dim_pairs : 0)),
-        k_key_pairs(make_buffer<uint32_t>(pairs ? (seqlen_k + 1) / 2 * head_dim_padded : 0)),
-        q_dim_pairs(make_buffer<uint32_t>(pairs ? head_dim_pairs * max_rows_padded : 0)),
-        do_dim_pairs(make_buffer<uint32_t>(pairs ? head_dim_pairs * max_rows_padded : 0)),
+        k_dim_pairs(make_buffer<uint32_t>(pairs ? round_up(seqlen_k, kKeyBlock) * pairs_padded : 0)),
+        v_dim_pairs(make_buffer<uint32_t>(pairs ? round_up(seqlen_k, kKeyBlock) * pairs_padded : 0)),
+        k_key_pairs(make_buffer<uint32_t>(pairs ? round_up(seqlen_k, kKeyBlock) / 2 * head_dim_padded : 0)),
+        q_dim_pairs(make_buffer<uint32_t>(pairs ? pairs_padded * max_rows_padded : 0)),
+        do_dim_pairs(make_buffer<uint32_t>(pairs ? pairs_padded * max_rows_padded : 0)),
         q_row_pairs(make_buffer<uint32_t>(pairs ? max_rows_padded / 2 * head_dim_padded : 0)),
         do_row_pairs(make_buffer<uint32_t>(pairs ? max_rows_padded / 2 * head_dim_padded : 0)),
         p_rounded(make_buffer<uint32_t>(pairs ? kKeyBlock * max_rows_padded / 2 : 0)),
         ds_rounded(make_buffer<uint32_t>(pairs ? kKeyBlock * max_rows_padded / 2 : 0)),
-        ds_key_pairs(make_buffer<uint32_t>(pairs ? kKeyBlock / 2 * max_rows_padded : 0)) {}
+        ds_key_pairs(make_buffer<uint32_t>(pairs ? kKeyBlock / 2 * max_rows_padded : 0)),
+        ds_pair_rows(make_buffer<uint32_t>(pairs && kAmxTiles ? max_rows_padded * kKeyBlock / 2 : 0)) {}
 };
 
 template <typename T>
@@ -103,7 +108,9 @@ void backward_tile(const BackwardArgs<T>& args, const AttentionProblem& problem,
   const int64_t head_dim = problem.head_dim, row_stride = ws.head_dim_padded;
   const int64_t rows = q_count * group;
   const int64_t rows_padded = round_up(rows, kTileCols);  // the columns of the register-tiled S^T and dP^T
-  const int64_t rows_in_vectors = round_up(rows, kLanes);  // the columns the elementwise step works on
+  // The columns the elementwise step works on; the AMX tiles sum pairs of rows 16 at a time, whose P and dS past the
+  // tile's rows must be 0, so there every column of S^T.
+  const int64_t rows_in_vectors = kAmxTiles ? rows_padded : round_up(rows, kLanes);
   const int64_t t_stride = rows_padded;  // of q_t, do_t, p_t and ds_t
   const int64_t causal_offset = problem.seqlen_k - problem.seqlen_q;  // query i sees keys j <= i + causal_offset
   const int64_t key_end = problem.causal
@@ -173,11 +180,11 @@ void backward_tile(const BackwardArgs<T>& args, const AttentionProblem& problem,
     const int64_t n_keys = std::min(kKeyBlock, key_end - key_begin);
 #if defined(__AVX512BF16__)
     if constexpr (kPairs<T>) {
-      const int64_t pairs = ws.head_dim_pairs;
-      pair_matmul<false>(n_keys, rows_padded, ws.k_dim_pairs.get() + key_begin * pairs, pairs, 1,
-                         ws.q_dim_pairs.get(), t_stride, pairs, scale_log2, ws.p_t.get(), t_stride);
-      pair_matmul<false>(n_keys, rows_padded, ws.v_dim_pairs.get() + key_begin * pairs, pairs, 1,
-                         ws.do_dim_pairs.get(), t_stride, pairs, 1.0f, ws.ds_t.get(), t_stride);
+      const int64_t stride = ws.pairs_padded;
+      pair_matmul_rows<false>(n_keys, rows_padded, ws.k_dim_pairs.get() + key_begin * stride, stride,
+                              ws.q_dim_pairs.get(), t_stride, ws.head_dim_pairs, scale_log2, ws.p_t.get(), t_stride);
+      pair_matmul_rows<false>(n_keys, rows_padded, ws.v_dim_pairs.get() + key_begin * stride, stride,
+                              ws.do_dim_pairs.get(), t_stride, ws.head_dim_pairs, 1.0f, ws.ds_t.get(), t_stride);
     }
 #endif
     if constexpr (!kPairs<T>) {
@@ -210,13 +217,21 @@ void backward_tile(const BackwardArgs<T>& args, const AttentionProblem& problem,
       round_float_rows(ws.p_t.get(), t_stride, n_keys, rows_in_vectors, ws.p_rounded.get(), rounded_stride);
       round_float_rows(ws.ds_t.get(), t_stride, n_keys, rows_in_vectors, ws.ds_rounded.get(), rounded_stride);
       pair_float_rows(ws.ds_t.get(), t_stride, n_keys, rows_in_vectors, ws.ds_key_pairs.get(), t_stride);
-      pair_matmul<true>(n_keys, row_stride, ws.p_rounded.get(), rounded_stride, 1, ws.do_row_pairs.get(), row_stride,
-                        row_pairs, 1.0f, dv_block, row_stride);
-      pair_matmul<true>(n_keys, row_stride, ws.ds_rounded.get(), rounded_stride, 1, ws.q_row_pairs.get(), row_stride,
-                        row_pairs, 1.0f, dk_block, row_stride);
-      pair_matmul<true>(rows, row_stride, ws.ds_key_pairs.get(), 1, t_stride,
-                        ws.k_key_pairs.get() + key_begin / 2 * row_stride, row_stride, (n_keys + 1) / 2, 1.0f,
-                        ws.dq.get(), row_stride);
+      pair_matmul_rows<true>(n_keys, row_stride, ws.p_rounded.get(), rounded_stride, ws.do_row_pairs.get(),
+                             row_stride, row_pairs, 1.0f, dv_block, row_stride);
+      pair_matmul_rows<true>(n_keys, row_stride, ws.ds_rounded.get(), rounded_stride, ws.q_row_pairs.get(),
+                             row_stride, row_pairs, 1.0f, dk_block, row_stride);
+      const uint32_t* k_pairs_block = ws.k_key_pairs.get() + key_begin / 2 * row_stride;
+      if constexpr (kAmxTiles) {
+        // The tiles take dS with its pairs along its rows: ds_key_pairs transposed, zero past the block's keys.
+        transpose_words(ws.ds_key_pairs.get(), t_stride, kKeyBlock / 2, (n_keys + 1) / 2, rows_in_vectors,
+                        ws.ds_pair_rows.get(), kKeyBlock / 2);
+        pair_matmul_rows<true>(rows, row_stride, ws.ds_pair_rows.get(), kKeyBlock / 2, k_pairs_block, row_stride,
+                               (n_keys + 1) / 2, 1.0f, ws.dq.get(), row_stride);
+      } else {
+        pair_matmul<true>(rows, row_stride, ws.ds_key_pairs.get(), 1, t_stride, k_pairs_block, row_stride,
+                          (n_keys + 1) / 2, 1.0f, ws.dq.get(), row_stride);
+      }
     }
 #endif
     if constexpr (!kPairs<T>) {
@@ -302,8 +317,8 @@ void backward_chunk(const BackwardArgs<T>& args, const AttentionProblem& problem
   const auto v_row = [&](int64_t j) { return v_head + j * args.v_strides.token; };
   for (int64_t j = 0; j < seqlen_k; ++j) {
     if constexpr (kPairs<T>) {
-      row_pairs(k_row(j), head_dim, ws.k_dim_pairs.get() + j * ws.head_dim_pairs);
-      row_pairs(v_row(j), head_dim, ws.v_dim_pairs.get() + j * ws.head_dim_pairs);
+      row_pairs(k_row(j), head_dim, ws.k_dim_pairs.get() + j * ws.pairs_padded);
+      row_pairs(v_row(j), head_dim, ws.v_dim_pairs.get() + j * ws.pairs_padded);
     } else {
       convert(k_row(j), ws.k.get() + j * row_stride, head_dim);
       convert(v_row(j), ws.v.get() + j * row_stride, head_dim);

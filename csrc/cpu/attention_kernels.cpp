@@ -24,6 +24,9 @@
 // products per lane summed in fp32: scores^T with k and q left bf16, in pairs along D (the same sums the fp32
 // product forms, in another order), scaled to log2 units afterwards; P V with P rounded to bf16 after the fp32
 // softmax (as the GPU kernels round it for their bf16 matmul: the row sums stay fp32's) and v in pairs of keys.
+// On the amx path a wide tile's two products run on the AMX tiles instead (tile_pair_matmul), which take the left
+// operand with its pairs along its rows: k's rows already are; P's pairs of keys are transposed to its rows, and the
+// accumulator rescaled before the product adds to it.
 
 #include <algorithm>
 #include <array>
@@ -223,11 +226,12 @@ struct Workspace {
   // The bf16 dot products' operands (kBf16Dots), two bf16 values to a uint32: q and k in pairs of head dims,
   // head_dim_pairs of them per row (zero-padded to pairs_padded in rows); P and v in pairs of keys.
   int64_t head_dim_pairs, pairs_padded;
-  Buffer<uint32_t> q_pairs;      // head_dim_pairs x max_rows_padded: the unscaled q tile, pair-major
+  Buffer<uint32_t> q_pairs;      // pairs_padded x max_rows_padded: the unscaled q tile, pair-major
   Buffer<uint32_t> q_pair_rows;  // kTileRows x pairs_padded: the unscaled q tile of a narrow tile, row-major
   Buffer<uint32_t> k_pairs;      // kKeyBlock x pairs_padded
   Buffer<uint32_t> p_pairs;      // kKeyBlock / 2 x max_rows_padded (a narrow tile's: kTileRows x kKeyBlock / 2)
   Buffer<uint32_t> v_pairs;  // kKeyBlock / 2 x head_dim_padded
+  Buffer<uint32_t> p_pair_rows;  // max_rows_padded x kKeyBlock / 2: p_pairs transposed, for the AMX tiles
 
   Workspace(int64_t max_rows, int64_t head_dim, bool bf16_dots)
       : max_rows_padded(round_up(max_rows, kTileCols)),
@@ -246,11 +250,12 @@ struct Workspace {
         v_rows(make_buffer<int64_t>(2 * kKeyBlock)),
         head_dim_pairs((head_dim + 1) / 2),
         pairs_padded(round_up(head_dim_pairs, kLanes)),
-        q_pairs(make_buffer<uint32_t>(bf16_dots ? head_dim_pairs * max_rows_padded : 0)),
+        q_pairs(make_buffer<uint32_t>(bf16_dots ? pairs_padded * max_rows_padded : 0)),
         q_pair_rows(make_buffer<uint32_t>(bf16_dots ? kTileRows * pairs_padded : 0)),
         k_pairs(make_buffer<uint32_t>(bf16_dots ? kKeyBlock * pairs_padded : 0)),
         p_pairs(make_buffer<uint32_t>(bf16_dots ? kKeyBlock / 2 * max_rows_padded : 0)),
-        v_pairs(make_buffer<uint32_t>(bf16_dots ? kKeyBlock / 2 * head_dim_padded : 0)) {}
+        v_pairs(make_buffer<uint32_t>(bf16_dots ? kKeyBlock / 2 * head_dim_padded : 0)),
+        p_pair_rows(make_buffer<uint32_t>(bf16_dots && kAmxTiles ? max_rows_padded * kKeyBlock / 2 : 0)) {}
 };
 
 struct TileArgs {
@@ -417,8 +422,8 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
 
 #if defined(__AVX512BF16__)
     if constexpr (kPairs) {
-      pair_matmul<false>(n_keys, rows_padded, ws.k_pairs.get(), ws.pairs_padded, 1, ws.q_pairs.get(), q_t_stride,
-                         ws.head_dim_pairs, scale_log2, ws.scores_t.get(), scores_t_stride);
+      pair_matmul_rows<false>(n_keys, rows_padded, ws.k_pairs.get(), ws.pairs_padded, ws.q_pairs.get(), q_t_stride,
+                              ws.head_dim_pairs, scale_log2, ws.scores_t.get(), scores_t_stride);
     } else
 #endif
     {
@@ -463,6 +468,18 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
     if constexpr (kPairs) {
       pair_float_rows(ws.scores_t.get(), scores_t_stride, n_keys, rows_in_vectors, ws.p_pairs.get(),
                       scores_t_stride);
+      if constexpr (kAmxTiles) {
+        // The tiles take P with its pairs along its rows: p_pairs transposed, zero past the block's keys.
+        transpose_words(ws.p_pairs.get(), scores_t_stride, kKeyBlock / 2, (n_keys + 1) / 2, rows_in_vectors,
+                        ws.p_pair_rows.get(), kKeyBlock / 2);
+        for (int64_t r = 0; r < rows; ++r) {
+          float* acc_row = ws.acc.get() + r * row_stride;
+          for (int64_t d = 0; d < row_stride; d += kLanes) store(acc_row + d, load(acc_row + d) * ws.rescale[r]);
+        }
+        pair_matmul_rows<true>(rows, row_stride, ws.p_pair_rows.get(), kKeyBlock / 2, ws.v_pairs.get(), row_stride,
+                               (n_keys + 1) / 2, 1.0f, ws.acc.get(), row_stride);
+        continue;
+      }
       for (int64_t r = 0; r < rows; r += kTileRows) {
         const int tile_rows = static_cast<int>(std::min<int64_t>(kTileRows, rows - r));
         for (int64_t c = 0; c < ws.head_dim_padded; c += kTileCols) {

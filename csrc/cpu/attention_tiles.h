@@ -16,6 +16,9 @@
 #endif
 
 #include "cpu/isa.h"
+#if defined(__AMX_BF16__)
+#include "cpu/amx.h"
+#endif
 
 // Vector widths follow the path being compiled: isa.h's inline namespace.
 namespace llama_kernels::cpu::inline LLAMA_KERNELS_ISA_NAMESPACE::tiles {
@@ -28,6 +31,12 @@ inline constexpr int kLanes = 8;
 inline constexpr int kTileRows = 6;  // 6 x 2 accumulators + 2 loads + 1 broadcast of the 16 ymm registers
 #endif
 inline constexpr int kTileCols = 2 * kLanes;  // columns of a micro-kernel's register tile: two vectors
+// The amx path's bf16 products whose a has its pairs along its rows run on the AMX tiles (tile_pair_matmul).
+#if defined(__AMX_BF16__)
+inline constexpr bool kAmxTiles = true;
+#else
+inline constexpr bool kAmxTiles = false;
+#endif
 
 // The attention tiles, forward and backward: rows of a query tile (the group's query heads x queries) and keys per
 // block. A tile's operands (the forward's transposed q, k and v blocks, scores and accumulator; the backward's q
@@ -192,6 +201,125 @@ void pair_matmul(int64_t rows, int64_t cols, const uint32_t* a, int64_t a_row_st
     for (int64_t c = 0; c < cols; c += kTileCols) {
       kTiles[tile_rows](a + r * a_row_stride, a_row_stride, a_col_stride, b + c, b_stride, n_pairs, scale,
                         out + r * out_stride + c, out_stride);
+    }
+  }
+}
+
+#if defined(__AMX_BF16__)
+inline constexpr int64_t kAmxDim = amx_tiles::kTileRows;  // a tile's rows, fp32 columns and bf16 pair columns
+
+// pair_matmul with a's pairs along its rows (a_col_stride 1) on the tiles: out in blocks of 32 x 32 (the last rows:
+// 16 x 32), each four (two) accumulator tiles summed over 16 pairs at a time. With scale 1 a whole block's tiles
+// start from (or at zero) and end in out itself; otherwise they are scaled (and added) on the way out through an L1
+// block, so that only out's rows < rows are written. The tiles read whole 16 x 16 blocks: a needs
+// round_up(rows, 16) rows of round_up(n_pairs, 16) pairs, those from n_pairs on zero; b needs that many rows, finite;
+// cols is a multiple of 32.
+template <bool Accumulate>
+void tile_pair_matmul(int64_t rows, int64_t cols, const uint32_t* a, int64_t a_stride, const uint32_t* b,
+                      int64_t b_stride, int64_t n_pairs, float scale, float* out, int64_t out_stride) {
+  alignas(64) float block[2 * kAmxDim][2 * kAmxDim];
+  constexpr int64_t kBlockBytes = sizeof block[0];
+  const int64_t a_bytes = a_stride * 4, b_bytes = b_stride * 4, out_bytes = out_stride * 4;
+  const __m512 scale_v = _mm512_set1_ps(scale);
+  amx_tiles::configure();
+  for (int64_t r = 0; r < rows; r += 2 * kAmxDim) {
+    const bool two_row_tiles = rows - r > kAmxDim;
+    const bool in_place = scale == 1.0f && rows - r >= 2 * kAmxDim;
+    for (int64_t c = 0; c < cols; c += 2 * kAmxDim) {
+      float* out_block = out + r * out_stride + c;
+      if (in_place && Accumulate) {
+        amx_tiles::load<0>(out_block, out_bytes);
+        amx_tiles::load<1>(out_block + kAmxDim, out_bytes);
+        amx_tiles::load<2>(out_block + kAmxDim * out_stride, out_bytes);
+        amx_tiles::load<3>(out_block + kAmxDim * out_stride + kAmxDim, out_bytes);
+      } else {
+        amx_tiles::zero<0>();
+        amx_tiles::zero<1>();
+        amx_tiles::zero<2>();
+        amx_tiles::zero<3>();
+      }
+      for (int64_t p = 0; p < n_pairs; p += kAmxDim) {
+        amx_tiles::load<4>(a + r * a_stride + p, a_bytes);
+        amx_tiles::load<6>(b + p * b_stride + c, b_bytes);
+        amx_tiles::load<7>(b + p * b_stride + c + kAmxDim, b_bytes);
+        amx_tiles::dot<0, 4, 6>();
+        amx_tiles::dot<1, 4, 7>();
+        if (two_row_tiles) {
+          amx_tiles::load<5>(a + (r + kAmxDim) * a_stride + p, a_bytes);
+          amx_tiles::dot<2, 5, 6>();
+          amx_tiles::dot<3, 5, 7>();
+        }
+      }
+      if (in_place) {
+        amx_tiles::store<0>(out_block, out_bytes);
+        amx_tiles::store<1>(out_block + kAmxDim, out_bytes);
+        amx_tiles::store<2>(out_block + kAmxDim * out_stride, out_bytes);
+        amx_tiles::store<3>(out_block + kAmxDim * out_stride + kAmxDim, out_bytes);
+        continue;
+      }
+      amx_tiles::store<0>(&block[0][0], kBlockBytes);
+      amx_tiles::store<1>(&block[0][kAmxDim], kBlockBytes);
+      amx_tiles::store<2>(&block[kAmxDim][0], kBlockBytes);
+      amx_tiles::store<3>(&block[kAmxDim][kAmxDim], kBlockBytes);
+      const int64_t block_rows = std::min(2 * kAmxDim, rows - r);
+      for (int64_t i = 0; i < block_rows; ++i) {
+        for (int64_t half = 0; half < 2; ++half) {
+          float* o = out_block + i * out_stride + half * kAmxDim;
+          __m512 result = _mm512_mul_ps(_mm512_load_ps(&block[i][half * kAmxDim]), scale_v);
+          if constexpr (Accumulate) result = _mm512_add_ps(result, _mm512_loadu_ps(o));
+          _mm512_storeu_ps(o, result);
+        }
+      }
+    }
+  }
+  amx_tiles::release();
+}
+#endif
+
+// pair_matmul with a's pairs along its rows: on the AMX tiles where the path has them (tile_pair_matmul: a and b
+// padded as it says), else vdpbf16ps.
+template <bool Accumulate>
+void pair_matmul_rows(int64_t rows, int64_t cols, const uint32_t* a, int64_t a_stride, const uint32_t* b,
+                      int64_t b_stride, int64_t n_pairs, float scale, float* out, int64_t out_stride) {
+#if defined(__AMX_BF16__)
+  tile_pair_matmul<Accumulate>(rows, cols, a, a_stride, b, b_stride, n_pairs, scale, out, out_stride);
+#else
+  pair_matmul<Accumulate>(rows, cols, a, a_stride, 1, b, b_stride, n_pairs, scale, out, out_stride);
+#endif
+}
+
+// dst[c][r] = src[r][c] for 32-bit elements, r < src_rows and c < cols (both multiples of 16), the rows from
+// valid_rows on read as zeros: 16 x 16 blocks transposed in registers (pairs of elements, of those pairs, then of
+// 128-bit lanes, twice).
+inline void transpose_words(const uint32_t* src, int64_t src_stride, int64_t src_rows, int64_t valid_rows,
+                            int64_t cols, uint32_t* dst, int64_t dst_stride) {
+  for (int64_t r0 = 0; r0 < src_rows; r0 += kLanes) {
+    for (int64_t c0 = 0; c0 < cols; c0 += kLanes) {
+      __m512i x[16], y[16];
+      for (int i = 0; i < 16; ++i) {
+        x[i] = r0 + i < valid_rows ? _mm512_loadu_si512(src + (r0 + i) * src_stride + c0) : _mm512_setzero_si512();
+      }
+      for (int i = 0; i < 16; i += 2) {  // y[i]: columns 4l, 4l + 1 of rows i, i + 1 in lane l; y[i + 1]: 4l + 2, + 3
+        y[i] = _mm512_unpacklo_epi32(x[i], x[i + 1]);
+        y[i + 1] = _mm512_unpackhi_epi32(x[i], x[i + 1]);
+      }
+      for (int i = 0; i < 16; i += 4) {  // x[i + j]: column 4l + j of rows i .. i + 3 in lane l
+        x[i] = _mm512_unpacklo_epi64(y[i], y[i + 2]);
+        x[i + 1] = _mm512_unpackhi_epi64(y[i], y[i + 2]);
+        x[i + 2] = _mm512_unpacklo_epi64(y[i + 1], y[i + 3]);
+        x[i + 3] = _mm512_unpackhi_epi64(y[i + 1], y[i + 3]);
+      }
+      for (int j = 0; j < 4; ++j) {  // y[4g + j]: lanes (0, 2) then (1, 3) of rows 8g .. 8g + 7's x[.. + j]
+        for (int g = 0; g < 2; ++g) {
+          y[8 * g + j] = _mm512_shuffle_i32x4(x[8 * g + j], x[8 * g + 4 + j], 0x88);
+          y[8 * g + 4 + j] = _mm512_shuffle_i32x4(x[8 * g + j], x[8 * g + 4 + j], 0xdd);
+        }
+      }
+      for (int j = 0; j < 8; ++j) {  // column j (and j + 8): its four groups of four rows
+        x[j] = _mm512_shuffle_i32x4(y[j], y[8 + j], 0x88);
+        x[8 + j] = _mm512_shuffle_i32x4(y[j], y[8 + j], 0xdd);
+      }
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(dst + (c0 + i) * dst_stride + r0, x[i]);
     }
   }
 }

@@ -9,8 +9,8 @@
 
 namespace llama_kernels::cpu {
 
-// Each path adds to the one before: avx2 (+ FMA, F16C), avx512 (F, BW, VL, DQ), avx512_bf16 (vdpbf16ps), amx (AMX
-// tiles: the avx512_bf16 code compiled with AMX enabled).
+// Each path adds to the one before: avx2 (+ FMA, F16C), avx512 (F, BW, VL, DQ), avx512_bf16 (vdpbf16ps), amx (the
+// avx512_bf16 code with bf16 attention's block products on the AMX tiles: attention_tiles.h's tile_pair_matmul).
 enum class CpuIsa { avx2, avx512, avx512_bf16, amx };
 inline constexpr std::array<CpuIsa, 4> kCpuIsas = {CpuIsa::avx2, CpuIsa::avx512, CpuIsa::avx512_bf16, CpuIsa::amx};
 
