@@ -36,7 +36,7 @@ from . import _triton
 from ._backend import pick, resolve_backend
 from ._shared import (LOG2E, attend_blocks, check_head_dim, check_inv_freq, check_kv_heads,
                       check_last_dim_contiguous, dot_precision, finish_softmax, mma, resolve_softmax_scale)
-from .rope import rope_triton
+from .rope import rope_triton, rotate
 
 MAX_ROWS = 128  # packed (query, group member) rows per program
 PAGES_PER_CHECK = 128  # block table entries a split checks at a time (a paged cache)
@@ -252,9 +252,9 @@ def _kvcache_op(
     else:
         if inv_freq is not None:  # rotate q, and the new k, at their positions; an empty k when there is none
             k_new = k if k is not None else q[:, :, :0]
-            q, k_new = torch.ops.llama_kernels.rope(q, k_new, positions, 0, inv_freq, 1.0, interleaved, False,
-                                                    backend)
-            k = k_new if k is not None else None
+            q_rotated, k_rotated = torch.empty_like(q), torch.empty_like(k_new)
+            rotate(backend)(q, k_new, q_rotated, k_rotated, positions, 0, inv_freq, 1.0, interleaved, False)
+            q, k = q_rotated, (k_rotated if k is not None else None)
         if k is not None:  # the (batch entry or page, row) of each new token
             if block_table is None:
                 slots = torch.arange(batch, device=q.device)[:, None].expand(batch, seqlen_q), positions

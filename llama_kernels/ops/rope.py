@@ -264,8 +264,9 @@ def _rope_extension(q, k, q_out, k_out, positions, position_offset, inv_freq, at
             t.copy_(rotated)
 
 
-def _rotate(backend: str):
-    """rotate(q, k, q_out, k_out, ...): q_out, k_out may be q, k (in place)."""
+def rotate(backend: str):
+    """rotate(q, k, q_out, k_out, ...): q_out, k_out may be q, k (in place). Called by the ops below, and by another
+    op's body (the KV-cache op's), which is past the dispatcher already."""
     return pick(backend, triton=rope_triton, extension=_rope_extension, reference=_rope_reference)
 
 
@@ -276,7 +277,7 @@ def _rope_op(
     attention_factor: float, interleaved: bool, inverse: bool, backend: str,
 ) -> tuple[Tensor, Tensor]:
     q_out, k_out = _triton.new_output(q.shape, q.dtype, q.device), _triton.new_output(k.shape, k.dtype, k.device)
-    _rotate(backend)(q, k, q_out, k_out, positions, position_offset, inv_freq, attention_factor, interleaved, inverse)
+    rotate(backend)(q, k, q_out, k_out, positions, position_offset, inv_freq, attention_factor, interleaved, inverse)
     return q_out, k_out
 
 
@@ -285,7 +286,7 @@ def _rope_inplace_op(
     q: Tensor, k: Tensor, positions: Tensor | None, position_offset: int, inv_freq: Tensor,
     attention_factor: float, interleaved: bool, inverse: bool, backend: str,
 ) -> None:
-    _rotate(backend)(q, k, q, k, positions, position_offset, inv_freq, attention_factor, interleaved, inverse)
+    rotate(backend)(q, k, q, k, positions, position_offset, inv_freq, attention_factor, interleaved, inverse)
 
 
 @_rope_op.register_fake
