@@ -118,6 +118,7 @@ void backward_tile(const BackwardArgs<T>& args, const AttentionProblem& problem,
                               : problem.seqlen_k;
   const float scale_log2 = problem.softmax_scale * kLog2e;
   const int64_t first_head = kv_head * group;
+  const TileScope tile_products(kPairs<T>);
   const auto row_offset = [&](const HeadStrides& s, int64_t query, int64_t head) {
     return batch_index * s.batch + query * s.token + head * s.head;
   };

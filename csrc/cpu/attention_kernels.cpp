@@ -330,6 +330,7 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
       problem.causal ? std::clamp<int64_t>(tile.q_begin + tile.q_count + causal_offset, 0, len_k) : len_k);
   const float scale_log2 = problem.softmax_scale * kLog2e;
   const int64_t first_head = tile.kv_head * group;
+  const TileScope tile_products(kPairs && !narrow);
 
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t query = tile.q_begin + r / group, head = first_head + r % group;

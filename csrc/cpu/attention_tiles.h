@@ -208,7 +208,8 @@ void pair_matmul(int64_t rows, int64_t cols, const uint32_t* a, int64_t a_row_st
 #if defined(__AMX_BF16__)
 inline constexpr int64_t kAmxDim = amx_tiles::kTileRows;  // a tile's rows, fp32 columns and bf16 pair columns
 
-// pair_matmul with a's pairs along its rows (a_col_stride 1) on the tiles: out in blocks of 32 x 32 (the last rows:
+// pair_matmul with a's pairs along its rows (a_col_stride 1) on the tiles, configured by a TileScope that the caller
+// holds: out in blocks of 32 x 32 (the last rows:
 // 16 x 32), each four (two) accumulator tiles summed over 16 pairs at a time. With scale 1 a whole block's tiles
 // start from (or at zero) and end in out itself; otherwise they are scaled (and added) on the way out through an L1
 // block, so that only out's rows < rows are written. The tiles read whole 16 x 16 blocks: a needs
@@ -221,7 +222,6 @@ void tile_pair_matmul(int64_t rows, int64_t cols, const uint32_t* a, int64_t a_s
   constexpr int64_t kBlockBytes = sizeof block[0];
   const int64_t a_bytes = a_stride * 4, b_bytes = b_stride * 4, out_bytes = out_stride * 4;
   const __m512 scale_v = _mm512_set1_ps(scale);
-  amx_tiles::configure();
   for (int64_t r = 0; r < rows; r += 2 * kAmxDim) {
     const bool two_row_tiles = rows - r > kAmxDim;
     const bool in_place = scale == 1.0f && rows - r >= 2 * kAmxDim;
@@ -272,7 +272,6 @@ void tile_pair_matmul(int64_t rows, int64_t cols, const uint32_t* a, int64_t a_s
       }
     }
   }
-  amx_tiles::release();
 }
 #endif
 
@@ -378,6 +377,28 @@ inline void round_float_rows(const float* src, int64_t src_stride, int64_t n_row
 #else
 inline constexpr bool kBf16Dots = false;
 #endif
+
+// The AMX tiles configured for tile_pair_matmul while it lives, where wanted on the amx path (a tile of work with
+// bf16 pair products): LDTILECFG costs too much to pay per product, and the tiles keep their configuration until
+// released. Nothing on the other paths.
+class TileScope {
+ public:
+  explicit TileScope(bool wanted) : active_(kAmxTiles && wanted) {
+#if defined(__AMX_BF16__)
+    if (active_) amx_tiles::configure();
+#endif
+  }
+  ~TileScope() {
+#if defined(__AMX_BF16__)
+    if (active_) amx_tiles::release();
+#endif
+  }
+  TileScope(const TileScope&) = delete;
+  TileScope& operator=(const TileScope&) = delete;
+
+ private:
+  bool active_;
+};
 
 // A row of 16-bit values (bf16: their .bits) as pairs along it, each a uint32 with the low half first: the pair p
 // of n values (bits_pair; an odd n's last pair zero above), or the whole row into (n + 1) / 2 of them (row_pairs).
