@@ -39,8 +39,7 @@ from llama_kernels import _native
 from ..models.config import CodeLlamaConfig
 from .harness import default_device
 
-DTYPE = torch.bfloat16
-ELEMENT = DTYPE.itemsize  # bytes
+DTYPE = torch.bfloat16  # every shape's unless it names another
 EPS = 1e-5
 
 
@@ -60,12 +59,21 @@ class Unavailable(Exception):
 
 @dataclass(frozen=True)
 class Shape:
-    """One Code Llama model size at a sequence length (``tokens``), ``batch`` sequences."""
+    """One Code Llama model size at a sequence length (``tokens``), ``batch`` sequences, in ``dtype``."""
 
     model: str
     tokens: int
     batch: int = 1
     width: int | None = None  # a hidden size other than the model's (the CPU's reduced cross-entropy)
+    dtype: torch.dtype = DTYPE
+
+    @property
+    def element(self) -> int:
+        return self.dtype.itemsize  # bytes
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
 
     @property
     def hidden(self) -> int:
@@ -81,6 +89,9 @@ class Shape:
         return model_config(self.model).hidden_dim
 
     def as_dict(self, op: str) -> dict:
+        return {**self._dims(op), "dtype": self.dtype_name}
+
+    def _dims(self, op: str) -> dict:
         if op == "rms_norm":
             return {"model": self.model, "tokens": self.tokens, "hidden": self.hidden}
         if op == "swiglu":
@@ -93,6 +104,10 @@ class Shape:
                 "kv_heads": hk, "head_dim": d}
 
     def label(self, op: str) -> str:
+        dims = self._dims_label(op)
+        return dims if self.dtype == DTYPE else f"{dims} {self.dtype_name}"
+
+    def _dims_label(self, op: str) -> str:
         if op == "rms_norm":
             return f"{self.model} T={self.tokens} H={self.hidden}"
         if op == "swiglu":
@@ -116,10 +131,14 @@ GPU_SHAPES = {
     # the loss over N tokens: H = 4096 (7B) and 8192 (34B)
     "cross_entropy": tuple(Shape(model, n) for model in ("7B", "34B") for n in (4096, 16384, 65536)),
 }
-CPU_SHAPES = {  # 2 cores: the whole run stays under two minutes
+FP32 = torch.float32
+CPU_SHAPES = {  # 2 cores
     "memory": (Shape("7B", 1024), Shape("34B", 4096)),
-    "attention": (Shape("7B", 512), Shape("34B", 512)),
-    "decode": (Shape("7B", 2048), Shape("34B", 2048, 4)),
+    # bf16 and fp32, at 512 tokens and at 2048 (the CPU's long context)
+    "attention": (Shape("7B", 512), Shape("34B", 512), Shape("7B", 512, dtype=FP32), Shape("34B", 512, dtype=FP32),
+                  Shape("7B", 2048), Shape("7B", 2048, dtype=FP32)),
+    "decode": (Shape("7B", 2048), Shape("34B", 2048, 4), Shape("7B", 2048, dtype=FP32),
+               Shape("34B", 2048, 4, dtype=FP32), Shape("7B", 8192)),
     # 6 N H V at H = 4096 is ~6 TFLOP a call: H reduced to 256 on 2 cores (said in the label)
     "cross_entropy": (Shape("7B", 8192, width=256),),
 }
@@ -424,8 +443,8 @@ ATTENTION_PROVIDERS = {
 def _attention_inputs(shape: Shape, device) -> dict:
     hq, hk, d = shape.heads
     b, s = shape.batch, shape.tokens
-    return {"q": _randn(b, s, hq, d, device=device), "k": _randn(b, s, hk, d, device=device),
-            "v": _randn(b, s, hk, d, device=device), "do": _randn(b, s, hq, d, device=device)}
+    return {"q": _randn(shape, device, b, s, hq, d), "k": _randn(shape, device, b, s, hk, d),
+            "v": _randn(shape, device, b, s, hk, d), "do": _randn(shape, device, b, s, hq, d)}
 
 
 def _attention_build(causal: bool, backward: bool):
@@ -463,8 +482,8 @@ DECODE_PROVIDERS = ("ours", "ours_paged16", "ours_paged256", "flash_attention", 
 def _decode_inputs(shape: Shape, device) -> dict:
     hq, hk, d = shape.heads
     b, length = shape.batch, shape.tokens
-    return {"q": _randn(b, 1, hq, d, device=device), "k": _randn(b, length, hk, d, device=device),
-            "v": _randn(b, length, hk, d, device=device),
+    return {"q": _randn(shape, device, b, 1, hq, d), "k": _randn(shape, device, b, length, hk, d),
+            "v": _randn(shape, device, b, length, hk, d),
             "cache_seqlens": torch.full((b,), length, dtype=torch.int32, device=device)}
 
 
@@ -534,7 +553,8 @@ def _decode_build(provider, inputs, device):
 
 def _decode_bytes(shape: Shape) -> int:
     hq, hk, d = shape.heads
-    return (2 * shape.batch * shape.tokens * hk * d + 2 * shape.batch * hq * d) * ELEMENT  # K, V, q read; o written
+    # K, V, q read; o written
+    return (2 * shape.batch * shape.tokens * hk * d + 2 * shape.batch * hq * d) * shape.element
 
 
 # --------------------------------------------------------------------------- SwiGLU providers
@@ -558,8 +578,8 @@ SWIGLU_PROVIDERS = {
 
 
 def _swiglu_inputs(shape: Shape, device) -> dict:
-    gate, up = _randn(shape.tokens, 2 * shape.ffn, device=device).chunk(2, -1)
-    return {"gate": gate, "up": up, "dy": _randn(shape.tokens, shape.ffn, device=device)}
+    gate, up = _randn(shape, device, shape.tokens, 2 * shape.ffn).chunk(2, -1)
+    return {"gate": gate, "up": up, "dy": _randn(shape, device, shape.tokens, shape.ffn)}
 
 
 def _swiglu_forward(provider, inputs, device):
@@ -607,8 +627,8 @@ CROSS_ENTROPY_PROVIDERS = {
 
 
 def _cross_entropy_inputs(shape: Shape, device) -> dict:
-    return {"hidden": _randn(shape.tokens, shape.hidden, device=device),
-            "weight": _randn(VOCAB, shape.hidden, device=device) * shape.hidden**-0.5,
+    return {"hidden": _randn(shape, device, shape.tokens, shape.hidden),
+            "weight": _randn(shape, device, VOCAB, shape.hidden) * shape.hidden**-0.5,
             "target": torch.randint(0, VOCAB, (shape.tokens,), device=device)}
 
 
@@ -642,14 +662,15 @@ class Case:
     cpu_peak: bool = False
 
 
-def _randn(*shape, device):
-    return torch.randn(*shape, device=device, dtype=DTYPE)
+def _randn(shape: Shape, device, *sizes):
+    """Standard normal values of sizes, in shape's dtype."""
+    return torch.randn(*sizes, device=device, dtype=shape.dtype)
 
 
 def _rms_inputs(shape: Shape, device) -> dict:
     t, h = shape.tokens, shape.hidden
-    return {"x": _randn(t, h, device=device), "residual": _randn(t, h, device=device),
-            "dy": _randn(t, h, device=device), "w": 1 + 0.1 * _randn(h, device=device)}
+    return {"x": _randn(shape, device, t, h), "residual": _randn(shape, device, t, h),
+            "dy": _randn(shape, device, t, h), "w": 1 + 0.1 * _randn(shape, device, h)}
 
 
 def _rms_forward(provider, inputs, device):
@@ -691,8 +712,8 @@ def _rms_backward(provider, inputs, device):
 def _rope_inputs(shape: Shape, device) -> dict:
     hq, hk, d = shape.heads
     s = shape.tokens
-    return {"q": _randn(1, s, hq, d, device=device), "k": _randn(1, s, hk, d, device=device),
-            "dq": _randn(1, s, hq, d, device=device), "dk": _randn(1, s, hk, d, device=device),
+    return {"q": _randn(shape, device, 1, s, hq, d), "k": _randn(shape, device, 1, s, hk, d),
+            "dq": _randn(shape, device, 1, s, hq, d), "dk": _randn(shape, device, 1, s, hk, d),
             "positions": torch.arange(s, device=device)[None]}
 
 
@@ -709,22 +730,22 @@ def _rope_backward(provider, inputs, device):
 
 def _rope_bytes(shape: Shape) -> int:
     hq, hk, d = shape.heads
-    return 2 * shape.tokens * (hq + hk) * d * ELEMENT  # q and k read, q and k written
+    return 2 * shape.tokens * (hq + hk) * d * shape.element  # q and k read, q and k written
 
 
 CASES = (
     Case("rms_norm", "rms_norm", "RMSNorm forward: y = RMSNorm(x) * w",
-         _rms_inputs, lambda s: (2 * s.tokens * s.hidden + s.hidden) * ELEMENT,  # x, w read; y written
+         _rms_inputs, lambda s: (2 * s.tokens * s.hidden + s.hidden) * s.element,  # x, w read; y written
          _rms_forward, tuple(RMS_NORM_PROVIDERS)),
     Case("rms_norm_residual", "rms_norm", "RMSNorm forward with residual: h = x + r, y = RMSNorm(h) * w",
-         _rms_inputs, lambda s: (4 * s.tokens * s.hidden + s.hidden) * ELEMENT,  # x, r, w read; y, h written
+         _rms_inputs, lambda s: (4 * s.tokens * s.hidden + s.hidden) * s.element,  # x, r, w read; y, h written
          _rms_residual_forward, tuple(RMS_NORM_PROVIDERS)),
     Case("rms_norm_bwd", "rms_norm", "RMSNorm backward (dx, dw)",
-         _rms_inputs, lambda s: (3 * s.tokens * s.hidden + 2 * s.hidden) * ELEMENT,  # dy, x, w read; dx, dw written
+         _rms_inputs, lambda s: (3 * s.tokens * s.hidden + 2 * s.hidden) * s.element,  # dy, x, w read; dx, dw written
          _rms_backward, tuple(RMS_NORM_PROVIDERS)),
     Case("rms_norm_fwd_bwd", "rms_norm", "RMSNorm forward + backward (dx, dw)",
          # two passes: forward reads x, w and writes y; backward reads dy, x, w and writes dx, dw
-         _rms_inputs, lambda s: (5 * s.tokens * s.hidden + 3 * s.hidden) * ELEMENT,
+         _rms_inputs, lambda s: (5 * s.tokens * s.hidden + 3 * s.hidden) * s.element,
          _rms_forward_backward, tuple(RMS_NORM_PROVIDERS)),
     Case("rope", "rope", "RoPE forward on q and k (half-split layout)",
          _rope_inputs, _rope_bytes, _rope_forward, tuple(ROPE_PROVIDERS)),
@@ -741,10 +762,10 @@ CASES = (
     Case("decode", "decode", "decoding step over a KV cache (Sq = 1; shape S = cached tokens)",
          _decode_inputs, _decode_bytes, _decode_build, DECODE_PROVIDERS),
     Case("swiglu", "swiglu", "SwiGLU forward: silu(gate) * up, the halves of one fused projection",
-         _swiglu_inputs, lambda s: 3 * s.tokens * s.ffn * ELEMENT,  # gate, up read; y written
+         _swiglu_inputs, lambda s: 3 * s.tokens * s.ffn * s.element,  # gate, up read; y written
          _swiglu_forward, tuple(SWIGLU_PROVIDERS)),
     Case("swiglu_bwd", "swiglu", "SwiGLU backward (dgate, dup)",
-         _swiglu_inputs, lambda s: 5 * s.tokens * s.ffn * ELEMENT,  # dy, gate, up read; dgate, dup written
+         _swiglu_inputs, lambda s: 5 * s.tokens * s.ffn * s.element,  # dy, gate, up read; dgate, dup written
          _swiglu_backward, tuple(SWIGLU_PROVIDERS)),
     Case("cross_entropy", "cross_entropy", "linear cross-entropy forward + backward (dhidden, dweight), mean loss",
          _cross_entropy_inputs, None, _cross_entropy_forward_backward, tuple(CROSS_ENTROPY_PROVIDERS),
