@@ -231,6 +231,34 @@ def _decode_reference(q, k_cache, v_cache, seqlens_k, min_len_k, causal, softmax
 
 
 # --------------------------------------------------------------------------- torch op
+def _rotate_and_append(q, k_cache, v_cache, cache_seqlens, k, v, inv_freq, interleaved, backend, block_table):
+    """q rotated at its positions, and the new k (rotated) and v written into the caches there; returns q."""
+    batch, seqlen_q = q.shape[:2]
+    positions = cache_seqlens.long()[:, None] + torch.arange(seqlen_q, device=q.device)  # (B, Sq)
+    if k is not None and backend == "triton":
+        # One kernel: q rotated, the new k rotated into k_cache and v copied into v_cache at their positions
+        # (never outside the caches). Without RoPE the same kernel at angle zero (cos 1, sin 0) copies exactly.
+        angles = inv_freq if inv_freq is not None else q.new_zeros(q.shape[-1] // 2, dtype=torch.float32)
+        q_rotated = _triton.new_output(q.shape, q.dtype, q.device)
+        rope_triton(q, k, q_rotated, k_cache, positions, 0, angles, 1.0, interleaved, False, v=v, v_out=v_cache,
+                    block_table=block_table)
+        return q_rotated
+    if inv_freq is not None:  # rotate q, and the new k, at their positions; an empty k when there is none
+        k_new = k if k is not None else q[:, :, :0]
+        q_rotated, k_rotated = torch.empty_like(q), torch.empty_like(k_new)
+        rotate(backend)(q, k_new, q_rotated, k_rotated, positions, 0, inv_freq, 1.0, interleaved, False)
+        q, k = q_rotated, (k_rotated if k is not None else None)
+    if k is not None:  # the (batch entry or page, row) of each new token
+        if block_table is None:
+            slots = torch.arange(batch, device=q.device)[:, None].expand(batch, seqlen_q), positions
+        else:
+            page_size = k_cache.shape[1]
+            slots = block_table.gather(1, positions // page_size).long(), positions % page_size
+        k_cache[slots] = k
+        v_cache[slots] = v
+    return q
+
+
 @torch.library.custom_op("llama_kernels::flash_attention_with_kvcache", mutates_args=("k_cache", "v_cache"))
 def _kvcache_op(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, k: Tensor | None, v: Tensor | None,
@@ -240,31 +268,10 @@ def _kvcache_op(
     batch, seqlen_q = q.shape[:2]
     if batch == 0:  # nothing to attend (and no split count for no programs)
         return torch.empty_like(q), q.new_empty((0, q.shape[2], seqlen_q), dtype=torch.float32)
-    positions = cache_seqlens.long()[:, None] + torch.arange(seqlen_q, device=q.device)  # (B, Sq)
-    if k is not None and backend == "triton":
-        # One kernel: q rotated, the new k rotated into k_cache and v copied into v_cache at their positions
-        # (never outside the caches). Without RoPE the same kernel at angle zero (cos 1, sin 0) copies exactly.
-        angles = inv_freq if inv_freq is not None else q.new_zeros(q.shape[-1] // 2, dtype=torch.float32)
-        q_rotated = _triton.new_output(q.shape, q.dtype, q.device)
-        rope_triton(q, k, q_rotated, k_cache, positions, 0, angles, 1.0, interleaved, False, v=v, v_out=v_cache,
-                    block_table=block_table)
-        q = q_rotated
-    else:
-        if inv_freq is not None:  # rotate q, and the new k, at their positions; an empty k when there is none
-            k_new = k if k is not None else q[:, :, :0]
-            q_rotated, k_rotated = torch.empty_like(q), torch.empty_like(k_new)
-            rotate(backend)(q, k_new, q_rotated, k_rotated, positions, 0, inv_freq, 1.0, interleaved, False)
-            q, k = q_rotated, (k_rotated if k is not None else None)
-        if k is not None:  # the (batch entry or page, row) of each new token
-            if block_table is None:
-                slots = torch.arange(batch, device=q.device)[:, None].expand(batch, seqlen_q), positions
-            else:
-                page_size = k_cache.shape[1]
-                slots = block_table.gather(1, positions // page_size).long(), positions % page_size
-            k_cache[slots] = k
-            v_cache[slots] = v
+    if k is not None or inv_freq is not None:
+        q = _rotate_and_append(q, k_cache, v_cache, cache_seqlens, k, v, inv_freq, interleaved, backend, block_table)
     appended = seqlen_q if k is not None else 0
-    seqlens_k = cache_seqlens + appended
+    seqlens_k = cache_seqlens + appended if appended else cache_seqlens
     attend = pick(backend, triton=decode_triton, native=_decode_native, reference=_decode_reference)
     return attend(q, k_cache, v_cache, seqlens_k, appended, causal, softmax_scale, num_splits, block_table)
 
