@@ -39,8 +39,8 @@ inline float round_to(float value) {
 // bf16 rounding without dtypes.h's nan test, for this file only. Every float rounded here is the result of float
 // arithmetic on bf16 values (x, residual, weight, dy, dh) and on floats made from them, and such a nan has the
 // low 16 bits of its float clear: IEEE arithmetic returns an operand's nan (quieted, payload kept) or a default
-// nan (0xffc00000 on x86). Rounding leaves a value with a clear low half unchanged, so that nan stays a quiet nan, and the
-// test (a compare and a blend per rounding, a quarter of the forward's instructions) is not needed. The
+// nan (0xffc00000 on x86). Rounding leaves a value with a clear low half unchanged, so that nan stays a quiet nan,
+// and the test (a compare and a blend per rounding, a quarter of the forward's instructions) is not needed. The
 // conversions are most of the forward's instructions: at 1024 x 4096 the rows are in L3 and the kernel is bound
 // by them, not by memory. Returned as float bits with the low half cleared: one `and` where the bf16 bits would
 // need a shift right and a shift left.
