@@ -235,8 +235,10 @@ void tile_pair_matmul(int64_t rows, int64_t cols, const uint32_t* a, int64_t a_s
       } else {
         amx_tiles::zero<0>();
         amx_tiles::zero<1>();
-        amx_tiles::zero<2>();
-        amx_tiles::zero<3>();
+        if (two_row_tiles) {
+          amx_tiles::zero<2>();
+          amx_tiles::zero<3>();
+        }
       }
       for (int64_t p = 0; p < n_pairs; p += kAmxDim) {
         amx_tiles::load<4>(a + r * a_stride + p, a_bytes);
@@ -259,8 +261,10 @@ void tile_pair_matmul(int64_t rows, int64_t cols, const uint32_t* a, int64_t a_s
       }
       amx_tiles::store<0>(&block[0][0], kBlockBytes);
       amx_tiles::store<1>(&block[0][kAmxDim], kBlockBytes);
-      amx_tiles::store<2>(&block[kAmxDim][0], kBlockBytes);
-      amx_tiles::store<3>(&block[kAmxDim][kAmxDim], kBlockBytes);
+      if (two_row_tiles) {
+        amx_tiles::store<2>(&block[kAmxDim][0], kBlockBytes);
+        amx_tiles::store<3>(&block[kAmxDim][kAmxDim], kBlockBytes);
+      }
       const int64_t block_rows = std::min(2 * kAmxDim, rows - r);
       for (int64_t i = 0; i < block_rows; ++i) {
         for (int64_t half = 0; half < 2; ++half) {
@@ -287,6 +291,10 @@ void pair_matmul_rows(int64_t rows, int64_t cols, const uint32_t* a, int64_t a_s
 #endif
 }
 
+// The zero-masked forms: GCC 12's unmasked ones start from _mm512_undefined_epi32, which -Wall reports.
+inline constexpr __mmask16 kAllLanes = 0xffff;
+inline constexpr __mmask8 kAllQwords = 0xff;
+
 // dst[c][r] = src[r][c] for 32-bit elements, r < src_rows and c < cols (both multiples of 16), the rows from
 // valid_rows on read as zeros: 16 x 16 blocks transposed in registers (pairs of elements, of those pairs, then of
 // 128-bit lanes, twice).
@@ -299,24 +307,24 @@ inline void transpose_words(const uint32_t* src, int64_t src_stride, int64_t src
         x[i] = r0 + i < valid_rows ? _mm512_loadu_si512(src + (r0 + i) * src_stride + c0) : _mm512_setzero_si512();
       }
       for (int i = 0; i < 16; i += 2) {  // y[i]: columns 4l, 4l + 1 of rows i, i + 1 in lane l; y[i + 1]: 4l + 2, + 3
-        y[i] = _mm512_unpacklo_epi32(x[i], x[i + 1]);
-        y[i + 1] = _mm512_unpackhi_epi32(x[i], x[i + 1]);
+        y[i] = _mm512_maskz_unpacklo_epi32(kAllLanes, x[i], x[i + 1]);
+        y[i + 1] = _mm512_maskz_unpackhi_epi32(kAllLanes, x[i], x[i + 1]);
       }
       for (int i = 0; i < 16; i += 4) {  // x[i + j]: column 4l + j of rows i .. i + 3 in lane l
-        x[i] = _mm512_unpacklo_epi64(y[i], y[i + 2]);
-        x[i + 1] = _mm512_unpackhi_epi64(y[i], y[i + 2]);
-        x[i + 2] = _mm512_unpacklo_epi64(y[i + 1], y[i + 3]);
-        x[i + 3] = _mm512_unpackhi_epi64(y[i + 1], y[i + 3]);
+        x[i] = _mm512_maskz_unpacklo_epi64(kAllQwords, y[i], y[i + 2]);
+        x[i + 1] = _mm512_maskz_unpackhi_epi64(kAllQwords, y[i], y[i + 2]);
+        x[i + 2] = _mm512_maskz_unpacklo_epi64(kAllQwords, y[i + 1], y[i + 3]);
+        x[i + 3] = _mm512_maskz_unpackhi_epi64(kAllQwords, y[i + 1], y[i + 3]);
       }
       for (int j = 0; j < 4; ++j) {  // y[4g + j]: lanes (0, 2) then (1, 3) of rows 8g .. 8g + 7's x[.. + j]
         for (int g = 0; g < 2; ++g) {
-          y[8 * g + j] = _mm512_shuffle_i32x4(x[8 * g + j], x[8 * g + 4 + j], 0x88);
-          y[8 * g + 4 + j] = _mm512_shuffle_i32x4(x[8 * g + j], x[8 * g + 4 + j], 0xdd);
+          y[8 * g + j] = _mm512_maskz_shuffle_i32x4(kAllLanes, x[8 * g + j], x[8 * g + 4 + j], 0x88);
+          y[8 * g + 4 + j] = _mm512_maskz_shuffle_i32x4(kAllLanes, x[8 * g + j], x[8 * g + 4 + j], 0xdd);
         }
       }
       for (int j = 0; j < 8; ++j) {  // column j (and j + 8): its four groups of four rows
-        x[j] = _mm512_shuffle_i32x4(y[j], y[8 + j], 0x88);
-        x[8 + j] = _mm512_shuffle_i32x4(y[j], y[8 + j], 0xdd);
+        x[j] = _mm512_maskz_shuffle_i32x4(kAllLanes, y[j], y[8 + j], 0x88);
+        x[8 + j] = _mm512_maskz_shuffle_i32x4(kAllLanes, y[j], y[8 + j], 0xdd);
       }
       for (int i = 0; i < 16; ++i) _mm512_storeu_si512(dst + (c0 + i) * dst_stride + r0, x[i]);
     }
@@ -343,9 +351,6 @@ inline void interleave_rows(const void* row0, const void* row1, int64_t n, uint3
     _mm512_storeu_si512(out + c + kLanes, _mm512_permutex2var_epi16(a, high, b));
   }
 }
-
-// The zero-masked forms: GCC 12's unmasked ones start from _mm512_undefined_epi32, which -Wall reports.
-inline constexpr __mmask16 kAllLanes = 0xffff;
 
 // out[q][c] = bf16(src[2q][c]) | bf16(src[2q + 1][c]) << 16 for n_rows rows of floats (an odd count's last pair:
 // zero above) and cols columns (a multiple of kLanes): pairs along the rows of a float matrix, rounded.
