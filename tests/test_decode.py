@@ -404,6 +404,22 @@ def test_fullgraph_compile_appends_and_matches_eager(device):
     check_caches(kc_c, vc_c, k_cache, v_cache, want_k, want_v, cache_seqlens, 5, True, True)
 
 
+# --------------------------------------------------------------------------- the op's registration
+@pytest.mark.parametrize("backend", [*BACKENDS, "reference"])
+def test_op_declares_what_it_writes(device, backend):
+    """torch.library.opcheck (the schema's mutations against what the op writes, the fake implementation, the
+    compiled path) on an appending call with RoPE; and an append bumps both caches' version counters, which the
+    op does itself (a kernel's writes are invisible to torch)."""
+    q, k_cache, v_cache, cache_seqlens, k, v = make_inputs(2, 24, 4, 2, 64, F32, [3, 11], 2, True, device)
+    inv_freq = rope_inv_freq(64, 1e4, device=device)
+    op = torch.ops.llama_kernels.flash_attention_with_kvcache
+    args = (q, k_cache, v_cache, cache_seqlens, k, v, inv_freq, False, True, 64**-0.5, 0, backend)
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    versions = k_cache._version, v_cache._version
+    op(*args)
+    assert k_cache._version > versions[0] and v_cache._version > versions[1]
+
+
 # --------------------------------------------------------------------------- property
 @settings(max_examples=10, deadline=None, derandomize=True)
 @given(data=st.data(), batch=st.integers(1, 2), s_max=st.integers(1, 140), sq=st.sampled_from([1, 5]),

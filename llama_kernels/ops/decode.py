@@ -259,7 +259,17 @@ def _rotate_and_append(q, k_cache, v_cache, cache_seqlens, k, v, inv_freq, inter
     return q
 
 
-@torch.library.custom_op("llama_kernels::flash_attention_with_kvcache", mutates_args=("k_cache", "v_cache"))
+# Defined through torch.library's low-level API rather than custom_op: custom_op bumps a mutating op's version
+# counters in a Python kernel that walks the 13-argument schema on every call (50 us a decoding step, 0.2 ms once
+# the step's kernel has streamed the cache through the CPU's caches); the body bumps the caches' versions itself.
+torch.library.define(
+    "llama_kernels::flash_attention_with_kvcache",
+    "(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? k, Tensor? v, Tensor? inv_freq, "
+    "bool interleaved, bool causal, float softmax_scale, SymInt num_splits, str backend, Tensor? block_table=None) "
+    "-> (Tensor, Tensor)")
+
+
+@torch.library.impl("llama_kernels::flash_attention_with_kvcache", "default")
 def _kvcache_op(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, k: Tensor | None, v: Tensor | None,
     inv_freq: Tensor | None, interleaved: bool, causal: bool, softmax_scale: float, num_splits: int, backend: str,
@@ -270,13 +280,15 @@ def _kvcache_op(
         return torch.empty_like(q), q.new_empty((0, q.shape[2], seqlen_q), dtype=torch.float32)
     if k is not None or inv_freq is not None:
         q = _rotate_and_append(q, k_cache, v_cache, cache_seqlens, k, v, inv_freq, interleaved, backend, block_table)
+    if k is not None:  # written in place (by a kernel, where torch does not see it)
+        torch.autograd.graph.increment_version((k_cache, v_cache))
     appended = seqlen_q if k is not None else 0
     seqlens_k = cache_seqlens + appended if appended else cache_seqlens
     attend = pick(backend, triton=decode_triton, native=_decode_native, reference=_decode_reference)
     return attend(q, k_cache, v_cache, seqlens_k, appended, causal, softmax_scale, num_splits, block_table)
 
 
-@_kvcache_op.register_fake
+@torch.library.register_fake("llama_kernels::flash_attention_with_kvcache")
 def _(q, k_cache, v_cache, cache_seqlens, k, v, inv_freq, interleaved, causal, softmax_scale, num_splits, backend,
       block_table=None):
     return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
@@ -408,9 +420,11 @@ def flash_attention_with_kvcache(
         appended = seqlen_q if k is not None else 0
         if block_table is not None:
             _check_block_table_entries(block_table, cache_seqlens, appended, k_cache)
-        elif batch and (cache_seqlens.min() < 0 or cache_seqlens.max() + appended > k_cache.shape[1]):
-            raise ValueError(f"cache_seqlens: expected 0 <= cache_seqlens[b] and cache_seqlens[b] + {appended} "
-                             f"(new tokens) <= k_cache's S_max = {k_cache.shape[1]}, got {cache_seqlens.tolist()}")
+        elif batch:
+            lengths = cache_seqlens.tolist()  # one read: min() and max() as tensor ops cost more on the CPU
+            if min(lengths) < 0 or max(lengths) + appended > k_cache.shape[1]:
+                raise ValueError(f"cache_seqlens: expected 0 <= cache_seqlens[b] and cache_seqlens[b] + {appended} "
+                                 f"(new tokens) <= k_cache's S_max = {k_cache.shape[1]}, got {lengths}")
     scale = resolve_softmax_scale(softmax_scale, head_dim)
     o, lse = torch.ops.llama_kernels.flash_attention_with_kvcache(
         q, k_cache, v_cache, cache_seqlens, k, v, inv_freq.contiguous() if inv_freq is not None else None,
