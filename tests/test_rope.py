@@ -121,8 +121,10 @@ def test_backward_is_the_inverse_rotation(device):
     torch.testing.assert_close(k3, k, rtol=1e-5, atol=1e-5)
 
 
-def test_angle_error_against_float64_up_to_131072(device):
-    """Measured here: the default (fp32) angles match the reference exactly; precise mode is ~1e-7 from exact."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_angle_error_against_float64_up_to_131072(device, backend):
+    """Measured here: the default (fp32) angles match the reference's cos and sin within 2e-7 (Triton's libdevice
+    and the C++ kernels' own vectorized cos and sin); precise mode is ~1e-7 from exact."""
     d = 128
     positions = torch.arange(0, 131_072, 97, device=device)  # 1352 positions spread over the range
     q = torch.zeros(1, positions.numel(), 1, d, device=device)
@@ -131,10 +133,10 @@ def test_angle_error_against_float64_up_to_131072(device):
                                                        dtype=torch.float64, device=device)
     errors = {}
     for precise in (False, True):
-        out, _ = rope("triton", q, q, positions[None], precise=precise)
+        out, _ = rope(backend, q, q, positions[None], precise=precise)
         cos, sin = out[0, :, 0, : d // 2].double(), out[0, :, 0, d // 2:].double()
         errors[precise] = max((cos - exact.cos()).abs().max().item(), (sin - exact.sin()).abs().max().item())
-        if not precise:  # fp32 angles: the same bits as the reference's
+        if not precise:  # fp32 angles: the reference's, cos and sin within an ulp or two
             want, _ = ref.apply_rope(q, q, positions[None], lk.rope_inv_freq(d, device=device))
             assert_close(out, want, atol=2e-7, rtol=0)
     print(f"max |cos/sin - float64| up to position 131072: fp32 angles {errors[False]:.2e}, precise {errors[True]:.2e}")

@@ -44,7 +44,7 @@ struct RopeOperand {
 
 // Rotates q and k at positions[b * positions_stride_batch + s * positions_stride_token] by the angles
 // position * inv_freq[i] (i < head_dim / 2), formed in AngleT (float: Meta's and HF's fp32 product; double:
-// reduced mod 2*pi before the float cos/sin). cos and sin are scaled by attention_factor, sin negated when
+// reduced in fp64 before the float cos/sin). cos and sin are scaled by attention_factor, sin negated when
 // inverse. interleaved: pairs (x[2i], x[2i+1]); else (x[i], x[i + head_dim/2]). head_dim even.
 // Instantiated for T in {float, bf16, fp16} x AngleT in {float, double}.
 template <CpuIsa P, typename T, typename AngleT>
