@@ -48,6 +48,21 @@ inline void sincos_of(double angle, float& cos_out, float& sin_out) {
 template <typename T>
 void rotate_head(const T* src, T* dst, const float* __restrict cos, const float* __restrict sin, int64_t half,
                  bool interleaved) {
+  if constexpr (sizeof(T) == 2) {
+    if (interleaved) {  // a 16-bit pair is one 32-bit word: contiguous loads and stores, not stride-2 ones
+#pragma omp simd
+      for (int64_t i = 0; i < half; ++i) {
+        uint32_t pair;
+        std::memcpy(&pair, src + 2 * i, sizeof pair);
+        const float x1 = to_float(T{static_cast<uint16_t>(pair)}), x2 = to_float(T{static_cast<uint16_t>(pair >> 16)});
+        const uint32_t out1 = from_float<T>(x1 * cos[i] - x2 * sin[i]).bits;
+        const uint32_t out2 = from_float<T>(x1 * sin[i] + x2 * cos[i]).bits;
+        const uint32_t rotated = out1 | out2 << 16;
+        std::memcpy(dst + 2 * i, &rotated, sizeof rotated);
+      }
+      return;
+    }
+  }
   if (interleaved) {
 #pragma omp simd
     for (int64_t i = 0; i < half; ++i) {
