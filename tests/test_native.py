@@ -136,39 +136,6 @@ def test_bf16_matmul_matches_float64(m, k, n, b_layout):
     assert ((out.double() - want - base.double()).abs() <= bound + 2**-23 * base.double().abs()).all()
 
 
-def huge_page_advised(t: torch.Tensor) -> bool:
-    """Whether the mapping holding the middle of t's buffer is advised MADV_HUGEPAGE ("hg" in /proc's VmFlags)."""
-    address = t.data_ptr() + t.nbytes // 2
-    inside = False
-    with open("/proc/self/smaps") as smaps:
-        for line in smaps:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):  # a mapping's first line: start-end perms ...
-                start, end = (int(a, 16) for a in head.split("-"))
-                inside = start <= address < end
-            elif inside and head == "VmFlags:":
-                return "hg" in line.split()[1:]
-    raise AssertionError(f"no mapping holds {address:#x}")
-
-
-@built
-@pytest.mark.extension
-@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage").exists(), reason="no transparent huge pages")
-def test_large_cpu_outputs_ask_for_huge_pages():
-    """A fresh output of 32 MiB and more (mapped afresh by glibc on every allocation) is advised MADV_HUGEPAGE
-    before the kernel writes it, whether the C++ op allocates it (RMSNorm) or the caller does (RoPE); a smaller
-    one, and an input rotated in place, are left alone."""
-    big = randn(4096, 2048)  # 32 MiB of fp32
-    y = lk.rms_norm(big, randn(2048), backend="native")
-    assert huge_page_advised(y) and not huge_page_advised(big)
-    assert not huge_page_advised(lk.rms_norm(big[:64], randn(2048), backend="native"))
-    q, k = big.view(1, 2048, 32, 128), randn(1, 2048, 1, 128)
-    q_rotated, _ = lk.apply_rope(q, k, theta=1e4, backend="native")
-    assert huge_page_advised(q_rotated)
-    lk.apply_rope(q, k, theta=1e4, inplace=True, backend="native")
-    assert not huge_page_advised(q)
-
-
 def test_the_cmake_library_loads_and_runs():
     """The CMake build's library (make test builds it first) registers the same ops for torch.ops.load_library."""
     library = Path(__file__).resolve().parent.parent / "build" / "cmake" / "libllama_kernels_C.so"

@@ -46,8 +46,8 @@ std::tuple<at::Tensor, at::Tensor> attention_impl(const char* op, const at::Tens
                                                   const at::Tensor& v, const int32_t* seqlens_k,
                                                   const cpu::AttentionProblem& problem,
                                                   const cpu::KvPages* pages = nullptr) {
-  at::Tensor o = new_output(q.sizes(), q.options());
-  at::Tensor lse = new_output({problem.batch, problem.n_q_heads, problem.seqlen_q}, q.options().dtype(at::kFloat));
+  at::Tensor o = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({problem.batch, problem.n_q_heads, problem.seqlen_q}, q.options().dtype(at::kFloat));
   dispatch_storage_type<cpu::bf16, cpu::fp16>(q.scalar_type(), op, "q", [&](auto tag) {
     using T = decltype(tag);
     cpu::on_isa(cpu::cpu_isa(), [&]<cpu::CpuIsa P> {
@@ -127,9 +127,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
   at::Tensor dlse_contiguous;
   if (dlse.has_value() && dlse->defined()) dlse_contiguous = check_lse(op, "dlse", *dlse, problem);
   const float* dlse_ptr = dlse_contiguous.defined() ? dlse_contiguous.data_ptr<float>() : nullptr;
-  at::Tensor dq = new_output(q.sizes(), q.options());
-  at::Tensor dk = new_output(k.sizes(), k.options());
-  at::Tensor dv = new_output(v.sizes(), v.options());
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
   dispatch_storage_type<cpu::bf16, cpu::fp16>(q.scalar_type(), op, "q", [&](auto tag) {
     using T = decltype(tag);
     cpu::on_isa(cpu::cpu_isa(), [&]<cpu::CpuIsa P> {

@@ -56,8 +56,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_step_cpu(const at::Tensor& logi
     check_layout(op, "dz", *dz, 2, "(rows, vocab)");
     check_shape(op, "dz", *dz, logits.sizes());
   }
-  at::Tensor loss = new_output({rows}, logits.options());
-  at::Tensor lse = new_output({rows}, logits.options());
+  at::Tensor loss = at::empty({rows}, logits.options());
+  at::Tensor lse = at::empty({rows}, logits.options());
   if (rows == 0 || vocab == 0) return {loss, lse};
   auto run = [&](auto dz_tag) {
     using DZ = decltype(dz_tag);
@@ -88,7 +88,7 @@ at::Tensor pack_pairs_cpu(const at::Tensor& b) {
   check_dtype(op, "b", b, at::kBFloat16);
   TORCH_CHECK(b.dim() == 2, op, ": b: expected 2 dims (K, N), got shape ", b.sizes());
   const int64_t k = b.size(0), n = b.size(1), pairs = (k + 1) / 2, s0 = b.stride(0), s1 = b.stride(1);
-  at::Tensor out = new_output({pairs, n, 2}, b.options());
+  at::Tensor out = at::empty({pairs, n, 2}, b.options());
   const auto* src = data_of<const uint16_t>(b);
   auto* dst = data_of<uint32_t>(out);
   const bool even_pairs = k % 2 == 0 && s1 % 2 == 0 && reinterpret_cast<uintptr_t>(src) % 4 == 0;

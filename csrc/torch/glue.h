@@ -8,12 +8,6 @@
 
 #include <torch/types.h>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
-#include <cstdint>
-
 #include "kernel_types.h"
 
 namespace llama_kernels {
@@ -66,28 +60,6 @@ inline void check_layout(const char* op, const char* name, const at::Tensor& t, 
               ": expected a contiguous last dim (stride 1), got strides ", t.strides());
 }
 
-// A CPU buffer of 32 MiB or more (past glibc's largest mmap threshold, so mapped afresh by every allocation)
-// asks Linux for transparent huge pages before its first touch: under THP's "madvise" mode, the default of many
-// distributions, it would otherwise take a page fault per 4 KiB, which cost more than the kernels' own traffic at
-// 34B's shapes. Only advice: with THP off, or where the call fails, nothing changes.
-inline void prefer_huge_pages(const at::Tensor& t) {
-#if defined(__linux__)
-  constexpr uintptr_t kHugePage = uintptr_t{1} << 21, kFreshlyMapped = uintptr_t{32} << 20;
-  if (!t.is_cpu() || t.nbytes() < kFreshlyMapped) return;
-  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t last = (begin + t.nbytes()) & ~(kHugePage - 1);
-  madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#endif
-}
-
-// Every output the ops allocate.
-inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor t = at::empty(sizes, options);
-  prefer_huge_pages(t);
-  return t;
-}
-
 // The operands of rms_norm on `device`: x (rows, n), weight (n,), residual like x, all with a contiguous last dim.
 // The backward's h and dh are x and residual: the names go into the messages.
 inline void check_rms_norm(const char* op, const char* x_name, const at::Tensor& x, const char* residual_name,
@@ -112,8 +84,8 @@ inline void check_rms_norm(const char* op, const char* x_name, const at::Tensor&
 inline std::tuple<at::Tensor, at::Tensor> rms_norm_outputs(const at::Tensor& x, bool has_residual,
                                                            const at::Tensor& weight) {
   const at::ScalarType y_dtype = at::promote_types(x.scalar_type(), weight.scalar_type());
-  at::Tensor y = new_output(x.sizes(), x.options().dtype(y_dtype));
-  at::Tensor h = has_residual ? new_output(x.sizes(), x.options()) : at::empty({0}, x.options());
+  at::Tensor y = at::empty(x.sizes(), x.options().dtype(y_dtype));
+  at::Tensor h = has_residual ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
   return {y, h};
 }
 

@@ -83,8 +83,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& dy, c
   check_shape(op, "dy", dy, h.sizes());
 
   const int64_t rows = h.size(0), n = h.size(1);
-  at::Tensor dx = new_output({rows, n}, h.options());
-  at::Tensor dweight = new_output({n}, weight.options());
+  at::Tensor dx = at::empty({rows, n}, h.options());
+  at::Tensor dweight = at::empty({n}, weight.options());
   dispatch_norm_types(op, "h", h.scalar_type(), weight.scalar_type(), [&](auto h_tag, auto weight_tag) {
     using T = decltype(h_tag);
     using W = decltype(weight_tag);
@@ -104,8 +104,6 @@ void rope_cpu(at::Tensor& q_out, at::Tensor& k_out, const at::Tensor& q, const a
               bool inverse) {
   constexpr const char* op = "rope";
   check_rope(op, q_out, k_out, q, k, positions, inv_freq, kCpu);
-  if (!q_out.is_same(q)) prefer_huge_pages(q_out);  // out of place: the caller's fresh outputs
-  if (!k_out.is_same(k)) prefer_huge_pages(k_out);
   const int64_t batch = q.size(0), seqlen = q.size(1), head_dim = q.size(3);
   if (batch * seqlen == 0) return;
   dispatch_storage_type<bf16, fp16>(q.scalar_type(), op, "q", [&](auto tag) {
@@ -130,7 +128,7 @@ at::Tensor swiglu_cpu(const at::Tensor& gate, const at::Tensor& up) {
   constexpr const char* op = "swiglu";
   check_swiglu(op, {{"gate", gate}, {"up", up}});
   const int64_t rows = gate.size(0), n = gate.size(1);
-  at::Tensor y = new_output({rows, n}, gate.options());
+  at::Tensor y = at::empty({rows, n}, gate.options());
   dispatch_storage_type<bf16, fp16>(gate.scalar_type(), op, "gate", [&](auto tag) {
     using T = decltype(tag);
     cpu::on_isa(cpu::cpu_isa(), [&]<cpu::CpuIsa P> {
@@ -146,8 +144,8 @@ std::tuple<at::Tensor, at::Tensor> swiglu_backward_cpu(const at::Tensor& dy, con
   constexpr const char* op = "swiglu_backward";
   check_swiglu(op, {{"gate", gate}, {"up", up}, {"dy", dy}});
   const int64_t rows = gate.size(0), n = gate.size(1);
-  at::Tensor dgate = new_output({rows, n}, gate.options());
-  at::Tensor dup = new_output({rows, n}, gate.options());
+  at::Tensor dgate = at::empty({rows, n}, gate.options());
+  at::Tensor dup = at::empty({rows, n}, gate.options());
   dispatch_storage_type<bf16, fp16>(gate.scalar_type(), op, "gate", [&](auto tag) {
     using T = decltype(tag);
     cpu::on_isa(cpu::cpu_isa(), [&]<cpu::CpuIsa P> {
