@@ -61,7 +61,7 @@ def values_readable(*tensors: Tensor) -> bool:
     tensors (shapes only: the ops' fake implementations carry them through)."""
     if torch.compiler.is_compiling():
         return False
-    return all(t.device.type != "meta" and not (not _plain(t) and is_fake(t)) for t in tensors)
+    return all(t.device.type != "meta" and (_plain(t) or not is_fake(t)) for t in tensors)
 
 
 def _plain(t: Tensor) -> bool:

@@ -242,6 +242,7 @@ def _rotate_and_append(q, k_cache, v_cache, cache_seqlens, k, v, inv_freq, inter
         q_rotated = _triton.new_output(q.shape, q.dtype, q.device)
         rope_triton(q, k, q_rotated, k_cache, positions, 0, angles, 1.0, interleaved, False, v=v, v_out=v_cache,
                     block_table=block_table)
+        torch.autograd.graph.increment_version((k_cache, v_cache))  # a kernel's writes: torch does not see them
         return q_rotated
     if inv_freq is not None:  # rotate q, and the new k, at their positions; an empty k when there is none
         k_new = k if k is not None else q[:, :, :0]
@@ -261,7 +262,8 @@ def _rotate_and_append(q, k_cache, v_cache, cache_seqlens, k, v, inv_freq, inter
 
 # Defined through torch.library's low-level API rather than custom_op: custom_op bumps a mutating op's version
 # counters in a Python kernel that walks the 13-argument schema on every call (50 us a decoding step, 0.2 ms once
-# the step's kernel has streamed the cache through the CPU's caches); the body bumps the caches' versions itself.
+# the step's kernel has streamed the cache through the CPU's caches). The append bumps the caches' versions: the
+# Triton one explicitly, the others through torch's index_put_.
 torch.library.define(
     "llama_kernels::flash_attention_with_kvcache",
     "(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? k, Tensor? v, Tensor? inv_freq, "
@@ -280,8 +282,6 @@ def _kvcache_op(
         return torch.empty_like(q), q.new_empty((0, q.shape[2], seqlen_q), dtype=torch.float32)
     if k is not None or inv_freq is not None:
         q = _rotate_and_append(q, k_cache, v_cache, cache_seqlens, k, v, inv_freq, interleaved, backend, block_table)
-    if k is not None:  # written in place (by a kernel, where torch does not see it)
-        torch.autograd.graph.increment_version((k_cache, v_cache))
     appended = seqlen_q if k is not None else 0
     seqlens_k = cache_seqlens + appended if appended else cache_seqlens
     attend = pick(backend, triton=decode_triton, native=_decode_native, reference=_decode_reference)
