@@ -309,6 +309,18 @@ inline void key_offsets(HeadStrides strides, int64_t b, int64_t first, int64_t n
   }
 }
 
+// If the rows at base + rows[0 .. n) are evenly spaced (a paged block can cross pages), points block at the first
+// and stride at their spacing.
+inline bool rows_in_place(const float* base, const int64_t* rows, int64_t n, const float*& block, int64_t& stride) {
+  const int64_t spacing = n > 1 ? rows[1] - rows[0] : 0;
+  for (int64_t j = 2; j < n; ++j) {
+    if (rows[j] - rows[j - 1] != spacing) return false;
+  }
+  block = base + rows[0];
+  stride = spacing;
+  return true;
+}
+
 template <typename T>
 void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k_strides, const T* v,
                     HeadStrides v_strides, T* o, HeadStrides o_strides, float* lse, const int32_t* seqlens_k,
@@ -367,6 +379,19 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
     const int64_t n_known = std::min(2 * kKeyBlock, key_end - key_begin);  // this block's keys and the next's
     key_offsets(k_strides, tile.batch_index, key_begin, n_known, pages, ws.k_rows.get());
     key_offsets(v_strides, tile.batch_index, key_begin, n_known, pages, ws.v_rows.get());
+    // A narrow tile reads fp32 rows where they lie when the block's are evenly spaced and need no padding: copying
+    // them to the block buffers cost more than its products. Keys only for a single row (decoding without GQA) and
+    // whole vectors of them: score_rows reads the block once per row, and rows a token stride apart share L1 sets.
+    const float* k_block = ws.k_block.get();
+    const float* v_block = ws.v_block.get();
+    int64_t k_block_stride = row_stride, v_block_stride = row_stride;
+    bool k_in_place = false, v_in_place = false;
+    if constexpr (std::is_same_v<T, float>) {
+      const bool unpadded = narrow && head_dim == row_stride;
+      k_in_place = unpadded && rows == 1 && n_keys % kLanes == 0 &&
+                   rows_in_place(k_head, ws.k_rows.get(), n_keys, k_block, k_block_stride);
+      v_in_place = unpadded && rows_in_place(v_head, ws.v_rows.get(), n_keys, v_block, v_block_stride);
+    }
     for (int64_t j = 0; j < n_keys; ++j) {
       if (j + kKeyBlock < n_known) {
         prefetch_row(k_head + ws.k_rows[j + kKeyBlock], head_dim);
@@ -384,8 +409,8 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
         continue;
       }
 #endif
-      convert(k_row, ws.k_block.get() + j * row_stride, head_dim);
-      convert(v_row, ws.v_block.get() + j * row_stride, head_dim);
+      if (!k_in_place) convert(k_row, ws.k_block.get() + j * row_stride, head_dim);
+      if (!v_in_place) convert(v_row, ws.v_block.get() + j * row_stride, head_dim);
     }
     // Causal mask, only in the blocks that reach past the first query's diagonal.
     const bool needs_mask = problem.causal && key_begin + n_keys - 1 > tile.q_begin + causal_offset;
@@ -399,7 +424,7 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
       } else
 #endif
       {
-        score_rows(ws.k_block.get(), row_stride, n_keys, ws.q_rows.get(), row_stride, rows,
+        score_rows(k_block, k_block_stride, n_keys, ws.q_rows.get(), row_stride, rows,
                    round_up(head_dim, kLanes), 1.0f, scores, kKeyBlock, FloatDot{});
       }
       softmax_rows(scores, kKeyBlock, rows, n_keys, key_begin, needs_mask, ws.row_limit.get(), ws.row_max.get(),
@@ -415,7 +440,7 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
       }
 #endif
       for (int64_t c = 0; c < ws.head_dim_padded; c += kTileCols) {
-        kPvTiles[rows](scores, kKeyBlock, 1, ws.v_block.get() + c, row_stride, n_keys, ws.rescale.get(),
+        kPvTiles[rows](scores, kKeyBlock, 1, v_block + c, v_block_stride, n_keys, ws.rescale.get(),
                        ws.acc.get() + c, row_stride);
       }
       continue;
