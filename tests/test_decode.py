@@ -139,8 +139,9 @@ def case_id(case):
 # (id, batch, S_max, Hq, Hk, head_dim, dtype, cache_seqlens, Sq, append, rope, num_splits, causal)
 CASES = [
     ("decode-8/2-d64-fp32-half", 2, 64, 8, 2, 64, F32, [1, 40], 1, True, "theta", 0, True),
-    # 143 + 1 = 144 keys, whole vectors of keys in every block (the C++ kernel reads fp32 rows in place); 101 not.
+    # 143 + 1 = 144 keys, whole vectors of keys in every block (the C++ kernel reads the keys in place); 101 not.
     ("decode-whole-blocks-8/8-d128-fp32", 2, 160, 8, 8, 128, F32, [143, 100], 1, True, "theta", 0, True),
+    ("decode-whole-blocks-8/8-d128-bf16", 2, 160, 8, 8, 128, BF16, [143, 100], 1, True, "theta", 0, True),
     ("empty-caches-append-8/8-d128-fp32-interleaved", 2, 16, 8, 8, 128, F32, [0, 0], 5, True, "theta-interleaved", 0,
      True),
     ("ragged-0-1-300-append-8/1-d128-bf16-half", 3, 320, 8, 1, 128, BF16, [0, 1, 300], 1, True, "theta", 0, True),

@@ -311,7 +311,8 @@ inline void key_offsets(HeadStrides strides, int64_t b, int64_t first, int64_t n
 
 // If the rows at base + rows[0 .. n) are evenly spaced (a paged block can cross pages), points block at the first
 // and stride at their spacing.
-inline bool rows_in_place(const float* base, const int64_t* rows, int64_t n, const float*& block, int64_t& stride) {
+template <typename Row>
+inline bool rows_in_place(const Row* base, const int64_t* rows, int64_t n, const Row*& block, int64_t& stride) {
   const int64_t spacing = n > 1 ? rows[1] - rows[0] : 0;
   for (int64_t j = 2; j < n; ++j) {
     if (rows[j] - rows[j - 1] != spacing) return false;
@@ -379,18 +380,30 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
     const int64_t n_known = std::min(2 * kKeyBlock, key_end - key_begin);  // this block's keys and the next's
     key_offsets(k_strides, tile.batch_index, key_begin, n_known, pages, ws.k_rows.get());
     key_offsets(v_strides, tile.batch_index, key_begin, n_known, pages, ws.v_rows.get());
-    // A narrow tile reads fp32 rows where they lie when the block's are evenly spaced and need no padding: copying
-    // them to the block buffers cost more than its products. Keys only for a single row (decoding without GQA) and
-    // whole vectors of them: score_rows reads the block once per row, and rows a token stride apart share L1 sets.
+    // A narrow tile reads fp32 rows, and bf16 keys (their own pairs), where they lie when the block's are evenly
+    // spaced and need no padding: copying them to the block buffers cost more than its products. Keys only for a
+    // single row (decoding without GQA) and whole vectors of them: score_rows reads the block once per row, and
+    // rows a token stride apart share L1 sets.
     const float* k_block = ws.k_block.get();
     const float* v_block = ws.v_block.get();
-    int64_t k_block_stride = row_stride, v_block_stride = row_stride;
+    const uint32_t* k_pair_block = ws.k_pairs.get();
+    int64_t k_block_stride = row_stride, v_block_stride = row_stride, k_pair_stride = ws.pairs_padded;
     bool k_in_place = false, v_in_place = false;
+    const bool whole_keys = narrow && rows == 1 && n_keys % kLanes == 0;
     if constexpr (std::is_same_v<T, float>) {
       const bool unpadded = narrow && head_dim == row_stride;
-      k_in_place = unpadded && rows == 1 && n_keys % kLanes == 0 &&
-                   rows_in_place(k_head, ws.k_rows.get(), n_keys, k_block, k_block_stride);
+      k_in_place = unpadded && whole_keys && rows_in_place(k_head, ws.k_rows.get(), n_keys, k_block, k_block_stride);
       v_in_place = unpadded && rows_in_place(v_head, ws.v_rows.get(), n_keys, v_block, v_block_stride);
+    }
+    if constexpr (kPairs) {
+      const T* first = nullptr;
+      int64_t spacing = 0;
+      k_in_place = whole_keys && head_dim == 2 * ws.pairs_padded &&
+                   rows_in_place(k_head, ws.k_rows.get(), n_keys, first, spacing) && spacing % 2 == 0;
+      if (k_in_place) {
+        k_pair_block = reinterpret_cast<const uint32_t*>(first);
+        k_pair_stride = spacing / 2;
+      }
     }
     for (int64_t j = 0; j < n_keys; ++j) {
       if (j + kKeyBlock < n_known) {
@@ -401,7 +414,7 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
       const T* v_row = v_head + ws.v_rows[j];
 #if defined(__AVX512BF16__)
       if constexpr (kPairs) {
-        row_pairs(k_row, head_dim, ws.k_pairs.get() + j * ws.pairs_padded);
+        if (!k_in_place) row_pairs(k_row, head_dim, ws.k_pairs.get() + j * ws.pairs_padded);
         if (j % 2 == 0) {
           const T* v_next = j + 1 < n_keys ? v_head + ws.v_rows[j + 1] : nullptr;
           interleave_rows(v_row, v_next, head_dim, ws.v_pairs.get() + j / 2 * row_stride);
@@ -419,7 +432,7 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
       float* scores = ws.scores_t.get();
 #if defined(__AVX512BF16__)
       if constexpr (kPairs) {
-        score_rows(ws.k_pairs.get(), ws.pairs_padded, n_keys, ws.q_pair_rows.get(), ws.pairs_padded, rows,
+        score_rows(k_pair_block, k_pair_stride, n_keys, ws.q_pair_rows.get(), ws.pairs_padded, rows,
                    ws.pairs_padded, scale_log2, scores, kKeyBlock, Bf16PairDot{});
       } else
 #endif
