@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/kernels.h"
@@ -43,11 +44,52 @@ inline void sincos_of(double angle, float& cos_out, float& sin_out) {
   cos_out = (quadrant + 1) & 2 ? -cos_abs : cos_abs;        // quadrants 1, 2
 }
 
+#if defined(__F16C__)
+// fp16 heads go through float chunks so that their conversions are dtypes.h's F16C array conversions, not the
+// portable bit-level ones (about a dozen instructions a vector each way). A chunk is read before it is written, so
+// dst may be src.
+void rotate_head_staged(const fp16* src, fp16* dst, const float* __restrict cos, const float* __restrict sin,
+                        int64_t half, bool interleaved) {
+  if (interleaved) {
+    for_each_chunk(half, [&](int64_t start, int64_t width) {
+      alignas(64) float x[2 * kChunk], out[2 * kChunk];
+      convert(src + 2 * start, x, 2 * width);
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) {
+        out[2 * i] = x[2 * i] * cos[start + i] - x[2 * i + 1] * sin[start + i];
+        out[2 * i + 1] = x[2 * i] * sin[start + i] + x[2 * i + 1] * cos[start + i];
+      }
+      convert(out, dst + 2 * start, 2 * width);
+    });
+    return;
+  }
+  for_each_chunk(half, [&](int64_t start, int64_t width) {
+    alignas(64) float x1[kChunk], x2[kChunk];
+    convert(src + start, x1, width);
+    convert(src + half + start, x2, width);
+#pragma omp simd
+    for (int64_t i = 0; i < width; ++i) {
+      const float a = x1[i], b = x2[i];
+      x1[i] = a * cos[start + i] - b * sin[start + i];
+      x2[i] = a * sin[start + i] + b * cos[start + i];
+    }
+    convert(x1, dst + start, width);
+    convert(x2, dst + half + start, width);
+  });
+}
+#endif
+
 // Rotates one head of head_dim = 2 * half elements; dst may be src (in place): each iteration reads the pair it
 // writes, and no other, so the vectorized loops stay right.
 template <typename T>
 void rotate_head(const T* src, T* dst, const float* __restrict cos, const float* __restrict sin, int64_t half,
                  bool interleaved) {
+#if defined(__F16C__)
+  if constexpr (std::is_same_v<T, fp16>) {
+    rotate_head_staged(src, dst, cos, sin, half, interleaved);
+    return;
+  }
+#endif
   if constexpr (sizeof(T) == 2) {
     if (interleaved) {  // a 16-bit pair is one 32-bit word: contiguous loads and stores, not stride-2 ones
 #pragma omp simd
