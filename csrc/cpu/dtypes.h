@@ -119,9 +119,10 @@ inline void convert(const float* src, float* dst, int64_t n) { std::memcpy(dst, 
 // each loop over a chunk compiles to a few vector instructions, and the arrays stay in L1 (or registers).
 constexpr int64_t kChunk = 64;
 
-// f(start, width) over the chunks of [0, n): full chunks with a constant width, then the remainder.
+// f(start, width) over the chunks of [0, n): full chunks with a constant width, then the remainder. Flattened, so
+// that f is inlined with that constant: gcc otherwise calls a large f per chunk, its captures reloaded each time.
 template <typename F>
-inline void for_each_chunk(int64_t n, F f) {
+__attribute__((flatten)) inline void for_each_chunk(int64_t n, F f) {
   int64_t start = 0;
   for (; start + kChunk <= n; start += kChunk) f(start, kChunk);
   if (start < n) f(start, n - start);
