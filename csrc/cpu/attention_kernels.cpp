@@ -64,6 +64,26 @@ void pv_tile(const float* p, int64_t p_row_stride, int64_t p_key_stride, const f
   }
 }
 
+// pv_tile for a single row over Vecs vectors of columns: each v row read whole and in order (the two-vector tiles
+// would sweep a block's rows once per 32 columns).
+template <int Vecs>
+void pv_row(const float* p, const float* v, int64_t v_stride, int64_t n_keys, float rescale, float* acc) {
+  VecF row[Vecs];
+#pragma GCC unroll 16
+  for (int i = 0; i < Vecs; ++i) row[i] = load(acc + i * kLanes) * rescale;
+  for (int64_t j = 0; j < n_keys; ++j) {
+    const VecF p_j = splat(p[j]);
+#pragma GCC unroll 16
+    for (int i = 0; i < Vecs; ++i) row[i] += p_j * load(v + j * v_stride + i * kLanes);
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < Vecs; ++i) store(acc + i * kLanes, row[i]);
+}
+
+// By columns / kTileCols, up to kPvRowCols columns at a time (8 accumulators, whatever the vector width).
+inline constexpr int64_t kPvRowCols = 8 * kLanes;
+constexpr std::array<decltype(&pv_row<2>), 5> kPvRows = {nullptr, &pv_row<2>, &pv_row<4>, &pv_row<6>, &pv_row<8>};
+
 // The shuffle that takes two vectors of keys, 2 * half lanes each, to one of keys with half lanes each, keys in
 // order: lane l of the result is key slot l / half, from the first vector (its slots come first) or the second,
 // and the lower (upper: the upper) half of that key's lanes.
@@ -452,6 +472,13 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
         continue;
       }
 #endif
+      if (rows == 1) {
+        for (int64_t c = 0; c < ws.head_dim_padded; c += kPvRowCols) {
+          kPvRows[std::min(kPvRowCols, ws.head_dim_padded - c) / kTileCols](
+              scores, v_block + c, v_block_stride, n_keys, ws.rescale[0], ws.acc.get() + c);
+        }
+        continue;
+      }
       for (int64_t c = 0; c < ws.head_dim_padded; c += kTileCols) {
         kPvTiles[rows](scores, kKeyBlock, 1, v_block + c, v_block_stride, n_keys, ws.rescale.get(),
                        ws.acc.get() + c, row_stride);

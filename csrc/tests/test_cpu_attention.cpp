@@ -344,6 +344,10 @@ int main(int argc, char** argv) {
     check(run_case<float>({2, 1, 150, 4, 2, head_dim, true, true, {}}, rng));
     check(run_case<bf16>({2, 3, 150, 8, 4, head_dim, true, false, {}}, rng));
   }
+  // Single-row tiles (decoding without GQA) take their columns 2 to 8 vectors at a time.
+  for (int64_t head_dim : {33, 80, 96, 160, 256}) {
+    check(run_case<float>({2, 1, 150, 4, 4, head_dim, true, head_dim % 2 == 0, {}}, rng));
+  }
   for (bool causal : {false, true}) {
     check(run_case<fp16>({2, 113, 113, 8, 2, 128, causal, false, {}}, rng));
     check(run_case<fp16>({1, 7, 300, 8, 8, 64, causal, true, {}}, rng));
