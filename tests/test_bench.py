@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from llama_kernels import cli
-from llama_kernels.bench import add_arguments, model, report
+from llama_kernels.bench import add_arguments, harness, model, report
 
 REPO = Path(__file__).resolve().parent.parent
 MEMORY_BOUND = {"rms_norm", "rms_norm_residual", "rms_norm_bwd", "rms_norm_fwd_bwd", "rope", "rope_bwd",
@@ -86,6 +86,25 @@ def test_without_matplotlib_the_benchmark_says_it_skips_the_plot(tmp_path, monke
     assert lines == [f"wrote {tmp_path / 'bench.json'}", f"wrote {tmp_path / 'bench.txt'}",
                      "no plot: matplotlib is not installed (pip install matplotlib, or the [bench] extra)"]
     assert json.loads((tmp_path / "bench.json").read_text()) == result and not (tmp_path / "bench.png").exists()
+
+
+def test_cpu_rows_time_their_providers_in_turns():
+    calls = []
+
+    def provider(name, fails_on_call=None):
+        def call():
+            calls.append(name)
+            if len([c for c in calls if c == name]) == fails_on_call:
+                raise RuntimeError(f"{name} failed")
+        return call
+
+    plan = harness.TimingPlan(gpu_warmup_ms=0, gpu_rep_ms=0, cpu_min_reps=4, cpu_max_reps=4, cpu_budget_s=0)
+    fns = {"a": provider("a"), "b": provider("b"), "c": provider("c", fails_on_call=4)}
+    results = harness.measure_in_turns(fns, plan)
+    # Two warm calls each, then rounds in alternating order; c fails in the second round and drops out.
+    assert calls == ["a", "a", "b", "b", "c", "c", "a", "b", "c", "c", "b", "a", "a", "b", "b", "a"]
+    assert str(results["c"]) == "c failed"
+    assert results["a"].reps == results["b"].reps == 4 and results["a"].min_ms <= results["a"].median_ms
 
 
 def test_benchmark_suites_run_once_each():

@@ -3,7 +3,8 @@
 - ``measure`` times a zero-argument function: on a GPU with
   ``triton.testing.do_bench`` (CUDA events, L2 flushed before each run, after a
   warm-up), on a CPU with ``time.perf_counter``; medians are reported, with the
-  min and max beside them so the spread shows.
+  min and max beside them so the spread shows. ``measure_in_turns`` times a row's
+  providers on a CPU in turns, a call of each per round.
 - ``measure_ceilings`` measures, in the same run, what the card or machine can do
   at best: a large device-to-device copy (bandwidth: every op here is memory
   bound, so its floor is bytes / copy bandwidth) and a large matmul (FLOP/s,
@@ -19,6 +20,7 @@ from __future__ import annotations
 import concurrent.futures
 import ctypes
 import gc
+import itertools
 import multiprocessing
 import os
 import platform
@@ -90,23 +92,52 @@ def sync_timer(device: torch.device):
 
 
 def measure(fn, device: torch.device, plan: TimingPlan = FULL) -> Timing:
+    if device.type != "cuda":
+        timing = measure_in_turns({"fn": fn}, plan)["fn"]
+        if isinstance(timing, Exception):
+            raise timing
+        return timing
     start = time.perf_counter()
     fn()
     synchronize(device)
     first_call_ms = (time.perf_counter() - start) * 1e3
-    if device.type == "cuda":
-        times = triton.testing.do_bench(fn, warmup=plan.gpu_warmup_ms, rep=plan.gpu_rep_ms, return_mode="all")
-    else:
-        fn()  # a second warm call: the first one may have compiled or faulted pages in
-        times = []
-        box_start = time.perf_counter()
-        while len(times) < plan.cpu_max_reps and (
-            len(times) < plan.cpu_min_reps or time.perf_counter() - box_start < plan.cpu_budget_s
-        ):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+    times = triton.testing.do_bench(fn, warmup=plan.gpu_warmup_ms, rep=plan.gpu_rep_ms, return_mode="all")
     return Timing(statistics.median(times), min(times), max(times), len(times), first_call_ms)
+
+
+def measure_in_turns(fns: dict, plan: TimingPlan = FULL) -> dict:
+    """CPU: the providers of one row timed in turns, one call of each per round, the order reversed every other
+    round, so that every provider sees the same machine (a VM's bandwidth and page-fault costs drift 1.3-2x within
+    seconds, and timing one provider after another puts that drift into their ratio). Stops after cpu_max_reps
+    rounds, or after cpu_min_reps once the rounds took cpu_budget_s per provider. Returns {name: Timing, or the
+    exception its call raised (that provider then drops out of the rounds)}."""
+    results, first_call_ms, times = {}, {}, {}
+    for name, fn in fns.items():
+        try:
+            start = time.perf_counter()
+            fn()
+            first_call_ms[name] = (time.perf_counter() - start) * 1e3
+            fn()  # a second warm call: the first one may have compiled or faulted pages in
+            times[name] = []
+        except Exception as e:  # reported as this provider's row by the caller
+            results[name] = e
+    order, box_start = list(times), time.perf_counter()
+    for rounds in itertools.count():
+        if not order or rounds >= plan.cpu_max_reps or (
+                rounds >= plan.cpu_min_reps and time.perf_counter() - box_start > plan.cpu_budget_s * len(order)):
+            break
+        for name in order if rounds % 2 == 0 else reversed(order):
+            try:
+                t0 = time.perf_counter()
+                fns[name]()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+            except Exception as e:
+                results[name] = e
+        order = [name for name in order if name not in results]
+    for name in order:
+        results[name] = Timing(statistics.median(times[name]), min(times[name]), max(times[name]), len(times[name]),
+                               first_call_ms[name])
+    return results
 
 
 def peak_memory_bytes(fn, device: torch.device, setup: Callable[[], ContextManager] | None = None) -> int | None:

@@ -23,7 +23,8 @@ import torch
 
 from . import model, report, train
 from .cases import CASES, OPS, Unavailable, figures, fresh_step, matrix
-from .harness import FULL, QUICK, default_device, device_info, measure, measure_ceilings, peak_memory_bytes
+from .harness import (FULL, QUICK, default_device, device_info, measure, measure_ceilings, measure_in_turns,
+                      peak_memory_bytes)
 
 
 def run_benchmark(ops=OPS, quick: bool = False, device: torch.device | None = None,
@@ -56,12 +57,15 @@ def run_benchmark(ops=OPS, quick: bool = False, device: torch.device | None = No
     rows = []
     for (case, shape), group in itertools.groupby(items, key=lambda item: (item.case, item.shape)):
         inputs = case.make_inputs(shape, device)
-        shape_rows = []
-        for item in group:
-            number = len(rows) + len(shape_rows) + 1
-            line = f"[{number}/{len(items)}] {case.name} {shape.label(case.op)} {item.provider}"
-            announce = functools.partial(print, line, file=progress, flush=True)
-            shape_rows.append(_measure_item(item, inputs, device, plan, ceilings, deadline, announce))
+        group = list(group)
+        announces = [functools.partial(print, f"[{len(rows) + i + 1}/{len(items)}] {case.name} "
+                                       f"{shape.label(case.op)} {item.provider}", file=progress, flush=True)
+                     for i, item in enumerate(group)]
+        if device.type == "cuda":  # one provider built and timed at a time: long rows' saved activations are large
+            shape_rows = [_measure_items([item], inputs, device, plan, ceilings, deadline, [announce])[0]
+                          for item, announce in zip(group, announces)]
+        else:
+            shape_rows = _measure_items(group, inputs, device, plan, ceilings, deadline, announces)
         _add_speedups(shape_rows)
         rows += shape_rows
         del inputs
@@ -87,29 +91,58 @@ def run_benchmark(ops=OPS, quick: bool = False, device: torch.device | None = No
     return result
 
 
-def _measure_item(item, inputs, device, plan, ceilings: dict, deadline: float | None, announce) -> dict:
-    """One row; ``announce()`` prints its progress line once the provider is built, so that a provider that
+def _measure_items(items, inputs, device, plan, ceilings: dict, deadline: float | None, announces) -> list[dict]:
+    """The rows of one shape's providers, in their order: built, then timed (on a CPU in turns, harness's
+    measure_in_turns). ``announces[i]()`` prints item i's progress line once it is built, so that a provider that
     cannot run here (skipped, with the reason) prints none."""
-    case, shape = item.case, item.shape
-    row = {"case": case.name, "op": case.op, "shape": shape.as_dict(case.op), "shape_label": shape.label(case.op),
-           "provider": item.provider}
-    if deadline is not None and time.monotonic() > deadline:
-        return {**row, "status": "skipped", "reason": "time budget spent"}
-    try:
-        fn = case.build(item.provider, inputs, device)
-        announce()
-        timing = measure(fn, device, plan)
-        setup = functools.partial(fresh_step, case.name, shape, item.provider) if case.cpu_peak else None
-        peak = peak_memory_bytes(fn, device, setup)
-    except Unavailable as e:
-        return {**row, "status": "skipped", "reason": str(e)}
-    except Exception as e:  # one failing provider (a peer's version, out of memory) is a row, not the end of the run
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        first_line = (str(e).splitlines() or [""])[0][:300]
-        return {**row, "status": "error", "reason": f"{type(e).__name__}: {first_line}"}
-    return {**row, "status": "ok", **timing.as_dict(), **figures(case, shape, timing.median_ms, ceilings),
-            "peak_mem_bytes": peak}
+    rows, fns = [], {}
+    for index, (item, announce) in enumerate(zip(items, announces)):
+        case, shape = item.case, item.shape
+        rows.append({"case": case.name, "op": case.op, "shape": shape.as_dict(case.op),
+                     "shape_label": shape.label(case.op), "provider": item.provider})
+        if deadline is not None and time.monotonic() > deadline:
+            rows[-1].update(status="skipped", reason="time budget spent")
+            continue
+        try:
+            fns[index] = case.build(item.provider, inputs, device)
+            announce()
+        except Exception as e:
+            rows[-1].update(_failure(e, device))
+    if device.type == "cuda":
+        timings = {}
+        for index, fn in fns.items():
+            try:
+                timings[index] = measure(fn, device, plan)
+            except Exception as e:
+                timings[index] = e
+    else:
+        timings = measure_in_turns(fns, plan)
+    for index, timing in timings.items():
+        item, row = items[index], rows[index]
+        try:
+            if isinstance(timing, Exception):
+                raise timing
+            setup = None
+            if item.case.cpu_peak:
+                setup = functools.partial(fresh_step, item.case.name, item.shape, item.provider)
+            peak = peak_memory_bytes(fns[index], device, setup)
+        except Exception as e:
+            row.update(_failure(e, device))
+            continue
+        row.update(status="ok", **timing.as_dict(), **figures(item.case, item.shape, timing.median_ms, ceilings),
+                   peak_mem_bytes=peak)
+    return rows
+
+
+def _failure(e: Exception, device) -> dict:
+    """A provider that cannot run here is skipped, with the reason; one that fails (a peer's version, out of
+    memory) is an error row, not the end of the run."""
+    if isinstance(e, Unavailable):
+        return {"status": "skipped", "reason": str(e)}
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    first_line = (str(e).splitlines() or [""])[0][:300]
+    return {"status": "error", "reason": f"{type(e).__name__}: {first_line}"}
 
 
 def _add_speedups(shape_rows: list[dict]) -> None:
