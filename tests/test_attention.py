@@ -413,6 +413,34 @@ def test_backward_is_bit_identical_across_runs(device, layout):
             assert torch.equal(a, b), f"d{name} differs between runs"
 
 
+def test_causal_query_blocks_heaviest_first(device, monkeypatch):
+    """The forward's and dq's HEAVIEST_FIRST candidate (a head's query blocks launched last to first), forced: a
+    partial last block, Sq != Sk, and packed sequences shorter than the grid's longest (their blocks past the end
+    return at once, in either order)."""
+    from llama_kernels.ops import _triton, attention
+
+    flags, launch = [], _triton.launch
+    monkeypatch.setattr(_triton, "launch", lambda kernel, *args, **kw: flags.append((kernel, kw.get("HEAVIEST_FIRST")))
+                        or launch(kernel, *args, **kw))
+    heaviest_first = lambda default: {**default, "HEAVIEST_FIRST": True}  # noqa: E731
+    with _triton.forced_config(attention.FORWARD_TUNING.kernel, heaviest_first), \
+            _triton.forced_config(attention.DQ_TUNING.kernel, heaviest_first):
+        q, k, v = make_qkv(2, 150, 170, 2, 1, 64, BF16, device=device)
+        do = randn(*q.shape, dtype=BF16, device=device)
+        o, lse = lk.flash_attention(q, k, v, causal=True, return_lse=True, backend="triton")
+        _, got = grads(lambda a, b, c: lk.flash_attention(a, b, c, causal=True, backend="triton"), (q, k, v), do)
+        want_o, want_lse = ref.attention(q, k, v, True, return_lse=True)
+        check_attention_out(o, want_o)
+        check_lse(lse, want_lse)
+        check_grads(got, ideal_grads(lambda a, b, c: ref.attention(a, b, c, True), (q, k, v), do), BF16)
+        cu = torch.tensor([0, 30, 150], dtype=torch.int32, device=device)
+        o = lk.flash_attention_varlen(q[0], k[0, :150], v[0, :150], cu, cu, 120, 120, causal=True, backend="triton")
+        for start, end in ((0, 30), (30, 150)):
+            check_attention_out(o[start:end], ref.attention(q[:1, start:end], k[:1, start:end], v[:1, start:end],
+                                                            True)[0])
+    assert (attention._fwd_kernel, True) in flags and (attention._bwd_dq_kernel, True) in flags, flags
+
+
 # --------------------------------------------------------------------------- torch.compile
 @pytest.fixture
 def atomic_dq():

@@ -64,22 +64,27 @@ def _sequence(cu_seqlens_ptr, batch, seqlen, VARLEN: tl.constexpr):
 
 @triton.jit
 def _query_block(cu_seqlens_q_ptr, cu_seqlens_k_ptr, seqlen_q, seqlen_k, n_q_heads, group,
-                 VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
+                 VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, HEAVIEST_FIRST: tl.constexpr):
     """What a program that owns a block of queries works on: its (batch, head, key/value head), both
     sequences' (start, length), and the block's first query."""
-    block, batch, head = _program(seqlen_q, n_q_heads, BLOCK_M)
+    block, batch, head = _program(seqlen_q, n_q_heads, BLOCK_M, HEAVIEST_FIRST)
     q_start, len_q = _sequence(cu_seqlens_q_ptr, batch, seqlen_q, VARLEN)
     k_start, len_k = _sequence(cu_seqlens_k_ptr, batch, seqlen_k, VARLEN)
     return batch, head, head // group, q_start, len_q, k_start, len_k, block * BLOCK_M
 
 
 @triton.jit
-def _program(seqlen, n_heads, BLOCK: tl.constexpr):
+def _program(seqlen, n_heads, BLOCK: tl.constexpr, HEAVIEST_FIRST: tl.constexpr):
     """(block, batch, head) of this program on a flat grid, blocks of one (batch, head) consecutive (they share
-    its k and v in L2); one axis, because the second stops at 65,535 (batch x heads can pass it)."""
+    its k and v in L2); one axis, because the second stops at 65,535 (batch x heads can pass it). HEAVIEST_FIRST
+    (causal query blocks, whose work grows with their index) takes a head's blocks last to first, so that the
+    grid's last wave holds short programs."""
     n_blocks = tl.cdiv(seqlen, BLOCK)
     batch_head = tl.program_id(0) // n_blocks
-    return tl.program_id(0) % n_blocks, batch_head // n_heads, batch_head % n_heads
+    block = tl.program_id(0) % n_blocks
+    if HEAVIEST_FIRST:
+        block = n_blocks - 1 - block
+    return block, batch_head // n_heads, batch_head % n_heads
 
 
 # --------------------------------------------------------------------------- forward
@@ -92,10 +97,10 @@ def _fwd_kernel(
     stride_lse_b, stride_lse_h,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, HEAVIEST_FIRST: tl.constexpr,
 ):
     batch, head, kv_head, q_start, len_q, k_start, len_k, m0 = _query_block(
-        cu_seqlens_q_ptr, cu_seqlens_k_ptr, seqlen_q, seqlen_k, n_q_heads, group, VARLEN, BLOCK_M)
+        cu_seqlens_q_ptr, cu_seqlens_k_ptr, seqlen_q, seqlen_k, n_q_heads, group, VARLEN, BLOCK_M, HEAVIEST_FIRST)
     if m0 >= len_q:  # packed: this sequence is shorter than the grid's longest
         return
     rows = m0 + tl.arange(0, BLOCK_M)
@@ -181,7 +186,7 @@ def _bwd_dkdv_kernel(
 ):
     """dk, dv of a key block; q_src and do_src are pointers, or tensor descriptors when TMA. With ATOMIC_DQ, also
     this key block's share of dq, added into the fp32 dq_acc (zeroed by the caller)."""
-    block, batch, kv_head = _program(seqlen_k, n_kv_heads, BLOCK_N)
+    block, batch, kv_head = _program(seqlen_k, n_kv_heads, BLOCK_N, False)  # causal: key blocks get lighter
     q_start, len_q = _sequence(cu_seqlens_q_ptr, batch, seqlen_q, VARLEN)
     k_start, len_k = _sequence(cu_seqlens_k_ptr, batch, seqlen_k, VARLEN)
     n0 = block * BLOCK_N
@@ -237,10 +242,11 @@ def _bwd_dq_kernel(
     stride_lse_b, stride_lse_h,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
+    HEAVIEST_FIRST: tl.constexpr,
 ):
     """dq of a query block; k_src and v_src are pointers, or tensor descriptors when TMA."""
     batch, head, kv_head, q_start, len_q, k_start, len_k, m0 = _query_block(
-        cu_seqlens_q_ptr, cu_seqlens_k_ptr, seqlen_q, seqlen_k, n_q_heads, group, VARLEN, BLOCK_M)
+        cu_seqlens_q_ptr, cu_seqlens_k_ptr, seqlen_q, seqlen_k, n_q_heads, group, VARLEN, BLOCK_M, HEAVIEST_FIRST)
     if m0 >= len_q:  # packed: this sequence is shorter than the grid's longest
         return
     rows = m0 + tl.arange(0, BLOCK_M)
@@ -283,21 +289,25 @@ _DEFAULT_CONFIGS = {
 }
 
 
-def _candidates(default: dict, target: str, fields: dict, forward: bool) -> list[dict]:
+def _candidates(default: dict, target: str, fields: dict, forward: bool, query_blocks: bool) -> list[dict]:
     """Tiles around the default: the forward's (M 64/128 x N 32/64/128), the backward's (M 32/64 x N 32/64/128).
     On sm_90 the kernels' TMA forms come right after the default: never measured yet, they are what a sweep cut
-    short by the budget should not miss (on sm_80 descriptors only add registers: no candidates there)."""
+    short by the budget should not miss (on sm_80 descriptors only add registers: no candidates there). A grid of
+    query blocks (query_blocks: the forward and dq) also gets the default and the first TMA tile with
+    HEAVIEST_FIRST (causal blocks last to first; the same launch without the causal mask)."""
     found = [default]
+    if query_blocks:
+        found.append({**default, "HEAVIEST_FIRST": True})
     if target == "sm90":
         # (BLOCK_M, BLOCK_N, warps, stages) that compile clean in their TMA form (python -m llama_kernels.aot)
         tma_tiles = (((128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 3)) if forward
                      else ((default["BLOCK_M"], default["BLOCK_N"], default["num_warps"], default["num_stages"]),
                            (64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2)))
-        for block_m, block_n, warps, num_stages in tma_tiles:
-            config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": num_stages,
-                      "TMA": True}
-            if config not in found:
-                found.append(config)
+        tma_configs = [{"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": num_stages,
+                        "TMA": True} for block_m, block_n, warps, num_stages in tma_tiles]
+        found += [config for config in tma_configs if config not in found]
+        if query_blocks:
+            found.append({**tma_configs[0], "HEAVIEST_FIRST": True})
     for block_m in (64, 128) if forward else (32, 64):
         for block_n in (32, 64, 128):
             for warps in (4, 8):
@@ -310,9 +320,12 @@ def _candidates(default: dict, target: str, fields: dict, forward: bool) -> list
     return found
 
 
-FORWARD_TUNING = _triton.Tuning("attention_fwd", "{head_dim}:{dtype}", functools.partial(_candidates, forward=True))
-DKDV_TUNING = _triton.Tuning("attention_bwd_dkdv", "{head_dim}:{dtype}", functools.partial(_candidates, forward=False))
-DQ_TUNING = _triton.Tuning("attention_bwd_dq", "{head_dim}:{dtype}", functools.partial(_candidates, forward=False))
+FORWARD_TUNING = _triton.Tuning("attention_fwd", "{head_dim}:{dtype}",
+                                functools.partial(_candidates, forward=True, query_blocks=True))
+DKDV_TUNING = _triton.Tuning("attention_bwd_dkdv", "{head_dim}:{dtype}",
+                             functools.partial(_candidates, forward=False, query_blocks=False))
+DQ_TUNING = _triton.Tuning("attention_bwd_dq", "{head_dim}:{dtype}",
+                           functools.partial(_candidates, forward=False, query_blocks=True))
 
 
 def atomic_dq_config(target: str, head_dim: int) -> dict:
@@ -325,7 +338,8 @@ def atomic_dq_config(target: str, head_dim: int) -> dict:
 def _any_order_candidates(default: dict, target: str, fields: dict) -> list[dict]:
     """The default (DKDV_TUNING's config, ATOMIC_DQ off), the spill-free atomic tile, then the dk/dv pass's tiles
     each without and with ATOMIC_DQ: the atomic schedule early in a sweep cut short by its budget."""
-    tiles = _candidates({k: v for k, v in default.items() if k != "ATOMIC_DQ"}, target, fields, forward=False)
+    tiles = _candidates({k: v for k, v in default.items() if k != "ATOMIC_DQ"}, target, fields, forward=False,
+                        query_blocks=False)
     found = [default, atomic_dq_config(target, fields["head_dim"])]
     for config in ({**tile, "ATOMIC_DQ": atomic} for tile in tiles for atomic in (False, True)):
         if config not in found:
@@ -421,6 +435,7 @@ def forward_triton(q, k, v, layout: Layout, causal: bool, softmax_scale: float):
         _fwd_kernel, (triton.cdiv(layout.seqlen_q, cfg["BLOCK_M"]) * layout.batch * layout.n_q_heads,), q.device,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         q_ptr=q, k_src=k_src, v_src=v_src, o_ptr=o, lse_ptr=lse, n_q_heads=layout.n_q_heads, TMA=tma,
+        HEAVIEST_FIRST=causal and cfg.get("HEAVIEST_FIRST", False),
         qk_scale=softmax_scale * LOG2E.value,
         **layout.strides("q", q), **layout.strides("k", k), **layout.strides("v", v), **layout.strides("o", o),
         **layout.lse_strides(lse), **layout.common(causal, q.dtype, cfg),
@@ -480,6 +495,7 @@ def backward_triton(do, q, k, v, o, lse, dlse, layout: Layout, causal: bool, sof
         _bwd_dq_kernel, (triton.cdiv(layout.seqlen_q, cfg["BLOCK_M"]) * layout.batch * layout.n_q_heads,), q.device,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **shared, **layout.common(causal, q.dtype, cfg),
         q_ptr=q, k_src=k_src, v_src=v_src, do_ptr=do, TMA=tma,
+        HEAVIEST_FIRST=causal and cfg.get("HEAVIEST_FIRST", False),
         dq_ptr=dq, n_q_heads=layout.n_q_heads, **layout.strides("dq", dq),
     )
     return dq, dk, dv
