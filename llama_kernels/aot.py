@@ -141,10 +141,12 @@ def _all_attention_launches(target: str, meta) -> list[str]:
                     _attention_launches(head_dim, varlen, causal, meta, atomic_dq=True)
                     labels += [f"attention_fwd {kind}", f"attention_bwd_delta {kind}",
                                f"attention_bwd_any_order {kind} atomic dq"]
-                if causal and not varlen:  # the query-block kernels' HEAVIEST_FIRST candidate
-                    _attention_launches(head_dim, varlen, causal, meta, heaviest_first=True)
-                    labels += [f"attention_fwd {kind} heaviest first", f"attention_bwd_delta {kind}",
-                               f"attention_bwd_dkdv {kind}", f"attention_bwd_dq {kind} heaviest first"]
+                if not varlen:  # the schedule candidates: causal query blocks heaviest first, a persistent forward
+                    schedule = {"PERSISTENT": True, "HEAVIEST_FIRST": True} if causal else {"PERSISTENT": True}
+                    _attention_launches(head_dim, varlen, causal, meta, schedule=schedule)
+                    labels += [f"attention_fwd {kind} persistent{' heaviest first' if causal else ''}",
+                               f"attention_bwd_delta {kind}", f"attention_bwd_dkdv {kind}",
+                               f"attention_bwd_dq {kind}{' heaviest first' if causal else ''}"]
     return labels
 
 
@@ -182,10 +184,10 @@ def _decode_launches(n_q_heads: int, n_kv_heads: int, seqlen_q: int, page_size: 
 
 
 def _attention_launches(head_dim: int, varlen: bool, causal: bool, device, tma: bool = False,
-                        atomic_dq: bool = False, heaviest_first: bool = False) -> None:
+                        atomic_dq: bool = False, schedule: dict | None = None) -> None:
     """Forward and backward at Code Llama 34B's layout (64 query heads, 8 key/value heads), bf16, 16k tokens;
     with tma, every kernel's config asks for its TMA form; with atomic_dq, the backward is deterministic=False's
-    with ATOMIC_DQ; with heaviest_first, the forward and dq take their query blocks last to first."""
+    with ATOMIC_DQ; with a schedule, the forward's config takes it, and dq's its HEAVIEST_FIRST."""
     from .ops import _triton, attention
 
     shape = (TOKENS,) if varlen else (1, TOKENS)
@@ -196,9 +198,12 @@ def _attention_launches(head_dim: int, varlen: bool, causal: bool, device, tma: 
     with contextlib.ExitStack() as configs:
         for tuning in (attention.FORWARD_TUNING, attention.DKDV_TUNING, attention.DQ_TUNING) if tma else ():
             configs.enter_context(_triton.forced_config(tuning.kernel, lambda default: {**default, "TMA": True}))
-        for tuning in (attention.FORWARD_TUNING, attention.DQ_TUNING) if heaviest_first else ():
-            configs.enter_context(
-                _triton.forced_config(tuning.kernel, lambda default: {**default, "HEAVIEST_FIRST": True}))
+        if schedule:
+            configs.enter_context(_triton.forced_config(attention.FORWARD_TUNING.kernel,
+                                                        lambda default: {**default, **schedule}))
+            if schedule.get("HEAVIEST_FIRST"):
+                configs.enter_context(_triton.forced_config(attention.DQ_TUNING.kernel,
+                                                            lambda default: {**default, "HEAVIEST_FIRST": True}))
         if atomic_dq:
             atomic = attention.atomic_dq_config(_triton.target_of(device), head_dim)
             configs.enter_context(_triton.forced_config(attention.ANY_ORDER_TUNING.kernel, lambda default: atomic))

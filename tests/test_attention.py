@@ -6,6 +6,8 @@ causal alignment, rows that see no key), odd lengths 1, 17, 113, 257, heads 4/4,
 8/1 (MQA) and head_dim 64 and 128, without taking the full cross-product.
 """
 
+import contextlib
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -413,32 +415,48 @@ def test_backward_is_bit_identical_across_runs(device, layout):
             assert torch.equal(a, b), f"d{name} differs between runs"
 
 
-def test_causal_query_blocks_heaviest_first(device, monkeypatch):
-    """The forward's and dq's HEAVIEST_FIRST candidate (a head's query blocks launched last to first), forced: a
-    partial last block, Sq != Sk, and packed sequences shorter than the grid's longest (their blocks past the end
-    return at once, in either order)."""
+@pytest.mark.parametrize("schedule", [{"HEAVIEST_FIRST": True}, {"PERSISTENT": True},
+                                      {"HEAVIEST_FIRST": True, "PERSISTENT": True}],
+                         ids=["heaviest-first", "persistent", "persistent-heaviest-first"])
+def test_query_block_schedules(device, monkeypatch, schedule):
+    """The forward's schedule candidates, forced: HEAVIEST_FIRST (a head's causal query blocks launched last to
+    first; dq's too), PERSISTENT (fewer programs than tiles, each taking tiles pid, pid + grid, ...; causal with
+    HEAVIEST_FIRST, else without the mask). A partial last block, Sq != Sk, GQA, and packed sequences shorter than
+    the grid's longest (their tiles past the end do nothing, in any order)."""
     from llama_kernels.ops import _triton, attention
 
-    flags, launch = [], _triton.launch
-    monkeypatch.setattr(_triton, "launch", lambda kernel, *args, **kw: flags.append((kernel, kw.get("HEAVIEST_FIRST")))
-                        or launch(kernel, *args, **kw))
-    heaviest_first = lambda default: {**default, "HEAVIEST_FIRST": True}  # noqa: E731
-    with _triton.forced_config(attention.FORWARD_TUNING.kernel, heaviest_first), \
-            _triton.forced_config(attention.DQ_TUNING.kernel, heaviest_first):
+    launches, launch = {}, _triton.launch
+    def recorded(kernel, grid, *args, **kw):
+        launches.setdefault(kernel, []).append((grid[0], kw.get("n_tiles"), kw.get("HEAVIEST_FIRST"),
+                                                kw.get("PERSISTENT")))
+        launch(kernel, grid, *args, **kw)
+
+    monkeypatch.setattr(_triton, "launch", recorded)
+    causal = schedule.get("HEAVIEST_FIRST", False)
+    with contextlib.ExitStack() as forced:
+        forced.enter_context(_triton.forced_config(attention.FORWARD_TUNING.kernel, lambda d: {**d, **schedule}))
+        if causal:
+            forced.enter_context(_triton.forced_config(attention.DQ_TUNING.kernel,
+                                                       lambda d: {**d, "HEAVIEST_FIRST": True}))
         q, k, v = make_qkv(2, 150, 170, 2, 1, 64, BF16, device=device)
-        do = randn(*q.shape, dtype=BF16, device=device)
-        o, lse = lk.flash_attention(q, k, v, causal=True, return_lse=True, backend="triton")
-        _, got = grads(lambda a, b, c: lk.flash_attention(a, b, c, causal=True, backend="triton"), (q, k, v), do)
-        want_o, want_lse = ref.attention(q, k, v, True, return_lse=True)
+        o, lse = lk.flash_attention(q, k, v, causal=causal, return_lse=True, backend="triton")
+        want_o, want_lse = ref.attention(q, k, v, causal, return_lse=True)
         check_attention_out(o, want_o)
         check_lse(lse, want_lse)
-        check_grads(got, ideal_grads(lambda a, b, c: ref.attention(a, b, c, True), (q, k, v), do), BF16)
+        if causal:
+            do = randn(*q.shape, dtype=BF16, device=device)
+            _, got = grads(lambda a, b, c: lk.flash_attention(a, b, c, causal=True, backend="triton"), (q, k, v), do)
+            check_grads(got, ideal_grads(lambda a, b, c: ref.attention(a, b, c, True), (q, k, v), do), BF16)
+            assert {flags[2] for flags in launches[attention._bwd_dq_kernel]} == {True}
         cu = torch.tensor([0, 30, 150], dtype=torch.int32, device=device)
-        o = lk.flash_attention_varlen(q[0], k[0, :150], v[0, :150], cu, cu, 120, 120, causal=True, backend="triton")
+        o = lk.flash_attention_varlen(q[0], k[0, :150], v[0, :150], cu, cu, 120, 120, causal=causal,
+                                      backend="triton")
         for start, end in ((0, 30), (30, 150)):
             check_attention_out(o[start:end], ref.attention(q[:1, start:end], k[:1, start:end], v[:1, start:end],
-                                                            True)[0])
-    assert (attention._fwd_kernel, True) in flags and (attention._bwd_dq_kernel, True) in flags, flags
+                                                            causal)[0])
+    for grid, n_tiles, heaviest_first, persistent in launches[attention._fwd_kernel]:
+        assert heaviest_first == causal and persistent == schedule.get("PERSISTENT", False)
+        assert grid < n_tiles if persistent else grid == n_tiles
 
 
 # --------------------------------------------------------------------------- torch.compile

@@ -137,6 +137,14 @@ def multiprocessor_count(device: torch.device) -> int:
     return 132  # an H100's count, for meta-tensor compiles; the interpreter picks its own grid
 
 
+def program_budget(device: torch.device, per_multiprocessor: int = 2) -> int:
+    """The programs that fill the card per_multiprocessor times over (a persistent grid, a count of splits); 4 under
+    the interpreter, whose tests want a few programs that each take several tiles."""
+    if target_of(device) == "interpreter":
+        return 4
+    return per_multiprocessor * multiprocessor_count(device)
+
+
 # --------------------------------------------------------------------------- launching
 def strides(name: str, t: torch.Tensor, dims: str = "bshd") -> dict:
     """The leading len(dims) strides of a (batch, seq, heads, head_dim) tensor as kernel arguments:

@@ -63,25 +63,25 @@ def _sequence(cu_seqlens_ptr, batch, seqlen, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _query_block(cu_seqlens_q_ptr, cu_seqlens_k_ptr, seqlen_q, seqlen_k, n_q_heads, group,
+def _query_block(tile, cu_seqlens_q_ptr, cu_seqlens_k_ptr, seqlen_q, seqlen_k, n_q_heads, group,
                  VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, HEAVIEST_FIRST: tl.constexpr):
-    """What a program that owns a block of queries works on: its (batch, head, key/value head), both
-    sequences' (start, length), and the block's first query."""
-    block, batch, head = _program(seqlen_q, n_q_heads, BLOCK_M, HEAVIEST_FIRST)
+    """What the tile (a block of queries) works on: its (batch, head, key/value head), both sequences' (start,
+    length), and the block's first query."""
+    block, batch, head = _program(tile, seqlen_q, n_q_heads, BLOCK_M, HEAVIEST_FIRST)
     q_start, len_q = _sequence(cu_seqlens_q_ptr, batch, seqlen_q, VARLEN)
     k_start, len_k = _sequence(cu_seqlens_k_ptr, batch, seqlen_k, VARLEN)
     return batch, head, head // group, q_start, len_q, k_start, len_k, block * BLOCK_M
 
 
 @triton.jit
-def _program(seqlen, n_heads, BLOCK: tl.constexpr, HEAVIEST_FIRST: tl.constexpr):
-    """(block, batch, head) of this program on a flat grid, blocks of one (batch, head) consecutive (they share
-    its k and v in L2); one axis, because the second stops at 65,535 (batch x heads can pass it). HEAVIEST_FIRST
-    (causal query blocks, whose work grows with their index) takes a head's blocks last to first, so that the
-    grid's last wave holds short programs."""
+def _program(tile, seqlen, n_heads, BLOCK: tl.constexpr, HEAVIEST_FIRST: tl.constexpr):
+    """(block, batch, head) of a tile of a flat grid, blocks of one (batch, head) consecutive (they share its k and
+    v in L2); one axis, because the second stops at 65,535 (batch x heads can pass it). HEAVIEST_FIRST (causal
+    query blocks, whose work grows with their index) takes a head's blocks last to first, so that the grid's last
+    wave holds short programs."""
     n_blocks = tl.cdiv(seqlen, BLOCK)
-    batch_head = tl.program_id(0) // n_blocks
-    block = tl.program_id(0) % n_blocks
+    batch_head = tile // n_blocks
+    block = tile % n_blocks
     if HEAVIEST_FIRST:
         block = n_blocks - 1 - block
     return block, batch_head // n_heads, batch_head % n_heads
@@ -91,46 +91,75 @@ def _program(seqlen, n_heads, BLOCK: tl.constexpr, HEAVIEST_FIRST: tl.constexpr)
 @triton.jit
 def _fwd_kernel(
     q_ptr, k_src, v_src, o_ptr, lse_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
-    seqlen_q, seqlen_k, n_q_heads, group, qk_scale,
+    seqlen_q, seqlen_k, n_q_heads, group, qk_scale, n_tiles,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
     stride_lse_b, stride_lse_h,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr, HEAVIEST_FIRST: tl.constexpr, PERSISTENT: tl.constexpr,
+):
+    """A query block per program, or with PERSISTENT a grid of about one program per SM, each taking the tiles
+    pid, pid + grid, ... of n_tiles in turn."""
+    if PERSISTENT:
+        for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+            _fwd_tile(
+                tile, q_ptr, k_src, v_src, o_ptr, lse_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
+                seqlen_q, seqlen_k, n_q_heads, group, qk_scale,
+                stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
+                CAUSAL, VARLEN, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, TMA, HEAVIEST_FIRST)
+    else:
+        _fwd_tile(
+            tl.program_id(0), q_ptr, k_src, v_src, o_ptr, lse_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
+            seqlen_q, seqlen_k, n_q_heads, group, qk_scale,
+            stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
+            CAUSAL, VARLEN, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, TMA, HEAVIEST_FIRST)
+
+
+@triton.jit
+def _fwd_tile(
+    tile, q_ptr, k_src, v_src, o_ptr, lse_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
+    seqlen_q, seqlen_k, n_q_heads, group, qk_scale,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     TMA: tl.constexpr, HEAVIEST_FIRST: tl.constexpr,
 ):
     batch, head, kv_head, q_start, len_q, k_start, len_k, m0 = _query_block(
-        cu_seqlens_q_ptr, cu_seqlens_k_ptr, seqlen_q, seqlen_k, n_q_heads, group, VARLEN, BLOCK_M, HEAVIEST_FIRST)
-    if m0 >= len_q:  # packed: this sequence is shorter than the grid's longest
-        return
-    rows = m0 + tl.arange(0, BLOCK_M)
-    q_mask = (rows < len_q)[:, None]
-    q = load_tile(q_ptr, batch, q_start, head, rows, len_q, stride_qb, stride_qs, stride_qh, HEAD_DIM)
+        tile, cu_seqlens_q_ptr, cu_seqlens_k_ptr, seqlen_q, seqlen_k, n_q_heads, group, VARLEN, BLOCK_M,
+        HEAVIEST_FIRST)
+    if m0 < len_q:  # packed: this sequence may be shorter than the grid's longest
+        rows = m0 + tl.arange(0, BLOCK_M)
+        q_mask = (rows < len_q)[:, None]
+        q = load_tile(q_ptr, batch, q_start, head, rows, len_q, stride_qb, stride_qs, stride_qh, HEAD_DIM)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    diag = len_k - len_q  # bottom-right: query i sees keys j <= i + diag
-    full_blocks_end = len_k // BLOCK_N * BLOCK_N
-    last = len_k
-    if CAUSAL:
-        # Keys the block's first query sees are seen by all of its queries.
-        full_blocks_end = tl.minimum(full_blocks_end, tl.maximum(m0 + diag + 1, 0) // BLOCK_N * BLOCK_N)
-        last = tl.minimum(len_k, m0 + BLOCK_M + diag)
-    acc, l_i, m_i = attend_blocks(
-        acc, l_i, m_i, q, k_src, v_src, batch, k_start, kv_head, len_k, rows, 0, full_blocks_end, diag, qk_scale,
-        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-        False, CAUSAL, HEAD_DIM, BLOCK_N, DOT_PRECISION, TMA)
-    acc, l_i, m_i = attend_blocks(
-        acc, l_i, m_i, q, k_src, v_src, batch, k_start, kv_head, len_k, rows, full_blocks_end, last, diag, qk_scale,
-        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-        True, CAUSAL, HEAD_DIM, BLOCK_N, DOT_PRECISION, TMA)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        diag = len_k - len_q  # bottom-right: query i sees keys j <= i + diag
+        full_blocks_end = len_k // BLOCK_N * BLOCK_N
+        last = len_k
+        if CAUSAL:
+            # Keys the block's first query sees are seen by all of its queries.
+            full_blocks_end = tl.minimum(full_blocks_end, tl.maximum(m0 + diag + 1, 0) // BLOCK_N * BLOCK_N)
+            last = tl.minimum(len_k, m0 + BLOCK_M + diag)
+        acc, l_i, m_i = attend_blocks(
+            acc, l_i, m_i, q, k_src, v_src, batch, k_start, kv_head, len_k, rows, 0, full_blocks_end, diag,
+            qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            False, CAUSAL, HEAD_DIM, BLOCK_N, DOT_PRECISION, TMA)
+        acc, l_i, m_i = attend_blocks(
+            acc, l_i, m_i, q, k_src, v_src, batch, k_start, kv_head, len_k, rows, full_blocks_end, last, diag,
+            qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            True, CAUSAL, HEAD_DIM, BLOCK_N, DOT_PRECISION, TMA)
 
-    o, lse = finish_softmax(acc, l_i, m_i)
-    tl.store(tile_ptrs(o_ptr, batch, q_start, head, rows, stride_ob, stride_os, stride_oh, HEAD_DIM),
-             o.to(o_ptr.dtype.element_ty), mask=q_mask)
-    lse_ptrs = lse_ptr + batch.to(tl.int64) * stride_lse_b + head.to(tl.int64) * stride_lse_h + q_start + rows
-    tl.store(lse_ptrs, lse, mask=rows < len_q)
+        o, lse = finish_softmax(acc, l_i, m_i)
+        tl.store(tile_ptrs(o_ptr, batch, q_start, head, rows, stride_ob, stride_os, stride_oh, HEAD_DIM),
+                 o.to(o_ptr.dtype.element_ty), mask=q_mask)
+        lse_ptrs = lse_ptr + batch.to(tl.int64) * stride_lse_b + head.to(tl.int64) * stride_lse_h + q_start + rows
+        tl.store(lse_ptrs, lse, mask=rows < len_q)
 
 
 # --------------------------------------------------------------------------- backward
@@ -186,7 +215,8 @@ def _bwd_dkdv_kernel(
 ):
     """dk, dv of a key block; q_src and do_src are pointers, or tensor descriptors when TMA. With ATOMIC_DQ, also
     this key block's share of dq, added into the fp32 dq_acc (zeroed by the caller)."""
-    block, batch, kv_head = _program(seqlen_k, n_kv_heads, BLOCK_N, False)  # causal: key blocks get lighter
+    # causal: a key block's work shrinks with its index, heaviest first already
+    block, batch, kv_head = _program(tl.program_id(0), seqlen_k, n_kv_heads, BLOCK_N, False)
     q_start, len_q = _sequence(cu_seqlens_q_ptr, batch, seqlen_q, VARLEN)
     k_start, len_k = _sequence(cu_seqlens_k_ptr, batch, seqlen_k, VARLEN)
     n0 = block * BLOCK_N
@@ -246,7 +276,8 @@ def _bwd_dq_kernel(
 ):
     """dq of a query block; k_src and v_src are pointers, or tensor descriptors when TMA."""
     batch, head, kv_head, q_start, len_q, k_start, len_k, m0 = _query_block(
-        cu_seqlens_q_ptr, cu_seqlens_k_ptr, seqlen_q, seqlen_k, n_q_heads, group, VARLEN, BLOCK_M, HEAVIEST_FIRST)
+        tl.program_id(0), cu_seqlens_q_ptr, cu_seqlens_k_ptr, seqlen_q, seqlen_k, n_q_heads, group, VARLEN, BLOCK_M,
+        HEAVIEST_FIRST)
     if m0 >= len_q:  # packed: this sequence is shorter than the grid's longest
         return
     rows = m0 + tl.arange(0, BLOCK_M)
@@ -289,15 +320,13 @@ _DEFAULT_CONFIGS = {
 }
 
 
-def _candidates(default: dict, target: str, fields: dict, forward: bool, query_blocks: bool) -> list[dict]:
+def _candidates(default: dict, target: str, fields: dict, forward: bool, schedules: tuple[dict, ...]) -> list[dict]:
     """Tiles around the default: the forward's (M 64/128 x N 32/64/128), the backward's (M 32/64 x N 32/64/128).
     On sm_90 the kernels' TMA forms come right after the default: never measured yet, they are what a sweep cut
-    short by the budget should not miss (on sm_80 descriptors only add registers: no candidates there). A grid of
-    query blocks (query_blocks: the forward and dq) also gets the default and the first TMA tile with
-    HEAVIEST_FIRST (causal blocks last to first; the same launch without the causal mask)."""
-    found = [default]
-    if query_blocks:
-        found.append({**default, "HEAVIEST_FIRST": True})
+    short by the budget should not miss (on sm_80 descriptors only add registers: no candidates there). The
+    default and the first TMA tile also come in each of the kernel's schedules: HEAVIEST_FIRST (causal query
+    blocks last to first; a non-causal launch ignores it), PERSISTENT (about a program per SM)."""
+    found = [default] + [{**default, **schedule} for schedule in schedules]
     if target == "sm90":
         # (BLOCK_M, BLOCK_N, warps, stages) that compile clean in their TMA form (python -m llama_kernels.aot)
         tma_tiles = (((128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 3)) if forward
@@ -306,8 +335,7 @@ def _candidates(default: dict, target: str, fields: dict, forward: bool, query_b
         tma_configs = [{"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": num_stages,
                         "TMA": True} for block_m, block_n, warps, num_stages in tma_tiles]
         found += [config for config in tma_configs if config not in found]
-        if query_blocks:
-            found.append({**tma_configs[0], "HEAVIEST_FIRST": True})
+        found += [{**tma_configs[0], **schedule} for schedule in schedules]
     for block_m in (64, 128) if forward else (32, 64):
         for block_n in (32, 64, 128):
             for warps in (4, 8):
@@ -320,12 +348,13 @@ def _candidates(default: dict, target: str, fields: dict, forward: bool, query_b
     return found
 
 
-FORWARD_TUNING = _triton.Tuning("attention_fwd", "{head_dim}:{dtype}",
-                                functools.partial(_candidates, forward=True, query_blocks=True))
+HEAVIEST_FIRST, PERSISTENT = {"HEAVIEST_FIRST": True}, {"PERSISTENT": True}
+FORWARD_TUNING = _triton.Tuning("attention_fwd", "{head_dim}:{dtype}", functools.partial(
+    _candidates, forward=True, schedules=(HEAVIEST_FIRST, PERSISTENT, {**HEAVIEST_FIRST, **PERSISTENT})))
 DKDV_TUNING = _triton.Tuning("attention_bwd_dkdv", "{head_dim}:{dtype}",
-                             functools.partial(_candidates, forward=False, query_blocks=False))
+                             functools.partial(_candidates, forward=False, schedules=()))
 DQ_TUNING = _triton.Tuning("attention_bwd_dq", "{head_dim}:{dtype}",
-                           functools.partial(_candidates, forward=False, query_blocks=True))
+                           functools.partial(_candidates, forward=False, schedules=(HEAVIEST_FIRST,)))
 
 
 def atomic_dq_config(target: str, head_dim: int) -> dict:
@@ -339,7 +368,7 @@ def _any_order_candidates(default: dict, target: str, fields: dict) -> list[dict
     """The default (DKDV_TUNING's config, ATOMIC_DQ off), the spill-free atomic tile, then the dk/dv pass's tiles
     each without and with ATOMIC_DQ: the atomic schedule early in a sweep cut short by its budget."""
     tiles = _candidates({k: v for k, v in default.items() if k != "ATOMIC_DQ"}, target, fields, forward=False,
-                        query_blocks=False)
+                        schedules=())
     found = [default, atomic_dq_config(target, fields["head_dim"])]
     for config in ({**tile, "ATOMIC_DQ": atomic} for tile in tiles for atomic in (False, True)):
         if config not in found:
@@ -431,11 +460,13 @@ def forward_triton(q, k, v, layout: Layout, causal: bool, softmax_scale: float):
     lse = _triton.new_output(layout.lse_shape, torch.float32, q.device)
     cfg = _config(FORWARD_TUNING, q, layout.head_dim)
     tma, (k_src, v_src) = _sources(cfg, layout, cfg["BLOCK_N"], k, v)
+    n_tiles = triton.cdiv(layout.seqlen_q, cfg["BLOCK_M"]) * layout.batch * layout.n_q_heads
+    persistent = cfg.get("PERSISTENT", False)
     _triton.launch(
-        _fwd_kernel, (triton.cdiv(layout.seqlen_q, cfg["BLOCK_M"]) * layout.batch * layout.n_q_heads,), q.device,
+        _fwd_kernel, (min(n_tiles, _triton.program_budget(q.device, 1)) if persistent else n_tiles,), q.device,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        q_ptr=q, k_src=k_src, v_src=v_src, o_ptr=o, lse_ptr=lse, n_q_heads=layout.n_q_heads, TMA=tma,
-        HEAVIEST_FIRST=causal and cfg.get("HEAVIEST_FIRST", False),
+        q_ptr=q, k_src=k_src, v_src=v_src, o_ptr=o, lse_ptr=lse, n_q_heads=layout.n_q_heads, n_tiles=n_tiles,
+        TMA=tma, HEAVIEST_FIRST=causal and cfg.get("HEAVIEST_FIRST", False), PERSISTENT=persistent,
         qk_scale=softmax_scale * LOG2E.value,
         **layout.strides("q", q), **layout.strides("k", k), **layout.strides("v", v), **layout.strides("o", o),
         **layout.lse_strides(lse), **layout.common(causal, q.dtype, cfg),

@@ -143,7 +143,7 @@ def _num_splits(requested: int, q: Tensor, batch: int, n_kv_heads: int, cache_le
     """Enough programs to fill the card twice over, never a split shorter than a key block."""
     if requested > 0:
         return requested
-    target_programs = 4 if _triton.target_of(q.device) == "interpreter" else 2 * _triton.multiprocessor_count(q.device)
+    target_programs = _triton.program_budget(q.device)
     return max(1, min(triton.cdiv(target_programs, batch * n_kv_heads), triton.cdiv(cache_len, block_n), 128))
 
 

@@ -257,10 +257,7 @@ def backward_triton(dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor, ep
     n_rows = h2.shape[0]
     cfg = _config(BACKWARD_TUNING, h, n_rows, n_cols)
     n_tiles = triton.cdiv(n_rows, cfg["BLOCK_M"])
-    if _triton.target_of(h.device) == "interpreter":
-        n_programs = min(n_tiles, 4)
-    else:
-        n_programs = min(n_tiles, 2 * _triton.multiprocessor_count(h.device))
+    n_programs = min(n_tiles, _triton.program_budget(h.device))
     rows_per_program = triton.cdiv(n_tiles, n_programs) * cfg["BLOCK_M"]
     n_programs = triton.cdiv(n_rows, rows_per_program)
     dweight_partial = _triton.new_output((n_programs, n_cols), torch.float32, h.device)
