@@ -141,11 +141,13 @@ def _all_attention_launches(target: str, meta) -> list[str]:
                     _attention_launches(head_dim, varlen, causal, meta, atomic_dq=True)
                     labels += [f"attention_fwd {kind}", f"attention_bwd_delta {kind}",
                                f"attention_bwd_any_order {kind} atomic dq"]
-                if not varlen:  # the schedule candidates: causal query blocks heaviest first, a persistent forward
-                    schedule = {"PERSISTENT": True, "HEAVIEST_FIRST": True} if causal else {"PERSISTENT": True}
-                    _attention_launches(head_dim, varlen, causal, meta, schedule=schedule)
+                if not varlen:  # the sweep's schedules: persistent grids, causal query blocks heaviest first
+                    heaviest = {"HEAVIEST_FIRST": True} if causal else {}
+                    schedules = {"attention_fwd": {"PERSISTENT": True, **heaviest},
+                                 "attention_bwd_dkdv": {"PERSISTENT": True}, "attention_bwd_dq": heaviest}
+                    _attention_launches(head_dim, varlen, causal, meta, schedules=schedules)
                     labels += [f"attention_fwd {kind} persistent{' heaviest first' if causal else ''}",
-                               f"attention_bwd_delta {kind}", f"attention_bwd_dkdv {kind}",
+                               f"attention_bwd_delta {kind}", f"attention_bwd_dkdv {kind} persistent",
                                f"attention_bwd_dq {kind}{' heaviest first' if causal else ''}"]
     return labels
 
@@ -184,10 +186,10 @@ def _decode_launches(n_q_heads: int, n_kv_heads: int, seqlen_q: int, page_size: 
 
 
 def _attention_launches(head_dim: int, varlen: bool, causal: bool, device, tma: bool = False,
-                        atomic_dq: bool = False, schedule: dict | None = None) -> None:
+                        atomic_dq: bool = False, schedules: dict | None = None) -> None:
     """Forward and backward at Code Llama 34B's layout (64 query heads, 8 key/value heads), bf16, 16k tokens;
     with tma, every kernel's config asks for its TMA form; with atomic_dq, the backward is deterministic=False's
-    with ATOMIC_DQ; with a schedule, the forward's config takes it, and dq's its HEAVIEST_FIRST."""
+    with ATOMIC_DQ; schedules ({kernel: fields}) adds to those kernels' configs."""
     from .ops import _triton, attention
 
     shape = (TOKENS,) if varlen else (1, TOKENS)
@@ -198,12 +200,8 @@ def _attention_launches(head_dim: int, varlen: bool, causal: bool, device, tma: 
     with contextlib.ExitStack() as configs:
         for tuning in (attention.FORWARD_TUNING, attention.DKDV_TUNING, attention.DQ_TUNING) if tma else ():
             configs.enter_context(_triton.forced_config(tuning.kernel, lambda default: {**default, "TMA": True}))
-        if schedule:
-            configs.enter_context(_triton.forced_config(attention.FORWARD_TUNING.kernel,
-                                                        lambda default: {**default, **schedule}))
-            if schedule.get("HEAVIEST_FIRST"):
-                configs.enter_context(_triton.forced_config(attention.DQ_TUNING.kernel,
-                                                            lambda default: {**default, "HEAVIEST_FIRST": True}))
+        for kernel, fields in (schedules or {}).items():
+            configs.enter_context(_triton.forced_config(kernel, lambda default, fields=fields: {**default, **fields}))
         if atomic_dq:
             atomic = attention.atomic_dq_config(_triton.target_of(device), head_dim)
             configs.enter_context(_triton.forced_config(attention.ANY_ORDER_TUNING.kernel, lambda default: atomic))

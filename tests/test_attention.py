@@ -415,48 +415,55 @@ def test_backward_is_bit_identical_across_runs(device, layout):
             assert torch.equal(a, b), f"d{name} differs between runs"
 
 
-@pytest.mark.parametrize("schedule", [{"HEAVIEST_FIRST": True}, {"PERSISTENT": True},
-                                      {"HEAVIEST_FIRST": True, "PERSISTENT": True}],
-                         ids=["heaviest-first", "persistent", "persistent-heaviest-first"])
-def test_query_block_schedules(device, monkeypatch, schedule):
-    """The forward's schedule candidates, forced: HEAVIEST_FIRST (a head's causal query blocks launched last to
-    first; dq's too), PERSISTENT (fewer programs than tiles, each taking tiles pid, pid + grid, ...; causal with
-    HEAVIEST_FIRST, else without the mask). A partial last block, Sq != Sk, GQA, and packed sequences shorter than
-    the grid's longest (their tiles past the end do nothing, in any order)."""
+HF, PERSISTENT = {"HEAVIEST_FIRST": True}, {"PERSISTENT": True}
+
+
+@pytest.mark.parametrize("schedules", [
+    {"attention_fwd": HF, "attention_bwd_dq": HF},
+    {"attention_fwd": PERSISTENT, "attention_bwd_dkdv": PERSISTENT},
+    {"attention_fwd": {**HF, **PERSISTENT}, "attention_bwd_dkdv": PERSISTENT, "attention_bwd_dq": HF},
+], ids=["heaviest-first", "persistent", "persistent-heaviest-first"])
+def test_schedule_candidates(device, monkeypatch, schedules):
+    """The sweep's schedule candidates, forced on their kernels: HEAVIEST_FIRST (the forward's and dq's causal query
+    blocks launched last to first), PERSISTENT (the forward and dk/dv on fewer programs than tiles, each taking
+    tiles pid, pid + grid, ...; causal with HEAVIEST_FIRST, else without the mask). A partial last block, Sq != Sk,
+    GQA, and packed sequences shorter than the grid's longest (their tiles past the end do nothing)."""
     from llama_kernels.ops import _triton, attention
 
     launches, launch = {}, _triton.launch
+
     def recorded(kernel, grid, *args, **kw):
         launches.setdefault(kernel, []).append((grid[0], kw.get("n_tiles"), kw.get("HEAVIEST_FIRST"),
                                                 kw.get("PERSISTENT")))
         launch(kernel, grid, *args, **kw)
 
     monkeypatch.setattr(_triton, "launch", recorded)
-    causal = schedule.get("HEAVIEST_FIRST", False)
+    causal = "HEAVIEST_FIRST" in schedules["attention_fwd"]
     with contextlib.ExitStack() as forced:
-        forced.enter_context(_triton.forced_config(attention.FORWARD_TUNING.kernel, lambda d: {**d, **schedule}))
-        if causal:
-            forced.enter_context(_triton.forced_config(attention.DQ_TUNING.kernel,
-                                                       lambda d: {**d, "HEAVIEST_FIRST": True}))
+        for kernel, schedule in schedules.items():
+            forced.enter_context(_triton.forced_config(kernel, lambda default, schedule=schedule: {**default,
+                                                                                                   **schedule}))
         q, k, v = make_qkv(2, 150, 170, 2, 1, 64, BF16, device=device)
+        do = randn(*q.shape, dtype=BF16, device=device)
         o, lse = lk.flash_attention(q, k, v, causal=causal, return_lse=True, backend="triton")
-        want_o, want_lse = ref.attention(q, k, v, causal, return_lse=True)
-        check_attention_out(o, want_o)
-        check_lse(lse, want_lse)
-        if causal:
-            do = randn(*q.shape, dtype=BF16, device=device)
-            _, got = grads(lambda a, b, c: lk.flash_attention(a, b, c, causal=True, backend="triton"), (q, k, v), do)
-            check_grads(got, ideal_grads(lambda a, b, c: ref.attention(a, b, c, True), (q, k, v), do), BF16)
-            assert {flags[2] for flags in launches[attention._bwd_dq_kernel]} == {True}
+        _, got = grads(lambda a, b, c: lk.flash_attention(a, b, c, causal=causal, backend="triton"), (q, k, v), do)
         cu = torch.tensor([0, 30, 150], dtype=torch.int32, device=device)
-        o = lk.flash_attention_varlen(q[0], k[0, :150], v[0, :150], cu, cu, 120, 120, causal=causal,
-                                      backend="triton")
-        for start, end in ((0, 30), (30, 150)):
-            check_attention_out(o[start:end], ref.attention(q[:1, start:end], k[:1, start:end], v[:1, start:end],
-                                                            causal)[0])
-    for grid, n_tiles, heaviest_first, persistent in launches[attention._fwd_kernel]:
-        assert heaviest_first == causal and persistent == schedule.get("PERSISTENT", False)
-        assert grid < n_tiles if persistent else grid == n_tiles
+        o_packed = lk.flash_attention_varlen(q[0], k[0, :150], v[0, :150], cu, cu, 120, 120, causal=causal,
+                                             backend="triton")
+    want_o, want_lse = ref.attention(q, k, v, causal, return_lse=True)
+    check_attention_out(o, want_o)
+    check_lse(lse, want_lse)
+    check_grads(got, ideal_grads(lambda a, b, c: ref.attention(a, b, c, causal), (q, k, v), do), BF16)
+    for start, end in ((0, 30), (30, 150)):
+        want = ref.attention(q[:1, start:end], k[:1, start:end], v[:1, start:end], causal)[0]
+        check_attention_out(o_packed[start:end], want)
+    kernels = {"attention_fwd": attention._fwd_kernel, "attention_bwd_dkdv": attention._bwd_dkdv_kernel,
+               "attention_bwd_dq": attention._bwd_dq_kernel}
+    for name, schedule in schedules.items():
+        for grid, n_tiles, heaviest_first, persistent in launches[kernels[name]]:
+            assert heaviest_first in (None, schedule.get("HEAVIEST_FIRST", False)), name
+            assert persistent in (None, schedule.get("PERSISTENT", False)), name
+            assert grid < n_tiles if persistent else n_tiles is None or grid == n_tiles, name
 
 
 # --------------------------------------------------------------------------- torch.compile

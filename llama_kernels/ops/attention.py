@@ -204,7 +204,43 @@ def _bwd_delta_kernel(
 @triton.jit
 def _bwd_dkdv_kernel(
     q_src, k_ptr, v_ptr, do_src, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_acc_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
-    seqlen_q, seqlen_k, n_kv_heads, group, softmax_scale, qk_scale,
+    seqlen_q, seqlen_k, n_kv_heads, group, softmax_scale, qk_scale, n_tiles,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+    stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_dq_accb, stride_dq_accs,
+    stride_dq_acch, stride_lse_b, stride_lse_h,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, PERSISTENT: tl.constexpr,
+):
+    """A key block per program, or with PERSISTENT a grid of about one program per SM, each taking the tiles pid,
+    pid + grid, ... of n_tiles in turn (causal: a key block's work shrinks with its index, so either grid runs
+    the heaviest first)."""
+    if PERSISTENT:
+        for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+            _bwd_dkdv_tile(
+                tile, q_src, k_ptr, v_ptr, do_src, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_acc_ptr, cu_seqlens_q_ptr,
+                cu_seqlens_k_ptr, seqlen_q, seqlen_k, n_kv_heads, group, softmax_scale, qk_scale,
+                stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh,
+                stride_dvb, stride_dvs, stride_dvh, stride_dq_accb, stride_dq_accs, stride_dq_acch,
+                stride_lse_b, stride_lse_h,
+                CAUSAL, VARLEN, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, TMA, ATOMIC_DQ)
+    else:
+        _bwd_dkdv_tile(
+            tl.program_id(0), q_src, k_ptr, v_ptr, do_src, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_acc_ptr,
+            cu_seqlens_q_ptr, cu_seqlens_k_ptr, seqlen_q, seqlen_k, n_kv_heads, group, softmax_scale, qk_scale,
+            stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh,
+            stride_dvb, stride_dvs, stride_dvh, stride_dq_accb, stride_dq_accs, stride_dq_acch,
+            stride_lse_b, stride_lse_h,
+            CAUSAL, VARLEN, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, TMA, ATOMIC_DQ)
+
+
+@triton.jit
+def _bwd_dkdv_tile(
+    tile, q_src, k_ptr, v_ptr, do_src, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_acc_ptr, cu_seqlens_q_ptr,
+    cu_seqlens_k_ptr, seqlen_q, seqlen_k, n_kv_heads, group, softmax_scale, qk_scale,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
     stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_dq_accb, stride_dq_accs,
@@ -215,51 +251,49 @@ def _bwd_dkdv_kernel(
 ):
     """dk, dv of a key block; q_src and do_src are pointers, or tensor descriptors when TMA. With ATOMIC_DQ, also
     this key block's share of dq, added into the fp32 dq_acc (zeroed by the caller)."""
-    # causal: a key block's work shrinks with its index, heaviest first already
-    block, batch, kv_head = _program(tl.program_id(0), seqlen_k, n_kv_heads, BLOCK_N, False)
+    block, batch, kv_head = _program(tile, seqlen_k, n_kv_heads, BLOCK_N, False)
     q_start, len_q = _sequence(cu_seqlens_q_ptr, batch, seqlen_q, VARLEN)
     k_start, len_k = _sequence(cu_seqlens_k_ptr, batch, seqlen_k, VARLEN)
     n0 = block * BLOCK_N
-    if n0 >= len_k:
-        return
-    cols = n0 + tl.arange(0, BLOCK_N)
-    kv_mask = (cols < len_k)[:, None]
-    k = load_tile(k_ptr, batch, k_start, kv_head, cols, len_k, stride_kb, stride_ks, stride_kh, HEAD_DIM)
-    v = load_tile(v_ptr, batch, k_start, kv_head, cols, len_k, stride_vb, stride_vs, stride_vh, HEAD_DIM)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    diag = len_k - len_q
-    first = 0
-    if CAUSAL:  # queries before n0 - diag see none of these keys
-        first = tl.maximum(n0 - diag, 0) // BLOCK_M * BLOCK_M
+    if n0 < len_k:  # packed: this sequence may be shorter than the grid's longest
+        cols = n0 + tl.arange(0, BLOCK_N)
+        kv_mask = (cols < len_k)[:, None]
+        k = load_tile(k_ptr, batch, k_start, kv_head, cols, len_k, stride_kb, stride_ks, stride_kh, HEAD_DIM)
+        v = load_tile(v_ptr, batch, k_start, kv_head, cols, len_k, stride_vb, stride_vs, stride_vh, HEAD_DIM)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        diag = len_k - len_q
+        first = 0
+        if CAUSAL:  # queries before n0 - diag see none of these keys
+            first = tl.maximum(n0 - diag, 0) // BLOCK_M * BLOCK_M
 
-    for member in range(0, group):  # the GQA group's query heads, reduced here
-        head = kv_head * group + member
-        lse_row = lse_ptr + batch.to(tl.int64) * stride_lse_b + head.to(tl.int64) * stride_lse_h + q_start
-        delta_row = delta_ptr + batch.to(tl.int64) * stride_lse_b + head.to(tl.int64) * stride_lse_h + q_start
-        for m in range(first, len_q, BLOCK_M):
-            rows = m + tl.arange(0, BLOCK_M)
-            q = load_block(q_src, batch, q_start, head, m, len_q, stride_qb, stride_qs, stride_qh, HEAD_DIM,
-                            BLOCK_M, TMA)
-            do = load_block(do_src, batch, q_start, head, m, len_q, stride_dob, stride_dos, stride_doh, HEAD_DIM,
-                             BLOCK_M, TMA)
-            lse = tl.load(lse_row + rows, mask=rows < len_q, other=0.0)
-            delta = tl.load(delta_row + rows, mask=rows < len_q, other=0.0)
-            p = _bwd_probabilities(q, k, lse, rows, cols, len_q, len_k, diag, qk_scale, CAUSAL, DOT_PRECISION)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
-            if ATOMIC_DQ:
-                dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION) * softmax_scale
-                tl.atomic_add(tile_ptrs(dq_acc_ptr, batch, q_start, head, rows, stride_dq_accb, stride_dq_accs,
-                                        stride_dq_acch, HEAD_DIM), dq, mask=(rows < len_q)[:, None])
+        for member in range(0, group):  # the GQA group's query heads, reduced here
+            head = kv_head * group + member
+            lse_row = lse_ptr + batch.to(tl.int64) * stride_lse_b + head.to(tl.int64) * stride_lse_h + q_start
+            delta_row = delta_ptr + batch.to(tl.int64) * stride_lse_b + head.to(tl.int64) * stride_lse_h + q_start
+            for m in range(first, len_q, BLOCK_M):
+                rows = m + tl.arange(0, BLOCK_M)
+                q = load_block(q_src, batch, q_start, head, m, len_q, stride_qb, stride_qs, stride_qh, HEAD_DIM,
+                                BLOCK_M, TMA)
+                do = load_block(do_src, batch, q_start, head, m, len_q, stride_dob, stride_dos, stride_doh, HEAD_DIM,
+                                 BLOCK_M, TMA)
+                lse = tl.load(lse_row + rows, mask=rows < len_q, other=0.0)
+                delta = tl.load(delta_row + rows, mask=rows < len_q, other=0.0)
+                p = _bwd_probabilities(q, k, lse, rows, cols, len_q, len_k, diag, qk_scale, CAUSAL, DOT_PRECISION)
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+                ds = p * (dp - delta[:, None])
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+                if ATOMIC_DQ:
+                    dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION) * softmax_scale
+                    tl.atomic_add(tile_ptrs(dq_acc_ptr, batch, q_start, head, rows, stride_dq_accb, stride_dq_accs,
+                                            stride_dq_acch, HEAD_DIM), dq, mask=(rows < len_q)[:, None])
 
-    dk *= softmax_scale
-    tl.store(tile_ptrs(dk_ptr, batch, k_start, kv_head, cols, stride_dkb, stride_dks, stride_dkh, HEAD_DIM),
-             dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(tile_ptrs(dv_ptr, batch, k_start, kv_head, cols, stride_dvb, stride_dvs, stride_dvh, HEAD_DIM),
-             dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+        dk *= softmax_scale
+        tl.store(tile_ptrs(dk_ptr, batch, k_start, kv_head, cols, stride_dkb, stride_dks, stride_dkh, HEAD_DIM),
+                 dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
+        tl.store(tile_ptrs(dv_ptr, batch, k_start, kv_head, cols, stride_dvb, stride_dvs, stride_dvh, HEAD_DIM),
+                 dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -325,7 +359,8 @@ def _candidates(default: dict, target: str, fields: dict, forward: bool, schedul
     On sm_90 the kernels' TMA forms come right after the default: never measured yet, they are what a sweep cut
     short by the budget should not miss (on sm_80 descriptors only add registers: no candidates there). The
     default and the first TMA tile also come in each of the kernel's schedules: HEAVIEST_FIRST (causal query
-    blocks last to first; a non-causal launch ignores it), PERSISTENT (about a program per SM)."""
+    blocks last to first; a non-causal launch ignores it), PERSISTENT (about a program per SM, the forward and
+    dk/dv)."""
     found = [default] + [{**default, **schedule} for schedule in schedules]
     if target == "sm90":
         # (BLOCK_M, BLOCK_N, warps, stages) that compile clean in their TMA form (python -m llama_kernels.aot)
@@ -352,7 +387,7 @@ HEAVIEST_FIRST, PERSISTENT = {"HEAVIEST_FIRST": True}, {"PERSISTENT": True}
 FORWARD_TUNING = _triton.Tuning("attention_fwd", "{head_dim}:{dtype}", functools.partial(
     _candidates, forward=True, schedules=(HEAVIEST_FIRST, PERSISTENT, {**HEAVIEST_FIRST, **PERSISTENT})))
 DKDV_TUNING = _triton.Tuning("attention_bwd_dkdv", "{head_dim}:{dtype}",
-                             functools.partial(_candidates, forward=False, schedules=()))
+                             functools.partial(_candidates, forward=False, schedules=(PERSISTENT,)))
 DQ_TUNING = _triton.Tuning("attention_bwd_dq", "{head_dim}:{dtype}",
                            functools.partial(_candidates, forward=False, schedules=(HEAVIEST_FIRST,)))
 
@@ -455,18 +490,22 @@ def _sources(cfg: dict, layout: Layout, block: int, *tensors: Tensor) -> tuple[b
     return tma, [TensorDescriptor.from_tensor(t, [1, block, 1, layout.head_dim]) if tma else t for t in tensors]
 
 
+def _tile_grid(n_tiles: int, cfg: dict, device: torch.device) -> tuple[int]:
+    """A program per tile, or with PERSISTENT about one per SM, each looping over its share of the tiles."""
+    return (min(n_tiles, _triton.program_budget(device, 1)) if cfg.get("PERSISTENT", False) else n_tiles,)
+
+
 def forward_triton(q, k, v, layout: Layout, causal: bool, softmax_scale: float):
     o = _triton.new_output(q.shape, q.dtype, q.device)
     lse = _triton.new_output(layout.lse_shape, torch.float32, q.device)
     cfg = _config(FORWARD_TUNING, q, layout.head_dim)
     tma, (k_src, v_src) = _sources(cfg, layout, cfg["BLOCK_N"], k, v)
     n_tiles = triton.cdiv(layout.seqlen_q, cfg["BLOCK_M"]) * layout.batch * layout.n_q_heads
-    persistent = cfg.get("PERSISTENT", False)
     _triton.launch(
-        _fwd_kernel, (min(n_tiles, _triton.program_budget(q.device, 1)) if persistent else n_tiles,), q.device,
+        _fwd_kernel, _tile_grid(n_tiles, cfg, q.device), q.device,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         q_ptr=q, k_src=k_src, v_src=v_src, o_ptr=o, lse_ptr=lse, n_q_heads=layout.n_q_heads, n_tiles=n_tiles,
-        TMA=tma, HEAVIEST_FIRST=causal and cfg.get("HEAVIEST_FIRST", False), PERSISTENT=persistent,
+        TMA=tma, HEAVIEST_FIRST=causal and cfg.get("HEAVIEST_FIRST", False), PERSISTENT=cfg.get("PERSISTENT", False),
         qk_scale=softmax_scale * LOG2E.value,
         **layout.strides("q", q), **layout.strides("k", k), **layout.strides("v", v), **layout.strides("o", o),
         **layout.lse_strides(lse), **layout.common(causal, q.dtype, cfg),
@@ -510,10 +549,11 @@ def backward_triton(do, q, k, v, o, lse, dlse, layout: Layout, causal: bool, sof
     dq = (torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic_dq
           else _triton.new_output(q.shape, q.dtype, q.device))
     tma, (q_src, do_src) = _sources(cfg, layout, cfg["BLOCK_M"], q, do)
+    n_tiles = triton.cdiv(layout.seqlen_k, cfg["BLOCK_N"]) * layout.batch * layout.n_kv_heads
     _triton.launch(
-        _bwd_dkdv_kernel, (triton.cdiv(layout.seqlen_k, cfg["BLOCK_N"]) * layout.batch * layout.n_kv_heads,),
-        q.device,
+        _bwd_dkdv_kernel, _tile_grid(n_tiles, cfg, q.device), q.device,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **shared, **layout.common(causal, q.dtype, cfg),
+        n_tiles=n_tiles, PERSISTENT=cfg.get("PERSISTENT", False),
         q_src=q_src, k_ptr=k, v_ptr=v, do_src=do_src, TMA=tma, ATOMIC_DQ=atomic_dq, dq_acc_ptr=dq,
         **layout.strides("dq_acc", dq),
         dk_ptr=dk, dv_ptr=dv, n_kv_heads=layout.n_kv_heads, **layout.strides("dk", dk), **layout.strides("dv", dv),
