@@ -124,6 +124,16 @@ def _rope_launches(target: str, meta) -> list[str]:
     return labels
 
 
+# By causal: launches that cover each kernel's sweep variants (attention._candidates); dk/dv's split diagonal
+# spills beside a persistent loop on sm_90, a combination the sweep does not offer.
+_ATTENTION_VARIANTS = {
+    True: ({"attention_fwd": {"PERSISTENT": True, "HEAVIEST_FIRST": True},
+            "attention_bwd_dkdv": {"SPLIT_DIAGONAL": True}, "attention_bwd_dq": {"HEAVIEST_FIRST": True}},
+           {"attention_fwd": {"HEAVIEST_FIRST": True}, "attention_bwd_dkdv": {"PERSISTENT": True}}),
+    False: ({"attention_fwd": {"PERSISTENT": True}, "attention_bwd_dkdv": {"PERSISTENT": True}},),
+}
+
+
 def _all_attention_launches(target: str, meta) -> list[str]:
     labels = []
     for head_dim in (64, 128):
@@ -141,14 +151,15 @@ def _all_attention_launches(target: str, meta) -> list[str]:
                     _attention_launches(head_dim, varlen, causal, meta, atomic_dq=True)
                     labels += [f"attention_fwd {kind}", f"attention_bwd_delta {kind}",
                                f"attention_bwd_any_order {kind} atomic dq"]
-                if not varlen:  # the sweep's schedules: persistent grids, causal query blocks heaviest first
-                    heaviest = {"HEAVIEST_FIRST": True} if causal else {}
-                    schedules = {"attention_fwd": {"PERSISTENT": True, **heaviest},
-                                 "attention_bwd_dkdv": {"PERSISTENT": True}, "attention_bwd_dq": heaviest}
-                    _attention_launches(head_dim, varlen, causal, meta, schedules=schedules)
-                    labels += [f"attention_fwd {kind} persistent{' heaviest first' if causal else ''}",
-                               f"attention_bwd_delta {kind}", f"attention_bwd_dkdv {kind} persistent",
-                               f"attention_bwd_dq {kind}{' heaviest first' if causal else ''}"]
+                if not varlen:  # the sweep's variants, in their TMA form on sm_90 (where the sweep offers them)
+                    tma = target == "sm90"
+                    for variants in _ATTENTION_VARIANTS[causal]:
+                        _attention_launches(head_dim, varlen, causal, meta, tma=tma, variants=variants)
+                        for kernel in ("attention_fwd", "attention_bwd_delta", "attention_bwd_dkdv",
+                                       "attention_bwd_dq"):
+                            form = " TMA" if tma and kernel != "attention_bwd_delta" else ""
+                            fields = "".join(f" {name.lower().replace('_', ' ')}" for name in variants.get(kernel, {}))
+                            labels.append(f"{kernel} {kind}{form}{fields}")
     return labels
 
 
@@ -186,10 +197,10 @@ def _decode_launches(n_q_heads: int, n_kv_heads: int, seqlen_q: int, page_size: 
 
 
 def _attention_launches(head_dim: int, varlen: bool, causal: bool, device, tma: bool = False,
-                        atomic_dq: bool = False, schedules: dict | None = None) -> None:
+                        atomic_dq: bool = False, variants: dict | None = None) -> None:
     """Forward and backward at Code Llama 34B's layout (64 query heads, 8 key/value heads), bf16, 16k tokens;
     with tma, every kernel's config asks for its TMA form; with atomic_dq, the backward is deterministic=False's
-    with ATOMIC_DQ; schedules ({kernel: fields}) adds to those kernels' configs."""
+    with ATOMIC_DQ; variants ({kernel: fields}) adds to those kernels' configs."""
     from .ops import _triton, attention
 
     shape = (TOKENS,) if varlen else (1, TOKENS)
@@ -198,9 +209,11 @@ def _attention_launches(head_dim: int, varlen: bool, causal: bool, device, tma: 
     cu = torch.empty(3, dtype=torch.int32, device=device) if varlen else None
     layout = attention.Layout(q, k, cu, cu, TOKENS, TOKENS)
     with contextlib.ExitStack() as configs:
-        for tuning in (attention.FORWARD_TUNING, attention.DKDV_TUNING, attention.DQ_TUNING) if tma else ():
-            configs.enter_context(_triton.forced_config(tuning.kernel, lambda default: {**default, "TMA": True}))
-        for kernel, fields in (schedules or {}).items():
+        extra = {tuning.kernel: {"TMA": True} for tuning in (attention.FORWARD_TUNING, attention.DKDV_TUNING,
+                                                            attention.DQ_TUNING) if tma}
+        for kernel, fields in (variants or {}).items():
+            extra[kernel] = {**extra.get(kernel, {}), **fields}
+        for kernel, fields in extra.items():
             configs.enter_context(_triton.forced_config(kernel, lambda default, fields=fields: {**default, **fields}))
         if atomic_dq:
             atomic = attention.atomic_dq_config(_triton.target_of(device), head_dim)

@@ -415,34 +415,33 @@ def test_backward_is_bit_identical_across_runs(device, layout):
             assert torch.equal(a, b), f"d{name} differs between runs"
 
 
-HF, PERSISTENT = {"HEAVIEST_FIRST": True}, {"PERSISTENT": True}
+HF, PERSISTENT, SPLIT = {"HEAVIEST_FIRST": True}, {"PERSISTENT": True}, {"SPLIT_DIAGONAL": True}
 
 
-@pytest.mark.parametrize("schedules", [
-    {"attention_fwd": HF, "attention_bwd_dq": HF},
+@pytest.mark.parametrize("variants", [
+    {"attention_fwd": HF, "attention_bwd_dq": HF, "attention_bwd_dkdv": SPLIT},
     {"attention_fwd": PERSISTENT, "attention_bwd_dkdv": PERSISTENT},
     {"attention_fwd": {**HF, **PERSISTENT}, "attention_bwd_dkdv": PERSISTENT, "attention_bwd_dq": HF},
-], ids=["heaviest-first", "persistent", "persistent-heaviest-first"])
-def test_schedule_candidates(device, monkeypatch, schedules):
-    """The sweep's schedule candidates, forced on their kernels: HEAVIEST_FIRST (the forward's and dq's causal query
+], ids=["heaviest-first-split-diagonal", "persistent", "causal-persistent"])
+def test_config_variants(device, monkeypatch, variants):
+    """The sweep's config variants, forced on their kernels: HEAVIEST_FIRST (the forward's and dq's causal query
     blocks launched last to first), PERSISTENT (the forward and dk/dv on fewer programs than tiles, each taking
-    tiles pid, pid + grid, ...; causal with HEAVIEST_FIRST, else without the mask). A partial last block, Sq != Sk,
+    tiles pid, pid + grid, ...), SPLIT_DIAGONAL (dk/dv's causal mask only on the query blocks it cuts); causal
+    with HEAVIEST_FIRST, else without the mask. A partial last block, Sq != Sk (Sk > Sq: the diagonal is offset),
     GQA, and packed sequences shorter than the grid's longest (their tiles past the end do nothing)."""
     from llama_kernels.ops import _triton, attention
 
     launches, launch = {}, _triton.launch
 
     def recorded(kernel, grid, *args, **kw):
-        launches.setdefault(kernel, []).append((grid[0], kw.get("n_tiles"), kw.get("HEAVIEST_FIRST"),
-                                                kw.get("PERSISTENT")))
+        launches.setdefault(kernel, []).append((grid[0], kw))
         launch(kernel, grid, *args, **kw)
 
     monkeypatch.setattr(_triton, "launch", recorded)
-    causal = "HEAVIEST_FIRST" in schedules["attention_fwd"]
+    causal = "HEAVIEST_FIRST" in variants["attention_fwd"]
     with contextlib.ExitStack() as forced:
-        for kernel, schedule in schedules.items():
-            forced.enter_context(_triton.forced_config(kernel, lambda default, schedule=schedule: {**default,
-                                                                                                   **schedule}))
+        for kernel, variant in variants.items():
+            forced.enter_context(_triton.forced_config(kernel, lambda default, variant=variant: {**default, **variant}))
         q, k, v = make_qkv(2, 150, 170, 2, 1, 64, BF16, device=device)
         do = randn(*q.shape, dtype=BF16, device=device)
         o, lse = lk.flash_attention(q, k, v, causal=causal, return_lse=True, backend="triton")
@@ -459,11 +458,10 @@ def test_schedule_candidates(device, monkeypatch, schedules):
         check_attention_out(o_packed[start:end], want)
     kernels = {"attention_fwd": attention._fwd_kernel, "attention_bwd_dkdv": attention._bwd_dkdv_kernel,
                "attention_bwd_dq": attention._bwd_dq_kernel}
-    for name, schedule in schedules.items():
-        for grid, n_tiles, heaviest_first, persistent in launches[kernels[name]]:
-            assert heaviest_first in (None, schedule.get("HEAVIEST_FIRST", False)), name
-            assert persistent in (None, schedule.get("PERSISTENT", False)), name
-            assert grid < n_tiles if persistent else n_tiles is None or grid == n_tiles, name
+    for name, variant in variants.items():
+        for grid, kw in launches[kernels[name]]:
+            assert all(kw[field] == (value and (causal or field == "PERSISTENT")) for field, value in variant.items())
+            assert grid < kw["n_tiles"] if kw.get("PERSISTENT") else grid == kw.get("n_tiles", grid), name
 
 
 # --------------------------------------------------------------------------- torch.compile

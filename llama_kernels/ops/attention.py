@@ -211,7 +211,7 @@ def _bwd_dkdv_kernel(
     stride_dq_acch, stride_lse_b, stride_lse_h,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, PERSISTENT: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, SPLIT_DIAGONAL: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     """A key block per program, or with PERSISTENT a grid of about one program per SM, each taking the tiles pid,
     pid + grid, ... of n_tiles in turn (causal: a key block's work shrinks with its index, so either grid runs
@@ -225,7 +225,7 @@ def _bwd_dkdv_kernel(
                 stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh,
                 stride_dvb, stride_dvs, stride_dvh, stride_dq_accb, stride_dq_accs, stride_dq_acch,
                 stride_lse_b, stride_lse_h,
-                CAUSAL, VARLEN, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, TMA, ATOMIC_DQ)
+                CAUSAL, VARLEN, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, TMA, ATOMIC_DQ, SPLIT_DIAGONAL)
     else:
         _bwd_dkdv_tile(
             tl.program_id(0), q_src, k_ptr, v_ptr, do_src, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_acc_ptr,
@@ -234,7 +234,7 @@ def _bwd_dkdv_kernel(
             stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh,
             stride_dvb, stride_dvs, stride_dvh, stride_dq_accb, stride_dq_accs, stride_dq_acch,
             stride_lse_b, stride_lse_h,
-            CAUSAL, VARLEN, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, TMA, ATOMIC_DQ)
+            CAUSAL, VARLEN, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION, TMA, ATOMIC_DQ, SPLIT_DIAGONAL)
 
 
 @triton.jit
@@ -247,7 +247,7 @@ def _bwd_dkdv_tile(
     stride_dq_acch, stride_lse_b, stride_lse_h,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, SPLIT_DIAGONAL: tl.constexpr,
 ):
     """dk, dv of a key block; q_src and do_src are pointers, or tensor descriptors when TMA. With ATOMIC_DQ, also
     this key block's share of dq, added into the fp32 dq_acc (zeroed by the caller)."""
@@ -267,33 +267,60 @@ def _bwd_dkdv_tile(
         if CAUSAL:  # queries before n0 - diag see none of these keys
             first = tl.maximum(n0 - diag, 0) // BLOCK_M * BLOCK_M
 
+        # SPLIT_DIAGONAL: the query blocks from `unmasked` on see every key of the block, and skip the causal mask
+        unmasked = first
+        if CAUSAL and SPLIT_DIAGONAL:
+            unmasked = tl.maximum(tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - diag, 0), BLOCK_M) * BLOCK_M, first)
         for member in range(0, group):  # the GQA group's query heads, reduced here
             head = kv_head * group + member
             lse_row = lse_ptr + batch.to(tl.int64) * stride_lse_b + head.to(tl.int64) * stride_lse_h + q_start
             delta_row = delta_ptr + batch.to(tl.int64) * stride_lse_b + head.to(tl.int64) * stride_lse_h + q_start
-            for m in range(first, len_q, BLOCK_M):
-                rows = m + tl.arange(0, BLOCK_M)
-                q = load_block(q_src, batch, q_start, head, m, len_q, stride_qb, stride_qs, stride_qh, HEAD_DIM,
-                                BLOCK_M, TMA)
-                do = load_block(do_src, batch, q_start, head, m, len_q, stride_dob, stride_dos, stride_doh, HEAD_DIM,
-                                 BLOCK_M, TMA)
-                lse = tl.load(lse_row + rows, mask=rows < len_q, other=0.0)
-                delta = tl.load(delta_row + rows, mask=rows < len_q, other=0.0)
-                p = _bwd_probabilities(q, k, lse, rows, cols, len_q, len_k, diag, qk_scale, CAUSAL, DOT_PRECISION)
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-                ds = p * (dp - delta[:, None])
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
-                if ATOMIC_DQ:
-                    dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION) * softmax_scale
-                    tl.atomic_add(tile_ptrs(dq_acc_ptr, batch, q_start, head, rows, stride_dq_accb, stride_dq_accs,
-                                            stride_dq_acch, HEAD_DIM), dq, mask=(rows < len_q)[:, None])
+            if CAUSAL and SPLIT_DIAGONAL:
+                dk, dv = _dkdv_blocks(
+                    dk, dv, k, v, q_src, do_src, lse_row, delta_row, dq_acc_ptr, batch, q_start, head, cols, first,
+                    unmasked, len_q, len_k, diag, qk_scale, softmax_scale, stride_qb, stride_qs, stride_qh,
+                    stride_dob, stride_dos, stride_doh, stride_dq_accb, stride_dq_accs, stride_dq_acch,
+                    True, HEAD_DIM, BLOCK_M, DOT_PRECISION, TMA, ATOMIC_DQ)
+            dk, dv = _dkdv_blocks(
+                dk, dv, k, v, q_src, do_src, lse_row, delta_row, dq_acc_ptr, batch, q_start, head, cols, unmasked,
+                len_q, len_q, len_k, diag, qk_scale, softmax_scale, stride_qb, stride_qs, stride_qh,
+                stride_dob, stride_dos, stride_doh, stride_dq_accb, stride_dq_accs, stride_dq_acch,
+                CAUSAL and not SPLIT_DIAGONAL, HEAD_DIM, BLOCK_M, DOT_PRECISION, TMA, ATOMIC_DQ)
 
         dk *= softmax_scale
         tl.store(tile_ptrs(dk_ptr, batch, k_start, kv_head, cols, stride_dkb, stride_dks, stride_dkh, HEAD_DIM),
                  dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
         tl.store(tile_ptrs(dv_ptr, batch, k_start, kv_head, cols, stride_dvb, stride_dvs, stride_dvh, HEAD_DIM),
                  dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dkdv_blocks(
+    dk, dv, k, v, q_src, do_src, lse_row, delta_row, dq_acc_ptr, batch, q_start, head, cols, m_first, m_end,
+    len_q, len_k, diag, qk_scale, softmax_scale, stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh,
+    stride_dq_accb, stride_dq_accs, stride_dq_acch,
+    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+):
+    """dk, dv (and with ATOMIC_DQ dq's shares) of a key block over one query head's blocks m_first .. m_end; CAUSAL
+    masks them (the sequences' ends are masked either way)."""
+    for m in range(m_first, m_end, BLOCK_M):
+        rows = m + tl.arange(0, BLOCK_M)
+        q = load_block(q_src, batch, q_start, head, m, len_q, stride_qb, stride_qs, stride_qh, HEAD_DIM, BLOCK_M, TMA)
+        do = load_block(do_src, batch, q_start, head, m, len_q, stride_dob, stride_dos, stride_doh, HEAD_DIM, BLOCK_M,
+                        TMA)
+        lse = tl.load(lse_row + rows, mask=rows < len_q, other=0.0)
+        delta = tl.load(delta_row + rows, mask=rows < len_q, other=0.0)
+        p = _bwd_probabilities(q, k, lse, rows, cols, len_q, len_k, diag, qk_scale, CAUSAL, DOT_PRECISION)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+        if ATOMIC_DQ:
+            dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION) * softmax_scale
+            tl.atomic_add(tile_ptrs(dq_acc_ptr, batch, q_start, head, rows, stride_dq_accb, stride_dq_accs,
+                                    stride_dq_acch, HEAD_DIM), dq, mask=(rows < len_q)[:, None])
+    return dk, dv
 
 
 @triton.jit
@@ -354,14 +381,17 @@ _DEFAULT_CONFIGS = {
 }
 
 
-def _candidates(default: dict, target: str, fields: dict, forward: bool, schedules: tuple[dict, ...]) -> list[dict]:
+def _candidates(default: dict, target: str, fields: dict, forward: bool, variants: tuple[dict, ...]) -> list[dict]:
     """Tiles around the default: the forward's (M 64/128 x N 32/64/128), the backward's (M 32/64 x N 32/64/128).
     On sm_90 the kernels' TMA forms come right after the default: never measured yet, they are what a sweep cut
     short by the budget should not miss (on sm_80 descriptors only add registers: no candidates there). The
-    default and the first TMA tile also come in each of the kernel's schedules: HEAVIEST_FIRST (causal query
-    blocks last to first; a non-causal launch ignores it), PERSISTENT (about a program per SM, the forward and
-    dk/dv)."""
-    found = [default] + [{**default, **schedule} for schedule in schedules]
+    kernel's variants come on the first TMA tile on sm_90 (descriptors free the registers they take: dk/dv's split
+    diagonal spills in pointer form there), on the default elsewhere: HEAVIEST_FIRST (causal query blocks last to
+    first), PERSISTENT (about a program per SM), SPLIT_DIAGONAL (dk/dv's causal mask only on the query blocks it
+    cuts); a non-causal launch ignores the causal ones."""
+    found = [default]
+    if target != "sm90":
+        found += [{**default, **variant} for variant in variants]
     if target == "sm90":
         # (BLOCK_M, BLOCK_N, warps, stages) that compile clean in their TMA form (python -m llama_kernels.aot)
         tma_tiles = (((128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 3)) if forward
@@ -370,7 +400,7 @@ def _candidates(default: dict, target: str, fields: dict, forward: bool, schedul
         tma_configs = [{"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": num_stages,
                         "TMA": True} for block_m, block_n, warps, num_stages in tma_tiles]
         found += [config for config in tma_configs if config not in found]
-        found += [{**tma_configs[0], **schedule} for schedule in schedules]
+        found += [{**tma_configs[0], **variant} for variant in variants]
     for block_m in (64, 128) if forward else (32, 64):
         for block_n in (32, 64, 128):
             for warps in (4, 8):
@@ -383,13 +413,13 @@ def _candidates(default: dict, target: str, fields: dict, forward: bool, schedul
     return found
 
 
-HEAVIEST_FIRST, PERSISTENT = {"HEAVIEST_FIRST": True}, {"PERSISTENT": True}
+HEAVIEST_FIRST, PERSISTENT, SPLIT_DIAGONAL = {"HEAVIEST_FIRST": True}, {"PERSISTENT": True}, {"SPLIT_DIAGONAL": True}
 FORWARD_TUNING = _triton.Tuning("attention_fwd", "{head_dim}:{dtype}", functools.partial(
-    _candidates, forward=True, schedules=(HEAVIEST_FIRST, PERSISTENT, {**HEAVIEST_FIRST, **PERSISTENT})))
-DKDV_TUNING = _triton.Tuning("attention_bwd_dkdv", "{head_dim}:{dtype}",
-                             functools.partial(_candidates, forward=False, schedules=(PERSISTENT,)))
+    _candidates, forward=True, variants=(HEAVIEST_FIRST, PERSISTENT, {**HEAVIEST_FIRST, **PERSISTENT})))
+DKDV_TUNING = _triton.Tuning("attention_bwd_dkdv", "{head_dim}:{dtype}", functools.partial(
+    _candidates, forward=False, variants=(SPLIT_DIAGONAL, PERSISTENT)))
 DQ_TUNING = _triton.Tuning("attention_bwd_dq", "{head_dim}:{dtype}",
-                           functools.partial(_candidates, forward=False, schedules=(HEAVIEST_FIRST,)))
+                           functools.partial(_candidates, forward=False, variants=(HEAVIEST_FIRST,)))
 
 
 def atomic_dq_config(target: str, head_dim: int) -> dict:
@@ -403,7 +433,7 @@ def _any_order_candidates(default: dict, target: str, fields: dict) -> list[dict
     """The default (DKDV_TUNING's config, ATOMIC_DQ off), the spill-free atomic tile, then the dk/dv pass's tiles
     each without and with ATOMIC_DQ: the atomic schedule early in a sweep cut short by its budget."""
     tiles = _candidates({k: v for k, v in default.items() if k != "ATOMIC_DQ"}, target, fields, forward=False,
-                        schedules=())
+                        variants=())
     found = [default, atomic_dq_config(target, fields["head_dim"])]
     for config in ({**tile, "ATOMIC_DQ": atomic} for tile in tiles for atomic in (False, True)):
         if config not in found:
@@ -553,7 +583,7 @@ def backward_triton(do, q, k, v, o, lse, dlse, layout: Layout, causal: bool, sof
     _triton.launch(
         _bwd_dkdv_kernel, _tile_grid(n_tiles, cfg, q.device), q.device,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **shared, **layout.common(causal, q.dtype, cfg),
-        n_tiles=n_tiles, PERSISTENT=cfg.get("PERSISTENT", False),
+        n_tiles=n_tiles, PERSISTENT=cfg.get("PERSISTENT", False), SPLIT_DIAGONAL=cfg.get("SPLIT_DIAGONAL", False),
         q_src=q_src, k_ptr=k, v_ptr=v, do_src=do_src, TMA=tma, ATOMIC_DQ=atomic_dq, dq_acc_ptr=dq,
         **layout.strides("dq_acc", dq),
         dk_ptr=dk, dv_ptr=dv, n_kv_heads=layout.n_kv_heads, **layout.strides("dk", dk), **layout.strides("dv", dv),
