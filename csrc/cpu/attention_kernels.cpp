@@ -329,17 +329,17 @@ inline void key_offsets(HeadStrides strides, int64_t b, int64_t first, int64_t n
   }
 }
 
-// If the rows at base + rows[0 .. n) are evenly spaced (a paged block can cross pages), points block at the first
-// and stride at their spacing.
-template <typename Row>
-inline bool rows_in_place(const Row* base, const int64_t* rows, int64_t n, const Row*& block, int64_t& stride) {
-  const int64_t spacing = n > 1 ? rows[1] - rows[0] : 0;
-  for (int64_t j = 2; j < n; ++j) {
-    if (rows[j] - rows[j - 1] != spacing) return false;
+// The length of the runs, from rows[0] on, in which the row offsets rows[0 .. n) are evenly spaced, all at one
+// spacing: n for a contiguous cache (or a block within one page), a page's rows where a paged block crosses pages;
+// 0 when the rows fall into no such runs.
+inline int64_t even_runs(const int64_t* rows, int64_t n, int64_t& spacing) {
+  spacing = n > 1 ? rows[1] - rows[0] : 0;
+  int64_t run = 1;
+  while (run < n && rows[run] - rows[run - 1] == spacing) ++run;
+  for (int64_t j = run + 1; j < n; ++j) {
+    if (j % run != 0 && rows[j] - rows[j - 1] != spacing) return 0;
   }
-  block = base + rows[0];
-  stride = spacing;
-  return true;
+  return run;
 }
 
 template <typename T>
@@ -400,31 +400,26 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
     const int64_t n_known = std::min(2 * kKeyBlock, key_end - key_begin);  // this block's keys and the next's
     key_offsets(k_strides, tile.batch_index, key_begin, n_known, pages, ws.k_rows.get());
     key_offsets(v_strides, tile.batch_index, key_begin, n_known, pages, ws.v_rows.get());
-    // A narrow tile reads fp32 rows, and bf16 keys (their own pairs), where they lie when the block's are evenly
-    // spaced and need no padding: copying them to the block buffers cost more than its products. Keys only for a
-    // single row (decoding without GQA) and whole vectors of them: score_rows reads the block once per row, and
-    // rows a token stride apart share L1 sets.
-    const float* k_block = ws.k_block.get();
-    const float* v_block = ws.v_block.get();
-    const uint32_t* k_pair_block = ws.k_pairs.get();
-    int64_t k_block_stride = row_stride, v_block_stride = row_stride, k_pair_stride = ws.pairs_padded;
+    // A narrow tile reads fp32 rows, and bf16 keys (their own pairs), where they lie when they need no padding and
+    // fall into evenly spaced runs (a run per page of a paged cache): copying them to the block buffers cost more
+    // than its products. Keys only for a single row (decoding without GQA) and in runs of whole vectors: score_rows
+    // reads the block once per row, and rows a token stride apart share L1 sets; v in runs for a single row
+    // (pv_row takes one run at a time), else only as one run.
+    int64_t k_spacing = 0, v_spacing = 0;
+    const int64_t k_runs = even_runs(ws.k_rows.get(), n_keys, k_spacing);
+    const int64_t v_runs = even_runs(ws.v_rows.get(), n_keys, v_spacing);
+    const bool whole_keys = narrow && rows == 1 && n_keys % kLanes == 0 && k_runs > 0 && k_runs % kLanes == 0;
     bool k_in_place = false, v_in_place = false;
-    const bool whole_keys = narrow && rows == 1 && n_keys % kLanes == 0;
     if constexpr (std::is_same_v<T, float>) {
       const bool unpadded = narrow && head_dim == row_stride;
-      k_in_place = unpadded && whole_keys && rows_in_place(k_head, ws.k_rows.get(), n_keys, k_block, k_block_stride);
-      v_in_place = unpadded && rows_in_place(v_head, ws.v_rows.get(), n_keys, v_block, v_block_stride);
+      k_in_place = unpadded && whole_keys;
+      v_in_place = unpadded && v_runs > 0 && (rows == 1 || v_runs == n_keys);
     }
-    if constexpr (kPairs) {
-      const T* first = nullptr;
-      int64_t spacing = 0;
-      k_in_place = whole_keys && head_dim == 2 * ws.pairs_padded &&
-                   rows_in_place(k_head, ws.k_rows.get(), n_keys, first, spacing) && spacing % 2 == 0;
-      if (k_in_place) {
-        k_pair_block = reinterpret_cast<const uint32_t*>(first);
-        k_pair_stride = spacing / 2;
-      }
-    }
+    if constexpr (kPairs) k_in_place = whole_keys && head_dim == 2 * ws.pairs_padded && k_spacing % 2 == 0;
+    // The products read the block in runs: from the cache where in place, else one run of the block buffer.
+    const int64_t k_run = k_in_place ? k_runs : n_keys, v_run = v_in_place ? v_runs : n_keys;
+    const float* v_block = v_in_place ? reinterpret_cast<const float*>(v_head + ws.v_rows[0]) : ws.v_block.get();
+    const int64_t v_block_stride = v_in_place ? v_spacing : row_stride;
     for (int64_t j = 0; j < n_keys; ++j) {
       if (j + kKeyBlock < n_known) {
         prefetch_row(k_head + ws.k_rows[j + kKeyBlock], head_dim);
@@ -450,15 +445,21 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
 
     if (narrow) {
       float* scores = ws.scores_t.get();
+      for (int64_t j0 = 0; j0 < n_keys; j0 += k_run) {
+        const int64_t n_run = std::min(k_run, n_keys - j0);
 #if defined(__AVX512BF16__)
-      if constexpr (kPairs) {
-        score_rows(k_pair_block, k_pair_stride, n_keys, ws.q_pair_rows.get(), ws.pairs_padded, rows,
-                   ws.pairs_padded, scale_log2, scores, kKeyBlock, Bf16PairDot{});
-      } else
+        if constexpr (kPairs) {
+          const uint32_t* run = k_in_place ? reinterpret_cast<const uint32_t*>(k_head + ws.k_rows[j0])
+                                           : ws.k_pairs.get() + j0 * ws.pairs_padded;
+          score_rows(run, k_in_place ? k_spacing / 2 : ws.pairs_padded, n_run, ws.q_pair_rows.get(), ws.pairs_padded,
+                     rows, ws.pairs_padded, scale_log2, scores + j0, kKeyBlock, Bf16PairDot{});
+          continue;
+        }
 #endif
-      {
-        score_rows(k_block, k_block_stride, n_keys, ws.q_rows.get(), row_stride, rows,
-                   round_up(head_dim, kLanes), 1.0f, scores, kKeyBlock, FloatDot{});
+        const float* run = k_in_place ? reinterpret_cast<const float*>(k_head + ws.k_rows[j0])
+                                      : ws.k_block.get() + j0 * row_stride;
+        score_rows(run, k_in_place ? k_spacing : row_stride, n_run, ws.q_rows.get(), row_stride, rows,
+                   round_up(head_dim, kLanes), 1.0f, scores + j0, kKeyBlock, FloatDot{});
       }
       softmax_rows(scores, kKeyBlock, rows, n_keys, key_begin, needs_mask, ws.row_limit.get(), ws.row_max.get(),
                    ws.row_sum.get(), ws.rescale.get());
@@ -473,9 +474,14 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
       }
 #endif
       if (rows == 1) {
-        for (int64_t c = 0; c < ws.head_dim_padded; c += kPvRowCols) {
-          kPvRows[std::min(kPvRowCols, ws.head_dim_padded - c) / kTileCols](
-              scores, v_block + c, v_block_stride, n_keys, ws.rescale[0], ws.acc.get() + c);
+        for (int64_t j0 = 0; j0 < n_keys; j0 += v_run) {
+          const float* run =
+              v_in_place ? reinterpret_cast<const float*>(v_head + ws.v_rows[j0]) : v_block + j0 * row_stride;
+          for (int64_t c = 0; c < ws.head_dim_padded; c += kPvRowCols) {
+            kPvRows[std::min(kPvRowCols, ws.head_dim_padded - c) / kTileCols](
+                scores + j0, run + c, v_block_stride, std::min(v_run, n_keys - j0), j0 == 0 ? ws.rescale[0] : 1.0f,
+                ws.acc.get() + c);
+          }
         }
         continue;
       }

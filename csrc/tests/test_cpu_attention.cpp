@@ -374,6 +374,12 @@ int main(int argc, char** argv) {
       }
     }
   }
+  // Single-row tiles read a page's rows in place, a run per page: pages of 16 (runs of whole vectors), and pages of
+  // 20, where a key block's rows fall into runs of unequal lengths and go through the block buffers.
+  for (int64_t block_size : {16, 20}) {
+    check(run_case<float>({3, 1, 320, 8, 8, 128, true, false, {1, 150, 320}, block_size}, rng));
+    check(run_case<bf16>({3, 1, 320, 8, 8, 128, true, false, {1, 150, 320}, block_size}, rng));
+  }
   // Decoding splits the cache into chunks of 256 keys or more (at most 64 of them), merged afterwards: lengths that
   // end on a chunk, one past it, and within one; a paged cache across chunks; a cache long enough for longer chunks.
   for (int64_t seqlen_q : {1, 7}) {
