@@ -64,25 +64,51 @@ void pv_tile(const float* p, int64_t p_row_stride, int64_t p_key_stride, const f
   }
 }
 
-// pv_tile for a single row over Vecs vectors of columns: each v row read whole and in order (the two-vector tiles
-// would sweep a block's rows once per 32 columns).
-template <int Vecs>
-void pv_row(const float* p, const float* v, int64_t v_stride, int64_t n_keys, float rescale, float* acc) {
+// A vector of v's values as floats: fp32 loaded, bf16 widened (exact: its bits are a float's high half).
+inline VecF load_values(const float* v) { return load(v); }
+inline VecF load_values(const bf16* v) {
+  using VecU16 = uint16_t __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+  VecU16 bits;
+  std::memcpy(&bits, v, sizeof bits);
+  const VecI widened = __builtin_convertvector(bits, VecI) << 16;
+  VecF values;
+  std::memcpy(&values, &widened, sizeof values);
+  return values;
+}
+
+// pv_tile for a single row over Vecs vectors of columns: each v row (fp32, or bf16 read from the cache) read whole
+// and in order (the two-vector tiles would sweep a block's rows once per 32 columns).
+template <int Vecs, typename Row>
+void pv_row(const float* p, const Row* v, int64_t v_stride, int64_t n_keys, float rescale, float* acc) {
   VecF row[Vecs];
 #pragma GCC unroll 16
   for (int i = 0; i < Vecs; ++i) row[i] = load(acc + i * kLanes) * rescale;
   for (int64_t j = 0; j < n_keys; ++j) {
     const VecF p_j = splat(p[j]);
 #pragma GCC unroll 16
-    for (int i = 0; i < Vecs; ++i) row[i] += p_j * load(v + j * v_stride + i * kLanes);
+    for (int i = 0; i < Vecs; ++i) row[i] += p_j * load_values(v + j * v_stride + i * kLanes);
   }
 #pragma GCC unroll 16
   for (int i = 0; i < Vecs; ++i) store(acc + i * kLanes, row[i]);
 }
 
-// By columns / kTileCols, up to kPvRowCols columns at a time (8 accumulators, whatever the vector width).
+// A single row's PV over the keys [0, n_keys), in runs of `run` rows spaced `stride` apart, run j0 at run_at(j0):
+// pv_row up to kPvRowCols columns at a time (8 accumulators, whatever the vector width).
+// Not inlined: inside attention_tile it slowed the bf16 pair products of the other tiles (gcc's choices there).
 inline constexpr int64_t kPvRowCols = 8 * kLanes;
-constexpr std::array<decltype(&pv_row<2>), 5> kPvRows = {nullptr, &pv_row<2>, &pv_row<4>, &pv_row<6>, &pv_row<8>};
+template <typename Row, typename RunAt>
+__attribute__((noinline)) void pv_single_row(const float* p, RunAt run_at, int64_t stride, int64_t n_keys,
+                                             int64_t run, float rescale, float* acc, int64_t head_dim_padded) {
+  static constexpr std::array<decltype(&pv_row<2, Row>), 5> kByVectors = {
+      nullptr, &pv_row<2, Row>, &pv_row<4, Row>, &pv_row<6, Row>, &pv_row<8, Row>};  // by columns / kTileCols
+  for (int64_t j0 = 0; j0 < n_keys; j0 += run) {
+    const Row* rows = run_at(j0);
+    for (int64_t c = 0; c < head_dim_padded; c += kPvRowCols) {
+      kByVectors[std::min(kPvRowCols, head_dim_padded - c) / kTileCols](
+          p + j0, rows + c, stride, std::min(run, n_keys - j0), j0 == 0 ? rescale : 1.0f, acc + c);
+    }
+  }
+}
 
 // The shuffle that takes two vectors of keys, 2 * half lanes each, to one of keys with half lanes each, keys in
 // order: lane l of the result is key slot l / half, from the first vector (its slots come first) or the second,
@@ -410,15 +436,18 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
     const int64_t v_runs = even_runs(ws.v_rows.get(), n_keys, v_spacing);
     const bool whole_keys = narrow && rows == 1 && n_keys % kLanes == 0 && k_runs > 0 && k_runs % kLanes == 0;
     bool k_in_place = false, v_in_place = false;
+    const bool unpadded = narrow && head_dim == row_stride;
     if constexpr (std::is_same_v<T, float>) {
-      const bool unpadded = narrow && head_dim == row_stride;
       k_in_place = unpadded && whole_keys;
       v_in_place = unpadded && v_runs > 0 && (rows == 1 || v_runs == n_keys);
     }
+    if constexpr (std::is_same_v<T, bf16>) v_in_place = unpadded && rows == 1 && v_runs > 0;  // widened
     if constexpr (kPairs) k_in_place = whole_keys && head_dim == 2 * ws.pairs_padded && k_spacing % 2 == 0;
     // The products read the block in runs: from the cache where in place, else one run of the block buffer.
     const int64_t k_run = k_in_place ? k_runs : n_keys, v_run = v_in_place ? v_runs : n_keys;
-    const float* v_block = v_in_place ? reinterpret_cast<const float*>(v_head + ws.v_rows[0]) : ws.v_block.get();
+    // v_block: fp32 rows, in place only for fp32 (a bf16 row's in-place reads go through pv_single_row)
+    const float* v_block = v_in_place && std::is_same_v<T, float>
+                               ? reinterpret_cast<const float*>(v_head + ws.v_rows[0]) : ws.v_block.get();
     const int64_t v_block_stride = v_in_place ? v_spacing : row_stride;
     for (int64_t j = 0; j < n_keys; ++j) {
       if (j + kKeyBlock < n_known) {
@@ -430,7 +459,7 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
 #if defined(__AVX512BF16__)
       if constexpr (kPairs) {
         if (!k_in_place) row_pairs(k_row, head_dim, ws.k_pairs.get() + j * ws.pairs_padded);
-        if (j % 2 == 0) {
+        if (!v_in_place && j % 2 == 0) {
           const T* v_next = j + 1 < n_keys ? v_head + ws.v_rows[j + 1] : nullptr;
           interleave_rows(v_row, v_next, head_dim, ws.v_pairs.get() + j / 2 * row_stride);
         }
@@ -463,6 +492,13 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
       }
       softmax_rows(scores, kKeyBlock, rows, n_keys, key_begin, needs_mask, ws.row_limit.get(), ws.row_max.get(),
                    ws.row_sum.get(), ws.rescale.get());
+      if constexpr (std::is_same_v<T, float> || std::is_same_v<T, bf16>) {
+        if (v_in_place && rows == 1) {
+          pv_single_row<T>(scores, [&](int64_t j0) { return v_head + ws.v_rows[j0]; }, v_block_stride, n_keys, v_run,
+                           ws.rescale[0], ws.acc.get(), ws.head_dim_padded);
+          continue;
+        }
+      }
 #if defined(__AVX512BF16__)
       if constexpr (kPairs) {
         round_float_rows(scores, kKeyBlock, rows, round_up(n_keys, kLanes), ws.p_pairs.get(), kKeyBlock / 2);
@@ -474,15 +510,8 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
       }
 #endif
       if (rows == 1) {
-        for (int64_t j0 = 0; j0 < n_keys; j0 += v_run) {
-          const float* run =
-              v_in_place ? reinterpret_cast<const float*>(v_head + ws.v_rows[j0]) : v_block + j0 * row_stride;
-          for (int64_t c = 0; c < ws.head_dim_padded; c += kPvRowCols) {
-            kPvRows[std::min(kPvRowCols, ws.head_dim_padded - c) / kTileCols](
-                scores + j0, run + c, v_block_stride, std::min(v_run, n_keys - j0), j0 == 0 ? ws.rescale[0] : 1.0f,
-                ws.acc.get() + c);
-          }
-        }
+        pv_single_row<float>(scores, [&](int64_t j0) { return ws.v_block.get() + j0 * row_stride; }, row_stride,
+                             n_keys, n_keys, ws.rescale[0], ws.acc.get(), ws.head_dim_padded);
         continue;
       }
       for (int64_t c = 0; c < ws.head_dim_padded; c += kTileCols) {
