@@ -426,11 +426,11 @@ void attention_tile(const T* q, HeadStrides q_strides, const T* k, HeadStrides k
     const int64_t n_known = std::min(2 * kKeyBlock, key_end - key_begin);  // this block's keys and the next's
     key_offsets(k_strides, tile.batch_index, key_begin, n_known, pages, ws.k_rows.get());
     key_offsets(v_strides, tile.batch_index, key_begin, n_known, pages, ws.v_rows.get());
-    // A narrow tile reads fp32 rows, and bf16 keys (their own pairs), where they lie when they need no padding and
-    // fall into evenly spaced runs (a run per page of a paged cache): copying them to the block buffers cost more
-    // than its products. Keys only for a single row (decoding without GQA) and in runs of whole vectors: score_rows
-    // reads the block once per row, and rows a token stride apart share L1 sets; v in runs for a single row
-    // (pv_row takes one run at a time), else only as one run.
+    // A narrow tile reads fp32 rows, bf16 keys (their own pairs) and a single row's bf16 values (pv_row widens
+    // them) where they lie, when they need no padding and fall into evenly spaced runs (a run per page of a paged
+    // cache): copying them to the block buffers cost more than its products. Keys only for a single row (decoding
+    // without GQA) and in runs of whole vectors: score_rows reads the block once per row, and rows a token stride
+    // apart share L1 sets; v in runs for a single row (pv_row takes one run at a time), else only as one run.
     int64_t k_spacing = 0, v_spacing = 0;
     const int64_t k_runs = even_runs(ws.k_rows.get(), n_keys, k_spacing);
     const int64_t v_runs = even_runs(ws.v_rows.get(), n_keys, v_spacing);
