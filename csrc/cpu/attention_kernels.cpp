@@ -92,10 +92,11 @@ void pv_row(const float* p, const Row* v, int64_t v_stride, int64_t n_keys, floa
   for (int i = 0; i < Vecs; ++i) store(acc + i * kLanes, row[i]);
 }
 
+inline constexpr int64_t kPvRowCols = 8 * kLanes;  // pv_row's widest: 8 accumulators, whatever the vector width
+
 // A single row's PV over the keys [0, n_keys), in runs of `run` rows spaced `stride` apart, run j0 at run_at(j0):
-// pv_row up to kPvRowCols columns at a time (8 accumulators, whatever the vector width).
-// Not inlined: inside attention_tile it slowed the bf16 pair products of the other tiles (gcc's choices there).
-inline constexpr int64_t kPvRowCols = 8 * kLanes;
+// pv_row up to kPvRowCols columns at a time. Not inlined: inside attention_tile it slowed the bf16 pair products
+// of the other tiles (gcc's choices there).
 template <typename Row, typename RunAt>
 __attribute__((noinline)) void pv_single_row(const float* p, RunAt run_at, int64_t stride, int64_t n_keys,
                                              int64_t run, float rescale, float* acc, int64_t head_dim_padded) {
